@@ -1,0 +1,90 @@
+"""Acceptance: which path of a scored tree the target agrees with, and the one token it adds after it.
+
+Greedy: walk from the root, descending into the child whose token equals the target's argmax at the current
+node; the argmax at the last accepted node is the bonus token. The output is the target's own greedy output.
+
+Sampling (Leviathan et al. 2023 / Chen et al. 2023, generalised to trees as in SpecInfer; see
+`shared/algorithms.md` §1). At node u with target distribution p_u the residual starts as r = p_u. Children
+c_1..c_k are tested in order with fresh uniforms U:
+  - child drawn from q_j (a drafter distribution): accept if U <= r(c_j) / q_j(c_j), else r <- norm(max(0, r - q_j));
+  - deterministic child (point mass): accept with probability r(c_j), else r(c_j) <- 0 and renormalise.
+If no child is accepted (or u is a leaf) the bonus token is drawn from r. Either way the emitted token at every
+position has exactly the target's distribution. For a node whose children are all point masses the sequential
+rule equals drawing y ~ p_u once and descending into the child whose token is y (the bonus token is y
+otherwise), which is what `_walk_point_masses` does, with one batched draw for all nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.sampling import TargetDistribution
+from specdec.tree import DraftTree
+
+
+@dataclass
+class Verdict:
+    accepted_nodes: list[int]  # root-to-node path of tree indices, starting with 0 (the root)
+    tokens: list[int]  # emitted: the accepted drafted tokens, then the bonus token
+
+    @property
+    def accepted_drafts(self) -> int:
+        return len(self.accepted_nodes) - 1
+
+
+def _descend(tree: DraftTree, choice: list[int]) -> Verdict:
+    """Follow the child whose token equals `choice[node]` from the root; `choice` has one token per node."""
+    node, path = 0, [0]
+    tokens = tree.tokens
+    while True:
+        want = choice[node]
+        for child in tree.children[node]:
+            if tokens[child] == want:
+                node = child
+                path.append(child)
+                break
+        else:
+            return Verdict(path, [tokens[i] for i in path[1:]] + [want])
+
+
+def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
+    """logits: [N, V] raw target logits, row i for node i."""
+    return _descend(tree, logits.argmax(dim=-1).tolist())
+
+
+def verify_sampled(
+    tree: DraftTree, logits: torch.Tensor, dist: TargetDistribution, generator: torch.Generator
+) -> Verdict:
+    p = dist(logits)  # [N, V]
+    if tree.probs is None:
+        # Point-mass children everywhere: one independent draw y_i ~ p_i per node, then descend.
+        choice = torch.multinomial(p, 1, generator=generator).squeeze(-1).tolist()
+        return _descend(tree, choice)
+    return _walk_distributions(tree, p, tree.probs, generator)
+
+
+def _walk_distributions(tree: DraftTree, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator) -> Verdict:
+    """The general recursive rule; q[c] is the distribution child c was drawn from (one-hot = point mass)."""
+    node, path = 0, [0]
+    while True:
+        r = p[node]
+        accepted = None
+        for child in tree.children[node]:
+            x = tree.tokens[child]
+            qc = q[child].float()
+            # NOTE: float64 uniform so that U == 0 (which would accept a token with r(x) = 0) cannot occur.
+            u = torch.rand((), generator=generator, dtype=torch.float64).item()
+            if qc[x] > 0 and u * qc[x].item() < r[x].item():
+                accepted = child
+                break
+            residual = (r - qc).clamp_min_(0)
+            total = residual.sum()
+            if total > 0:  # total == 0 only when r == q, and then x was accepted with probability 1
+                r = residual / total
+        if accepted is None:
+            bonus = int(torch.multinomial(r, 1, generator=generator))
+            return Verdict(path, [tree.tokens[i] for i in path[1:]] + [bonus])
+        node = accepted
+        path.append(accepted)

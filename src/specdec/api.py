@@ -1,0 +1,94 @@
+"""The public Python API: `SpecDecoder` wraps a model the user already has (or loads one by name)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import fields
+
+from specdec.drafters import Drafter, make_drafter
+from specdec.engine import Engine, Generation, Stats
+from specdec.errors import InputError
+from specdec.sampling import SamplingParams
+
+_PARAM_NAMES = {f.name for f in fields(SamplingParams)}
+
+
+def sampling_params(**kwargs) -> SamplingParams:
+    unknown = sorted(set(kwargs) - _PARAM_NAMES)
+    if unknown:
+        raise InputError(f"unknown generation parameter(s): {', '.join(unknown)}")
+    params = SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+    if isinstance(params.stop, str):
+        params.stop = [params.stop]
+    params.validate()
+    return params
+
+
+class Stream:
+    """Iterate for text deltas; `result` holds the full Generation once the iteration is over."""
+
+    def __init__(self, steps: Iterator) -> None:
+        self._steps = steps
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        out = stats = None
+        for delta, out, stats in self._steps:
+            if delta:
+                yield delta
+        if out is not None:
+            self.result = Generation(list(out.token_ids), out.final_text(), stats)
+
+
+class SpecDecoder:
+    """Lossless speculative decoding for one causal LM.
+
+    >>> dec = SpecDecoder(model, tokenizer, method="pld")          # a model you loaded with from_pretrained
+    >>> out = dec.generate("def fibonacci(n):", max_new_tokens=64)  # greedy: exactly model.generate()'s tokens
+    >>> out.text, out.token_ids, out.stats.mean_accepted_tokens
+    """
+
+    def __init__(self, model, tokenizer, method: str | Drafter = "pld", draft_model=None, **options) -> None:
+        if tokenizer is None:
+            raise InputError("a tokenizer is required (the model directory has none)")
+        if draft_model is not None:
+            from specdec.models.loading import check_same_vocabulary
+
+            check_same_vocabulary(model, tokenizer, draft_model, None)
+        drafter = method if isinstance(method, Drafter) else make_drafter(method, draft_model, **options)
+        self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
+        self.engine = Engine(model, tokenizer, drafter)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str = "default", draft: str | None = None, method: str | None = None, dtype: str = "float32", **options
+    ) -> SpecDecoder:
+        """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft)."""
+        from specdec.models.loading import check_same_vocabulary, load_causal_lm
+
+        target, tokenizer = load_causal_lm(model, "target", dtype)
+        draft_model = None
+        if draft is not None:
+            draft_model, draft_tok = load_causal_lm(draft, "draft", dtype)
+            check_same_vocabulary(target, tokenizer, draft_model, draft_tok)
+        method = method or ("draft" if draft_model is not None else "pld")
+        return cls(target, tokenizer, method, draft_model, **options)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt)["input_ids"]
+        return list(prompt)
+
+    def stream(self, prompt: str | list[int], **params) -> Stream:
+        """Text deltas as they are accepted; never half a multi-byte character."""
+        return Stream(self.engine.run(self.encode(prompt), sampling_params(**params)))
+
+    def generate(self, prompt: str | list[int], **params) -> Generation:
+        """Params: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos (see SamplingParams)."""
+        stream = self.stream(prompt, **params)
+        for _ in stream:
+            pass
+        return stream.result
+
+
+__all__ = ["SpecDecoder", "Generation", "Stats", "SamplingParams", "Stream"]

@@ -1,0 +1,92 @@
+"""A smaller causal LM with the target's tokenizer drafts a chain, keeping its own KV cache in sync.
+
+The draft cache holds the committed context plus the drafts it fed itself; after verification it is cut back
+to the committed context plus the accepted drafts, so each step feeds only the tokens it has not seen (the
+bonus token, and the last draft when all were accepted). Greedy runs draft the draft model's argmax; sampled
+runs draw each draft token from the draft model's distribution q (processed like the target's) and report q
+so the sampler can accept with min(1, p/q).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specdec.acceptance import Verdict
+from specdec.drafters.base import Drafter, Request, register
+from specdec.runner import ModelRunner
+from specdec.sampling import TargetDistribution
+from specdec.tree import DraftTree
+
+
+@dataclass
+class DraftModelConfig:
+    num_tokens: int = 4  # initial draft length
+    adaptive: bool = True  # transformers' heuristic: all accepted -> +2, otherwise -1
+    max_tokens: int = 12
+
+
+@register
+class DraftModel(Drafter):
+    name = "draft"
+    needs_draft_model = True
+
+    def __init__(self, model, config: DraftModelConfig | None = None, **options) -> None:
+        if model is None:
+            raise ValueError("the draft method needs a draft model (--draft PATH, or --draft default)")
+        self.config = config or DraftModelConfig(**options)
+        self.runner = ModelRunner(model)
+        self.num_tokens = self.config.num_tokens
+
+    def reset(self, request: Request) -> None:
+        self.request = request
+        self.dist = None if request.params.greedy else TargetDistribution(request.params)
+        self.fed: list[int] = []  # tokens whose KV is in the draft cache, in order
+        self.pending_drafts: list[int] = []
+        self.runner.cache = None
+
+    def _feed(self, tokens: list[int], capacity: int) -> torch.Tensor:
+        if self.runner.cache is None:
+            logits = self.runner.start(tokens, capacity)[None]
+        else:
+            logits = self.runner.extend(tokens)
+        self.fed.extend(tokens)
+        return logits[-1]
+
+    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+        k = min(self.num_tokens, max_depth)
+        if k <= 0:
+            return DraftTree.root_only(context[-1])
+        capacity = len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens + 2
+        logits = self._feed(context[len(self.fed) :], capacity)
+        drafts: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            if self.dist is None:
+                tok = int(logits.argmax())
+            else:
+                q = self.dist(logits[None])[0]
+                tok = int(torch.multinomial(q, 1, generator=self.request.generator))
+                probs.append(q)
+            drafts.append(tok)
+            if i + 1 < k:
+                logits = self._feed([tok], capacity)
+        self.pending_drafts = drafts
+        q = None
+        if probs:
+            q = torch.stack([torch.zeros_like(probs[0]), *probs])  # row 0 (the root) is never used
+        return DraftTree.chain(context[-1], drafts, q)
+
+    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
+        fed_drafts = len(self.pending_drafts) - 1  # the last draft was sampled but never fed
+        keep = len(self.fed) - max(fed_drafts, 0) + min(verdict.accepted_drafts, max(fed_drafts, 0))
+        if fed_drafts >= 0 and keep < len(self.fed):
+            del self.fed[keep:]
+            self.runner.cache.crop(keep)
+        if self.config.adaptive and self.pending_drafts:
+            if verdict.accepted_drafts == len(self.pending_drafts):
+                self.num_tokens = min(self.num_tokens + 2, self.config.max_tokens)
+            else:
+                self.num_tokens = max(1, self.num_tokens - 1)
+        self.pending_drafts = []

@@ -1,0 +1,214 @@
+"""The one decoding loop every method runs through.
+
+    prompt -> prefill -> [ drafter proposes a tree -> target scores it in one forward -> acceptance
+    -> the cache keeps the accepted path -> the drafter observes ] -> tokens stream out
+
+Output bookkeeping (max_new_tokens, EOS, stop strings, text deltas) lives in `Output`, so the loop itself only
+moves tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from specdec.acceptance import verify_greedy, verify_sampled
+from specdec.drafters.base import Drafter, Request
+from specdec.errors import InputError
+from specdec.runner import ModelRunner, check_tree_attention
+from specdec.sampling import SamplingParams, TargetDistribution, make_generator
+from specdec.text import IncrementalText
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # prefill included: vanilla decoding of n tokens takes n forwards
+    mean_accepted_tokens: float = 0.0  # tau = new_tokens / target_forwards
+    proposed_by_depth: list[int] = field(default_factory=list)  # steps that drafted a node at depth d+1
+    accepted_by_depth: list[int] = field(default_factory=list)  # steps that accepted a node at depth d+1
+    draft_nodes: int = 0  # drafted nodes scored by the target, over all steps
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    other_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    finish_reason: str = ""  # "length", "eos" or "stop"
+
+    @property
+    def acceptance_by_depth(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["acceptance_by_depth"] = self.acceptance_by_depth
+        return d
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated tokens only (an EOS that ended generation included, as in generate())
+    text: str  # decoded generated text, cut before a stop string
+    stats: Stats
+
+
+class Output:
+    """Accepts emitted tokens one at a time and decides when generation ends."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> None:
+        self.params = params
+        self.eos_ids = set() if params.ignore_eos else eos_ids
+        self.token_ids: list[int] = []
+        self.text = IncrementalText(tokenizer, prompt_ids)
+        self.finish_reason = ""
+        self.pending = ""  # text held back because it may be the start of a stop string
+        self.delivered = 0  # characters of text already handed to the stream
+        self.max_stop = max((len(s) for s in params.stop), default=0)
+
+    def push(self, token: int) -> bool:
+        """Add one token; True when generation must end after it."""
+        self.token_ids.append(token)
+        self.text.push(token)
+        if token in self.eos_ids:
+            self.finish_reason = "eos"
+        elif self.params.stop and self._find_stop() is not None:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+        return bool(self.finish_reason)
+
+    def _find_stop(self) -> int | None:
+        text = self.text.text
+        window = text[max(0, len(text) - self.max_stop - 16) :]  # a stop string can only end in the new text
+        offset = len(text) - len(window)
+        hits = [window.find(s) for s in self.params.stop]
+        hits = [h + offset for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def final_text(self) -> str:
+        text = self.text.finish()
+        if self.params.stop:
+            cut = self._find_stop_in(text)
+            if cut is not None:
+                text = text[:cut]
+        return text
+
+    def _find_stop_in(self, text: str) -> int | None:
+        hits = [text.find(s) for s in self.params.stop]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def take_delta(self, final: bool = False) -> str:
+        """New text safe to show: never half a character, never the start of what may become a stop string."""
+        text = self.final_text() if final else self.text.text
+        if not final and self.params.stop:
+            cut = self._find_stop_in(text)
+            if cut is not None:
+                text = text[:cut]
+            else:  # hold back a tail that could still grow into a stop string
+                text = text[: max(self.delivered, len(text) - self.max_stop + 1)]
+        delta = text[self.delivered :]
+        self.delivered = len(text)
+        return delta
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every EOS id of the model's generation config (as generate() uses), else the config's or tokenizer's."""
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            return {eos} if isinstance(eos, int) else set(eos)
+    return {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
+
+
+class Engine:
+    """Target model + tokenizer + drafter; one generation at a time."""
+
+    def __init__(self, model, tokenizer, drafter: Drafter) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.target = ModelRunner(model)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, Output, Stats]]:
+        """Yields (text delta, output so far, stats so far) after every step; the last yield is final."""
+        params.validate()
+        if not prompt_ids:
+            raise InputError("the prompt is empty (it must contain at least one token)")
+        limit = self.target.max_positions
+        if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
+            raise InputError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's context of {limit} positions"
+            )
+        check_tree_attention(self.model)
+        t_start = time.perf_counter()
+        stats = Stats(prompt_tokens=len(prompt_ids))
+        generator = make_generator(params.seed)
+        dist = None if params.greedy else TargetDistribution(params)
+        out = Output(self.tokenizer, prompt_ids, params, self.eos_ids)
+        drafter = self.drafter
+        target = self.target
+
+        with torch.inference_mode():
+            drafter.reset(Request(list(prompt_ids), params, generator))
+            capacity = len(prompt_ids) + params.max_new_tokens + 64
+            t0 = time.perf_counter()
+            last = target.start(list(prompt_ids), capacity)
+            if dist is None:
+                first = int(last.argmax())
+            else:
+                first = int(torch.multinomial(dist(last[None])[0], 1, generator=generator))
+            stats.verify_seconds += time.perf_counter() - t0
+            context = list(prompt_ids) + [first]
+            done = out.push(first)
+            yield out.take_delta(final=done), out, self._finish(stats, out, t_start, done)
+
+            while not done:
+                remaining = params.max_new_tokens - len(out.token_ids)
+                t0 = time.perf_counter()
+                tree = drafter.propose(context, remaining - 1).truncate_depth(remaining - 1)
+                t1 = time.perf_counter()
+                tree_start = target.cache.length
+                logits = target.score(tree)
+                verdict = verify_greedy(tree, logits) if dist is None else verify_sampled(tree, logits, dist, generator)
+                target.commit(tree_start, verdict.accepted_nodes)
+                t2 = time.perf_counter()
+                drafter.observe(tree, verdict, logits)
+                t3 = time.perf_counter()
+                stats.draft_seconds += (t1 - t0) + (t3 - t2)
+                stats.verify_seconds += t2 - t1
+                self._count_depths(stats, tree, verdict.accepted_drafts)
+                for tok in verdict.tokens:
+                    context.append(tok)
+                    if out.push(tok):
+                        done = True
+                        break
+                yield out.take_delta(final=done), out, self._finish(stats, out, t_start, done)
+
+    @staticmethod
+    def _count_depths(stats: Stats, tree, accepted: int) -> None:
+        depth = tree.depth
+        stats.draft_nodes += len(tree) - 1
+        while len(stats.proposed_by_depth) < depth:
+            stats.proposed_by_depth.append(0)
+            stats.accepted_by_depth.append(0)
+        for d in range(depth):
+            stats.proposed_by_depth[d] += 1
+        for d in range(accepted):
+            stats.accepted_by_depth[d] += 1
+
+    def _finish(self, stats: Stats, out: Output, t_start: float, done: bool) -> Stats:
+        stats.new_tokens = len(out.token_ids)
+        stats.target_forwards = self.target.forwards
+        stats.mean_accepted_tokens = stats.new_tokens / max(1, stats.target_forwards)
+        stats.wall_seconds = time.perf_counter() - t_start
+        stats.other_seconds = max(0.0, stats.wall_seconds - stats.draft_seconds - stats.verify_seconds)
+        stats.tokens_per_second = stats.new_tokens / stats.wall_seconds if stats.wall_seconds else 0.0
+        stats.finish_reason = out.finish_reason
+        return stats

@@ -1,0 +1,86 @@
+"""Load a target or draft model by name: "default" is the shipped pair, anything else goes to from_pretrained.
+
+Models run in float32 by default: CPUs without bf16 units (like the ones specdec is benchmarked on) run
+16-bit weights slower, so the shipped 16-bit weights are upcast on load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from specdec.errors import InputError
+from specdec.models.shipped import SHIPPED_DIR
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+SHIPPED_NAMES = {"default": "target", "default-target": "target", "default-draft": "draft"}
+
+
+def resolve(name: str | None, role: str = "target") -> str:
+    """'default' (or None) -> the shipped model of this role; otherwise the path or hub name unchanged."""
+    if name is None or name == "default":
+        shipped = SHIPPED_DIR / role
+    elif name in SHIPPED_NAMES:
+        shipped = SHIPPED_DIR / SHIPPED_NAMES[name]
+    else:
+        return name
+    if not (shipped / "config.json").exists():
+        raise InputError(
+            f"the shipped {role} model is not in this installation ({shipped}); pass --model/--draft PATH"
+        )
+    return str(shipped)
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32"):
+    """Returns (model, tokenizer-or-None); one-line InputError for anything the user can fix."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    path = resolve(name, role)
+    local = Path(path).expanduser()
+    if local.exists():
+        path = str(local)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        if not local.exists():
+            raise InputError(
+                f"model {path!r} not found: no such directory, and not a model in the local Hugging Face cache"
+            ) from None
+        raise InputError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
+    if type(config) not in AutoModelForCausalLM._model_mapping:
+        raise InputError(f"{path!r} holds a {type(config).__name__.removesuffix('Config')} model, not a causal LM")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load model weights from {path!r}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def check_same_vocabulary(target, target_tok, draft, draft_tok) -> None:
+    """Draft token ids must mean the same tokens as the target's, or its drafts are nonsense."""
+    t_vocab = target.config.get_text_config(decoder=True).vocab_size
+    d_vocab = draft.config.get_text_config(decoder=True).vocab_size
+    if t_vocab != d_vocab:
+        raise InputError(f"draft and target vocabularies differ: {d_vocab} vs {t_vocab} token ids")
+    if draft_tok is not None and target_tok is not None and draft_tok.get_vocab() != target_tok.get_vocab():
+        raise InputError("draft and target vocabularies differ: their tokenizers map tokens to different ids")

@@ -1,0 +1,75 @@
+"""Generation parameters and the target distribution p at every tree node.
+
+p is built with transformers' own logits warpers, in the order `generate()` applies them (temperature, top-k,
+top-p), so "lossless" means lossless with respect to exactly the distribution a user of `generate()` samples
+from with the same settings. Temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from specdec.errors import InputError
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy (the target's argmax)
+    top_k: int = 0  # 0 = off (note: transformers' generate() defaults to 50 when sampling)
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # a private torch.Generator per call; never the global RNG
+    stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before them
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0 (got {self.temperature!r})")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (got {self.top_k!r})")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class TargetDistribution:
+    """Turns raw target logits [N, V] into the processed distribution p [N, V] (float32)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.warpers = LogitsProcessorList()
+        if params.temperature not in (0, 1.0):
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=params.top_p, min_tokens_to_keep=1))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.float()
+        if self.warpers:
+            scores = self.warpers(None, scores)
+        return torch.softmax(scores, dim=-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen

@@ -1,0 +1,3 @@
+from specdec.train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""`specdec train-lm`: build the corpus, train the tokenizer and the target/draft pair, export HF directories.
+
+Every stage resumes from what the working directory already holds, so the same command can simply be run
+again after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from specdec.train.corpus import CorpusConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, default=Path("runs/train"), help="resumable working directory")
+    p.add_argument("--stage", choices=["prepare", "train", "export", "all"], default="all")
+    p.add_argument("--models", default="draft,target", help="comma-separated subset of: draft,target")
+    p.add_argument("--target-tokens", type=int, default=16_000_000, help="training tokens for the target")
+    p.add_argument("--draft-tokens", type=int, default=12_000_000, help="training tokens for the draft")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stdlib-only", action="store_true", help="leave out installed packages' sources")
+    p.add_argument("--export-dir", type=Path, default=None, help="where to write <name>/ HF directories")
+
+
+def run(args: argparse.Namespace) -> int:
+    from specdec.train.lm import TrainConfig, export, prepare, train
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    for n in names:
+        if n not in ("draft", "target"):
+            raise SystemExit(f"specdec train-lm: unknown model {n!r} (expected draft or target)")
+    if args.stage in ("prepare", "all"):
+        prepare(args.workdir, CorpusConfig(include_site_packages=not args.stdlib_only))
+    if args.stage in ("train", "all"):
+        for n in names:
+            tokens = args.target_tokens if n == "target" else args.draft_tokens
+            lr = 1.5e-3 if n == "target" else 3e-3
+            train(args.workdir, n, TrainConfig(size=n, total_tokens=tokens, lr=lr, threads=args.threads))
+    if args.stage in ("export", "all"):
+        from specdec.models.shipped import SHIPPED_DIR
+
+        out_root = args.export_dir or SHIPPED_DIR
+        for n in names:
+            metrics = export(args.workdir, n, out_root / n)
+            print(json.dumps({n: {k: v for k, v in metrics.items() if k != "train_config"}}))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m specdec.train", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args())

@@ -1,0 +1,258 @@
+"""Resumable CPU training of the shipped Llama-architecture code models.
+
+One working directory holds everything a run needs to resume after an interruption: the corpus manifest,
+the tokenizer, the tokenized corpus (uint16 memmaps), and per-model checkpoints written atomically every few
+minutes. The sampler is a pure function of (seed, step), so a resumed run sees exactly the batches an
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from specdec.train.corpus import CorpusConfig, collect_files, iter_texts, write_manifest
+from specdec.train.tokenizer import EOS, train_tokenizer
+
+
+@dataclass
+class ModelSize:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+
+
+# Sizes chosen for 2 CPU cores without bf16 hardware (fp32 training measured at ~1.5k tok/s for the target).
+SIZES = {
+    "target": ModelSize(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024),  # ~14M params
+    "draft": ModelSize(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=384),  # ~1.5M params
+}
+
+
+@dataclass
+class TrainConfig:
+    size: str = "target"
+    total_tokens: int = 16_000_000
+    batch_tokens: int = 8192  # tokens per optimizer step
+    seq_len: int = 1024
+    long_seq_len: int = 2048  # the last `long_fraction` of steps train on long windows so 2k contexts work
+    long_fraction: float = 0.15
+    lr: float = 1.5e-3
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.02
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_minutes: float = 10.0
+    threads: int = 2
+
+
+VOCAB_SIZE = 8192
+MAX_POSITIONS = 2048
+
+
+def prepare(workdir: Path, corpus: CorpusConfig | None = None, tokenizer_sample_bytes: int = 40_000_000) -> None:
+    """Corpus manifest, tokenizer and token memmaps; each step is skipped when its output already exists."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = collect_files(corpus or CorpusConfig())
+    if not (workdir / "manifest.json").exists():
+        write_manifest(files, workdir / "manifest.json")
+    train_files = [f for f in files if not f.held_out]
+    held_files = [f for f in files if f.held_out]
+    tok_dir = workdir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        rng = random.Random(0)
+        sample = list(train_files)
+        rng.shuffle(sample)
+
+        def limited():
+            used = 0
+            for text in iter_texts(sample):
+                if used > tokenizer_sample_bytes:
+                    return
+                used += len(text)
+                yield text
+
+        train_tokenizer(limited(), VOCAB_SIZE, tok_dir, MAX_POSITIONS)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    for split, split_files in (("train", train_files), ("heldout", held_files)):
+        out = workdir / f"{split}.bin"
+        if out.exists():
+            continue
+        chunks: list[np.ndarray] = []
+        n_bytes = 0
+        texts = list(iter_texts(split_files))
+        for i in tqdm(range(0, len(texts), 256), desc=f"tokenize {split}", unit="batch"):
+            batch = texts[i : i + 256]
+            n_bytes += sum(len(t.encode()) for t in batch)
+            for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+                chunks.append(np.asarray(ids + [eos], dtype=np.uint16))
+        arr = np.concatenate(chunks)
+        tmp = out.with_suffix(".tmp")
+        arr.tofile(tmp)
+        os.replace(tmp, out)
+        (workdir / f"{split}.json").write_text(json.dumps({"tokens": int(arr.size), "bytes": n_bytes}))
+
+
+def build_model(size: ModelSize, tokenizer) -> LlamaForCausalLM:
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_heads,
+        intermediate_size=size.intermediate_size,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=True,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _batch(data: np.memmap, seed: int, step: int, seq_len: int, batch_size: int) -> torch.Tensor:
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, data.size - seq_len - 1, size=batch_size)
+    return torch.from_numpy(np.stack([data[s : s + seq_len + 1].astype(np.int64) for s in starts]))
+
+
+def _lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    warmup = max(1, int(total_steps * cfg.warmup_fraction))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def heldout_loss(model: LlamaForCausalLM, data: np.ndarray, seq_len: int = 1024, max_tokens: int = 200_000) -> float:
+    """Mean next-token cross-entropy (nats) over consecutive non-overlapping windows of the held-out stream."""
+    model.eval()
+    total, count = 0.0, 0
+    n = min(data.size - 1, max_tokens)
+    for start in range(0, n - 1, seq_len):
+        chunk = torch.from_numpy(data[start : min(start + seq_len + 1, n + 1)].astype(np.int64))[None]
+        if chunk.shape[1] < 2:
+            break
+        logits = model(input_ids=chunk[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum")
+        total += loss.item()
+        count += chunk.shape[1] - 1
+    model.train()
+    return total / count
+
+
+def train(workdir: Path, name: str, cfg: TrainConfig) -> Path:
+    """Train (or resume training) model `name`; returns the checkpoint path."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    data = np.memmap(workdir / "train.bin", dtype=np.uint16, mode="r")
+    held = np.memmap(workdir / "heldout.bin", dtype=np.uint16, mode="r")
+    model = build_model(SIZES[cfg.size], tokenizer)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=True,
+    )
+    ckpt_path = workdir / f"{name}.ckpt"
+    log_path = workdir / f"{name}.log.jsonl"
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+    total_steps = cfg.total_tokens // cfg.batch_tokens
+    long_from = int(total_steps * (1 - cfg.long_fraction))
+
+    def save() -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "elapsed": elapsed,
+            "config": asdict(cfg),
+        }
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, ckpt_path)
+
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {name} ({n_params / 1e6:.1f}M)", unit="step")
+    last_save = time.monotonic()
+    while step < total_steps:
+        t0 = time.monotonic()
+        seq_len = cfg.long_seq_len if step >= long_from else cfg.seq_len
+        batch = _batch(data, cfg.seed, step, seq_len, max(1, cfg.batch_tokens // seq_len))
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step, total_steps)
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += batch[:, 1:].numel()
+        dt = time.monotonic() - t0
+        elapsed += dt
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{batch[:, 1:].numel() / dt:.0f}", seen=f"{tokens_seen / 1e6:.1f}M")
+        if step % 50 == 0 or step == total_steps:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step, "loss": loss.item(), "tokens_seen": tokens_seen, "elapsed": elapsed}) + "\n")
+        if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+    return ckpt_path
+
+
+def export(workdir: Path, name: str, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Write a standard HF model directory (16-bit safetensors + tokenizer) and return its held-out metrics."""
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
+    state = torch.load(workdir / f"{name}.ckpt", weights_only=False)
+    cfg = TrainConfig(**state["config"])
+    model = build_model(SIZES[cfg.size], tokenizer)
+    model.load_state_dict(state["model"])
+    held = np.memmap(workdir / "heldout.bin", dtype=np.uint16, mode="r")
+    held_info = json.loads((workdir / "heldout.json").read_text())
+    nats = heldout_loss(model, np.asarray(held))
+    tokens_per_byte = held_info["tokens"] / held_info["bytes"]
+    metrics = {
+        "heldout_nats_per_token": nats,
+        "heldout_bits_per_byte": nats / math.log(2) * tokens_per_byte,
+        "tokens_seen": state["tokens_seen"],
+        "train_seconds": state["elapsed"],
+        "steps": state["step"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_config": state["config"],
+    }
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    model.to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

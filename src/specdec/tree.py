@@ -1,0 +1,114 @@
+"""Token trees: what a drafter proposes and what the target verifies in one forward pass.
+
+Node 0 is the root: the last token already emitted, whose KV the target has not computed yet (it is scored
+inside the tree forward). Every other node is a guess for the token that follows its parent. Nodes are in
+topological order (a parent's index is smaller than its children's), so one forward pass over the nodes in
+index order, with each node attending to the past plus its own ancestors, scores every root-to-leaf path at
+once. A chain is the tree whose parents are 0, 1, 2, ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    """A proposal. `tokens[0]` is the root; `parents[i] < i` for i >= 1 and `parents[0] == -1`.
+
+    `probs`, when given, holds for node i the drafter distribution q that node i was *sampled from* (a [N, V]
+    tensor, row 0 unused). Without it every drafted node is a deterministic guess (a point mass), which the
+    sampler verifies with the point-mass rule. Siblings must be distinct tokens when `probs` is None.
+    """
+
+    tokens: list[int]
+    parents: list[int]
+    probs: torch.Tensor | None = None
+    # Derived, filled in __post_init__:
+    depths: list[int] = field(init=False)
+    children: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents) or not self.tokens:
+            raise ValueError("a tree needs one parent per token and at least the root")
+        if self.parents[0] != -1:
+            raise ValueError("node 0 must be the root (parent -1)")
+        self.depths = [0] * len(self.tokens)
+        self.children = [[] for _ in self.tokens]
+        for i in range(1, len(self.tokens)):
+            p = self.parents[i]
+            if not 0 <= p < i:
+                raise ValueError(f"node {i} has parent {p}: parents must precede their children")
+            self.depths[i] = self.depths[p] + 1
+            self.children[p].append(i)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths)
+
+    @property
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents) if i)
+
+    @classmethod
+    def root_only(cls, root: int) -> DraftTree:
+        return cls([root], [-1])
+
+    @classmethod
+    def chain(cls, root: int, draft: list[int], probs: torch.Tensor | None = None) -> DraftTree:
+        return cls([root, *draft], list(range(-1, len(draft))), probs)
+
+    @classmethod
+    def from_sequences(cls, root: int, sequences: list[list[int]], max_nodes: int | None = None) -> DraftTree:
+        """A trie of deterministic continuations of the root, earlier sequences first (shared prefixes merged).
+
+        `max_nodes` counts drafted nodes (not the root); a sequence that does not fit is cut where the budget
+        ends, so the first sequences (the drafter's best guesses) are kept whole.
+        """
+        tokens, parents = [root], [-1]
+        index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        for seq in sequences:
+            node = 0
+            for tok in seq:
+                key = (node, tok)
+                if key not in index:
+                    if max_nodes is not None and len(tokens) - 1 >= max_nodes:
+                        break
+                    index[key] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(node)
+                node = index[key]
+        return cls(tokens, parents)
+
+    def truncate_depth(self, max_depth: int) -> DraftTree:
+        """Drop nodes deeper than `max_depth` (e.g. past the tokens the caller still allows)."""
+        if self.depth <= max_depth:
+            return self
+        keep = [i for i, d in enumerate(self.depths) if d <= max_depth]
+        remap = {old: new for new, old in enumerate(keep)}
+        parents = [-1] + [remap[self.parents[i]] for i in keep[1:]]
+        probs = self.probs[keep] if self.probs is not None else None
+        return DraftTree([self.tokens[i] for i in keep], parents, probs)
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, inclusive."""
+        path = []
+        while node != -1:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def ancestor_mask(self) -> torch.Tensor:
+        """[N, N] bool: row i is True at i's ancestors and at i itself (the tree-attention pattern)."""
+        n = len(self.tokens)
+        if self.is_chain:
+            return torch.ones(n, n, dtype=torch.bool).tril_()
+        mask = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):
+            mask[i] |= mask[self.parents[i]]
+        return mask
