@@ -1,10 +1,15 @@
-"""One file per method; each registers itself under its `name`."""
+"""One file per method; each registers itself under its `name` (a new file here is picked up on import)."""
 
 from __future__ import annotations
 
-from specdec.drafters import draft_model, pld, vanilla  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from specdec.drafters.base import REGISTRY, Drafter, Request
 from specdec.errors import InputError
+
+for _module in pkgutil.iter_modules(__path__):  # each module registers its drafter on import
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["REGISTRY", "Drafter", "Request", "make_drafter", "methods"]
 

@@ -1,0 +1,183 @@
+"""`specdec` command line. Every user mistake ends in one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from specdec.errors import InputError
+
+PROMPT_LINE_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "kind"}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads models (generate, bench, serve)."""
+    p.add_argument("--model", default="default", help="target model path or hub name (default: the shipped code model)")
+    p.add_argument("--draft", default=None, help="draft model for --method draft ('default' = the shipped draft)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+
+
+def read_prompts_file(path: Path) -> list[dict]:
+    """Validate the whole file before any generation, naming the offending line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"cannot read prompts file {str(path)!r}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"prompts file {str(path)!r} is not UTF-8 text") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise InputError(f'{where}: expected an object with a string "prompt"')
+        unknown = sorted(set(row) - PROMPT_LINE_KEYS)
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        rows.append({"line": number, **row})
+    if not rows:
+        raise InputError(f"prompts file {str(path)!r} holds no prompts")
+    return rows
+
+
+def _row_params(args: argparse.Namespace, row: dict) -> dict:
+    params = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": list(args.stop or []),
+    }
+    for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"):
+        if key in row:
+            params[key] = [row[key]] if key == "stop" and isinstance(row[key], str) else row[key]
+    return params
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specdec.api import SpecDecoder, sampling_params
+
+    if args.prompts_file is None and args.prompt is None:
+        raise InputError("give a prompt (argument, or '-' to read stdin) or --prompts-file")
+    if args.prompts_file is not None and args.prompt is not None:
+        raise InputError("give either a prompt or --prompts-file, not both")
+    if args.prompts_file is not None:
+        rows = read_prompts_file(args.prompts_file)
+    else:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        rows = [{"line": None, "prompt": prompt}]
+    for row in rows:  # check every line's parameters before spending time on the model
+        try:
+            sampling_params(**_row_params(args, row))
+        except (InputError, TypeError) as e:
+            where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
+            raise InputError(f"{where}{e}") from None
+
+    decoder = SpecDecoder.from_pretrained(args.model, draft=args.draft, method=args.method, dtype=args.dtype)
+    as_json = args.json or args.prompts_file is not None
+    for row in rows:
+        where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
+        try:
+            stream = decoder.stream(row["prompt"], **_row_params(args, row))
+            if as_json:
+                for _ in stream:
+                    pass
+            else:
+                for delta in stream:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+        except InputError as e:
+            raise InputError(f"{where}{e}") from None
+        result = stream.result
+        if as_json:
+            stats = result.stats.to_dict()
+            print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": stats}), flush=True)
+        else:
+            sys.stdout.write("\n")
+            s = result.stats
+            print(
+                f"[{args.method or decoder.drafter.name}] {s.new_tokens} tokens in {s.wall_seconds:.2f}s "
+                f"({s.tokens_per_second:.1f} tok/s), {s.target_forwards} target forwards, "
+                f"tau {s.mean_accepted_tokens:.2f}, finish: {s.finish_reason}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_train_lm(args: argparse.Namespace) -> int:
+    from specdec.train.cli import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from specdec.drafters import methods
+
+    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding for HF causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (streams to stdout; --json for machine-readable output)")
+    g.add_argument("prompt", nargs="?", help="the prompt text, or '-' to read it from stdin")
+    add_model_arguments(g)
+    g.add_argument("--method", default=None, choices=methods(), help="default: draft with --draft, else pld")
+    add_sampling_arguments(g)
+    g.add_argument("--stop", action="append", help="stop string (repeatable); the text is cut before it")
+    g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    g.add_argument("--prompts-file", type=Path, default=None, help='JSONL, one {"prompt": ...} per line')
+    g.set_defaults(func=cmd_generate)
+
+    from specdec.train.cli import add_arguments as add_train_arguments
+
+    t = sub.add_parser("train-lm", help="train the shipped code-model pair (resumable)")
+    add_train_arguments(t)
+    t.set_defaults(func=cmd_train_lm)
+
+    for module in ("specdec.bench.cli", "specdec.server.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except InputError as e:
+        print(f"specdec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("specdec: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Greedy equivalence: every method's tokens equal transformers' generate(do_sample=False), for any tree."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import tiny
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from specdec import DraftTree, Drafter, SpecDecoder
+
+ARCHS = ["llama", "qwen2", "gemma"]
+MODELS = {arch: tiny.model(arch, seed=i) for i, arch in enumerate(ARCHS)}
+REFERENCE: dict = {}
+
+
+def reference(arch: str, prompt: tuple[int, ...], n: int) -> list[int]:
+    key = (arch, prompt, n)
+    if key not in REFERENCE:
+        REFERENCE[key] = tiny.hf_greedy(MODELS[arch], list(prompt), n)
+    return REFERENCE[key]
+
+
+class ScriptedDrafter(Drafter):
+    """Knows the right answer and hides it in a random tree among wrong branches (or leaves it out).
+
+    `right` is the fraction of steps whose tree contains the true continuation (up to a random depth);
+    every tree also carries decoy branches: wrong siblings at the root and wrong children under true nodes.
+    After every commit it checks the cache invariant against a fresh prefill.
+    """
+
+    name = "scripted"
+
+    def __init__(self, truth: list[int], prompt: list[int], seed: int, right: float, vocab: int, check_cache=None):
+        self.truth, self.prompt, self.rng, self.right, self.vocab = truth, prompt, random.Random(seed), right, vocab
+        self.check_cache = check_cache
+        self.context_len = 0
+
+    def _wrong(self, avoid: int) -> int:
+        tok = self.rng.randrange(self.vocab)
+        return tok if tok != avoid else (tok + 1) % self.vocab
+
+    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+        self.context_len = len(context)
+        done = len(context) - len(self.prompt)  # emitted tokens so far (root included)
+        future = self.truth[done:]
+        sequences = []
+        depth = self.rng.randint(0, max_depth + 2)  # may exceed what is allowed: the engine must trim
+        if future and self.rng.random() < self.right:
+            true_seq = future[:depth]
+            sequences.append(true_seq)
+            for cut in range(len(true_seq)):  # decoy child under each true node
+                if self.rng.random() < 0.4:
+                    sequences.append(true_seq[:cut] + [self._wrong(true_seq[cut])])
+        for _ in range(self.rng.randint(0, 3)):  # decoy branches at the root
+            first = self._wrong(future[0] if future else -1)
+            sequences.append([first] + [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(0, 3))])
+        self.rng.shuffle(sequences)
+        return DraftTree.from_sequences(context[-1], sequences)
+
+    def observe(self, tree, verdict, logits) -> None:
+        if self.check_cache:
+            self.check_cache(self.context_len + verdict.accepted_drafts)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(ARCHS),
+    prompt=st.lists(st.integers(1, 383), min_size=1, max_size=12).map(tuple),
+    n=st.integers(1, 24),
+    seed=st.integers(0, 10**6),
+    right=st.sampled_from([0.0, 0.5, 1.0]),
+)
+def test_scripted_trees_equal_generate(tok, arch, prompt, n, seed, right):
+    m = MODELS[arch]
+    truth = reference(arch, prompt, n + 8)
+    drafter = ScriptedDrafter(truth, list(prompt), seed, right, m.config.vocab_size)
+    dec = SpecDecoder(m, tok, method=drafter)
+    out = dec.generate(list(prompt), max_new_tokens=n)
+    expected = reference(arch, prompt, n)
+    assert out.token_ids == expected
+    assert out.stats.new_tokens == len(expected) <= n
+    if right == 1.0 and n > 1:
+        assert out.stats.target_forwards <= n  # an oracle never makes it slower than vanilla
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["vanilla", "pld"])
+@settings(max_examples=8, deadline=None)
+@given(
+    prompt=st.lists(st.integers(1, 40), min_size=1, max_size=30).map(tuple),  # small alphabet: repeats for pld
+    n=st.integers(1, 30),
+)
+def test_builtin_methods_equal_generate(tok, arch, method, prompt, n):
+    out = SpecDecoder(MODELS[arch], tok, method=method).generate(list(prompt), max_new_tokens=n)
+    assert out.token_ids == reference(arch, prompt, n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_draft_model_same_and_random(tok, arch):
+    m = MODELS[arch]
+    prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
+    expected = reference(arch, tuple(prompt), 40)
+    same = SpecDecoder(m, tok, method="draft", draft_model=m).generate(prompt, max_new_tokens=40)
+    assert same.token_ids == expected
+    assert same.stats.acceptance_by_depth and min(same.stats.acceptance_by_depth) == 1.0  # everything accepted
+    other = tiny.model(arch, seed=99)
+    rand = SpecDecoder(m, tok, method="draft", draft_model=other).generate(prompt, max_new_tokens=40)
+    assert rand.token_ids == expected
+
+
+def test_eos_inside_accepted_draft_stops_there(tok):
+    """An oracle drafts past an EOS; the output ends at the EOS, exactly like generate()."""
+    base = MODELS["llama"]
+    prompt = [5, 9, 14, 3]
+    free = tiny.hf_greedy(base, prompt, 20)
+    eos = free[6]  # make the 7th generated token an EOS
+    m = tiny.model("llama", seed=0, eos=eos)
+    expected = tiny.hf_greedy(m, prompt, 20)
+    assert expected[-1] == eos and len(expected) <= 7
+    drafter = ScriptedDrafter(free, prompt, 0, 1.0, m.config.vocab_size)
+    drafter.rng.randint = lambda a, b: b  # always the deepest true chain: EOS lands mid-draft
+    out = SpecDecoder(m, tok, method=drafter).generate(prompt, max_new_tokens=20)
+    assert out.token_ids == expected
+    assert out.stats.finish_reason == "eos"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cache_holds_exactly_the_accepted_path(tok, arch):
+    m = MODELS[arch]
+    prompt = [7, 3, 11, 19, 2]
+    truth = reference(arch, tuple(prompt), 40)
+    holder = {}
+
+    def check(expected_len: int) -> None:
+        engine = holder["engine"]
+        cache = engine.target.cache
+        assert cache.length == expected_len
+        seq = prompt + truth[: expected_len - len(prompt)]
+        fresh = tiny.model(arch, seed=ARCHS.index(arch))
+        from specdec.runner import ModelRunner
+
+        ref = ModelRunner(fresh)
+        ref.start(seq, expected_len + 4)
+        for layer in range(m.config.num_hidden_layers):
+            k, v = cache.tensors(layer)
+            rk, rv = ref.cache.tensors(layer)
+            torch.testing.assert_close(k, rk, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(v, rv, rtol=1e-9, atol=1e-9)
+        holder["checks"] = holder.get("checks", 0) + 1
+
+    drafter = ScriptedDrafter(truth, prompt, 3, 0.8, m.config.vocab_size, check_cache=check)
+    dec = SpecDecoder(m, tok, method=drafter)
+    holder["engine"] = dec.engine
+    out = dec.generate(prompt, max_new_tokens=30)
+    assert out.token_ids == truth[:30]
+    assert holder["checks"] == out.stats.target_forwards - 1  # checked after every verification step
+
+
+def test_max_new_tokens_exact_even_when_more_accepted(tok):
+    m = MODELS["llama"]
+    prompt = [1, 2, 3]
+    truth = reference("llama", tuple(prompt), 30)
+    for n in (1, 2, 5, 13):
+        drafter = ScriptedDrafter(truth, prompt, n, 1.0, m.config.vocab_size)
+        out = SpecDecoder(m, tok, method=drafter).generate(prompt, max_new_tokens=n)
+        assert out.token_ids == truth[:n]
+        assert out.stats.finish_reason == "length"

@@ -1,0 +1,86 @@
+"""Tiny random models and a tiny tokenizer, built in memory in a second, for exactness tests.
+
+float64 weights make the rounding differences between scoring a tree in one forward and decoding token by
+token ~1e-15, so greedy comparisons against transformers' generate() are exact, not lucky.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "specdec"
+
+ARCHS = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+}
+
+
+@functools.cache
+def tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on specdec's own sources (plus some non-ASCII text for multi-byte tests)."""
+    texts = [p.read_text() for p in sorted(SRC.rglob("*.py"))] + ["héllo wörld ñ 日本語 emoji 🙂 " * 4]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", model_max_length=512)
+
+
+def model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None, layers: int = 2, hidden: int = 32,
+          dtype: torch.dtype = torch.float64, eos: int = 0):
+    config_cls, model_cls = ARCHS[arch]
+    config = config_cls(
+        vocab_size=vocab_size or len(tokenizer()),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=512,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    m = model_cls(config).to(dtype).eval()
+    # Random init has tiny logits; scale them up so greedy choices are well separated and sampling is peaked
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)
+    m.generation_config.eos_token_id = eos
+    m.generation_config.pad_token_id = 0
+    return m
+
+
+def hf_greedy(m, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    out = m.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+        pad_token_id=m.generation_config.pad_token_id,
+    )
+    return out[0, len(prompt_ids):].tolist()
