@@ -5,12 +5,13 @@ from __future__ import annotations
 import random
 
 import pytest
-import tiny
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from specdec import DraftTree, Drafter, SpecDecoder
+from specdec import Drafter, DraftTree, SpecDecoder
+
+import tiny
 
 ARCHS = ["llama", "qwen2", "gemma"]
 MODELS = {arch: tiny.model(arch, seed=i) for i, arch in enumerate(ARCHS)}
@@ -34,8 +35,16 @@ class ScriptedDrafter(Drafter):
 
     name = "scripted"
 
-    def __init__(self, truth: list[int], prompt: list[int], seed: int, right: float, vocab: int, check_cache=None):
-        self.truth, self.prompt, self.rng, self.right, self.vocab = truth, prompt, random.Random(seed), right, vocab
+    def __init__(
+        self, truth: list[int], prompt: list[int], seed: int, right: float, vocab: int, check_cache=None
+    ):
+        self.truth, self.prompt, self.rng, self.right, self.vocab = (
+            truth,
+            prompt,
+            random.Random(seed),
+            right,
+            vocab,
+        )
         self.check_cache = check_cache
         self.context_len = 0
 
@@ -57,7 +66,9 @@ class ScriptedDrafter(Drafter):
                     sequences.append(true_seq[:cut] + [self._wrong(true_seq[cut])])
         for _ in range(self.rng.randint(0, 3)):  # decoy branches at the root
             first = self._wrong(future[0] if future else -1)
-            sequences.append([first] + [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(0, 3))])
+            sequences.append(
+                [first] + [self.rng.randrange(self.vocab) for _ in range(self.rng.randint(0, 3))]
+            )
         self.rng.shuffle(sequences)
         return DraftTree.from_sequences(context[-1], sequences)
 
@@ -91,7 +102,9 @@ def test_scripted_trees_equal_generate(tok, arch, prompt, n, seed, right):
 @pytest.mark.parametrize("method", ["vanilla", "pld"])
 @settings(max_examples=8, deadline=None)
 @given(
-    prompt=st.lists(st.integers(1, 40), min_size=1, max_size=30).map(tuple),  # small alphabet: repeats for pld
+    prompt=st.lists(st.integers(1, 40), min_size=1, max_size=30).map(
+        tuple
+    ),  # small alphabet: repeats for pld
     n=st.integers(1, 30),
 )
 def test_builtin_methods_equal_generate(tok, arch, method, prompt, n):
@@ -106,7 +119,9 @@ def test_draft_model_same_and_random(tok, arch):
     expected = reference(arch, tuple(prompt), 40)
     same = SpecDecoder(m, tok, method="draft", draft_model=m).generate(prompt, max_new_tokens=40)
     assert same.token_ids == expected
-    assert same.stats.acceptance_by_depth and min(same.stats.acceptance_by_depth) == 1.0  # everything accepted
+    assert (
+        same.stats.acceptance_by_depth and min(same.stats.acceptance_by_depth) == 1.0
+    )  # everything accepted
     other = tiny.model(arch, seed=99)
     rand = SpecDecoder(m, tok, method="draft", draft_model=other).generate(prompt, max_new_tokens=40)
     assert rand.token_ids == expected

@@ -50,8 +50,15 @@ def tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", model_max_length=512)
 
 
-def model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None, layers: int = 2, hidden: int = 32,
-          dtype: torch.dtype = torch.float64, eos: int = 0):
+def model(
+    arch: str = "llama",
+    seed: int = 0,
+    vocab_size: int | None = None,
+    layers: int = 2,
+    hidden: int = 32,
+    dtype: torch.dtype = torch.float64,
+    eos: int = 0,
+):
     config_cls, model_cls = ARCHS[arch]
     config = config_cls(
         vocab_size=vocab_size or len(tokenizer()),
@@ -80,7 +87,10 @@ def model(arch: str = "llama", seed: int = 0, vocab_size: int | None = None, lay
 def hf_greedy(m, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     ids = torch.tensor([prompt_ids])
     out = m.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
         pad_token_id=m.generation_config.pad_token_id,
     )
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()

@@ -65,7 +65,9 @@ def verify_sampled(
     return _walk_distributions(tree, p, tree.probs, generator)
 
 
-def _walk_distributions(tree: DraftTree, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator) -> Verdict:
+def _walk_distributions(
+    tree: DraftTree, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator
+) -> Verdict:
     """The general recursive rule; q[c] is the distribution child c was drawn from (one-hot = point mass)."""
     node, path = 0, [0]
     while True:

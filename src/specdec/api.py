@@ -32,11 +32,12 @@ class Stream:
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
-        out = stats = None
-        for delta, out, stats in self._steps:
-            if delta:
-                yield delta
-        if out is not None:
+        last = None
+        for last in self._steps:
+            if last[0]:
+                yield last[0]
+        if last is not None:
+            _, out, stats = last
             self.result = Generation(list(out.token_ids), out.final_text(), stats)
 
 
@@ -61,7 +62,12 @@ class SpecDecoder:
 
     @classmethod
     def from_pretrained(
-        cls, model: str = "default", draft: str | None = None, method: str | None = None, dtype: str = "float32", **options
+        cls,
+        model: str = "default",
+        draft: str | None = None,
+        method: str | None = None,
+        dtype: str = "float32",
+        **options,
     ) -> SpecDecoder:
         """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft)."""
         from specdec.models.loading import check_same_vocabulary, load_causal_lm

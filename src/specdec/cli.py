@@ -14,8 +14,12 @@ PROMPT_LINE_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p",
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads models (generate, bench, serve)."""
-    p.add_argument("--model", default="default", help="target model path or hub name (default: the shipped code model)")
-    p.add_argument("--draft", default=None, help="draft model for --method draft ('default' = the shipped draft)")
+    p.add_argument(
+        "--model", default="default", help="target model path or hub name (default: the shipped code model)"
+    )
+    p.add_argument(
+        "--draft", default=None, help="draft model for --method draft ('default' = the shipped draft)"
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
@@ -108,7 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = stream.result
         if as_json:
             stats = result.stats.to_dict()
-            print(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": stats}), flush=True)
+            print(
+                json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": stats}), flush=True
+            )
         else:
             sys.stdout.write("\n")
             s = result.stats
@@ -130,16 +136,22 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from specdec.drafters import methods
 
-    parser = argparse.ArgumentParser(prog="specdec", description="Lossless speculative decoding for HF causal LMs.")
+    parser = argparse.ArgumentParser(
+        prog="specdec", description="Lossless speculative decoding for HF causal LMs."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate text (streams to stdout; --json for machine-readable output)")
+    g = sub.add_parser(
+        "generate", help="generate text (streams to stdout; --json for machine-readable output)"
+    )
     g.add_argument("prompt", nargs="?", help="the prompt text, or '-' to read it from stdin")
     add_model_arguments(g)
     g.add_argument("--method", default=None, choices=methods(), help="default: draft with --draft, else pld")
     add_sampling_arguments(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable); the text is cut before it")
-    g.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming")
+    g.add_argument(
+        "--json", action="store_true", help="print one JSON object per prompt instead of streaming"
+    )
     g.add_argument("--prompts-file", type=Path, default=None, help='JSONL, one {"prompt": ...} per line')
     g.set_defaults(func=cmd_generate)
 

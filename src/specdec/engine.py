@@ -41,7 +41,9 @@ class Stats:
 
     @property
     def acceptance_by_depth(self) -> list[float]:
-        return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth)]
+        return [
+            a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth, strict=True)
+        ]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -176,7 +178,11 @@ class Engine:
                 t1 = time.perf_counter()
                 tree_start = target.cache.length
                 logits = target.score(tree)
-                verdict = verify_greedy(tree, logits) if dist is None else verify_sampled(tree, logits, dist, generator)
+                verdict = (
+                    verify_greedy(tree, logits)
+                    if dist is None
+                    else verify_sampled(tree, logits, dist, generator)
+                )
                 target.commit(tree_start, verdict.accepted_nodes)
                 t2 = time.perf_counter()
                 drafter.observe(tree, verdict, logits)

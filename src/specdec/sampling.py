@@ -31,7 +31,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+        if (
+            not isinstance(self.max_new_tokens, int)
+            or isinstance(self.max_new_tokens, bool)
+            or self.max_new_tokens < 1
+        ):
             raise InputError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
         if not self.temperature >= 0:
             raise InputError(f"temperature must be >= 0 (got {self.temperature!r})")

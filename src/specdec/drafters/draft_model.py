@@ -58,7 +58,9 @@ class DraftModel(Drafter):
         k = min(self.num_tokens, max_depth)
         if k <= 0:
             return DraftTree.root_only(context[-1])
-        capacity = len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens + 2
+        capacity = (
+            len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens + 2
+        )
         logits = self._feed(context[len(self.fed) :], capacity)
         drafts: list[int] = []
         probs: list[torch.Tensor] = []

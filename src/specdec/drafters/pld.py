@@ -67,7 +67,9 @@ class PromptLookup(Drafter):
         candidates: list[list[int]] = []
         if length > 0:
             for n in range(min(cfg.max_ngram, len(context)), cfg.min_ngram - 1, -1):
-                for end in reversed(self.index.matches(context, n)[-64:]):  # the most recent are the best bets
+                for end in reversed(
+                    self.index.matches(context, n)[-64:]
+                ):  # the most recent are the best bets
                     cont = context[end + 1 : end + 1 + length]
                     if cont not in candidates:
                         candidates.append(cont)

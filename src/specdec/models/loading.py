@@ -13,7 +13,12 @@ import torch
 from specdec.errors import InputError
 from specdec.models.shipped import SHIPPED_DIR
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 SHIPPED_NAMES = {"default": "target", "default-target": "target", "default-draft": "draft"}
 
 
@@ -60,7 +65,9 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
             ) from None
         raise InputError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
     if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise InputError(f"{path!r} holds a {type(config).__name__.removesuffix('Config')} model, not a causal LM")
+        raise InputError(
+            f"{path!r} holds a {type(config).__name__.removesuffix('Config')} model, not a causal LM"
+        )
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as e:

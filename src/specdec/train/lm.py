@@ -62,7 +62,9 @@ VOCAB_SIZE = 8192
 MAX_POSITIONS = 2048
 
 
-def prepare(workdir: Path, corpus: CorpusConfig | None = None, tokenizer_sample_bytes: int = 40_000_000) -> None:
+def prepare(
+    workdir: Path, corpus: CorpusConfig | None = None, tokenizer_sample_bytes: int = 40_000_000
+) -> None:
     """Corpus manifest, tokenizer and token memmaps; each step is skipped when its output already exists."""
     workdir.mkdir(parents=True, exist_ok=True)
     files = collect_files(corpus or CorpusConfig())
@@ -139,7 +141,9 @@ def _lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(model: LlamaForCausalLM, data: np.ndarray, seq_len: int = 1024, max_tokens: int = 200_000) -> float:
+def heldout_loss(
+    model: LlamaForCausalLM, data: np.ndarray, seq_len: int = 1024, max_tokens: int = 200_000
+) -> float:
     """Mean next-token cross-entropy (nats) over consecutive non-overlapping windows of the held-out stream."""
     model.eval()
     total, count = 0.0, 0
@@ -162,7 +166,6 @@ def train(workdir: Path, name: str, cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     data = np.memmap(workdir / "train.bin", dtype=np.uint16, mode="r")
-    held = np.memmap(workdir / "heldout.bin", dtype=np.uint16, mode="r")
     model = build_model(SIZES[cfg.size], tokenizer)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -217,10 +220,19 @@ def train(workdir: Path, name: str, cfg: TrainConfig) -> Path:
         dt = time.monotonic() - t0
         elapsed += dt
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{batch[:, 1:].numel() / dt:.0f}", seen=f"{tokens_seen / 1e6:.1f}M")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            tok_s=f"{batch[:, 1:].numel() / dt:.0f}",
+            seen=f"{tokens_seen / 1e6:.1f}M",
+        )
         if step % 50 == 0 or step == total_steps:
             with log_path.open("a") as f:
-                f.write(json.dumps({"step": step, "loss": loss.item(), "tokens_seen": tokens_seen, "elapsed": elapsed}) + "\n")
+                f.write(
+                    json.dumps(
+                        {"step": step, "loss": loss.item(), "tokens_seen": tokens_seen, "elapsed": elapsed}
+                    )
+                    + "\n"
+                )
         if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
             save()
             last_save = time.monotonic()

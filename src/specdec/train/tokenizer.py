@@ -11,7 +11,9 @@ from transformers import PreTrainedTokenizerFast
 EOS = "<|endoftext|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path, max_length: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_dir: Path, max_length: int
+) -> PreTrainedTokenizerFast:
     """Byte-level so that every string round-trips (no unknown tokens), which the engine's streaming relies on."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
