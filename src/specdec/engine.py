@@ -136,6 +136,7 @@ class Engine:
         self.drafter = drafter
         self.target = ModelRunner(model)
         self.eos_ids = eos_token_ids(model, tokenizer)
+        drafter.bind(model)
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, Output, Stats]]:
         """Yields (text delta, output so far, stats so far) after every step; the last yield is final."""

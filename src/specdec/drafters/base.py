@@ -38,6 +38,9 @@ class Drafter(ABC):
             return cls(draft_model, **options)
         return cls(**options)
 
+    def bind(self, model) -> None:  # noqa: B027 - optional hook
+        """Called once by the engine with the target model (for drafters that run or measure it)."""
+
     def reset(self, request: Request) -> None:  # noqa: B027 - optional hook
         """A new generation starts; state that should persist across calls (learned tables) may be kept."""
 
