@@ -70,8 +70,15 @@ class SpecDecoder:
         **options,
     ) -> SpecDecoder:
         """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft)."""
+        from specdec.drafters import methods
         from specdec.models.loading import check_same_vocabulary, load_causal_lm
 
+        if method is not None and method not in methods():
+            raise InputError(f"unknown method {method!r} (choose from {', '.join(methods())})")
+        if method == "draft" and draft is None and model in (None, "default"):
+            draft = "default"  # the shipped pair belongs together
+        if method == "draft" and draft is None:
+            raise InputError("the draft method needs a draft model (--draft PATH, or --draft default)")
         target, tokenizer = load_causal_lm(model, "target", dtype)
         draft_model = None
         if draft is not None:

@@ -146,7 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt", nargs="?", help="the prompt text, or '-' to read it from stdin")
     add_model_arguments(g)
-    g.add_argument("--method", default=None, choices=methods(), help="default: draft with --draft, else pld")
+    g.add_argument(
+        "--method",
+        default=None,
+        help=f"one of: {', '.join(methods())} (default: draft with --draft, else pld)",
+    )
     add_sampling_arguments(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable); the text is cut before it")
     g.add_argument(
@@ -175,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise on a command line
     if getattr(args, "threads", None):
         import torch
 

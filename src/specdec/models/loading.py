@@ -64,14 +64,23 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
                 f"model {path!r} not found: no such directory, and not a model in the local Hugging Face cache"
             ) from None
         raise InputError(f"cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
+    kind = type(config).__name__.removesuffix("Config")
     if type(config) not in AutoModelForCausalLM._model_mapping:
-        raise InputError(
-            f"{path!r} holds a {type(config).__name__.removesuffix('Config')} model, not a causal LM"
-        )
+        raise InputError(f"{path!r} holds a {kind} model, not a causal LM")
+    saved_as = getattr(config, "architectures", None) or []
+    if saved_as and not any("CausalLM" in name or "LMHead" in name for name in saved_as):
+        raise InputError(f"{path!r} holds a {saved_as[0]} (no language-model head), not a causal LM")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], output_loading_info=True
+        )
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load model weights from {path!r}: {str(e).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise InputError(
+            f"{path!r} lacks weights for {len(missing)} parameters (e.g. {missing[0]}): not a usable causal LM"
+        )
     model.eval()
     tokenizer = None
     try:

@@ -1,0 +1,161 @@
+"""`specdec generate`: JSON and prompts-file output, and one-line errors (exit 2) for every user mistake."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny
+import torch
+from transformers import BertConfig, BertModel, LlamaForCausalLM
+
+from specdec import SpecDecoder, UnsupportedModelError
+from specdec.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny.model("llama", dtype=torch.float32).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-draft")
+    tiny.model("llama", seed=5, hidden=16, layers=1, dtype=torch.float32).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_matches_hf(capsys, model_dir):
+    prompt = "def add(a, b):\n    return a + b\n"
+    code, out, _ = run(capsys, "generate", prompt, "--model", model_dir, "--json", "--max-new-tokens", 12)
+    assert code == 0
+    row = json.loads(out)
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    ids = tiny.tokenizer()(prompt)["input_ids"]
+    assert row["token_ids"] == tiny.hf_greedy(model, ids, 12)
+    assert row["text"] == tiny.tokenizer().decode(row["token_ids"], skip_special_tokens=True)
+    stats = row["stats"]
+    assert stats["new_tokens"] == len(row["token_ids"])
+    assert stats["target_forwards"] >= 1 and stats["mean_accepted_tokens"] > 0 and stats["wall_seconds"] > 0
+
+
+def test_generate_streams_text(capsys, model_dir):
+    code, out, err = run(capsys, "generate", "x = 1\n", "--model", model_dir, "--max-new-tokens", 8)
+    assert code == 0
+    ref = SpecDecoder.from_pretrained(str(model_dir)).generate("x = 1\n", max_new_tokens=8)
+    assert out == ref.text + "\n"
+    assert "tau" in err
+
+
+def test_prompts_file_in_order_with_overrides(capsys, model_dir, draft_dir, tmp_path):
+    f = tmp_path / "p.jsonl"
+    lines = [
+        {"prompt": "import os\n"},
+        {"prompt": "class A:\n", "max_new_tokens": 3},
+        {"prompt": "def f():\n", "temperature": 0.8, "seed": 3, "max_new_tokens": 5},
+    ]
+    f.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    args = (
+        "generate",
+        "--model",
+        model_dir,
+        "--draft",
+        draft_dir,
+        "--prompts-file",
+        f,
+        "--max-new-tokens",
+        6,
+    )
+    code, out, _ = run(capsys, *args)
+    assert code == 0
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [len(r["token_ids"]) for r in rows] == [6, 3, 5]
+    code, again, _ = run(capsys, *args)
+    assert [json.loads(x)["token_ids"] for x in again.splitlines()] == [
+        r["token_ids"] for r in rows
+    ]  # seeded
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/nonexistent/model"], "not found"),
+        (["--method", "bogus"], "unknown method"),
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--temperature", "-1"], "temperature"),
+        (["--method", "draft"], "draft model"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(capsys, model_dir, argv, message):
+    argv = ["generate", "hi", *argv]
+    if "--model" not in argv:
+        argv += ["--model", str(model_dir)]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("specdec: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_not_a_causal_lm(capsys, tmp_path):
+    BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path)
+    code, _, err = run(capsys, "generate", "hi", "--model", tmp_path)
+    assert code == 2 and "not a causal LM" in err
+
+
+def test_vocabularies_differ(capsys, model_dir, tmp_path):
+    tiny.model("llama", vocab_size=400, dtype=torch.float32).save_pretrained(tmp_path)
+    code, _, err = run(capsys, "generate", "hi", "--model", model_dir, "--draft", tmp_path)
+    assert code == 2 and "vocabularies differ" in err
+
+
+def test_prompt_longer_than_context(capsys, model_dir):
+    code, _, err = run(capsys, "generate", "x = 1\n" * 400, "--model", model_dir, "--max-new-tokens", 4)
+    assert code == 2 and "exceeds the model's context" in err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a"}\nnot json\n', ":2: not valid JSON"),
+        ('{"prompt": 3}\n', ":1: expected an object"),
+        ('{"prompt": "a", "max_new_tokens": 0}\n', ":1: max_new_tokens"),
+        ('{"prompt": "a", "colour": 1}\n', ":1: unknown key"),
+        ("\n\n", "holds no prompts"),
+    ],
+)
+def test_bad_prompts_file(capsys, model_dir, tmp_path, content, message):
+    f = tmp_path / "p.jsonl"
+    f.write_text(content)
+    code, out, err = run(capsys, "generate", "--model", model_dir, "--prompts-file", f)
+    assert code == 2 and message in err and out == ""
+
+
+def test_unreadable_prompts_file(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "generate", "--model", model_dir, "--prompts-file", tmp_path / "missing.jsonl")
+    assert code == 2 and "cannot read prompts file" in err
+
+
+class IgnoresMask(LlamaForCausalLM):
+    """A model whose attention silently ignores custom masks: tree scoring would be wrong."""
+
+    def forward(self, *args, attention_mask=None, **kwargs):
+        return super().forward(*args, attention_mask=None, **kwargs)
+
+
+def test_model_ignoring_4d_masks_is_refused(tok):
+    m = tiny.model("llama")
+    m.__class__ = IgnoresMask
+    with pytest.raises(UnsupportedModelError, match="IgnoresMask"):
+        SpecDecoder(m, tok, method="pld").generate("def f():", max_new_tokens=4)
