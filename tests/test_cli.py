@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import tiny
 import torch
 from transformers import BertConfig, BertModel, LlamaForCausalLM
 
 from specdec import SpecDecoder, UnsupportedModelError
 from specdec.cli import main
+
+import tiny
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import tiny
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specdec import SpecDecoder
 from specdec.text import IncrementalText
+
+import tiny
 
 
 @settings(max_examples=50, deadline=None)
