@@ -27,8 +27,8 @@ class _Layer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
         # [B, H, capacity, D]
-        self.k_buf = key_states.new_zeros(b, h, self.capacity, d)
-        self.v_buf = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+        self.k_buf = key_states.new_empty(b, h, self.capacity, d)  # slots past `length` are never read
+        self.v_buf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -36,7 +36,7 @@ class _Layer(CacheLayerMixin):
         new_cap = max(needed, 2 * self.capacity)
         for name in ("k_buf", "v_buf"):
             old = getattr(self, name)
-            new = old.new_zeros(*old.shape[:2], new_cap, old.shape[-1])
+            new = old.new_empty(*old.shape[:2], new_cap, old.shape[-1])
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
         self.capacity = new_cap

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from specdec.train.corpus import CorpusConfig
@@ -45,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
         for n in names:
             metrics = export(args.workdir, n, out_root / n)
             print(json.dumps({n: {k: v for k, v in metrics.items() if k != "train_config"}}))
+        shutil.copyfile(args.workdir / "manifest.json", out_root / "corpus_manifest.json")
+        if all((out_root / n / "training_metrics.json").exists() for n in ("target", "draft")):
+            from specdec.train.card import write_card
+
+            write_card(out_root, out_root / "corpus_manifest.json")
+            print(f"wrote {out_root / 'MODEL_CARD.md'}")
     return 0
 
 
