@@ -16,7 +16,12 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Byte-level so that every string round-trips (no unknown tokens), which the engine's streaming relies on."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # A newline is always a token of its own: prompts very often end right after one ("...):\n"), and if
+    # training text merged "\n" with the next line's indentation, such a prompt would end on a token boundary
+    # the model never saw (it would predict end-of-file).
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
