@@ -1,0 +1,404 @@
+"""The FastAPI app: OpenAI-compatible completions and chat completions, streamed or not, over loaded decoders.
+
+The model is fixed when the app is built; a request's `model` field is accepted and ignored (responses name
+the served model). A request may pick one of the loaded methods with the `specdec_method` extension. Every
+error, validation errors included, is answered as OpenAI-style JSON with a 4xx status (5xx only for a bug or
+a busy server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from specdec import __version__
+from specdec.api import SpecDecoder, sampling_params
+from specdec.errors import InputError
+from specdec.server.errors import APIError
+from specdec.server.schemas import ChatCompletionRequest, CompletionRequest
+from specdec.server.worker import Delta, EngineWorker, Failed, Finished, Job, Prompt, Started
+
+DISCONNECT_POLL_SECONDS = (
+    0.5  # how often a waiting non-streaming request checks that its client is still there
+)
+
+
+@dataclass
+class Limits:
+    max_prompt_tokens: int | None = None  # None: only the model's context limits the prompt
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for (and chat's default)
+    max_body_bytes: int = 1 << 20
+    max_queued: int = 64  # requests waiting behind the running one; more get 503
+
+
+def create_app(
+    decoders: SpecDecoder | Mapping[str, SpecDecoder],
+    *,
+    model_name: str = "default",
+    default_method: str | None = None,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+) -> FastAPI:
+    """`decoders`: one SpecDecoder, or method name -> SpecDecoder (all over the same target model)."""
+    if isinstance(decoders, SpecDecoder):
+        decoders = {decoders.drafter.name: decoders}
+    decoders = dict(decoders)
+    if not decoders:
+        raise InputError("no decoder to serve")
+    default_method = default_method or next(iter(decoders))
+    if default_method not in decoders:
+        raise InputError(f"default method {default_method!r} is not among the loaded: {', '.join(decoders)}")
+    limits = limits or Limits()
+    worker = EngineWorker(limits.max_queued)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        worker.shutdown()
+
+    app = FastAPI(title="specdec", version=__version__, lifespan=lifespan)
+    app.state.worker = worker
+    app.state.model_name, app.state.methods, app.state.default_method = (
+        model_name,
+        list(decoders),
+        default_method,
+    )
+    _install_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(
+                401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+            )
+
+    def pick(method: str | None) -> tuple[str, SpecDecoder]:
+        method = method or default_method
+        if method not in decoders:
+            raise APIError(
+                400,
+                f"method {method!r} is not loaded on this server (loaded: {', '.join(decoders)})",
+                param="specdec_method",
+            )
+        return method, decoders[method]
+
+    def generation_params(body, max_tokens: int | None) -> dict:
+        if max_tokens is not None and max_tokens > limits.max_tokens:
+            raise APIError(
+                400,
+                f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
+                "max_tokens",
+            )
+        params = {
+            "max_new_tokens": max_tokens,  # None: as many as fit (decided once the prompt is tokenized)
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "seed": body.seed,
+            "stop": body.stop,
+        }
+        try:
+            sampling_params(**{**params, "max_new_tokens": max_tokens or 1})
+        except InputError as e:
+            raise APIError(400, str(e)) from None
+        return params
+
+    def model_card() -> dict:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "specdec",
+            "specdec_methods": list(decoders),
+            "specdec_default_method": default_method,
+        }
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": model_name, **worker.snapshot()}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(request: Request, model_id: str) -> dict:
+        authorize(request)
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} is not served here (this server serves {model_name!r})")
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        body = await read_body(request, CompletionRequest, limits.max_body_bytes)
+        method, decoder = pick(body.specdec_method)
+        if isinstance(body.prompt, list):
+            vocab = decoder.model.config.get_text_config(decoder=True).vocab_size
+            if not all(0 <= t < vocab for t in body.prompt):
+                raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
+        params = generation_params(body, body.max_tokens)
+        prompt = Prompt(
+            partial(decoder.encode, body.prompt), "prompt", limits.max_prompt_tokens, limits.max_tokens
+        )
+        job = Job(decoder, method, prompt, params)
+        return await respond(request, job, body, _CompletionFormat(model_name))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body = await read_body(request, ChatCompletionRequest, limits.max_body_bytes)
+        method, decoder = pick(body.specdec_method)
+        if not getattr(decoder.tokenizer, "chat_template", None):
+            raise APIError(
+                400,
+                f"model {model_name!r} has no chat template (its tokenizer defines none), so chat messages "
+                "cannot be rendered; use /v1/completions with a plain prompt",
+                param="messages",
+                code="chat_template_missing",
+            )
+        messages = [
+            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+            for m in body.messages
+        ]
+        params = generation_params(body, body.requested_max_tokens)
+        encode = partial(_render_chat, decoder.tokenizer, messages)
+        job = Job(
+            decoder, method, Prompt(encode, "messages", limits.max_prompt_tokens, limits.max_tokens), params
+        )
+        return await respond(request, job, body, _ChatFormat(model_name))
+
+    async def respond(request: Request, job: Job, body, fmt: _Format) -> Response:
+        worker.submit(job)
+        try:
+            first = await _next_event(request, job)
+            if isinstance(first, Failed):
+                raise first.error
+            if body.stream:
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                return StreamingResponse(
+                    _sse(job, fmt, include_usage),
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
+            while isinstance(first, Started | Delta):
+                first = await _next_event(request, job)
+            if isinstance(first, Failed):
+                raise first.error
+            return JSONResponse(fmt.full(first))
+        except _ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except BaseException:
+            job.cancel()
+            raise
+
+    return app
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _next_event(request: Request, job: Job):
+    """The job's next event; polls for a client disconnect meanwhile (then cancels the job)."""
+    getter = asyncio.ensure_future(job.events.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return getter.result()
+            if await request.is_disconnected():
+                job.cancel()
+                raise _ClientGone
+    finally:
+        getter.cancel()
+
+
+async def _sse(job: Job, fmt: _Format, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events after the job started. A client disconnect cancels this task (Starlette listens
+    for it), which cancels the job in `finally`: the engine stops after its current step."""
+    try:
+        for chunk in fmt.opening():
+            yield _data(chunk)
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Delta):
+                yield _data(fmt.chunk(event.text))
+            elif isinstance(event, Finished):
+                yield _data(fmt.chunk("", event))
+                if include_usage:
+                    yield _data(fmt.usage_chunk(event))
+                break
+            elif isinstance(event, Failed):  # only a bug can fail a generation after it started
+                yield _data(event.error.body())
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateError as e:
+        raise APIError(
+            400, f"the model's chat template refused these messages: {e}", param="messages"
+        ) from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself
+
+
+async def read_body(request: Request, schema: type[BaseModel], limit: int):
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise APIError(
+            413, f"request body too large ({length} bytes; the limit is {limit})", code="too_large"
+        )
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise APIError(413, f"request body too large (over the limit of {limit} bytes)", code="too_large")
+    try:
+        return schema.model_validate_json(bytes(raw))
+    except ValidationError as e:
+        raise _validation_error(e.errors(include_url=False, include_input=False)) from None
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    first = errors[0]
+    loc = first.get("loc", ())
+    param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON ({first['ctx']['error']})")
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument supplied: {param}", param=param)
+    if first["type"] == "missing":
+        return APIError(400, f"missing required parameter: {param}", param=param)
+    message = first["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}" if param else message, param=param)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:  # a bug: logged by Starlette
+        return APIError(500, "internal server error (see the server log)").response()
+
+
+class _Format:
+    """The response shapes of one endpoint."""
+
+    object: str
+    prefix: str
+
+    def __init__(self, model_name: str) -> None:
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model_name
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def chunk(self, text: str, finished: Finished | None = None) -> dict:
+        choice = {"index": 0, **self._content(text, streaming=True), "logprobs": None, "finish_reason": None}
+        out = {**self._head(self.chunk_object), "choices": [choice]}
+        if finished is not None:
+            choice["finish_reason"] = finished.finish_reason
+            out["specdec"] = finished.stats
+        return out
+
+    def usage_chunk(self, finished: Finished) -> dict:
+        return {**self._head(self.chunk_object), "choices": [], "usage": _usage(finished)}
+
+    def full(self, finished: Finished) -> dict:
+        choice = {
+            "index": 0,
+            **self._content(finished.text, streaming=False),
+            "logprobs": None,
+            "finish_reason": finished.finish_reason,
+        }
+        return {
+            **self._head(self.object),
+            "choices": [choice],
+            "usage": _usage(finished),
+            "specdec": finished.stats,
+        }
+
+    chunk_object: str
+
+    def _content(self, text: str, streaming: bool) -> dict:
+        raise NotImplementedError
+
+
+class _CompletionFormat(_Format):
+    object = chunk_object = "text_completion"
+    prefix = "cmpl"
+
+    def _content(self, text: str, streaming: bool) -> dict:
+        return {"text": text}
+
+
+class _ChatFormat(_Format):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    prefix = "chatcmpl"
+
+    def opening(self) -> list[dict]:
+        choice = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        return [{**self._head(self.chunk_object), "choices": [choice]}]
+
+    def _content(self, text: str, streaming: bool) -> dict:
+        if streaming:
+            return {"delta": {"content": text} if text else {}}
+        return {"message": {"role": "assistant", "content": text}}
+
+
+def _usage(finished: Finished) -> dict:
+    completion = len(finished.token_ids)
+    return {
+        "prompt_tokens": finished.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": finished.prompt_tokens + completion,
+    }

@@ -1,0 +1,156 @@
+"""`specdec serve`: load the model once, then answer OpenAI-style HTTP requests until interrupted."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from specdec.cli import add_model_arguments
+from specdec.errors import InputError
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
+    return value
+
+
+def register(subparsers) -> None:
+    from specdec.drafters import methods
+
+    p = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, streaming)"
+    )
+    add_model_arguments(p)
+    p.add_argument(
+        "--method",
+        default=None,
+        help=f"default method, one of: {', '.join(methods())} (default: draft with --draft, else pld)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help='comma-separated methods to load; a request picks one with "specdec_method" (default: --method)',
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=_non_negative, default=8000, help="0 = any free port (printed at start)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("SPECDEC_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $SPECDEC_API_KEY, else no key)",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="the model id clients see (default: from --model)"
+    )
+    p.add_argument(
+        "--max-prompt-tokens", type=_positive, default=None, help="longest prompt (default: model context)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=_positive,
+        default=1024,
+        help="largest max_tokens a request may ask for; also chat's default (default: 1024)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=_positive, default=1 << 20, help="request body limit (default: 1 MiB)"
+    )
+    p.add_argument(
+        "--max-queued",
+        type=_non_negative,
+        default=64,
+        help="requests that may wait behind the running one; more get 503 (default: 64)",
+    )
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def resolve_methods(method: str | None, methods_csv: str | None, draft: str | None) -> list[str]:
+    """Loaded methods, the default first."""
+    listed = [m.strip() for m in (methods_csv or "").split(",") if m.strip()]
+    default = method or (listed[0] if listed else "draft" if draft else "pld")
+    return list(dict.fromkeys([default, *listed]))
+
+
+def load_decoders(model: str, draft: str | None, methods: list[str], dtype: str) -> dict:
+    """One SpecDecoder per method, all over one loaded target (and one draft model, if any method needs it)."""
+    from specdec.api import SpecDecoder
+    from specdec.drafters import REGISTRY
+    from specdec.drafters import methods as known
+    from specdec.models.loading import check_same_vocabulary, load_causal_lm
+
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise InputError(f"unknown method {unknown[0]!r} (choose from {', '.join(known())})")
+    needs_draft = [m for m in methods if REGISTRY[m].needs_draft_model]
+    if needs_draft and draft is None and model in (None, "default"):
+        draft = "default"  # the shipped pair belongs together
+    if needs_draft and draft is None:
+        raise InputError(
+            f"the {needs_draft[0]} method needs a draft model (--draft PATH, or --draft default)"
+        )
+    target, tokenizer = load_causal_lm(model, "target", dtype)
+    draft_model = None
+    if draft is not None:
+        draft_model, draft_tokenizer = load_causal_lm(draft, "draft", dtype)
+        check_same_vocabulary(target, tokenizer, draft_model, draft_tokenizer)
+    return {m: SpecDecoder(target, tokenizer, m, draft_model) for m in methods}
+
+
+def listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def build_server(args: argparse.Namespace):
+    """The uvicorn server for parsed `serve` arguments (models loaded, not yet listening)."""
+    import uvicorn
+
+    from specdec.server.app import Limits, create_app
+
+    methods = resolve_methods(args.method, args.methods, args.draft)
+    decoders = load_decoders(args.model, args.draft, methods, args.dtype)
+    name = args.served_model_name or (args.model if args.model == "default" else Path(args.model).name)
+    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_queued)
+    app = create_app(
+        decoders, model_name=name, default_method=methods[0], api_key=args.api_key, limits=limits
+    )
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    server = build_server(args)
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    state = server.config.app.state
+    where = f"[{host}]" if ":" in host else host
+    print(
+        f"specdec: serving model {state.model_name!r} (methods: {', '.join(state.methods)}; default "
+        f"{state.default_method}) at http://{where}:{port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    if args.host not in LOOPBACK and not args.api_key:
+        print(
+            f"specdec: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+            file=sys.stderr,
+            flush=True,
+        )
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,534 @@
+"""`specdec serve` against a live server on loopback, driven by the official `openai` client and raw httpx.
+
+A tiny random Llama saved to a temporary directory is served by uvicorn in a background thread (and once by
+the real `specdec serve` command in a subprocess). Every answer is compared with `SpecDecoder.generate` on the
+same weights: the server must add nothing and lose nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specdec import Drafter, DraftTree, SpecDecoder
+from specdec.cli import main
+from specdec.server.app import Limits, create_app
+from specdec.server.cli import listen, load_decoders
+from specdec.server.errors import APIError
+from specdec.server.worker import EngineWorker, Failed, Finished, Job, Prompt, Started
+
+import tiny
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+TIMEOUT = 60.0
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+LIMITS = Limits(max_prompt_tokens=200, max_tokens=64, max_body_bytes=20_000, max_queued=32)
+PROMPTS = ["def add(a, b):\n", "import os\n", "class Tree:\n    def __init__(self", "x = [1, 2, 3]\nfor"]
+GATE = threading.Event()  # the gated drafter blocks in propose() while this is clear
+GATE.set()
+
+
+class GatedDrafter(Drafter):
+    """Plain decoding that waits for GATE before every step after the first: a generation held mid-way."""
+
+    name = "gated"
+
+    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+        assert GATE.wait(timeout=TIMEOUT)
+        return DraftTree.root_only(context[-1])
+
+
+def wait_until(condition, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny model as shipped: no chat template."""
+    path = tmp_path_factory.mktemp("tiny-plain")
+    tiny.model("llama", dtype=torch.float32).save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, model_dir):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat")
+    tiny.model("llama", dtype=torch.float32).save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(model_dir)  # a copy: tiny.tokenizer() is shared by every test
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref(chat_dir):
+    """Reference decoders in the test process, over their own copy of the weights."""
+    return load_decoders(str(chat_dir), None, ["pld", "vanilla"], "float32")
+
+
+@pytest.fixture(scope="module")
+def server(chat_dir):
+    import uvicorn
+
+    decoders = load_decoders(str(chat_dir), None, ["pld", "vanilla"], "float32")
+    pld = decoders["pld"]
+    decoders["gated"] = SpecDecoder(pld.model, pld.tokenizer, GatedDrafter())
+    app = create_app(decoders, model_name="tiny", api_key=KEY, limits=LIMITS)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    sock = listen("127.0.0.1", 0)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    assert wait_until(lambda: srv.started), "server did not start"
+    srv.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    yield srv
+    GATE.set()
+    srv.should_exit = True
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=KEY, max_retries=0, timeout=TIMEOUT)
+
+
+def chat_ids(dec: SpecDecoder, messages: list[dict]) -> list[int]:
+    text = dec.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return dec.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def solo(ref, method: str, prompt, **params):
+    dec = ref[method]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        prompt = chat_ids(dec, prompt)
+    return dec.generate(prompt, **params)
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None = "?") -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if param != "?":
+        assert error["param"] == param, error
+    return error
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of an event stream; asserts it ends with [DONE]."""
+    lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+# --- completions and chat, streamed and not, equal to SpecDecoder.generate ----------------------------------
+
+
+@pytest.mark.parametrize("method", ["pld", "vanilla"])
+def test_completion_equals_generate(client, ref, method):
+    prompt = PROMPTS[0]
+    want = solo(ref, method, prompt, max_new_tokens=20)
+    got = client.completions.create(
+        model="anything", prompt=prompt, max_tokens=20, temperature=0, extra_body={"specdec_method": method}
+    )
+    choice = got.choices[0]
+    assert choice.text == want.text
+    assert choice.finish_reason == "length" and got.model == "tiny" and got.object == "text_completion"
+    n_prompt = len(ref[method].encode(prompt))
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (n_prompt, len(want.token_ids))
+    assert got.usage.total_tokens == n_prompt + len(want.token_ids)
+    stats = got.model_extra["specdec"]
+    assert stats["method"] == method and stats["finish_reason"] == "length"
+    assert stats["target_forwards"] == want.stats.target_forwards
+    assert stats["mean_accepted_tokens"] == pytest.approx(want.stats.mean_accepted_tokens)
+
+
+def test_completion_stream_equals_generate(client, ref):
+    prompt = PROMPTS[2]
+    want = solo(ref, "pld", prompt, max_new_tokens=24)
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert "".join(c.choices[0].text for c in text_chunks) == want.text
+    assert [c.choices[0].finish_reason for c in text_chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in text_chunks[:-1])
+    assert len({c.id for c in chunks}) == 1
+    assert text_chunks[-1].model_extra["specdec"]["target_forwards"] == want.stats.target_forwards
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == len(want.token_ids)
+
+
+def test_chat_equals_generate_streamed_and_not(client, ref):
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": PROMPTS[1]}]
+    want = solo(ref, "vanilla", messages, max_new_tokens=16)
+    kwargs = {"model": "tiny", "messages": messages, "max_tokens": 16, "temperature": 0}
+    kwargs["extra_body"] = {"specdec_method": "vanilla"}
+    got = client.chat.completions.create(**kwargs)
+    assert got.object == "chat.completion" and got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want.text and got.choices[0].finish_reason == "length"
+    assert got.usage.prompt_tokens == len(chat_ids(ref["vanilla"], messages))
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].model_extra["specdec"]["method"] == "vanilla"
+
+
+def test_cli_generate_json_equals_server(client, chat_dir, capsys):
+    prompt = PROMPTS[3]
+    assert main(["generate", prompt, "--model", str(chat_dir), "--json", "--max-new-tokens", "14"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=14, temperature=0)
+    assert got.choices[0].text == row["text"]
+    assert got.usage.completion_tokens == len(row["token_ids"])
+    assert got.model_extra["specdec"]["target_forwards"] == row["stats"]["target_forwards"]
+
+
+def test_sampling_parameters_reach_the_engine(client, ref):
+    """Seeded sampling with top_p/top_k is reproducible and equal to the library's own seeded run."""
+    params = {"temperature": 0.9, "top_p": 0.8, "seed": 11}
+    want = solo(ref, "pld", PROMPTS[0], max_new_tokens=16, top_k=20, **params)
+    got = client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=16, extra_body={"top_k": 20}, **params
+    )
+    assert got.choices[0].text == want.text
+    other = solo(ref, "pld", PROMPTS[0], max_new_tokens=16, top_k=20, **{**params, "seed": 12})
+    assert other.token_ids != want.token_ids  # the seed really matters, so the equality above means something
+
+
+def test_stop_string_and_token_prompt(client, ref):
+    free = solo(ref, "pld", PROMPTS[0], max_new_tokens=30)
+    text = free.text
+    stop = next(
+        text[i : i + 2]
+        for i in range(len(text) // 3, len(text) - 1)
+        if not any(c.isspace() or c == "\ufffd" for c in text[i : i + 2])
+    )
+    want = solo(ref, "pld", PROMPTS[0], max_new_tokens=30, stop=[stop])
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=stop)
+    assert got.choices[0].finish_reason == "stop" and got.choices[0].text == want.text
+    assert got.model_extra["specdec"]["finish_reason"] == "stop"
+    ids = ref["pld"].encode(PROMPTS[0])
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=30, temperature=0)
+    assert by_ids.choices[0].text == free.text
+
+
+def test_models_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].model_extra["specdec_methods"] == ["pld", "vanilla", "gated"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    health = httpx.get(f"{server.base_url}/health", timeout=TIMEOUT)  # no key needed
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+# --- errors: always 4xx with OpenAI-style JSON, never 422 or 500 ---------------------------------------------
+
+BAD_COMPLETIONS = [
+    ({"prompt": "x", "n": 2}, "n"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 65}, "max_tokens"),  # over the server's limit
+    ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "stop": 5}, "stop"),
+    ({"prompt": "x", "seed": 2**70}, "seed"),
+    ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "max_token": 5}, "max_token"),
+    ({"prompt": "x", "specdec_method": "medusa"}, "specdec_method"),
+    ({}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 2, 999]}, "prompt"),
+    ({"prompt": [1, True]}, "prompt"),
+    ({"prompt": "def f():\n" * 100}, "prompt"),  # over the server's prompt limit
+    ({"prompt": "", "stream": True}, None),  # empty: refused before the stream starts
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_COMPLETIONS, ids=[json.dumps(b)[:40] for b, _ in BAD_COMPLETIONS])
+def test_bad_completion_requests(server, body, param):
+    r = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=TIMEOUT)
+    error = assert_error(r, 400, param)
+    if body.get("prompt") == "def f():\n" * 100:
+        assert error["code"] == "context_length_exceeded"
+
+
+BAD_CHATS = [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, None),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": "hi"}, "messages"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_CHATS, ids=[json.dumps(b)[:40] for b, _ in BAD_CHATS])
+def test_bad_chat_requests(server, body, param):
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT)
+    error = assert_error(r, 400)
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_transport_level_errors(server):
+    url = f"{server.base_url}/v1/completions"
+    with httpx.Client(timeout=TIMEOUT) as c:
+        assert_error(c.post(url, json={"prompt": "x"}), 401)
+        assert_error(c.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)
+        assert_error(c.post(url, content=b"{not json", headers=AUTH), 400)
+        assert_error(c.post(url, content=b"\xff\xfe", headers=AUTH), 400)
+        assert_error(c.post(url, content=b"[1, 2]", headers=AUTH), 400)
+        big = json.dumps({"prompt": "x" * 30_000}).encode()
+        assert_error(c.post(url, content=big, headers=AUTH), 413)
+        chunked = (big[i : i + 4096] for i in range(0, len(big), 4096))  # no Content-Length
+        assert_error(c.post(url, content=chunked, headers=AUTH), 413)
+        assert_error(c.get(f"{server.base_url}/v1/nothing", headers=AUTH), 404)
+        assert_error(c.get(url, headers=AUTH), 405)
+        # still healthy and correct afterwards
+        assert c.post(url, json={"prompt": "x", "max_tokens": 2}, headers=AUTH).status_code == 200
+
+
+def test_chat_without_template_is_a_clear_400(model_dir):
+    """The shipped code model has no chat template: chat must say so, completions must work."""
+    dec = SpecDecoder.from_pretrained(str(model_dir))
+    app = create_app(dec, model_name="plain")
+    from fastapi.testclient import TestClient
+
+    with TestClient(app) as c:
+        error = assert_error(
+            c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 400
+        )
+        assert error["code"] == "chat_template_missing" and "/v1/completions" in error["message"]
+        got = c.post("/v1/completions", json={"prompt": "x = 1\n", "max_tokens": 5, "temperature": 0})
+        assert got.json()["choices"][0]["text"] == dec.generate("x = 1\n", max_new_tokens=5).text
+
+
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 400),
+    st.floats(-3, 3, allow_nan=False),
+    st.text(max_size=6),
+    st.lists(st.integers(-2, 500), max_size=3),
+    st.lists(st.text(max_size=3), max_size=2),
+    st.dictionaries(st.sampled_from(["role", "content", "type"]), st.text(max_size=4), max_size=2),
+)
+KEYS = st.sampled_from(
+    ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream"]
+    + ["stream_options", "specdec_method", "logprobs", "model", "bogus"]
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    endpoint=st.sampled_from(["completions", "chat/completions"]),
+    body=st.one_of(st.dictionaries(KEYS, VALUES, max_size=6), VALUES),
+)
+def test_random_bodies_never_5xx(server, endpoint, body):
+    r = httpx.post(f"{server.base_url}/v1/{endpoint}", json=body, headers=AUTH, timeout=TIMEOUT)
+    if r.status_code == 200:
+        if r.headers["content-type"].startswith("text/event-stream"):
+            assert sse_events(r)[-1]["choices"][-1]["finish_reason"] in ("stop", "length")
+        else:
+            assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    else:
+        assert_error(r, 400)
+
+
+# --- concurrency, cancellation, the queue -----------------------------------------------------------------
+
+
+def test_concurrent_clients_get_their_solo_results(client, server, ref):
+    cases = []
+    for i in range(32):
+        method = ("pld", "vanilla")[i % 2]
+        prompt = PROMPTS[i % len(PROMPTS)]
+        chat = i % 3 == 0
+        cases.append((method, prompt, chat, i % 4 < 2, 8 + i % 5))
+    want = {}
+    for method, prompt, chat, _, n in cases:
+        p = [{"role": "user", "content": prompt}] if chat else prompt
+        want[(method, prompt, chat, n)] = solo(ref, method, p, max_new_tokens=n).text
+
+    def request(case) -> str:
+        method, prompt, chat, stream, n = case
+        kw = {"model": "tiny", "max_tokens": n, "temperature": 0, "extra_body": {"specdec_method": method}}
+        if chat:
+            kw["messages"] = [{"role": "user", "content": prompt}]
+            if not stream:
+                return client.chat.completions.create(**kw).choices[0].message.content
+            chunks = client.chat.completions.create(stream=True, **kw)
+            return "".join(c.choices[0].delta.content or "" for c in chunks)
+        if not stream:
+            return client.completions.create(prompt=prompt, **kw).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, stream=True, **kw))
+
+    def one_client(pair) -> list[str]:
+        return [request(case) for case in pair]
+
+    pairs = [cases[2 * k : 2 * k + 2] for k in range(16)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(one_client, pairs, timeout=5 * TIMEOUT))
+    for pair, texts in zip(pairs, results, strict=True):
+        for (method, prompt, chat, _, n), text in zip(pair, texts, strict=True):
+            assert text == want[(method, prompt, chat, n)]
+    snapshot = server.config.app.state.worker.snapshot()
+    assert snapshot["running"] == 0 and snapshot["queued"] == 0
+
+
+def test_disconnect_mid_stream_cancels_and_server_stays_correct(server, client, ref):
+    worker = server.config.app.state.worker
+    before = worker.snapshot()
+    body = {
+        "messages": [{"role": "user", "content": PROMPTS[0]}],
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+        "specdec_method": "gated",
+    }
+    GATE.clear()
+    try:
+        with (
+            httpx.Client(base_url=server.base_url, headers=AUTH, timeout=TIMEOUT) as c,
+            c.stream("POST", "/v1/chat/completions", json=body) as r,
+        ):
+            assert r.status_code == 200
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+            # the engine thread is mid-generation (held at the gate): the event loop still answers
+            assert httpx.get(f"{server.base_url}/health", timeout=TIMEOUT).json()["running"] == 1
+        # leaving the block closed the connection after the first chunk
+        assert wait_until(lambda: worker.active is not None and worker.active.cancelled.is_set())
+    finally:
+        GATE.set()
+    assert wait_until(lambda: worker.snapshot()["cancelled"] == before["cancelled"] + 1)
+    after = worker.snapshot()
+    assert after["running"] == after["queued"] == 0 and after["completed"] == before["completed"]
+    want = solo(ref, "pld", PROMPTS[0], max_new_tokens=12)
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert got.choices[0].text == want.text
+
+
+def test_queue_limit_and_cancel_before_start(tok):
+    """max_queued requests may wait behind the running one; more get 503; a cancelled waiting job never runs."""
+    dec = SpecDecoder(tiny.model("llama"), tok, GatedDrafter())
+    params = {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": []}
+
+    async def scenario():
+        worker = EngineWorker(max_queued=1)
+        jobs = [Job(dec, "gated", Prompt(lambda: [5, 6, 7], "prompt", None, 8), params) for _ in range(3)]
+        GATE.clear()
+        try:
+            worker.submit(jobs[0])
+            worker.submit(jobs[1])
+            with pytest.raises(APIError) as busy:
+                worker.submit(jobs[2])
+            assert (
+                busy.value.status == 503 and worker.snapshot()["queued"] + worker.snapshot()["running"] == 2
+            )
+            jobs[1].cancel()
+        finally:
+            GATE.set()
+        events = [await asyncio.wait_for(jobs[0].events.get(), TIMEOUT)]
+        while not isinstance(events[-1], Finished | Failed):
+            events.append(await asyncio.wait_for(jobs[0].events.get(), TIMEOUT))
+        assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+        await asyncio.to_thread(wait_until, lambda: worker.snapshot()["cancelled"] == 1)
+        assert jobs[1].events.empty()
+        assert worker.snapshot() == {"running": 0, "queued": 0, "completed": 1, "cancelled": 1, "failed": 0}
+        worker.shutdown()
+
+    asyncio.run(scenario())
+
+
+# --- the real command ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def serve_command(model_dir, tmp_path_factory):
+    """The real `specdec serve` in a subprocess, started with the module so that its imports overlap the
+    other tests; only `test_specdec_serve_command` talks to it."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [sys.executable, "-m", "specdec.cli", "serve", "--model", str(model_dir), "--port", "0"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen([*cmd, "--threads", "1", "--log-level", "warning"], stderr=err)
+    yield proc, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=TIMEOUT)
+
+
+def test_specdec_serve_command(serve_command, model_dir):
+    """`specdec serve` binds loopback, prints where, serves the README's requests, and stops on Ctrl-C."""
+    proc, log = serve_command
+    try:
+        assert wait_until(lambda: "specdec: serving" in log.read_text(), timeout=TIMEOUT), log.read_text()
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", log.read_text()).group(1))
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _healthy(base))
+        r = httpx.post(
+            f"{base}/v1/completions",
+            json={"model": "default", "prompt": "def add(a, b):\n", "max_tokens": 10, "temperature": 0},
+            timeout=TIMEOUT,
+        )
+        want = SpecDecoder.from_pretrained(str(model_dir)).generate("def add(a, b):\n", max_new_tokens=10)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text
+        assert r.json()["model"] == model_dir.name
+        chat = httpx.post(
+            f"{base}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}]},
+            timeout=TIMEOUT,
+        )
+        assert assert_error(chat, 400)["code"] == "chat_template_missing"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=TIMEOUT)
+    assert code == 130 and "specdec: interrupted" in log.read_text()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
