@@ -70,6 +70,7 @@ class Output:
         self.pending = ""  # text held back because it may be the start of a stop string
         self.delivered = 0  # characters of text already handed to the stream
         self.max_stop = max((len(s) for s in params.stop), default=0)
+        self.searched = 0  # characters of text already searched for stop strings
 
     def push(self, token: int) -> bool:
         """Add one token; True when generation must end after it."""
@@ -85,10 +86,11 @@ class Output:
 
     def _find_stop(self) -> int | None:
         text = self.text.text
-        window = text[max(0, len(text) - self.max_stop - 16) :]  # a stop string can only end in the new text
-        offset = len(text) - len(window)
-        hits = [window.find(s) for s in self.params.stop]
-        hits = [h + offset for h in hits if h >= 0]
+        # A new match must end in the text added since the last search: start max_stop - 1 characters before it.
+        start = max(0, self.searched - self.max_stop + 1)
+        self.searched = len(text)
+        hits = [text.find(s, start) for s in self.params.stop]
+        hits = [h for h in hits if h >= 0]
         return min(hits) if hits else None
 
     def final_text(self) -> str:
