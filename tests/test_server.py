@@ -450,6 +450,42 @@ def test_disconnect_mid_stream_cancels_and_server_stays_correct(server, client, 
     assert got.choices[0].text == want.text
 
 
+def test_non_streaming_client_that_gives_up_cancels_its_generation(server, client, ref):
+    worker = server.config.app.state.worker
+    before = worker.snapshot()
+    body = {"prompt": PROMPTS[1], "max_tokens": 60, "temperature": 0, "specdec_method": "gated"}
+    GATE.clear()
+    try:
+        with pytest.raises(httpx.ReadTimeout):  # the gate holds the generation: no answer can come
+            httpx.post(
+                f"{server.base_url}/v1/completions",
+                json=body,
+                headers=AUTH,
+                timeout=httpx.Timeout(TIMEOUT, read=1.0),
+            )
+        assert wait_until(lambda: worker.active is not None and worker.active.cancelled.is_set())
+    finally:
+        GATE.set()
+    assert wait_until(lambda: worker.snapshot()["cancelled"] == before["cancelled"] + 1)
+    got = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=9, temperature=0)
+    assert got.choices[0].text == solo(ref, "pld", PROMPTS[1], max_new_tokens=9).text
+
+
+def test_eos_ends_with_finish_reason_stop(tok):
+    from fastapi.testclient import TestClient
+
+    m = tiny.model("llama", dtype=torch.float32)
+    prompt = "def f():\n"
+    m.generation_config.eos_token_id = tiny.hf_greedy(m, tok(prompt)["input_ids"], 1)[0]  # EOS comes first
+    dec = SpecDecoder(m, tok)
+    want = dec.generate(prompt, max_new_tokens=10)
+    assert want.stats.finish_reason == "eos" and len(want.token_ids) == 1
+    with TestClient(create_app(dec)) as c:
+        got = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 10, "temperature": 0}).json()
+    assert got["choices"][0]["finish_reason"] == "stop" and got["specdec"]["finish_reason"] == "eos"
+    assert got["usage"]["completion_tokens"] == 1 and got["choices"][0]["text"] == want.text
+
+
 def test_queue_limit_and_cancel_before_start(tok):
     """max_queued requests may wait behind the running one; more get 503; a cancelled waiting job never runs."""
     dec = SpecDecoder(tiny.model("llama"), tok, GatedDrafter())

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from specdec import __version__
@@ -70,7 +71,15 @@ def create_app(
         yield
         worker.shutdown()
 
-    app = FastAPI(title="specdec", version=__version__, lifespan=lifespan)
+    # No /docs: request bodies are parsed by hand (for OpenAI-style errors), so the schema would be empty.
+    app = FastAPI(
+        title="specdec",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.worker = worker
     app.state.model_name, app.state.methods, app.state.default_method = (
         model_name,
@@ -197,6 +206,7 @@ def create_app(
                     _sse(job, fmt, include_usage),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                    background=BackgroundTask(job.cancel),  # also when the client left before the first chunk
                 )
             while isinstance(first, Started | Delta):
                 first = await _next_event(request, job)
