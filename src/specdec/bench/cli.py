@@ -1,0 +1,234 @@
+"""`specdec bench`: speed and losslessness of every method against transformers' generate(), side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from specdec.errors import InputError
+
+QUICK_PROMPTS = 2  # per task
+QUICK_MAX_NEW_TOKENS = 64
+MAX_NEW_TOKENS = 128
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def register(subparsers) -> None:
+    from specdec.bench.runner import HF_PROMPT_LOOKUP_TOKENS
+    from specdec.bench.tasks import suites
+    from specdec.cli import add_model_arguments, add_sampling_arguments
+
+    b = subparsers.add_parser(
+        "bench",
+        help="benchmark every method against transformers' generate() (speedup, tau, lossless check)",
+        description=(
+            "Runs transformers' generate() (vanilla greedy = the baseline, prompt lookup, assisted generation) "
+            "and specdec's methods on the same prompts, interleaved per prompt after a warm-up, and checks that "
+            "every greedy output equals hf-vanilla's token for token. Exit status 1 when one does not."
+        ),
+    )
+    add_model_arguments(b)
+    add_sampling_arguments(b, max_new_tokens=None)
+    b.add_argument(
+        "--tasks",
+        type=_csv,
+        default=None,
+        help=f"comma-separated built-in suites: {', '.join(suites())} (default: all of them, unless "
+        "--prompts-file or --spec-bench is given)",
+    )
+    b.add_argument(
+        "--methods",
+        type=_csv,
+        default=None,
+        help="comma-separated methods: hf-vanilla, hf-prompt-lookup "
+        f"(prompt_lookup_num_tokens={HF_PROMPT_LOOKUP_TOKENS}), hf-assisted, and specdec's (see "
+        "`specdec generate --help`); default: every one that applies (draft-model methods need a draft). "
+        "hf-vanilla always runs: it is the baseline",
+    )
+    b.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=None,
+        help='JSONL of {"prompt": ...}, optional "kind" (task name, default "custom") and "max_new_tokens"',
+    )
+    b.add_argument(
+        "--spec-bench",
+        type=Path,
+        default=None,
+        metavar="QUESTIONS",
+        help="Spec-Bench question.jsonl (needs a model with a chat template); grouped by category",
+    )
+    b.add_argument(
+        "--prompts", type=int, default=None, help="at most N prompts per task (Spec-Bench: questions)"
+    )
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_PROMPTS} prompts per task and --max-new-tokens {QUICK_MAX_NEW_TOKENS} unless given",
+    )
+    b.add_argument("--warmup", type=int, default=1, help="warm-up rounds over every method (untimed)")
+    b.add_argument(
+        "--json", type=Path, default=None, metavar="OUT", help="write every number and the environment"
+    )
+    b.add_argument(
+        "--plot", type=Path, default=None, metavar="OUT.png", help="bar chart of speedup, tau annotated"
+    )
+    b.set_defaults(func=cmd_bench)
+
+
+def _limit(prompts: list, n: int | None) -> list:
+    if n is None:
+        return prompts
+    taken: dict[str, int] = {}
+    kept = []
+    for p in prompts:
+        if taken.get(p.task, 0) < n:
+            taken[p.task] = taken.get(p.task, 0) + 1
+            kept.append(p)
+    return kept
+
+
+def _default_draft(args: argparse.Namespace) -> str | None:
+    """With the shipped target and no --draft, the shipped draft (if this installation has it)."""
+    if args.draft is not None or args.model != "default":
+        return args.draft
+    from specdec.models.loading import resolve
+
+    try:
+        resolve("default", "draft")
+    except InputError:
+        return None
+    return "default"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from specdec.bench import report
+    from specdec.bench.runner import (
+        HF_PROMPT_LOOKUP_TOKENS,
+        TIE_GAP,
+        build_methods,
+        run_bench,
+        select_methods,
+    )
+    from specdec.bench.tasks import load_prompts_file, load_spec_bench, load_suite, suites
+    from specdec.models.loading import check_same_vocabulary, load_causal_lm
+    from specdec.sampling import SamplingParams
+
+    if args.prompts is not None and args.prompts < 1:
+        raise InputError("--prompts must be >= 1")
+    if args.warmup < 0:
+        raise InputError("--warmup must be >= 0")
+    for out in (args.json, args.plot):
+        if out is not None and not out.resolve().parent.is_dir():
+            raise InputError(f"cannot write {str(out)!r}: no such directory")
+    per_task = args.prompts or (QUICK_PROMPTS if args.quick else None)
+    max_new = args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS)
+    sampled = args.temperature != 0
+    seed = args.seed if args.seed is not None or not sampled else 0
+    params = SamplingParams(
+        max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed
+    )
+    params.validate()
+
+    tasks = args.tasks
+    if tasks is None and args.prompts_file is None and args.spec_bench is None:
+        tasks = suites()
+    prompts = []
+    for name in tasks or []:
+        prompts += _limit(load_suite(name), per_task)
+    if args.prompts_file is not None:
+        prompts_file = load_prompts_file(args.prompts_file)  # validated before the model loads
+
+    draft_name = _default_draft(args)
+    model, tokenizer = load_causal_lm(args.model, "target", args.dtype)
+    if tokenizer is None:
+        raise InputError(f"{args.model!r} has no tokenizer; the bench needs one to encode its prompts")
+    draft_model = None
+    if draft_name is not None:
+        draft_model, draft_tokenizer = load_causal_lm(draft_name, "draft", args.dtype)
+        check_same_vocabulary(model, tokenizer, draft_model, draft_tokenizer)
+    if args.spec_bench is not None:
+        prompts += load_spec_bench(args.spec_bench, tokenizer, per_task)
+    if args.prompts_file is not None:
+        prompts += _limit(prompts_file, per_task)
+
+    if not prompts:
+        raise InputError("no prompts to run")
+    names = select_methods(args.methods, draft_model is not None)
+    from specdec.bench.runner import ForwardCounter
+
+    counter = ForwardCounter(model)
+    try:
+        methods, skipped = build_methods(
+            names, model, tokenizer, draft_model, counter, args.methods is not None
+        )
+        for name, reason in skipped.items():
+            print(f"specdec bench: skipping {name}: {reason}", file=sys.stderr)
+        total = len(methods) * (args.warmup + len(prompts))
+        with tqdm(
+            total=total, desc="bench", unit="run", file=sys.stderr, disable=None, dynamic_ncols=True
+        ) as bar:
+
+            def progress(desc: str) -> None:
+                bar.set_postfix_str(desc, refresh=False)
+                bar.update(1)
+
+            result = run_bench(prompts, methods, model, tokenizer, params, progress, args.warmup)
+    finally:
+        counter.close()
+
+    settings = {
+        "tasks": list(dict.fromkeys(p.task for p in prompts)),
+        "methods": [m.name for m in methods],
+        "prompts": len(prompts),
+        "prompts_per_task": per_task,
+        "max_new_tokens": max_new,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": seed,
+        "dtype": args.dtype,
+        "warmup_rounds": args.warmup,
+        "quick": args.quick,
+        "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
+        "numerical_tie_gap": TIE_GAP,
+        "chat_history": "later turns hold hf-vanilla's own answer to the earlier turns from this run",
+        "torch_threads": torch.get_num_threads(),
+    }
+    env = report.environment(model, args.model, draft_model, draft_name)
+    data = report.report(result, env, settings, skipped, sampled)
+    print(report.table(data["results"], data["overall"]))
+    for m in result.mismatches:
+        print(report.describe_mismatch(m, tokenizer), file=sys.stderr)
+    if args.json is not None:
+        try:
+            args.json.write_text(json.dumps(data, indent=1))
+        except OSError as e:
+            raise InputError(f"cannot write {str(args.json)!r}: {e.strerror or e}") from None
+    if args.plot is not None:
+        report.plot(data["results"], args.plot)
+    failures = [m for m in result.mismatches if not m.numerical_tie]
+    ties = len(result.mismatches) - len(failures)
+    if ties:
+        print(
+            f"specdec bench: {ties} difference(s) at numerical ties (top-2 gap < {TIE_GAP:g}), listed above",
+            file=sys.stderr,
+        )
+    if failures:
+        print(
+            f"specdec bench: LOSSLESS CHECK FAILED: {len(failures)} output(s) differ from hf-vanilla's (listed above)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,361 @@
+"""The timing harness: every method on every prompt, interleaved, in one process, with the lossless check.
+
+Per prompt the methods run back to back (A B C A B C ...), so slow drifts of the machine (other load, thermal
+state) hit every method alike. The baseline is transformers' own `generate()` on the same model object, with
+the same dtype, threads, prompt ids and max_new_tokens. Under greedy decoding every method's token ids must
+equal hf-vanilla's; the first difference is diagnosed with a fresh target forward over the reference prefix.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from specdec.bench.tasks import BenchPrompt
+from specdec.errors import InputError
+from specdec.sampling import SamplingParams
+
+HF_METHODS = ("hf-vanilla", "hf-prompt-lookup", "hf-assisted")
+BASELINE = "hf-vanilla"
+TIE_GAP = 1e-4  # a top-2 logit gap below this (fp32) is a numerical tie: rounding may pick either token
+HF_PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass
+class Run:
+    token_ids: list[int]
+    seconds: float
+    target_forwards: int
+
+
+class ForwardCounter:
+    """Counts calls of the target model's forward (a pre-hook: generate() calls the module, not .forward)."""
+
+    def __init__(self, model) -> None:
+        self.count = 0
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.count += 1
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class Method:
+    name: str
+    family: str  # "transformers" or "specdec"
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+        raise NotImplementedError
+
+
+class HFMethod(Method):
+    """transformers' generate(); `extra` selects prompt lookup or assisted generation."""
+
+    family = "transformers"
+
+    def __init__(self, name: str, model, counter: ForwardCounter, **extra) -> None:
+        self.name, self.model, self.counter, self.extra = name, model, counter, extra
+        config = model.generation_config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.pad = pad[0] if isinstance(pad, list) else pad
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+        ids = torch.tensor([prompt_ids])
+        kwargs = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self.pad, **self.extra}
+        if params.greedy:
+            kwargs["do_sample"] = False
+        else:  # top_k explicitly: generate() would otherwise apply its default top_k=50
+            kwargs.update(
+                do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
+            )
+            if params.seed is not None:
+                torch.manual_seed(params.seed)  # generate() samples from the global RNG
+        before = self.counter.count
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        seconds = time.perf_counter() - start
+        return Run(out[0, len(prompt_ids) :].tolist(), seconds, self.counter.count - before)
+
+
+class SpecdecMethod(Method):
+    """A registered specdec drafter in the engine; the decoder (and any state a drafter keeps across
+    generations, such as a learned table) lives for the whole bench, as it would in a server."""
+
+    family = "specdec"
+
+    def __init__(self, name: str, model, tokenizer, draft_model=None) -> None:
+        from specdec.api import SpecDecoder
+
+        self.name = name
+        self.decoder = SpecDecoder(model, tokenizer, method=name, draft_model=draft_model)
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+        start = time.perf_counter()
+        result = self.decoder.generate(
+            prompt_ids,
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+        )
+        seconds = time.perf_counter() - start
+        return Run(result.token_ids, seconds, result.stats.target_forwards)
+
+
+def needs_draft(name: str) -> bool:
+    from specdec.drafters import REGISTRY
+
+    return name == "hf-assisted" or (name in REGISTRY and REGISTRY[name].needs_draft_model)
+
+
+def all_methods() -> list[str]:
+    from specdec.drafters import methods
+
+    return [*HF_METHODS, *methods()]
+
+
+def select_methods(requested: list[str] | None, has_draft: bool) -> list[str]:
+    """hf-vanilla first (always: it is the baseline), then the requested or all applicable methods."""
+    known = all_methods()
+    if requested is None:
+        chosen = [m for m in known if has_draft or not needs_draft(m)]
+    else:
+        unknown = [m for m in requested if m not in known]
+        if unknown:
+            raise InputError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(known)})")
+        missing = [m for m in requested if needs_draft(m)] if not has_draft else []
+        if missing:
+            raise InputError(f"{', '.join(missing)} need(s) a draft model (--draft PATH, or --draft default)")
+        chosen = list(dict.fromkeys(requested))
+    return [BASELINE, *[m for m in chosen if m != BASELINE]]
+
+
+def build_methods(
+    names: list[str], model, tokenizer, draft_model, counter: ForwardCounter, explicit: bool
+) -> tuple[list[Method], dict[str, str]]:
+    """Method objects; a specdec method that cannot be built for this model is skipped (with the reason)
+    when it was picked by default, and an error when the user asked for it."""
+    methods: list[Method] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        if name == "hf-vanilla":
+            methods.append(HFMethod(name, model, counter))
+        elif name == "hf-prompt-lookup":
+            methods.append(HFMethod(name, model, counter, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS))
+        elif name == "hf-assisted":
+            methods.append(HFMethod(name, model, counter, assistant_model=draft_model))
+        else:
+            try:
+                methods.append(SpecdecMethod(name, model, tokenizer, draft_model))
+            except InputError as e:
+                if explicit:
+                    raise
+                skipped[name] = str(e)
+    return methods, skipped
+
+
+@dataclass
+class Record:
+    """One method on one prompt."""
+
+    prompt: int  # index into the bench's prompt list
+    task: str
+    index: int  # index within its task
+    source: str
+    method: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    target_forwards: int
+    match: bool | None  # token ids equal hf-vanilla's (None when sampling)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Mismatch:
+    prompt: int
+    task: str
+    index: int
+    source: str
+    method: str
+    position: int  # first differing position among the generated tokens
+    expected: int | None  # hf-vanilla's token there (None: it had stopped)
+    got: int | None
+    top1: int  # the target's two best tokens at that position (fresh forward over the reference prefix)
+    top2: int
+    gap: float  # top-1 minus top-2 logit, in float32 or wider
+    numerical_tie: bool  # gap < TIE_GAP and both tokens are the top two
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+class Diagnoser:
+    """Top-2 logit gap of the target after a given prefix, in float32 (a float32 copy for 16-bit models)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._wide = None
+
+    def top2(self, ids: list[int]) -> tuple[int, int, float]:
+        model = self.model
+        if next(model.parameters()).dtype not in (torch.float32, torch.float64):
+            if self._wide is None:
+                self._wide = copy.deepcopy(model).float()
+            model = self._wide
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        values, tokens = logits.topk(2)
+        return int(tokens[0]), int(tokens[1]), float(values[0] - values[1])
+
+
+def diagnose(
+    diagnoser: Diagnoser,
+    prompt_ids: list[int],
+    reference: list[int],
+    got: list[int],
+    position: int,
+    where: dict,
+) -> Mismatch:
+    top1, top2, gap = diagnoser.top2(prompt_ids + reference[:position])
+    expected = reference[position] if position < len(reference) else None
+    token = got[position] if position < len(got) else None
+    tie = gap < TIE_GAP and expected is not None and token is not None and {expected, token} == {top1, top2}
+    return Mismatch(
+        **where,
+        position=position,
+        expected=expected,
+        got=token,
+        top1=top1,
+        top2=top2,
+        gap=gap,
+        numerical_tie=tie,
+    )
+
+
+@dataclass
+class BenchResult:
+    records: list[Record]
+    mismatches: list[Mismatch]
+    methods: list[Method]
+
+
+def check_lengths(
+    prompts: list[BenchPrompt], ids: list[list[int] | None], params: SamplingParams, limit
+) -> None:
+    """Refuse before any timing when a prompt + its new tokens cannot fit the model's context."""
+    if limit is None:
+        return
+    for i, (p, prompt_ids) in enumerate(zip(prompts, ids, strict=True)):
+        n = p.max_new_tokens or params.max_new_tokens
+        if prompt_ids is not None and len(prompt_ids) + n > limit:
+            raise InputError(
+                f"{p.task} prompt {i} ({p.source}): {len(prompt_ids)} prompt tokens + {n} new tokens exceed the "
+                f"model's context of {limit} positions (lower --max-new-tokens)"
+            )
+
+
+def run_bench(
+    prompts: list[BenchPrompt],
+    methods: list[Method],
+    model,
+    tokenizer,
+    params: SamplingParams,
+    progress: Callable[[str], None] = lambda desc: None,
+    warmup: int = 1,
+) -> BenchResult:
+    """Warm up every method, then run them interleaved per prompt. `progress(desc)` is called after each run.
+
+    Under sampling, prompt i is generated with seed params.seed + i by every method.
+    """
+    assert methods and methods[0].name == BASELINE
+    config = model.config.get_text_config(decoder=True)
+    limit = getattr(config, "max_position_embeddings", None)
+    static_ids = [None if p.text is None else p.render(tokenizer, []) for p in prompts]
+    check_lengths(prompts, static_ids, params, limit)
+
+    first = next(ids for ids in static_ids + [tokenizer("def f(x):\n")["input_ids"]] if ids)
+    warm = SamplingParams(
+        max_new_tokens=8,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+    )
+    for _ in range(warmup):
+        for method in methods:
+            method.run(first[:32], warm)
+            progress(f"warm-up {method.name}")
+
+    greedy = params.greedy
+    diagnoser = Diagnoser(model)
+    answers: list[str] = []  # hf-vanilla's decoded answer to each prompt (for later chat turns)
+    counts: dict[str, int] = {}
+    records: list[Record] = []
+    mismatches: list[Mismatch] = []
+    for i, prompt in enumerate(prompts):
+        index = counts[prompt.task] = counts.get(prompt.task, -1) + 1
+        ids = static_ids[i]
+        if ids is None:
+            chain, j = [], prompt.previous
+            while j is not None:
+                chain.append(answers[j])
+                j = prompts[j].previous
+            ids = prompt.render(tokenizer, chain[::-1])
+            check_lengths([prompt], [ids], params, limit)
+        p = copy.copy(params)
+        p.max_new_tokens = prompt.max_new_tokens or params.max_new_tokens
+        if not greedy and params.seed is not None:
+            p.seed = params.seed + i
+        where = {"prompt": i, "task": prompt.task, "index": index, "source": prompt.source}
+        reference: list[int] = []
+        for method in methods:
+            run = method.run(ids, p)
+            match = None
+            if method.name == BASELINE:
+                reference = run.token_ids
+                answers.append(tokenizer.decode(reference, skip_special_tokens=True))
+            if greedy:
+                position = first_difference(reference, run.token_ids)
+                match = position is None
+                if position is not None:
+                    mismatches.append(
+                        diagnose(
+                            diagnoser,
+                            ids,
+                            reference,
+                            run.token_ids,
+                            position,
+                            {**where, "method": method.name},
+                        )
+                    )
+            records.append(
+                Record(
+                    **where,
+                    method=method.name,
+                    prompt_tokens=len(ids),
+                    new_tokens=len(run.token_ids),
+                    seconds=run.seconds,
+                    target_forwards=run.target_forwards,
+                    match=match,
+                )
+            )
+            progress(f"{prompt.task} {index} {method.name}")
+    return BenchResult(records, mismatches, methods)

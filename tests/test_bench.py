@@ -1,0 +1,354 @@
+"""`specdec bench`: the report's schema, the plot, the task suites, and that a lossy method is caught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from specdec.acceptance import Verdict
+from specdec.bench import build_tasks
+from specdec.bench.runner import TIE_GAP, Mismatch, diagnose, first_difference
+from specdec.bench.tasks import BenchPrompt, load_spec_bench, load_suite, suites
+from specdec.cli import main
+from specdec.drafters import REGISTRY, Drafter, methods
+from specdec.errors import InputError
+from specdec.train.corpus import is_held_out
+from specdec.tree import DraftTree
+
+import tiny
+
+PROMPTS = [
+    {"prompt": "def add(a, b):\n    return a + b\n", "kind": "code"},
+    {"prompt": "class Point:\n    def __init__(self, x):\n", "kind": "code"},
+    {"prompt": "x = 1\ny = 2\nz = x + y\n"},  # no kind: grouped under "custom"
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    target, draft, chat = root / "target", root / "draft", root / "chat"
+    tiny.model("llama").save_pretrained(target)  # float64: greedy comparisons are exact, never ties
+    tiny.tokenizer().save_pretrained(target)
+    tiny.model("llama", seed=5, hidden=16, layers=1).save_pretrained(draft)
+    tiny.tokenizer().save_pretrained(draft)
+    tiny.model("llama").save_pretrained(chat)
+    tok = AutoTokenizer.from_pretrained(target)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(chat)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return {"target": target, "draft": draft, "chat": chat, "prompts": prompts, "root": root}
+
+
+def bench(capsys, dirs, *extra):
+    argv = ["bench", "--model", dirs["target"], "--dtype", "float64", "--prompts-file", dirs["prompts"]]
+    code = main([str(a) for a in [*argv, "--max-new-tokens", 8, *extra]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_report_schema_and_plot(capsys, dirs, tmp_path):
+    out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
+    code, out, err = bench(capsys, dirs, "--draft", dirs["draft"], "--json", out_json, "--plot", out_png)
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+
+    env = data["env"]
+    for key in ("cpu", "torch_threads", "torch", "transformers"):
+        assert env[key]
+    assert env["model"]["class"] == "LlamaForCausalLM" and env["model"]["parameters"] > 0
+    assert env["model"]["dtype"] == "float64" and env["draft"]["parameters"] > 0
+
+    # Every registered specdec method runs (or is skipped with a reason) next to transformers' three.
+    ran = data["settings"]["methods"]
+    assert ran[:3] == ["hf-vanilla", "hf-prompt-lookup", "hf-assisted"]
+    assert set(ran) | set(data["skipped_methods"]) == {
+        "hf-vanilla",
+        "hf-prompt-lookup",
+        "hf-assisted",
+        *methods(),
+    }
+    assert {"draft", "pld", "vanilla"} <= set(ran)
+
+    rows = data["results"]
+    assert [(r["task"], r["method"]) for r in rows] == [(t, m) for t in ("code", "custom") for m in ran]
+    for row in rows:
+        assert row["lossless"] is True and row["mismatches"] == 0 and row["numerical_ties"] == 0
+        assert row["speedup"] > 0 and row["median_speedup"] > 0 and row["tokens_per_second"] > 0
+        assert row["mean_accepted_tokens"] >= 1.0
+        assert row["prompts"] == (2 if row["task"] == "code" else 1)
+    base = [r for r in rows if r["method"] == "hf-vanilla"]
+    assert all(r["speedup"] == 1.0 and r["mean_accepted_tokens"] == 1.0 for r in base)
+    assert [r["method"] for r in data["overall"]] == ran
+    # Raw runs: one per prompt x method, all equal to transformers' greedy output token for token.
+    runs = data["runs"]
+    assert len(runs) == len(PROMPTS) * len(ran) and all(r["match"] for r in runs)
+    assert all(r["new_tokens"] == 8 and r["seconds"] > 0 for r in runs)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "overall" in out and "hf-assisted" in out and "lossless" in out
+
+
+class FixedChain(Drafter):
+    """Drafts the same token three times, whatever the context."""
+
+    name = "broken"
+
+    def propose(self, context, max_depth):
+        return DraftTree.chain(context[-1], [7] * min(3, max_depth))
+
+
+def accept_everything(tree, logits):
+    """A broken verifier: takes the whole chain, then the argmax after it."""
+    return Verdict(list(range(len(tree))), tree.tokens[1:] + [int(logits[-1].argmax())])
+
+
+def test_bench_catches_a_lossy_method(capsys, dirs, tmp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "broken", FixedChain)  # a new drafter shows up in the bench by itself
+    monkeypatch.setattr("specdec.engine.verify_greedy", accept_everything)
+    out_json = tmp_path / "r.json"
+    code, out, err = bench(capsys, dirs, "--methods", "broken,pld", "--json", out_json, "--warmup", 0)
+    assert code == 1
+    assert "LOSSLESS CHECK FAILED" in err and "MISMATCH: broken" in err
+    data = json.loads(out_json.read_text())
+    assert data["settings"]["methods"] == ["hf-vanilla", "broken", "pld"]
+    broken = [r for r in data["results"] if r["method"] == "broken"]
+    assert broken and all(r["lossless"] is False and r["mismatches"] >= 1 for r in broken)
+    assert "NO:" in out
+    mismatches = data["mismatches"]  # the broken verifier serves pld too, whose drafts may also slip through
+    assert "broken" in {m["method"] for m in mismatches}
+
+    model = LlamaForCausalLM.from_pretrained(dirs["target"])
+    tok = tiny.tokenizer()
+    for m in mismatches:
+        ids = tok(PROMPTS[m["prompt"]]["prompt"])["input_ids"]
+        reference = tiny.hf_greedy(model, ids, 8)
+        assert m["expected"] == reference[m["position"]] and m["got"] != m["expected"]
+        assert m["position"] >= 1  # the first token comes from the prefill, before any draft
+        # Diagnosed with a fresh forward: the reference token is the target's argmax there, by a clear margin.
+        assert m["top1"] == m["expected"] and m["gap"] > TIE_GAP and m["numerical_tie"] is False
+        assert f"prompt {m['index']}" in err
+
+
+def test_sampled_bench_has_no_lossless_verdict(capsys, dirs, tmp_path):
+    out_json = tmp_path / "r.json"
+    code, _, err = bench(
+        capsys,
+        dirs,
+        "--methods",
+        "pld",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "20",
+        "--json",
+        out_json,
+        "--warmup",
+        0,
+    )
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert data["settings"]["temperature"] == 0.9 and data["settings"]["seed"] == 0
+    for row in data["results"]:
+        assert row["lossless"] is None and row["lossless_note"].startswith("n/a (sampled")
+    assert all(r["match"] is None for r in data["runs"]) and data["mismatches"] == []
+
+
+def test_diagnosis_labels_only_genuine_ties():
+    class Stub:
+        def __init__(self, top1, top2, gap):
+            self.answer = (top1, top2, gap)
+
+        def top2(self, ids):
+            return self.answer
+
+    where = {"prompt": 0, "task": "t", "index": 0, "source": "s", "method": "m"}
+    ref, got = [1, 2, 3], [1, 2, 4]
+    assert first_difference(ref, got) == 2 and first_difference(ref, ref) is None
+    assert first_difference([1, 2], [1, 2, 0]) == 2
+    tie = diagnose(Stub(3, 4, TIE_GAP / 10), [9], ref, got, 2, where)
+    assert tie.numerical_tie and (tie.expected, tie.got) == (3, 4)
+    assert not diagnose(Stub(3, 4, TIE_GAP * 10), [9], ref, got, 2, where).numerical_tie
+    assert not diagnose(
+        Stub(3, 5, TIE_GAP / 10), [9], ref, got, 2, where
+    ).numerical_tie  # 4 is not in the top 2
+    stopped = diagnose(Stub(3, 4, 0.0), [9], ref, ref[:2], 2, where)
+    assert stopped.got is None and not stopped.numerical_tie
+    assert isinstance(tie, Mismatch)
+
+
+def test_ties_are_shown_and_do_not_fail(monkeypatch):
+    from specdec.bench import report
+    from specdec.bench.runner import BenchResult, Record
+
+    class M:
+        def __init__(self, name):
+            self.name = name
+
+    records = [
+        Record(
+            0,
+            "t",
+            0,
+            "s",
+            name,
+            5,
+            4,
+            1.0 if name == "hf-vanilla" else 0.5,
+            4 if name == "hf-vanilla" else 2,
+            name == "hf-vanilla",
+        )
+        for name in ("hf-vanilla", "pld")
+    ]
+    tie = Mismatch(0, "t", 0, "s", "pld", 1, 3, 4, 3, 4, 1e-6, True)
+    rows, overall = report.summarize(BenchResult(records, [tie], [M("hf-vanilla"), M("pld")]), sampled=False)
+    pld = rows[1]
+    assert pld["lossless"] is True and pld["numerical_ties"] == 1 and pld["mismatches"] == 0
+    assert pld["speedup"] == 2.0 and pld["median_speedup"] == 2.0 and pld["mean_accepted_tokens"] == 2.0
+    assert pld["tokens_per_second"] == 8.0
+    assert "yes (1 numerical tie)" in report.table(rows, overall)
+
+
+def test_spec_bench_turn_two_holds_the_models_own_answer(capsys, dirs, tmp_path, monkeypatch):
+    questions = tmp_path / "question.jsonl"
+    rows = [
+        {
+            "question_id": 1,
+            "category": "writing",
+            "turns": ["Write a poem.", "Now shorter."],
+            "reference": ["x", "y"],
+        },
+        {"question_id": 2, "category": "math", "turns": ["What is 2+2?"]},
+        {"question_id": 3, "category": "writing", "turns": ["Another one.", "Again."]},
+    ]
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    render = BenchPrompt.render
+
+    def spy(self, tokenizer, answers):
+        seen.append((list(self.turns), list(answers)))
+        return render(self, tokenizer, answers)
+
+    monkeypatch.setattr(BenchPrompt, "render", spy)
+    argv = ["bench", "--model", dirs["chat"], "--dtype", "float64", "--spec-bench", questions, "--prompts", 1]
+    code = main([str(a) for a in [*argv, "--methods", "vanilla", "--max-new-tokens", 6, "--warmup", 0]])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert [t for t, _ in seen] == [["Write a poem."], ["Write a poem.", "Now shorter."], ["What is 2+2?"]]
+
+    tok = AutoTokenizer.from_pretrained(dirs["chat"])
+    first = tok(
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Write a poem."}], tokenize=False, add_generation_prompt=True
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
+    model = LlamaForCausalLM.from_pretrained(dirs["chat"])
+    answer = tok.decode(tiny.hf_greedy(model, first, 6), skip_special_tokens=True)
+    assert seen[1][1] == [answer]  # the model's own greedy answer, not the reference "x"
+
+
+def test_spec_bench_needs_a_chat_template(dirs, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "category": "c", "turns": ["hi"]}) + "\n")
+    with pytest.raises(InputError, match="chat template"):
+        load_spec_bench(questions, tiny.tokenizer())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--methods", "nope"], "unknown method"),
+        (["--methods", "draft"], "need(s) a draft model"),
+        (["--tasks", "nope"], "unknown task"),
+        (["--prompts", "0"], "--prompts must be"),
+        (["--json", "/nonexistent-dir/x.json"], "no such directory"),
+    ],
+)
+def test_bench_user_errors(capsys, dirs, extra, message):
+    code, _, err = bench(capsys, dirs, *extra)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_prompts_file_rejects_per_prompt_sampling(capsys, dirs, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "temperature": 0.5}) + "\n")
+    code = main(["bench", "--model", str(dirs["target"]), "--prompts-file", str(bad)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "bad.jsonl:1" in err and "temperature" in err
+
+
+def test_context_overflow_is_refused_before_timing(capsys, dirs, tmp_path):
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x = 1\n" * 400}) + "\n")  # > the tiny model's 512 positions
+    code = main(["bench", "--model", str(dirs["target"]), "--prompts-file", str(long), "--methods", "pld"])
+    _, err = capsys.readouterr()
+    assert code == 2 and "exceed the model's context of 512" in err
+
+
+def test_shipped_suites_come_from_held_out_files():
+    assert suites() == ["complete", "edit", "long", "multiturn"]
+    for name in suites():
+        prompts = load_suite(name)
+        assert 10 <= len(prompts) <= 20
+        for p in prompts:
+            assert p.task == name and is_held_out(p.source) and p.text
+    for p in load_suite("edit") + load_suite("multiturn"):
+        assert p.text.rstrip().endswith("(")  # ends at the start of the requested copy
+    for p in load_suite("complete"):
+        assert p.text.endswith('"""\n') or p.text.endswith("'''\n") or p.text.endswith('"\n')
+
+
+def _held_out_names(n: int) -> list[str]:
+    names, i = [], 0
+    while len(names) < n:
+        name = f"stdlib/pkg/mod{i}.py"
+        if is_held_out(name):
+            names.append(name)
+        i += 1
+    return names
+
+
+def _module(k: int, functions: int) -> str:
+    parts = [f'"""Module {k}."""\n\nimport os\n']
+    for j in range(functions):
+        parts.append(
+            f"\n\ndef func_{k}_{j}(path, count=3):\n"
+            f'    """Return the first {j} parts of path {k}, joined back together."""\n'
+            f"    parts = path.split(os.sep)\n    head = parts[:count]\n    if not head:\n"
+            f"        return ''\n    total = {j} + len(head)\n    return os.sep.join(head) * total\n"
+        )
+    return "".join(parts)
+
+
+def test_build_tasks_is_deterministic_and_reads_held_out_files_only(tmp_path):
+    names = _held_out_names(6)
+    root = tmp_path / "lib"
+    for k, name in enumerate(names):
+        path = root / name.removeprefix("stdlib/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_module(k, 40 if k < 3 else 4))
+    trained_on = root / "pkg" / "trained.py"  # present on disk, not held out: must never be read
+    trained_on.write_text(_module(99, 40))
+    manifest = {"held_out_files": names}
+    roots = {"stdlib": str(root)}
+    first = build_tasks.build(manifest, tiny.tokenizer(), roots)
+    second = build_tasks.build(manifest, tiny.tokenizer(), roots)
+    assert first == second
+    assert set(first) == {"complete", "edit", "long", "multiturn"}
+    for task, rows in first.items():
+        assert rows, task
+        for row in rows:
+            assert set(row) == {"prompt", "kind", "source"} and row["kind"] == task
+            assert row["source"] in names and "func_99" not in row["prompt"]
+    build_tasks.write(first, tmp_path / "out")
+    assert len((tmp_path / "out" / "edit.jsonl").read_text().splitlines()) == len(first["edit"])
+
+    with pytest.raises(SystemExit, match="held out"):
+        build_tasks.build({"held_out_files": ["stdlib/pkg/trained.py"]}, tiny.tokenizer(), roots)
