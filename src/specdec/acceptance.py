@@ -76,7 +76,7 @@ def _walk_distributions(
         for child in tree.children[node]:
             x = tree.tokens[child]
             qc = q[child].float()
-            # NOTE: float64 uniform so that U == 0 (which would accept a token with r(x) = 0) cannot occur.
+            # NOTE: float64 uniform, and a strict `<`: a token with r(x) = 0 is never accepted, even at U = 0.
             u = torch.rand((), generator=generator, dtype=torch.float64).item()
             if qc[x] > 0 and u * qc[x].item() < r[x].item():
                 accepted = child

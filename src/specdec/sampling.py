@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.generation.logits_process import (
-    LogitsProcessorList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -55,9 +54,11 @@ class TargetDistribution:
     """Turns raw target logits [N, V] into the processed distribution p [N, V] (float32)."""
 
     def __init__(self, params: SamplingParams) -> None:
-        self.warpers = LogitsProcessorList()
+        # A plain list: LogitsProcessorList.__call__ inspects every processor's signature on every call
+        # (~0.1 ms each), and these warpers take (input_ids, scores) only.
+        self.warpers: list = []
         if params.temperature not in (0, 1.0):
-            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+            self.warpers.append(TemperatureLogitsWarper(float(params.temperature)))  # it rejects an int
         if params.top_k:
             self.warpers.append(TopKLogitsWarper(top_k=params.top_k, min_tokens_to_keep=1))
         if params.top_p < 1.0:
@@ -65,8 +66,8 @@ class TargetDistribution:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         scores = logits.float()
-        if self.warpers:
-            scores = self.warpers(None, scores)
+        for warper in self.warpers:  # input_ids are unused by these three
+            scores = warper(None, scores)
         return torch.softmax(scores, dim=-1)
 
 

@@ -45,6 +45,9 @@ class DraftModel(Drafter):
         self.fed: list[int] = []  # tokens whose KV is in the draft cache, in order
         self.pending_drafts: list[int] = []
         self.runner.cache = None
+        # The draft length adapts within a generation only: carried over, it would change how many random
+        # numbers a step draws, and the same seed would give different text depending on earlier calls.
+        self.num_tokens = self.config.num_tokens
 
     def _feed(self, tokens: list[int], capacity: int) -> torch.Tensor:
         if self.runner.cache is None:
