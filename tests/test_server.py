@@ -560,7 +560,9 @@ def test_specdec_serve_command(serve_command, model_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=TIMEOUT)
-    assert code == 130 and "specdec: interrupted" in log.read_text()
+    # uvicorn stops gracefully, then re-raises SIGINT: KeyboardInterrupt -> exit 130, unless the test runner
+    # was started with SIGINT ignored (a background job), which the child inherits -> a plain exit 0
+    assert code == 0 or (code == 130 and "specdec: interrupted" in log.read_text())
 
 
 def _healthy(base: str) -> bool:
