@@ -42,6 +42,7 @@ from transformers import PreTrainedTokenizerFast
 from specdec import Drafter, DraftTree, SpecDecoder, acceptance
 from specdec.acceptance import Verdict, verify_sampled
 from specdec.drafters import REGISTRY, methods
+from specdec.errors import InputError
 from specdec.sampling import SamplingParams, TargetDistribution
 
 import tiny
@@ -102,6 +103,27 @@ def test_integer_temperature_is_accepted():
     p_int = TargetDistribution(SamplingParams(temperature=2))(logits)
     p_float = TargetDistribution(SamplingParams(temperature=2.0))(logits)
     assert torch.equal(p_int, p_float)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": "0.7"},
+        {"temperature": float("inf")},
+        {"temperature": float("nan")},
+        {"temperature": -0.5},
+        {"top_k": True},
+        {"top_k": 2.0},
+        {"top_p": "0.9"},
+        {"top_p": 0.0},
+        {"seed": "1"},
+        {"seed": 1.5},
+        {"seed": 2**64},
+    ],
+)
+def test_bad_sampling_parameters_are_input_errors(bad):
+    with pytest.raises(InputError):
+        decoder("vanilla").generate(PROMPT, max_new_tokens=2, **{"temperature": 1.0, **bad})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from with the same settings. Temperature 0 means greedy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,18 +37,26 @@ class SamplingParams:
             or self.max_new_tokens < 1
         ):
             raise InputError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not self.temperature >= 0:
-            raise InputError(f"temperature must be >= 0 (got {self.temperature!r})")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise InputError(f"temperature must be a finite number >= 0 (got {self.temperature!r})")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise InputError(f"top_k must be an integer >= 0 (got {self.top_k!r})")
-        if not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1] (got {self.top_p!r})")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
+        ):
+            raise InputError(f"seed must be an integer in [-2**63, 2**64) (got {self.seed!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InputError("stop strings must be non-empty strings")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class TargetDistribution:
