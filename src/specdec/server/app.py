@@ -81,11 +81,9 @@ def create_app(
         openapi_url=None,
     )
     app.state.worker = worker
-    app.state.model_name, app.state.methods, app.state.default_method = (
-        model_name,
-        list(decoders),
-        default_method,
-    )
+    app.state.model_name = model_name
+    app.state.methods = list(decoders)
+    app.state.default_method = default_method
     _install_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -106,27 +104,6 @@ def create_app(
                 param="specdec_method",
             )
         return method, decoders[method]
-
-    def generation_params(body, max_tokens: int | None) -> dict:
-        if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise APIError(
-                400,
-                f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}",
-                "max_tokens",
-            )
-        params = {
-            "max_new_tokens": max_tokens,  # None: as many as fit (decided once the prompt is tokenized)
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "top_k": body.top_k,
-            "seed": body.seed,
-            "stop": body.stop,
-        }
-        try:
-            sampling_params(**{**params, "max_new_tokens": max_tokens or 1})
-        except InputError as e:
-            raise APIError(400, str(e)) from None
-        return params
 
     def model_card() -> dict:
         return {
@@ -163,12 +140,12 @@ def create_app(
             vocab = decoder.model.config.get_text_config(decoder=True).vocab_size
             if not all(0 <= t < vocab for t in body.prompt):
                 raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
-        params = generation_params(body, body.max_tokens)
+        params = _generation_params(body, body.max_tokens, limits)
         prompt = Prompt(
             partial(decoder.encode, body.prompt), "prompt", limits.max_prompt_tokens, limits.max_tokens
         )
         job = Job(decoder, method, prompt, params)
-        return await respond(request, job, body, _CompletionFormat(model_name))
+        return await _respond(worker, request, job, body, _CompletionFormat(model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -187,39 +164,62 @@ def create_app(
             {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
             for m in body.messages
         ]
-        params = generation_params(body, body.requested_max_tokens)
+        params = _generation_params(body, body.requested_max_tokens, limits)
         encode = partial(_render_chat, decoder.tokenizer, messages)
         job = Job(
             decoder, method, Prompt(encode, "messages", limits.max_prompt_tokens, limits.max_tokens), params
         )
-        return await respond(request, job, body, _ChatFormat(model_name))
-
-    async def respond(request: Request, job: Job, body, fmt: _Format) -> Response:
-        worker.submit(job)
-        try:
-            first = await _next_event(request, job)
-            if isinstance(first, Failed):
-                raise first.error
-            if body.stream:
-                include_usage = body.stream_options is not None and body.stream_options.include_usage
-                return StreamingResponse(
-                    _sse(job, fmt, include_usage),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                    background=BackgroundTask(job.cancel),  # also when the client left before the first chunk
-                )
-            while isinstance(first, Started | Delta):
-                first = await _next_event(request, job)
-            if isinstance(first, Failed):
-                raise first.error
-            return JSONResponse(fmt.full(first))
-        except _ClientGone:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        except BaseException:
-            job.cancel()
-            raise
+        return await _respond(worker, request, job, body, _ChatFormat(model_name))
 
     return app
+
+
+def _generation_params(body, max_tokens: int | None, limits: Limits) -> dict:
+    """SamplingParams fields from a request, validated now (max_new_tokens None: decided after tokenizing)."""
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise APIError(
+            400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens"
+        )
+    params = {
+        "max_new_tokens": max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "seed": body.seed,
+        "stop": body.stop,
+    }
+    try:
+        sampling_params(**{**params, "max_new_tokens": max_tokens or 1})
+    except InputError as e:
+        raise APIError(400, str(e)) from None
+    return params
+
+
+async def _respond(worker: EngineWorker, request: Request, job: Job, body, fmt: _Format) -> Response:
+    """Queue the job; answer with its error, its whole result, or a stream of its events."""
+    worker.submit(job)
+    try:
+        first = await _next_event(request, job)
+        if isinstance(first, Failed):
+            raise first.error
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(
+                _sse(job, fmt, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(job.cancel),  # also when the client left before the first chunk
+            )
+        while isinstance(first, Started | Delta):
+            first = await _next_event(request, job)
+        if isinstance(first, Failed):
+            raise first.error
+        return JSONResponse(fmt.full(first))
+    except _ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    except BaseException:
+        job.cancel()
+        raise
 
 
 class _ClientGone(Exception):

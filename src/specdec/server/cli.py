@@ -119,9 +119,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 def build_server(args: argparse.Namespace):
     """The uvicorn server for parsed `serve` arguments (models loaded, not yet listening)."""
-    import uvicorn
+    try:
+        import uvicorn
 
-    from specdec.server.app import Limits, create_app
+        from specdec.server.app import Limits, create_app
+    except ModuleNotFoundError as e:
+        raise InputError(f"specdec serve needs {e.name} (pip install 'specdec[server]')") from None
 
     methods = resolve_methods(args.method, args.methods, args.draft)
     decoders = load_decoders(args.model, args.draft, methods, args.dtype)
