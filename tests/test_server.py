@@ -258,6 +258,16 @@ def test_models_and_health(client, server):
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+def test_nulls_mean_defaults(server, ref):
+    """OpenAI's parameters are nullable; null means the default (max_tokens 16 for completions)."""
+    nulls = {"top_p": None, "n": None, "stop": None, "seed": None, "stream": None, "max_tokens": None}
+    body = {"prompt": PROMPTS[1], "temperature": 0, **nulls}
+    r = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=TIMEOUT)
+    want = solo(ref, "pld", PROMPTS[1], max_new_tokens=16)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want.text
+    assert r.json()["usage"]["completion_tokens"] == len(want.token_ids)
+
+
 # --- errors: always 4xx with OpenAI-style JSON, never 422 or 500 ---------------------------------------------
 
 BAD_COMPLETIONS = [
@@ -563,6 +573,15 @@ def test_specdec_serve_command(serve_command, model_dir):
     # uvicorn stops gracefully, then re-raises SIGINT: KeyboardInterrupt -> exit 130, unless the test runner
     # was started with SIGINT ignored (a background job), which the child inherits -> a plain exit 0
     assert code == 0 or (code == 130 and "specdec: interrupted" in log.read_text())
+
+
+def test_serve_command_errors_are_one_line(capsys, model_dir):
+    assert main(["serve", "--model", str(model_dir), "--methods", "pld,nope"]) == 2
+    assert capsys.readouterr().err.startswith("specdec: error: unknown method 'nope'")
+    with listen("127.0.0.1", 0) as taken:
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", str(model_dir), "--port", port, "--log-level", "warning"]) == 2
+    assert capsys.readouterr().err.startswith(f"specdec: error: cannot listen on 127.0.0.1:{port}")
 
 
 def _healthy(base: str) -> bool:
