@@ -207,7 +207,9 @@ def test_ties_are_shown_and_do_not_fail(monkeypatch):
         for name in ("hf-vanilla", "pld")
     ]
     tie = Mismatch(0, "t", 0, "s", "pld", 1, 3, 4, 3, 4, 1e-6, True)
-    rows, overall = report.summarize(BenchResult(records, [tie], [M("hf-vanilla"), M("pld")]), sampled=False)
+    rows, overall = report.summarize(
+        BenchResult(records, [tie], [M("hf-vanilla"), M("pld")], {}), sampled=False
+    )
     pld = rows[1]
     assert pld["lossless"] is True and pld["numerical_ties"] == 1 and pld["mismatches"] == 0
     assert pld["speedup"] == 2.0 and pld["median_speedup"] == 2.0 and pld["mean_accepted_tokens"] == 2.0
@@ -352,3 +354,25 @@ def test_build_tasks_is_deterministic_and_reads_held_out_files_only(tmp_path):
 
     with pytest.raises(SystemExit, match="held out"):
         build_tasks.build({"held_out_files": ["stdlib/pkg/trained.py"]}, tiny.tokenizer(), roots)
+
+
+class Refuses(Drafter):
+    """A drafter that cannot serve this model: it says so (InputError) on its first step."""
+
+    name = "refuses"
+
+    def propose(self, context, max_depth):
+        raise InputError("refuses: needs trained heads this model does not have")
+
+
+def test_default_methods_that_refuse_are_skipped_with_the_reason(capsys, dirs, tmp_path, monkeypatch):
+    monkeypatch.setitem(REGISTRY, "refuses", Refuses)
+    out_json = tmp_path / "r.json"
+    code, _, err = bench(capsys, dirs, "--json", out_json)  # default selection, no draft model
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    assert "refuses" not in data["settings"]["methods"] and "pld" in data["settings"]["methods"]
+    assert "trained heads" in data["skipped_methods"]["refuses"] and "skipped refuses" in err
+    assert "draft" not in data["settings"]["methods"] and "hf-assisted" not in data["settings"]["methods"]
+    code, _, err = bench(capsys, dirs, "--methods", "refuses")  # asked for by name: an error
+    assert code == 2 and "trained heads" in err

@@ -22,7 +22,7 @@ def _csv(value: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from specdec.bench.runner import HF_PROMPT_LOOKUP_TOKENS
+    from specdec.bench.runner import HF_PROMPT_LOOKUP_TOKENS, all_methods
     from specdec.bench.tasks import suites
     from specdec.cli import add_model_arguments, add_sampling_arguments
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         ),
     )
     add_model_arguments(b)
-    add_sampling_arguments(b, max_new_tokens=None)
+    add_sampling_arguments(b, max_new_tokens=None)  # None: 128, or 64 with --quick
     b.add_argument(
         "--tasks",
         type=_csv,
@@ -48,10 +48,9 @@ def register(subparsers) -> None:
         "--methods",
         type=_csv,
         default=None,
-        help="comma-separated methods: hf-vanilla, hf-prompt-lookup "
-        f"(prompt_lookup_num_tokens={HF_PROMPT_LOOKUP_TOKENS}), hf-assisted, and specdec's (see "
-        "`specdec generate --help`); default: every one that applies (draft-model methods need a draft). "
-        "hf-vanilla always runs: it is the baseline",
+        help=f"comma-separated, from: {', '.join(all_methods())} (hf-prompt-lookup uses "
+        f"prompt_lookup_num_tokens={HF_PROMPT_LOOKUP_TOKENS}); default: every one that applies (those "
+        "needing a draft model run when one is given). hf-vanilla always runs: it is the baseline",
     )
     b.add_argument(
         "--prompts-file",
@@ -180,14 +179,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             total=total, desc="bench", unit="run", file=sys.stderr, disable=None, dynamic_ncols=True
         ) as bar:
 
-            def progress(desc: str) -> None:
+            def progress(desc: str, runs: int = 1) -> None:
                 bar.set_postfix_str(desc, refresh=False)
-                bar.update(1)
+                bar.update(runs)
 
-            result = run_bench(prompts, methods, model, tokenizer, params, progress, args.warmup)
+            optional = frozenset() if args.methods is not None else frozenset(m.name for m in methods)
+            result = run_bench(prompts, methods, model, tokenizer, params, progress, args.warmup, optional)
     finally:
         counter.close()
 
+    for name, reason in result.skipped.items():
+        print(f"specdec bench: skipped {name} after its warm-up failed: {reason}", file=sys.stderr)
+    skipped.update(result.skipped)
+    methods = result.methods
     settings = {
         "tasks": list(dict.fromkeys(p.task for p in prompts)),
         "methods": [m.name for m in methods],

@@ -254,7 +254,8 @@ def diagnose(
 class BenchResult:
     records: list[Record]
     mismatches: list[Mismatch]
-    methods: list[Method]
+    methods: list[Method]  # those that ran, baseline first
+    skipped: dict[str, str]  # optional methods that refused this model or these settings during warm-up
 
 
 def check_lengths(
@@ -278,10 +279,14 @@ def run_bench(
     model,
     tokenizer,
     params: SamplingParams,
-    progress: Callable[[str], None] = lambda desc: None,
+    progress: Callable[..., None] = lambda desc, runs=1: None,
     warmup: int = 1,
+    optional: frozenset[str] = frozenset(),
 ) -> BenchResult:
-    """Warm up every method, then run them interleaved per prompt. `progress(desc)` is called after each run.
+    """Warm up every method, then run them interleaved per prompt. `progress(desc, runs=1)` follows the runs.
+
+    A method in `optional` (picked by default, not by the user) that raises InputError during warm-up (say, a
+    drafter that cannot serve this model) is dropped with its reason instead of failing the whole bench.
 
     Under sampling, prompt i is generated with seed params.seed + i by every method.
     """
@@ -299,9 +304,18 @@ def run_bench(
         top_p=params.top_p,
         seed=params.seed,
     )
+    skipped: dict[str, str] = {}
     for _ in range(warmup):
-        for method in methods:
-            method.run(first[:32], warm)
+        for method in list(methods):
+            try:
+                method.run(first[:32], warm)
+            except InputError as e:
+                if method.name not in optional or method.name == BASELINE:
+                    raise
+                skipped[method.name] = str(e)
+                methods = [m for m in methods if m is not method]
+                progress(f"skipped {method.name}", len(prompts) + warmup)  # its share of the bar, at once
+                continue
             progress(f"warm-up {method.name}")
 
     greedy = params.greedy
@@ -358,4 +372,4 @@ def run_bench(
                 )
             )
             progress(f"{prompt.task} {index} {method.name}")
-    return BenchResult(records, mismatches, methods)
+    return BenchResult(records, mismatches, methods, skipped)

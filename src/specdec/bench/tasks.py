@@ -66,6 +66,9 @@ def load_prompts_file(path: Path) -> list[BenchPrompt]:
                 f"{path}:{row['line']}: the bench runs every prompt with the same sampling settings "
                 f"(command-line options); remove {', '.join(fixed)}"
             )
+        n = row.get("max_new_tokens")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise InputError(f"{path}:{row['line']}: max_new_tokens must be an integer >= 1 (got {n!r})")
         kind = row.get("kind", CUSTOM)
         if not isinstance(kind, str) or not kind:
             raise InputError(f'{path}:{row["line"]}: "kind" must be a non-empty string')
