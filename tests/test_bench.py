@@ -374,5 +374,10 @@ def test_default_methods_that_refuse_are_skipped_with_the_reason(capsys, dirs, t
     assert "refuses" not in data["settings"]["methods"] and "pld" in data["settings"]["methods"]
     assert "trained heads" in data["skipped_methods"]["refuses"] and "skipped refuses" in err
     assert "draft" not in data["settings"]["methods"] and "hf-assisted" not in data["settings"]["methods"]
+    assert (
+        data["skipped_methods"]["hf-assisted"]
+        == data["skipped_methods"]["draft"]
+        == ("needs a draft model (--draft PATH)")
+    )
     code, _, err = bench(capsys, dirs, "--methods", "refuses")  # asked for by name: an error
     assert code == 2 and "trained heads" in err

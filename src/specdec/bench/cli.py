@@ -116,6 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specdec.bench.runner import (
         HF_PROMPT_LOOKUP_TOKENS,
         TIE_GAP,
+        ForwardCounter,
+        all_methods,
         build_methods,
         run_bench,
         select_methods,
@@ -165,13 +167,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not prompts:
         raise InputError("no prompts to run")
     names = select_methods(args.methods, draft_model is not None)
-    from specdec.bench.runner import ForwardCounter
-
     counter = ForwardCounter(model)
     try:
         methods, skipped = build_methods(
             names, model, tokenizer, draft_model, counter, args.methods is not None
         )
+        if args.methods is None:  # say why the draft-model methods are missing
+            skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
         for name, reason in skipped.items():
             print(f"specdec bench: skipping {name}: {reason}", file=sys.stderr)
         total = len(methods) * (args.warmup + len(prompts))
