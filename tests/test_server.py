@@ -370,7 +370,7 @@ KEYS = st.sampled_from(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     endpoint=st.sampled_from(["completions", "chat/completions"]),
     body=st.one_of(st.dictionaries(KEYS, VALUES, max_size=6), VALUES),
