@@ -108,22 +108,7 @@ def _default_draft(args: argparse.Namespace) -> str | None:
     return "default"
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from specdec.bench import report
-    from specdec.bench.runner import (
-        HF_PROMPT_LOOKUP_TOKENS,
-        TIE_GAP,
-        ForwardCounter,
-        all_methods,
-        build_methods,
-        run_bench,
-        select_methods,
-    )
-    from specdec.bench.tasks import load_prompts_file, load_spec_bench, load_suite, suites
-    from specdec.models.loading import check_same_vocabulary, load_causal_lm
+def _params(args: argparse.Namespace):
     from specdec.sampling import SamplingParams
 
     if args.prompts is not None and args.prompts < 1:
@@ -133,23 +118,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for out in (args.json, args.plot):
         if out is not None and not out.resolve().parent.is_dir():
             raise InputError(f"cannot write {str(out)!r}: no such directory")
-    per_task = args.prompts or (QUICK_PROMPTS if args.quick else None)
-    max_new = args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS)
     sampled = args.temperature != 0
-    seed = args.seed if args.seed is not None or not sampled else 0
     params = SamplingParams(
-        max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed
+        max_new_tokens=args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=0 if args.seed is None and sampled else args.seed,
     )
     params.validate()
+    return params
 
-    tasks = args.tasks
-    if tasks is None and args.prompts_file is None and args.spec_bench is None:
-        tasks = suites()
-    prompts = []
-    for name in tasks or []:
-        prompts += _limit(load_suite(name), per_task)
-    if args.prompts_file is not None:
-        prompts_file = load_prompts_file(args.prompts_file)  # validated before the model loads
+
+def _load_models(args: argparse.Namespace):
+    from specdec.models.loading import check_same_vocabulary, load_causal_lm
 
     draft_name = _default_draft(args)
     model, tokenizer = load_causal_lm(args.model, "target", args.dtype)
@@ -159,51 +141,76 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if draft_name is not None:
         draft_model, draft_tokenizer = load_causal_lm(draft_name, "draft", args.dtype)
         check_same_vocabulary(model, tokenizer, draft_model, draft_tokenizer)
-    if args.spec_bench is not None:
-        prompts += load_spec_bench(args.spec_bench, tokenizer, per_task)
-    if args.prompts_file is not None:
-        prompts += _limit(prompts_file, per_task)
+    return model, tokenizer, draft_model, draft_name
 
-    if not prompts:
-        raise InputError("no prompts to run")
+
+def _run(args, prompts, model, tokenizer, draft_model, params):
+    """Build the methods and run them under one progress bar; returns (result, skipped methods)."""
+    from tqdm import tqdm
+
+    from specdec.bench.runner import ForwardCounter, all_methods, build_methods, run_bench, select_methods
+
+    explicit = args.methods is not None
     names = select_methods(args.methods, draft_model is not None)
     counter = ForwardCounter(model)
     try:
-        methods, skipped = build_methods(
-            names, model, tokenizer, draft_model, counter, args.methods is not None
-        )
-        if args.methods is None:  # say why the draft-model methods are missing
+        methods, skipped = build_methods(names, model, tokenizer, draft_model, counter, explicit)
+        if not explicit:  # say why the draft-model methods are missing
             skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
         for name, reason in skipped.items():
             print(f"specdec bench: skipping {name}: {reason}", file=sys.stderr)
         total = len(methods) * (args.warmup + len(prompts))
-        with tqdm(
-            total=total, desc="bench", unit="run", file=sys.stderr, disable=None, dynamic_ncols=True
-        ) as bar:
+        bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=None, dynamic_ncols=True)
+        with bar:
 
             def progress(desc: str, runs: int = 1) -> None:
                 bar.set_postfix_str(desc, refresh=False)
                 bar.update(runs)
 
-            optional = frozenset() if args.methods is not None else frozenset(m.name for m in methods)
+            optional = frozenset() if explicit else frozenset(m.name for m in methods)
             result = run_bench(prompts, methods, model, tokenizer, params, progress, args.warmup, optional)
     finally:
         counter.close()
-
     for name, reason in result.skipped.items():
         print(f"specdec bench: skipped {name} after its warm-up failed: {reason}", file=sys.stderr)
-    skipped.update(result.skipped)
-    methods = result.methods
+    return result, {**skipped, **result.skipped}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from specdec.bench import report
+    from specdec.bench.runner import HF_PROMPT_LOOKUP_TOKENS, TIE_GAP
+    from specdec.bench.tasks import load_prompts_file, load_spec_bench, load_suite, suites
+
+    params = _params(args)
+    per_task = args.prompts or (QUICK_PROMPTS if args.quick else None)
+    tasks = args.tasks
+    if tasks is None and args.prompts_file is None and args.spec_bench is None:
+        tasks = suites()
+    prompts = [p for name in tasks or [] for p in _limit(load_suite(name), per_task)]
+    from_file = (
+        load_prompts_file(args.prompts_file) if args.prompts_file is not None else []
+    )  # before loading
+
+    model, tokenizer, draft_model, draft_name = _load_models(args)
+    if args.spec_bench is not None:
+        prompts += load_spec_bench(args.spec_bench, tokenizer, per_task)
+    prompts += _limit(from_file, per_task)
+    if not prompts:
+        raise InputError("no prompts to run")
+    result, skipped = _run(args, prompts, model, tokenizer, draft_model, params)
+
     settings = {
         "tasks": list(dict.fromkeys(p.task for p in prompts)),
-        "methods": [m.name for m in methods],
+        "methods": [m.name for m in result.methods],
         "prompts": len(prompts),
         "prompts_per_task": per_task,
-        "max_new_tokens": max_new,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "seed": seed,
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "seed": params.seed,
         "dtype": args.dtype,
         "warmup_rounds": args.warmup,
         "quick": args.quick,
@@ -213,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
     }
     env = report.environment(model, args.model, draft_model, draft_name)
-    data = report.report(result, env, settings, skipped, sampled)
+    data = report.report(result, env, settings, skipped, sampled=not params.greedy)
     print(report.table(data["results"], data["overall"]))
     for m in result.mismatches:
         print(report.describe_mismatch(m, tokenizer), file=sys.stderr)
@@ -223,7 +230,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except OSError as e:
             raise InputError(f"cannot write {str(args.json)!r}: {e.strerror or e}") from None
     if args.plot is not None:
-        report.plot(data["results"], args.plot)
+        report.plot(data["results"] + data["overall"], args.plot)
     failures = [m for m in result.mismatches if not m.numerical_tie]
     ties = len(result.mismatches) - len(failures)
     if ties:
@@ -233,7 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if failures:
         print(
-            f"specdec bench: LOSSLESS CHECK FAILED: {len(failures)} output(s) differ from hf-vanilla's (listed above)",
+            f"specdec bench: LOSSLESS CHECK FAILED: {len(failures)} output(s) differ from hf-vanilla's "
+            "(listed above)",
             file=sys.stderr,
         )
         return 1
