@@ -11,11 +11,17 @@ c_1..c_k are tested in order with fresh uniforms U:
 If no child is accepted (or u is a leaf) the bonus token is drawn from r. Either way the emitted token at every
 position has exactly the target's distribution. For a node whose children are all point masses the sequential
 rule equals drawing y ~ p_u once and descending into the child whose token is y (the bonus token is y
-otherwise), which is what `_walk_point_masses` does, with one batched draw for all nodes.
+otherwise), which is what the probs=None path does. It draws one token per emitted position, in order, so a
+seeded run of a point-mass drafter (prompt lookup, any probs=None tree) emits exactly the tokens of a seeded
+vanilla run, which are those of generate(do_sample=True) after torch.manual_seed(seed).
+
+p is computed only at the nodes the walk visits (at most depth + 1 rows): top-k and top-p sort the whole
+vocabulary, so processing every row of a 64-node tree would cost more than the tree's forward on a CPU.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,12 +40,12 @@ class Verdict:
         return len(self.accepted_nodes) - 1
 
 
-def _descend(tree: DraftTree, choice: list[int]) -> Verdict:
-    """Follow the child whose token equals `choice[node]` from the root; `choice` has one token per node."""
+def _descend(tree: DraftTree, choose: Callable[[int], int]) -> Verdict:
+    """Follow the child whose token equals `choose(node)` from the root (called once per visited node)."""
     node, path = 0, [0]
     tokens = tree.tokens
     while True:
-        want = choice[node]
+        want = choose(node)
         for child in tree.children[node]:
             if tokens[child] == want:
                 node = child
@@ -51,27 +57,28 @@ def _descend(tree: DraftTree, choice: list[int]) -> Verdict:
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:
     """logits: [N, V] raw target logits, row i for node i."""
-    return _descend(tree, logits.argmax(dim=-1).tolist())
+    return _descend(tree, logits.argmax(dim=-1).tolist().__getitem__)
 
 
 def verify_sampled(
     tree: DraftTree, logits: torch.Tensor, dist: TargetDistribution, generator: torch.Generator
 ) -> Verdict:
-    p = dist(logits)  # [N, V]
+    def p(node: int) -> torch.Tensor:  # [V], the processed target distribution at `node`
+        return dist(logits[node : node + 1])[0]
+
     if tree.probs is None:
-        # Point-mass children everywhere: one independent draw y_i ~ p_i per node, then descend.
-        choice = torch.multinomial(p, 1, generator=generator).squeeze(-1).tolist()
-        return _descend(tree, choice)
+        # Point-mass children everywhere: an independent draw y ~ p at each visited node, then descend.
+        return _descend(tree, lambda node: int(torch.multinomial(p(node), 1, generator=generator)))
     return _walk_distributions(tree, p, tree.probs, generator)
 
 
 def _walk_distributions(
-    tree: DraftTree, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator
+    tree: DraftTree, p: Callable[[int], torch.Tensor], q: torch.Tensor, generator: torch.Generator
 ) -> Verdict:
     """The general recursive rule; q[c] is the distribution child c was drawn from (one-hot = point mass)."""
     node, path = 0, [0]
     while True:
-        r = p[node]
+        r = p(node)
         accepted = None
         for child in tree.children[node]:
             x = tree.tokens[child]
