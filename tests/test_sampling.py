@@ -14,7 +14,7 @@ The evidence comes in layers, cheapest and strictest first:
    every continuation is enumerable from the model's own probabilities), with a chi-square test
    (cells with expected count < 5 pooled) that must not reject at p > 1e-3:
    - `verify_sampled` called directly, 20 000 steps per tree shape, on the real model's logits for every
-     node (precomputed for all contexts, so a step costs ~0.1 ms instead of a model forward);
+     node (precomputed for all contexts, so a step costs 0.1-0.3 ms instead of model forwards);
    - the engine end to end (`SpecDecoder.generate(..., temperature, seed)`), 400 generations per method:
      fewer samples because each costs a few model forwards, still enough to catch gross errors (wrong rows, wrong
      q, an unsampled first token, drafts taken as output).
