@@ -160,45 +160,49 @@ class Engine:
         drafter = self.drafter
         target = self.target
 
-        with torch.inference_mode():
-            drafter.reset(Request(list(prompt_ids), params, generator))
-            capacity = len(prompt_ids) + params.max_new_tokens + 64
-            t0 = time.perf_counter()
-            last = target.start(list(prompt_ids), capacity)
-            if dist is None:
-                first = int(last.argmax())
-            else:
-                first = int(torch.multinomial(dist(last[None])[0], 1, generator=generator))
-            stats.verify_seconds += time.perf_counter() - t0
-            context = list(prompt_ids) + [first]
-            done = out.push(first)
-            yield out.take_delta(final=done), out, self._finish(stats, out, t_start, done)
-
-            while not done:
-                remaining = params.max_new_tokens - len(out.token_ids)
+        try:
+            with torch.inference_mode():
+                drafter.reset(Request(list(prompt_ids), params, generator))
+                capacity = len(prompt_ids) + params.max_new_tokens + 64
                 t0 = time.perf_counter()
-                tree = drafter.propose(context, remaining - 1).truncate_depth(remaining - 1)
-                t1 = time.perf_counter()
-                tree_start = target.cache.length
-                logits = target.score(tree)
-                verdict = (
-                    verify_greedy(tree, logits)
-                    if dist is None
-                    else verify_sampled(tree, logits, dist, generator)
-                )
-                target.commit(tree_start, verdict.accepted_nodes)
-                t2 = time.perf_counter()
-                drafter.observe(tree, verdict, logits)
-                t3 = time.perf_counter()
-                stats.draft_seconds += (t1 - t0) + (t3 - t2)
-                stats.verify_seconds += t2 - t1
-                self._count_depths(stats, tree, verdict.accepted_drafts)
-                for tok in verdict.tokens:
-                    context.append(tok)
-                    if out.push(tok):
-                        done = True
-                        break
+                last = target.start(list(prompt_ids), capacity)
+                if dist is None:
+                    first = int(last.argmax())
+                else:
+                    first = int(torch.multinomial(dist(last[None])[0], 1, generator=generator))
+                stats.verify_seconds += time.perf_counter() - t0
+                context = list(prompt_ids) + [first]
+                done = out.push(first)
                 yield out.take_delta(final=done), out, self._finish(stats, out, t_start, done)
+
+                while not done:
+                    remaining = params.max_new_tokens - len(out.token_ids)
+                    t0 = time.perf_counter()
+                    tree = drafter.propose(context, remaining - 1).truncate_depth(remaining - 1)
+                    t1 = time.perf_counter()
+                    tree_start = target.cache.length
+                    logits = target.score(tree)
+                    verdict = (
+                        verify_greedy(tree, logits)
+                        if dist is None
+                        else verify_sampled(tree, logits, dist, generator)
+                    )
+                    target.commit(tree_start, verdict.accepted_nodes)
+                    t2 = time.perf_counter()
+                    drafter.observe(tree, verdict, logits)
+                    t3 = time.perf_counter()
+                    stats.draft_seconds += (t1 - t0) + (t3 - t2)
+                    stats.verify_seconds += t2 - t1
+                    self._count_depths(stats, tree, verdict.accepted_drafts)
+                    for tok in verdict.tokens:
+                        context.append(tok)
+                        if out.push(tok):
+                            done = True
+                            break
+                    yield out.take_delta(final=done), out, self._finish(stats, out, t_start, done)
+        finally:  # finished, failed or abandoned (a closed stream): free per-generation memory
+            target.cache = None
+            drafter.release()
 
     @staticmethod
     def _count_depths(stats: Stats, tree, accepted: int) -> None:

@@ -55,6 +55,9 @@ class Drafter(ABC):
     def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:  # noqa: B027
         """The target scored `tree` (raw logits [N, V], row i for node i) and accepted `verdict`."""
 
+    def release(self) -> None:  # noqa: B027
+        """The generation ended (finished, failed or cancelled): drop per-generation memory such as caches."""
+
 
 REGISTRY: dict[str, type[Drafter]] = {}
 

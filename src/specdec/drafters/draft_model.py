@@ -49,6 +49,9 @@ class DraftModel(Drafter):
         # numbers a step draws, and the same seed would give different text depending on earlier calls.
         self.num_tokens = self.config.num_tokens
 
+    def release(self) -> None:
+        self.runner.cache = None
+
     def _feed(self, tokens: list[int], capacity: int) -> torch.Tensor:
         if self.runner.cache is None:
             logits = self.runner.start(tokens, capacity)[None]
