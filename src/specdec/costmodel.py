@@ -1,0 +1,134 @@
+"""What a bigger draft tree costs on this machine, and the tree size that pays off.
+
+A target forward over n tree tokens costs cost(n): almost flat on a GPU, but on a CPU it grows with n (a 14M
+Llama here: 1 token 7.4 ms, 8 tokens 10.8 ms, 16 tokens 12.2 ms, 64 tokens 20 ms). A drafter that knows, for
+each tree size n, the expected number of accepted drafted tokens gain(n) should draft the n that maximises
+
+    tokens per second = (1 + gain(n)) / (t_draft(n) + cost(n + 1))          (the +1: the root is scored too)
+
+(`shared/algorithms.md` §9). `CostModel.measure` times real tree forwards after a prefill on the running model
+(well under a second for the shipped model) and fits a monotone piecewise-linear cost(n); `CostModel.reference()`
+is the table above, for when measuring is not wanted. `CostModel.for_model` measures once per model object.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from specdec.tree import DraftTree
+
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CostModel
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """cost(n) in seconds for one target forward over n tree tokens (root included), n >= 1."""
+
+    sizes: tuple[int, ...]  # ascending, distinct
+    seconds: tuple[float, ...]  # non-decreasing (see `fit`)
+
+    @classmethod
+    def fit(cls, sizes: Sequence[int], seconds: Sequence[float]) -> CostModel:
+        """Monotone least-squares fit (pool adjacent violators): timing noise must not make a bigger tree
+        look cheaper than a smaller one."""
+        if len(sizes) != len(seconds) or not sizes:
+            raise ValueError("need one time per size, and at least one size")
+        pairs = sorted(zip(sizes, seconds, strict=True))
+        if any(n < 1 for n, _ in pairs) or len({n for n, _ in pairs}) != len(pairs):
+            raise ValueError("sizes must be distinct and >= 1")
+        blocks: list[list[float]] = []  # [mean, weight]
+        for _, t in pairs:
+            blocks.append([t, 1.0])
+            while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+                mean, weight = blocks.pop()
+                blocks[-1][0] = (blocks[-1][0] * blocks[-1][1] + mean * weight) / (blocks[-1][1] + weight)
+                blocks[-1][1] += weight
+        fitted = [mean for mean, weight in blocks for _ in range(int(weight))]
+        return cls(tuple(n for n, _ in pairs), tuple(fitted))
+
+    @classmethod
+    def reference(cls) -> CostModel:
+        """The 14M-parameter Llama target on this project's 2-core development machine (milliseconds above)."""
+        return cls.fit((1, 8, 16, 64), (7.4e-3, 10.8e-3, 12.2e-3, 20e-3))
+
+    @classmethod
+    def measure(
+        cls, model, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 64, repeats: int = 3
+    ) -> CostModel:
+        """Time `repeats` forwards per tree size after a `past`-token prefill; the median per size is fitted."""
+        from specdec.runner import ModelRunner
+
+        config = model.config.get_text_config(decoder=True)
+        limit = getattr(config, "max_position_embeddings", None) or past + max(sizes) + 1
+        past = max(1, min(past, limit - max(sizes) - 1))
+        vocab = config.vocab_size
+        runner = ModelRunner(model)
+        times = []
+        with torch.inference_mode():
+            runner.start([(7 * i + 1) % vocab for i in range(past)], past + max(sizes) + 1)
+            trees = {n: _binary_tree(n, vocab) for n in sizes}
+            runner.score(trees[min(sizes)])  # warm-up (first-call allocations)
+            runner.cache.crop(past)
+            for n in sizes:
+                samples = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    runner.score(trees[n])
+                    samples.append(time.perf_counter() - start)
+                    runner.cache.crop(past)
+                times.append(statistics.median(samples))
+        return cls.fit(sizes, times)
+
+    @classmethod
+    def for_model(cls, model) -> CostModel:
+        """`measure(model)` once per model object (kept while the model lives)."""
+        if model not in _MEASURED:
+            _MEASURED[model] = cls.measure(model)
+        return _MEASURED[model]
+
+    def __call__(self, n: float) -> float:
+        """Linear between measured sizes; beyond them, the nearest segment's slope (flat below the first)."""
+        xs, ys = self.sizes, self.seconds
+        if len(xs) == 1 or n <= xs[0]:
+            return ys[0]
+        i = min(max(bisect_left(xs, n), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (n - x0) / (x1 - x0)
+
+    def best_size(
+        self, gains: Sequence[float], draft_seconds: float = 0.0, draft_seconds_per_node: float = 0.0
+    ) -> int:
+        """The number of drafted nodes n (an index into `gains`) maximising expected tokens per second.
+
+        gains[n] = expected accepted drafted tokens when n nodes are drafted (gains[0] = 0: no draft). Drafting
+        nothing skips the drafter entirely, so n = 0 costs only cost(1).
+        """
+        best, best_rate = 0, 1.0 / self(1)
+        for n in range(1, len(gains)):
+            rate = (1.0 + gains[n]) / (draft_seconds + draft_seconds_per_node * n + self(n + 1))
+            if rate > best_rate:
+                best, best_rate = n, rate
+        return best
+
+
+def chain_gains(acceptance: Sequence[float]) -> list[float]:
+    """gains for a chain: acceptance[d] = P(draft d+1 accepted | drafts 1..d accepted); gains[n] = sum of the
+    first n cumulative products (expected accepted length of an n-token chain)."""
+    gains, alive = [0.0], 1.0
+    for a in acceptance:
+        alive *= a
+        gains.append(gains[-1] + alive)
+    return gains
+
+
+def _binary_tree(n: int, vocab: int) -> DraftTree:
+    """A bushy n-node tree (node i's parent is (i-1)//2) with distinct sibling tokens, for timing."""
+    return DraftTree([(3 * i + 2) % vocab for i in range(n)], [-1] + [(i - 1) // 2 for i in range(1, n)])

@@ -1,0 +1,266 @@
+"""Token Recycling (Luo et al., ACL'25; `shared/algorithms.md` §4): the target's own top-k guesses, recycled.
+
+An adjacency table A [V, k] holds, for every token, the top-k next tokens the target predicted the last time
+that token sat at a scored tree node. After every verification each node's row is overwritten with the top-k
+of the target's logits there, accepted or not (one batched topk and one index_put). Drafting walks a static
+tree template breadth-first, one gather per level: the template node [i, j] is A[A[root, i], j]. The table
+lives on the drafter, so it keeps learning across generations on the same model (`save`/`load` keep it).
+
+The template is grown like Medusa's: a node's value is the product, along its path, of the probability that
+the rank-r candidate of an accepted node at depth d is the next token, and the node with the highest value
+among the unexplored "first child" and "next sibling" slots is added until the budget is spent. Those
+probabilities start from an assumed prior (`PRIOR`, a guess: the top-1 candidate right about half the time)
+and are re-estimated online from every step's true continuation, whatever tree was drafted, then the
+template is re-grown. Its size: the paper's 80 nodes suit a GPU, where a forward costs the same for 1 or 80
+tokens; here 8 nodes (`RecycleConfig.max_nodes`) is what `CostModel.reference()` (the measured 14M-Llama
+costs on this project's 2-core machine) and the prior make near-optimal (the expected tokens per second is
+within a few percent of its maximum from 3 to 16 nodes and falls after). `max_nodes="auto"` instead measures
+the bound target's cost per tree size once and picks the size with the current acceptance estimates.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from specdec.acceptance import Verdict
+from specdec.costmodel import CostModel
+from specdec.drafters.base import Drafter, Request, register
+from specdec.tree import DraftTree
+
+PRIOR = (0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)  # assumed P(rank-r candidate is right), depth 1
+PRIOR_DECAY = 0.9  # the prior shrinks by this factor per extra depth
+PRIOR_WEIGHT = 32.0  # pseudo-observations behind the prior at each depth
+AUTO_MAX_NODES = 64  # largest template "auto" considers
+
+
+@dataclass
+class RecycleConfig:
+    k: int = 8  # candidates per token in the table
+    max_nodes: int | str = 8  # drafted nodes per step, or "auto" (measured cost model); see the docstring
+    max_depth: int = 8  # template levels
+    adapt_every: int = 32  # re-grow the template from measured acceptance every this many steps (0 = never)
+
+    def __post_init__(self) -> None:
+        if self.max_nodes != "auto" and (
+            isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int) or self.max_nodes < 0
+        ):
+            raise ValueError(f"max_nodes must be an integer >= 0 or 'auto' (got {self.max_nodes!r})")
+        if self.k < 1 or self.max_depth < 1 or self.adapt_every < 0:
+            raise ValueError("k and max_depth must be >= 1, adapt_every >= 0")
+
+
+@dataclass(frozen=True)
+class Template:
+    """Nodes in growth order (parents first); node 0 is the root. Node i>0 is the ranks[i]-th candidate of
+    its parent's token."""
+
+    parents: tuple[int, ...]
+    ranks: tuple[int, ...]
+    depths: tuple[int, ...]
+    values: tuple[float, ...]  # expected acceptance: product of per-(depth, rank) probabilities on the path
+
+    def __len__(self) -> int:
+        return len(self.parents)
+
+    def prefix(self, n: int) -> Template:
+        """The first n drafted nodes (a prefix of the growth order is a tree)."""
+        m = n + 1
+        return Template(self.parents[:m], self.ranks[:m], self.depths[:m], self.values[:m])
+
+    def gains(self) -> list[float]:
+        """gains[n] = expected accepted drafted tokens with the first n nodes."""
+        out = [0.0]
+        for v in self.values[1:]:
+            out.append(out[-1] + v)
+        return out
+
+
+def grow_template(acceptance: list[list[float]], max_nodes: int) -> Template:
+    """Medusa-style greedy growth. acceptance[d][r] = P(the rank-r candidate of an accepted node at depth d is
+    the next token); its length bounds the depth, its rows' length the ranks."""
+    parents, ranks, depths, values = [-1], [-1], [0], [1.0]
+    # heap of (-value, order, parent, rank): the slots a new node may fill
+    heap = [(-acceptance[0][0], 0, 0, 0)] if acceptance and max_nodes > 0 else []
+    order = 1
+    while heap and len(parents) <= max_nodes:
+        neg, _, parent, rank = heapq.heappop(heap)
+        node, depth = len(parents), depths[parent] + 1
+        parents.append(parent), ranks.append(rank), depths.append(depth), values.append(-neg)
+        if depth < len(acceptance):  # first child
+            heapq.heappush(heap, (neg * acceptance[depth][0], order, node, 0))
+            order += 1
+        if rank + 1 < len(acceptance[depth - 1]):  # next sibling
+            heapq.heappush(heap, (-values[parent] * acceptance[depth - 1][rank + 1], order, parent, rank + 1))
+            order += 1
+    return Template(tuple(parents), tuple(ranks), tuple(depths), tuple(values))
+
+
+@register
+class TokenRecycling(Drafter):
+    name = "recycle"
+    observes_any_tree = True  # learns from whatever tree was scored (the merge drafter relies on it)
+
+    def __init__(self, config: RecycleConfig | None = None, **options) -> None:
+        self.config = config or RecycleConfig(**options)
+        self.model = None
+        self.stale = False  # the template must be re-grown before the next generation
+        self.table: torch.Tensor | None = None  # [V, width] int32, width = min(k, V)
+        self.seen: torch.Tensor | None = None  # [V] bool: rows written at least once (others draft nothing)
+        self.hits: torch.Tensor | None = (
+            None  # [max_depth, width]: candidate (depth, rank) was the next token
+        )
+        self.trials: torch.Tensor | None = None  # [max_depth]: accepted nodes whose next token is known
+        self.steps = 0
+        self._set_template()
+
+    # -- table -------------------------------------------------------------------------------------------
+
+    def bind(self, model) -> None:
+        self.model = model
+        self.stale = self.config.max_nodes == "auto"  # measure the cost lazily, when a generation starts
+
+    def reset(self, request: Request) -> None:
+        if self.stale:
+            self.stale = False
+            self._set_template()
+
+    def _ensure_table(self, vocab: int) -> None:
+        if self.table is not None and self.table.shape[0] == vocab:
+            return
+        width = min(self.config.k, vocab)
+        self.table = torch.zeros(vocab, width, dtype=torch.int32)
+        self.seen = torch.zeros(vocab, dtype=torch.bool)
+        self.hits = torch.zeros(self.config.max_depth, width, dtype=torch.float64)
+        self.trials = torch.zeros(self.config.max_depth, dtype=torch.float64)
+        self._set_template()
+
+    def save(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        if self.table is None:
+            raise ValueError("the table is empty: nothing was observed yet")
+        save_file({"table": self.table, "seen": self.seen, "hits": self.hits, "trials": self.trials}, path)
+
+    def load(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        vocab, width = state["table"].shape
+        if width != min(self.config.k, vocab) or state["hits"].shape[0] != self.config.max_depth:
+            raise ValueError(f"{path}: table saved with another k or max_depth")
+        self.table, self.seen = state["table"], state["seen"]
+        self.hits, self.trials = state["hits"], state["trials"]
+        self._set_template()
+
+    # -- template ----------------------------------------------------------------------------------------
+
+    def acceptance(self) -> list[list[float]]:
+        """Current estimate of P(rank-r candidate right | parent accepted at depth d), prior included."""
+        cfg = self.config
+        width = cfg.k if self.table is None else self.table.shape[1]
+        est = []
+        for d in range(cfg.max_depth):
+            prior = [PRIOR[min(r, len(PRIOR) - 1)] * PRIOR_DECAY**d for r in range(width)]
+            if self.trials is None:
+                est.append(prior)
+            else:
+                n = float(self.trials[d])
+                est.append(
+                    [
+                        (float(self.hits[d, r]) + PRIOR_WEIGHT * prior[r]) / (n + PRIOR_WEIGHT)
+                        for r in range(width)
+                    ]
+                )
+        return est
+
+    def _set_template(self) -> None:
+        """(Re-)grow the template from the current acceptance estimates, and index it by level for drafting."""
+        self.template = tpl = self._grow()
+        by_depth: list[list[int]] = [[] for _ in range(max(tpl.depths))]
+        for i in range(1, len(tpl)):
+            by_depth[tpl.depths[i] - 1].append(i)
+        # per depth 1, 2, ...: (template nodes, their parents, their ranks) as index tensors
+        self.levels = [
+            (
+                torch.tensor(nodes),
+                torch.tensor([tpl.parents[i] for i in nodes]),
+                torch.tensor([tpl.ranks[i] for i in nodes]),
+            )
+            for nodes in by_depth
+        ]
+
+    def _grow(self) -> Template:
+        if self.config.max_nodes != "auto":
+            return grow_template(self.acceptance(), self.config.max_nodes)
+        full = grow_template(self.acceptance(), AUTO_MAX_NODES)
+        cost = CostModel.reference() if self.model is None else CostModel.for_model(self.model)
+        return full.prefix(cost.best_size(full.gains()))
+
+    # -- drafting ----------------------------------------------------------------------------------------
+
+    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+        root = context[-1]
+        tpl = self.template
+        if self.table is None or max_depth < 1 or len(tpl) == 1 or root >= self.table.shape[0]:
+            return DraftTree.root_only(root)
+        tokens = torch.zeros(len(tpl), dtype=torch.long)  # [n]: the token at each template node
+        valid = torch.zeros(len(tpl), dtype=torch.bool)  # [n]: every row on its path was ever written
+        tokens[0], valid[0] = root, True
+        for nodes, parents, ranks in self.levels[:max_depth]:
+            parent_tokens = tokens[parents]
+            tokens[nodes] = self.table[parent_tokens, ranks].long()  # one gather per level
+            valid[nodes] = valid[parents] & self.seen[parent_tokens]
+        return self._dedupe(tokens.tolist(), valid.tolist(), max_depth)
+
+    def _dedupe(self, tokens: list[int], valid: list[bool], max_depth: int) -> DraftTree:
+        """Template nodes -> a tree with distinct siblings: a node equal to an earlier sibling is merged into
+        it (trie insertion), so its subtree hangs under the survivor."""
+        tpl = self.template
+        out_tokens, out_parents = [tokens[0]], [-1]
+        node_of = [0] * len(tpl)  # template node -> tree node (-1: dropped)
+        index: dict[tuple[int, int], int] = {}
+        for i in range(1, len(tpl)):
+            parent = node_of[tpl.parents[i]]
+            if not valid[i] or parent < 0 or tpl.depths[i] > max_depth:
+                node_of[i] = -1
+                continue
+            key = (parent, tokens[i])
+            if key not in index:
+                index[key] = len(out_tokens)
+                out_tokens.append(tokens[i])
+                out_parents.append(parent)
+            node_of[i] = index[key]
+        return DraftTree(out_tokens, out_parents)
+
+    # -- learning ----------------------------------------------------------------------------------------
+
+    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
+        """logits: [N, V] raw target logits, row i for node i of `tree` (any tree, not only ours)."""
+        self._ensure_table(logits.shape[-1])
+        tokens = torch.tensor(tree.tokens)  # [N]
+        self._measure(tokens, verdict)  # before the update: with the rows this step drafted from
+        n = len(tree.tokens)
+        # A token at several nodes gets one row: the accepted node's if any, else the last node's.
+        key = torch.arange(n)
+        key[verdict.accepted_nodes] += n
+        same = tokens[:, None] == tokens[None, :]  # [N, N]
+        keep = ~(same & (key[None, :] > key[:, None])).any(dim=1)
+        top = logits[keep].topk(self.table.shape[1], dim=-1).indices  # [kept, width]
+        self.table[tokens[keep]] = top.to(torch.int32)
+        self.seen[tokens[keep]] = True
+        self.steps += 1
+        if self.config.adapt_every and self.steps % self.config.adapt_every == 0:
+            self.template = self._grow()
+
+    def _measure(self, tokens: torch.Tensor, verdict: Verdict) -> None:
+        """For each accepted node at depth d (root = 0) the next token is known (the next accepted draft or
+        the bonus token): count which rank of the node's row it was, for template growth at depth d+1."""
+        depth = min(len(verdict.accepted_nodes), self.config.max_depth)
+        path = tokens[verdict.accepted_nodes[:depth]]  # [depth]
+        truth = torch.tensor(verdict.tokens[:depth])  # [depth]
+        hit = (self.table[path] == truth[:, None]) & self.seen[path][:, None]  # [depth, width]
+        self.trials[:depth] += 1
+        self.hits[:depth] += hit
