@@ -181,6 +181,38 @@ def test_recycle_drafts_the_template_from_the_table_and_dedupes_siblings():
     assert len(d.propose([4, 5], max_depth=3)) == 1
 
 
+def test_recycle_regrown_template_is_what_it_drafts():
+    """The template re-grows from measured acceptance (here: only rank 1 is ever right), and drafting follows."""
+    d = TokenRecycling(k=3, max_nodes=6, max_depth=3, adapt_every=1)
+    vocab = 20
+    d._ensure_table(vocab)
+    d.table[:] = torch.tensor([[(t + 1) % vocab, (t + 2) % vocab, (t + 3) % vocab] for t in range(vocab)])
+    d.seen[:] = True
+    before = d.template
+    for step in range(40):
+        tree = d.propose([4, step % vocab], max_depth=3)
+        root = tree.tokens[0]
+        truth = [(root + 2) % vocab, (root + 4) % vocab]  # rank 1, then rank 1 again
+        logits = torch.zeros(len(tree), vocab)
+        for i, t in enumerate(tree.tokens):
+            logits[i, (t + 1) % vocab], logits[i, (t + 2) % vocab], logits[i, (t + 3) % vocab] = 3, 2, 1
+        accepted = [0] + [c for c in tree.children[0] if tree.tokens[c] == truth[0]]
+        d.observe(tree, Verdict(accepted, truth[: len(accepted)]), logits)
+    tpl = d.template
+
+    def rank_path(i):
+        return () if i == 0 else (*rank_path(tpl.parents[i]), tpl.ranks[i])
+
+    value = {rank_path(i): tpl.values[i] for i in range(len(tpl))}
+    assert tpl != before and value[(1,)] > value[(0,)] and (1, 1) in value and (0, 0) not in value
+    tree = d.propose([4, 5], max_depth=3)
+    assert tree.parents == list(tpl.parents)
+    assert all(
+        tree.tokens[i] == (tree.tokens[tpl.parents[i]] + 1 + tpl.ranks[i]) % vocab
+        for i in range(1, len(tree))
+    )
+
+
 def test_recycle_learns_rank_acceptance_from_emitted_tokens():
     d = TokenRecycling(k=2, max_depth=3)
     d._ensure_table(10)

@@ -11,11 +11,15 @@ the rank-r candidate of an accepted node at depth d is the next token, and the n
 among the unexplored "first child" and "next sibling" slots is added until the budget is spent. Those
 probabilities start from an assumed prior (`PRIOR`, a guess: the top-1 candidate right about half the time)
 and are re-estimated online from every step's true continuation, whatever tree was drafted, then the
-template is re-grown. Its size: the paper's 80 nodes suit a GPU, where a forward costs the same for 1 or 80
-tokens; here 8 nodes (`RecycleConfig.max_nodes`) is what `CostModel.reference()` (the measured 14M-Llama
-costs on this project's 2-core machine) and the prior make near-optimal (the expected tokens per second is
-within a few percent of its maximum from 3 to 16 nodes and falls after). `max_nodes="auto"` instead measures
-the bound target's cost per tree size once and picks the size with the current acceptance estimates.
+template is re-grown. Its size: the paper's 80 nodes suit a GPU, where a forward costs about the same for 1 or
+80 tokens; here a forward over n tokens costs `CostModel.reference()` (the 14M Llama target on this project's
+2-core machine: 7.4 ms for 1 token, 10.8 ms for 8, 20 ms for 64). With that cost the expected tokens per
+second peaks at 3-5 nodes for a top-1 acceptance of 0.45-0.9 (the prior's and better); the default of 8 nodes
+(`RecycleConfig.max_nodes`) is within 3-7% of that peak everywhere in that range, and nearer still if the
+real cost rises early and then flattens between the two measured points (1 and 8 tokens), which makes small
+trees dearer than the linear interpolation assumes. `max_nodes="auto"` instead measures the bound target's cost per tree size once (at
+the first generation) and re-picks the size with the current acceptance estimates whenever the template is
+re-grown.
 """
 
 from __future__ import annotations
@@ -109,9 +113,8 @@ class TokenRecycling(Drafter):
         self.stale = False  # the template must be re-grown before the next generation
         self.table: torch.Tensor | None = None  # [V, width] int32, width = min(k, V)
         self.seen: torch.Tensor | None = None  # [V] bool: rows written at least once (others draft nothing)
-        self.hits: torch.Tensor | None = (
-            None  # [max_depth, width]: candidate (depth, rank) was the next token
-        )
+        # [max_depth, width]: times the rank-r candidate of an accepted node at depth d was the next token
+        self.hits: torch.Tensor | None = None
         self.trials: torch.Tensor | None = None  # [max_depth]: accepted nodes whose next token is known
         self.steps = 0
         self._set_template()
@@ -253,7 +256,7 @@ class TokenRecycling(Drafter):
         self.seen[tokens[keep]] = True
         self.steps += 1
         if self.config.adapt_every and self.steps % self.config.adapt_every == 0:
-            self.template = self._grow()
+            self._set_template()
 
     def _measure(self, tokens: torch.Tensor, verdict: Verdict) -> None:
         """For each accepted node at depth d (root = 0) the next token is known (the next accepted draft or
