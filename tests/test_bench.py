@@ -105,8 +105,11 @@ class FixedChain(Drafter):
 
 
 def accept_everything(tree, logits):
-    """A broken verifier: takes the whole chain, then the argmax after it."""
-    return Verdict(list(range(len(tree))), tree.tokens[1:] + [int(logits[-1].argmax())])
+    """A broken verifier: follows the first child at every node, then the argmax after the last one."""
+    path = [0]
+    while tree.children[path[-1]]:
+        path.append(tree.children[path[-1]][0])
+    return Verdict(path, [tree.tokens[i] for i in path[1:]] + [int(logits[path[-1]].argmax())])
 
 
 def test_bench_catches_a_lossy_method(capsys, dirs, tmp_path, monkeypatch):
