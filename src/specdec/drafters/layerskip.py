@@ -1,0 +1,291 @@
+"""Self-speculation by layer skipping (Draft & Verify, SWIFT; `shared/algorithms.md` §8): the target drafts for
+itself with some of its decoder layers skipped. No extra weights.
+
+The draft model is a view of the target: shallow copies of the causal-LM module and of its decoder module
+that share every parameter, with the decoder's layer list replaced by the kept layers and a copied config
+(`num_hidden_layers`, `layer_types`) to match. The user's model and config objects are never modified. HF
+attention modules write their keys and values with `past_key_values.update(k, v, self.layer_idx)` using
+their ORIGINAL index, so the view's cache (one preallocated slot per kept layer, `specdec.cache.KVCache`)
+maps original indices to its slots. The cache is kept in sync the way `draft_model.py` keeps a draft
+model's: committed context plus accepted drafts, each step feeding only what it has not seen.
+
+Drafting: a chain, up to `max_tokens`. Greedy runs stop early when the view's top-1 probability falls below
+`threshold` (Draft & Verify's confidence exit; the first token is always drafted); sampled runs draw each
+token from the view's processed distribution q and report q, so acceptance is min(1, p/q) (lossless). The
+draft length also follows transformers' heuristic (all accepted: +2, otherwise -1), reset per generation.
+
+Which layers to skip (SWIFT-like, on the fly). Start: skip `skip_ratio` of the middle layers (first and last
+are always kept), evenly spread; or the `skip` list given. Every `adapt_every` steps, once the generation has
+`adapt_window` target predictions recorded, try one candidate set: the current one with one skipped and one
+kept middle layer swapped at random. Both sets are scored on the same recent window by the fraction of the
+target's argmaxes (recorded from the verification logits) their view reproduces, running the view over the
+window's tokens alone (no cache: cheap and bounded, an approximation of the real context that treats both
+sets alike). The candidate replaces the current set when it scores higher; the draft cache is then rebuilt at
+the next step. Adaptation stops when the current set scores >= `stop_at`, or after `max_trials` trials. The
+skipped set restarts from the initial one each generation (as the draft length does) so that a seed gives
+the same text whatever ran before; `persist=True` carries the learned set across generations instead.
+
+Defaults (not tuned by measurement; the machine was busy): skip half of the middle layers (SWIFT skips ~45%
+of all sublayers), confidence 0.6 (between HF's 0.4 and SWIFT's 0.8), up to 8 drafted tokens, a trial every
+16 steps on the last 32 predictions, stop at 0.9 match (SWIFT: 0.93).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from specdec.acceptance import Verdict
+from specdec.cache import KVCache
+from specdec.drafters.base import Drafter, Request, register
+from specdec.errors import InputError, UnsupportedModelError
+from specdec.runner import ModelRunner
+from specdec.sampling import TargetDistribution
+from specdec.tree import DraftTree
+
+
+@dataclass
+class LayerSkipConfig:
+    skip: tuple[int, ...] | str | None = (
+        None  # layers to skip at the start ("2,4" or [2, 4]); None: skip_ratio
+    )
+    skip_ratio: float = 0.5  # fraction of the middle layers skipped when `skip` is None
+    num_tokens: int = 4  # initial draft length
+    max_tokens: int = 8
+    threshold: float = 0.6  # greedy: stop drafting when the view's top-1 probability is below this
+    adapt: bool = True  # search the skipped set on the fly
+    adapt_every: int = 16  # steps between two trials
+    adapt_window: int = 32  # recent target predictions a trial is scored on
+    stop_at: float = 0.9  # stop adapting once the current set reproduces this fraction
+    max_trials: int = 32
+    persist: bool = False  # keep the learned set across generations (a seed then depends on earlier calls)
+    seed: int = 0  # RNG of the search (never of the output)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.skip, str):
+            try:
+                self.skip = tuple(int(s) for s in self.skip.replace(",", " ").split())
+            except ValueError:
+                raise ValueError(f"skip must list layer indices, e.g. '2,4' (got {self.skip!r})") from None
+        elif self.skip is not None:
+            self.skip = tuple(self.skip)
+        if not 0 <= self.skip_ratio <= 1:
+            raise ValueError(f"skip_ratio must be in [0, 1] (got {self.skip_ratio!r})")
+        if not 1 <= self.num_tokens <= self.max_tokens:
+            raise ValueError("need 1 <= num_tokens <= max_tokens")
+        if not 0 <= self.threshold <= 1 or not 0 <= self.stop_at <= 1:
+            raise ValueError("threshold and stop_at must be in [0, 1]")
+        if self.adapt_every < 1 or self.adapt_window < 2 or self.max_trials < 0:
+            raise ValueError("need adapt_every >= 1, adapt_window >= 2, max_trials >= 0")
+
+
+def default_skip(num_layers: int, ratio: float) -> tuple[int, ...]:
+    """`ratio` of the middle layers (never the first or last), evenly spread."""
+    middle = list(range(1, num_layers - 1))
+    k = round(ratio * len(middle))
+    if k == 0:
+        return ()
+    step = len(middle) / k
+    return tuple(middle[int((i + 0.5) * step)] for i in range(k))
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(
+            f"layerskip needs a decoder-only LM with `model.layers` and `lm_head`; {type(model).__name__} has not"
+        )
+    return layers
+
+
+def skipping_view(model, keep: list[int]):
+    """A shallow copy of `model` that runs only decoder layers `keep`; every parameter is shared."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    decoder = copy.copy(model.model)
+    decoder.__dict__["_modules"] = dict(model.model._modules)  # copy.copy shares the dict: never write to it
+    decoder._modules["layers"] = nn.ModuleList([model.model.layers[i] for i in keep])
+    decoder.__dict__["config"] = config
+    view = copy.copy(model)
+    view.__dict__["_modules"] = dict(model._modules)
+    view._modules["model"] = decoder
+    view.__dict__["config"] = config
+    return view
+
+
+class KeptLayersCache(KVCache):
+    """One slot per kept layer; attention modules address it with their original layer index."""
+
+    def __init__(self, keep: list[int], capacity: int) -> None:
+        super().__init__(len(keep), capacity)
+        self.slot = {layer: i for i, layer in enumerate(keep)}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states, value_states, self.slot[layer_idx], *args, **kwargs)
+
+
+class ViewRunner(ModelRunner):
+    def __init__(self, model, keep: list[int]) -> None:
+        super().__init__(skipping_view(model, keep))
+        self.keep = keep
+
+    def start(self, prompt_ids: list[int], capacity: int) -> torch.Tensor:
+        """Prefill into a fresh cache (the target's own checks already ran on the full model)."""
+        self.cache = KeptLayersCache(self.keep, capacity)
+        self.forwards = 0
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        return self._forward(ids, None, None, logits_to_keep=1)[-1]
+
+    def match_rate(self, tokens: list[int], start: int, targets: list[int]) -> float:
+        """Fraction of positions where the view's argmax after tokens[: i + 1] equals targets[i] (no cache)."""
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + len(tokens), device=self.device)[None]
+        logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+        hits = logits.argmax(dim=-1) == torch.tensor(targets, device=self.device)
+        return hits.double().mean().item()
+
+
+@register
+class LayerSkip(Drafter):
+    name = "layerskip"
+
+    def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:
+        self.config = config or LayerSkipConfig(**options)
+        self.model = None
+        self.runner: ViewRunner | None = None
+
+    def bind(self, model) -> None:
+        n = len(decoder_layers(model))
+        skip = self.config.skip
+        if skip is None:
+            skip = default_skip(n, self.config.skip_ratio)
+        bad = [i for i in skip if not 0 <= i < n]
+        if bad or len(set(skip)) == n:
+            raise InputError(f"layerskip: cannot skip layers {list(skip)} of a {n}-layer model")
+        self.model, self.num_layers = model, n
+        self.initial_skip = tuple(sorted(set(skip)))
+        self.skip = self.initial_skip
+        self.runner = ViewRunner(model, self.kept(self.skip))
+        self.fresh = True  # the search state starts over for a newly bound model, even with `persist`
+
+    def kept(self, skip: tuple[int, ...]) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in skip]
+
+    def reset(self, request: Request) -> None:
+        if self.runner is None:
+            raise RuntimeError("layerskip drafts with the target: Engine binds it (call bind(model) first)")
+        cfg = self.config
+        self.request = request
+        self.dist = None if request.params.greedy else TargetDistribution(request.params)
+        if self.fresh or not cfg.persist:
+            self.fresh = False
+            self._use(self.initial_skip)
+            self.rng = random.Random(cfg.seed)
+            self.adapting = cfg.adapt
+            self.trials = 0
+        self.runner.cache = None
+        self.fed: list[int] = []  # tokens whose KV is in the view's cache, in order
+        self.fed_drafts = 0  # how many of the last drafts were fed (their KV is at the end of `fed`)
+        self.drafted = 0
+        self.num_tokens = cfg.num_tokens
+        self.steps = 0
+        self.predictions: list[tuple[int, int, int]] = []  # recent, consecutive positions
+        self.root_pos = 0
+
+    def release(self) -> None:
+        if self.runner is not None:
+            self.runner.cache = None
+
+    def _use(self, skip: tuple[int, ...]) -> None:
+        if skip != self.skip or self.runner is None:
+            self.skip = skip
+            self.runner = ViewRunner(self.model, self.kept(skip))
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        if self.runner.cache is None:
+            capacity = (
+                len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens
+            )
+            logits = self.runner.start(tokens, capacity + 2)[None]
+        else:
+            logits = self.runner.extend(tokens)
+        self.fed.extend(tokens)
+        return logits[-1]
+
+    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+        self.root_pos = len(context) - 1
+        self.fed_drafts = self.drafted = 0
+        k = min(self.num_tokens, max_depth)
+        if k <= 0:
+            return DraftTree.root_only(context[-1])
+        logits = self._feed(context[len(self.fed) :])
+        drafts: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            if self.dist is None:
+                if i > 0 and torch.softmax(logits.double(), dim=-1).max().item() < self.config.threshold:
+                    break  # not confident: the rest would mostly be rejected
+                tok = int(logits.argmax())
+            else:
+                q = self.dist(logits[None])[0]
+                tok = int(torch.multinomial(q, 1, generator=self.request.generator))
+                probs.append(q)
+            drafts.append(tok)
+            if i + 1 < k:
+                logits = self._feed([tok])
+                self.fed_drafts += 1
+        self.drafted = len(drafts)
+        q = torch.stack([torch.zeros_like(probs[0]), *probs]) if probs else None  # row 0: the root, unused
+        return DraftTree.chain(context[-1], drafts, q)
+
+    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
+        # Keep the committed context plus the accepted drafts among those fed.
+        keep = len(self.fed) - self.fed_drafts + min(verdict.accepted_drafts, self.fed_drafts)
+        if keep < len(self.fed):
+            del self.fed[keep:]
+            self.runner.cache.crop(keep)
+        if self.drafted:
+            if verdict.accepted_drafts == self.drafted:
+                self.num_tokens = min(self.num_tokens + 2, self.config.max_tokens)
+            else:
+                self.num_tokens = max(1, self.num_tokens - 1)
+        nodes = verdict.accepted_nodes
+        argmax = logits[nodes].argmax(dim=-1).tolist()
+        # (position, token there, the target's argmax after it) for the accepted path
+        self.predictions.extend(
+            (self.root_pos + i, tree.tokens[node], nxt)
+            for i, (node, nxt) in enumerate(zip(nodes, argmax, strict=True))
+        )
+        del self.predictions[: -self.config.adapt_window]
+        self.steps += 1
+        if self.adapting and self.steps % self.config.adapt_every == 0:
+            self._trial()
+
+    def _trial(self) -> None:
+        """Score the current set and one neighbour on the recent predictions; keep the better one."""
+        cfg = self.config
+        if len(self.predictions) < cfg.adapt_window:
+            return
+        kept_middle = [i for i in range(1, self.num_layers - 1) if i not in self.skip]
+        if self.trials >= cfg.max_trials or not self.skip or not kept_middle:
+            self.adapting = False  # out of trials, or no neighbour skipping as many layers
+            return
+        self.trials += 1
+        start = self.predictions[0][0]
+        tokens = [tok for _, tok, _ in self.predictions]
+        targets = [nxt for _, _, nxt in self.predictions]
+        current = self.runner.match_rate(tokens, start, targets)
+        if current >= cfg.stop_at:
+            self.adapting = False
+            return
+        swap_out, swap_in = self.rng.choice(self.skip), self.rng.choice(kept_middle)
+        candidate = tuple(sorted({*self.skip, swap_in} - {swap_out}))
+        if ViewRunner(self.model, self.kept(candidate)).match_rate(tokens, start, targets) > current:
+            self._use(candidate)
+            self.fed, self.fed_drafts = [], 0  # the next step re-prefills the context with the new set
