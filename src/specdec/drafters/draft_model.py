@@ -25,10 +25,13 @@ class DraftModelConfig:
     num_tokens: int = 4  # initial draft length
     adaptive: bool = True  # transformers' heuristic: all accepted -> +2, otherwise -1
     max_tokens: int = 12
+    threshold: float = 0.0  # greedy: stop drafting when the draft's top-1 probability is below this (0 = off)
 
 
 @register
 class DraftModel(Drafter):
+    """Chain drafting with a cached model; `layerskip` reuses it with a view of the target as the model."""
+
     name = "draft"
     needs_draft_model = True
 
@@ -42,9 +45,10 @@ class DraftModel(Drafter):
     def reset(self, request: Request) -> None:
         self.request = request
         self.dist = None if request.params.greedy else TargetDistribution(request.params)
-        self.fed: list[int] = []  # tokens whose KV is in the draft cache, in order
-        self.pending_drafts: list[int] = []
         self.runner.cache = None
+        self.fed: list[int] = []  # tokens whose KV is in the draft cache, in order
+        self.fed_drafts = 0  # how many of the last step's drafts were fed (their KV ends `fed`)
+        self.drafted = 0
         # The draft length adapts within a generation only: carried over, it would change how many random
         # numbers a step draws, and the same seed would give different text depending on earlier calls.
         self.num_tokens = self.config.num_tokens
@@ -52,49 +56,55 @@ class DraftModel(Drafter):
     def release(self) -> None:
         self.runner.cache = None
 
-    def _feed(self, tokens: list[int], capacity: int) -> torch.Tensor:
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
         if self.runner.cache is None:
-            logits = self.runner.start(tokens, capacity)[None]
+            capacity = (
+                len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens
+            )
+            logits = self.runner.start(tokens, capacity + 2)[None]
         else:
             logits = self.runner.extend(tokens)
         self.fed.extend(tokens)
         return logits[-1]
 
     def propose(self, context: list[int], max_depth: int) -> DraftTree:
+        self.fed_drafts = self.drafted = 0
         k = min(self.num_tokens, max_depth)
         if k <= 0:
             return DraftTree.root_only(context[-1])
-        capacity = (
-            len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens + 2
-        )
-        logits = self._feed(context[len(self.fed) :], capacity)
+        logits = self._feed(context[len(self.fed) :])
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
+        threshold = self.config.threshold
         for i in range(k):
             if self.dist is None:
+                if (
+                    i > 0
+                    and threshold > 0
+                    and torch.softmax(logits.double(), dim=-1).max().item() < threshold
+                ):
+                    break  # not confident: the rest would mostly be rejected
                 tok = int(logits.argmax())
             else:
                 q = self.dist(logits[None])[0]
                 tok = int(torch.multinomial(q, 1, generator=self.request.generator))
                 probs.append(q)
             drafts.append(tok)
-            if i + 1 < k:
-                logits = self._feed([tok], capacity)
-        self.pending_drafts = drafts
-        q = None
-        if probs:
-            q = torch.stack([torch.zeros_like(probs[0]), *probs])  # row 0 (the root) is never used
+            if i + 1 < k:  # the last draft is never fed: its KV is only needed if it is accepted
+                logits = self._feed([tok])
+                self.fed_drafts += 1
+        self.drafted = len(drafts)
+        q = torch.stack([torch.zeros_like(probs[0]), *probs]) if probs else None  # row 0: the root, unused
         return DraftTree.chain(context[-1], drafts, q)
 
     def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
-        fed_drafts = len(self.pending_drafts) - 1  # the last draft was sampled but never fed
-        keep = len(self.fed) - max(fed_drafts, 0) + min(verdict.accepted_drafts, max(fed_drafts, 0))
-        if fed_drafts >= 0 and keep < len(self.fed):
+        # Keep the committed context plus the accepted drafts among those fed.
+        keep = len(self.fed) - self.fed_drafts + min(verdict.accepted_drafts, self.fed_drafts)
+        if keep < len(self.fed):
             del self.fed[keep:]
             self.runner.cache.crop(keep)
-        if self.config.adaptive and self.pending_drafts:
-            if verdict.accepted_drafts == len(self.pending_drafts):
+        if self.config.adaptive and self.drafted:
+            if verdict.accepted_drafts == self.drafted:
                 self.num_tokens = min(self.num_tokens + 2, self.config.max_tokens)
             else:
                 self.num_tokens = max(1, self.num_tokens - 1)
-        self.pending_drafts = []

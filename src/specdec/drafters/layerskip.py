@@ -41,20 +41,19 @@ from torch import nn
 
 from specdec.acceptance import Verdict
 from specdec.cache import KVCache
-from specdec.drafters.base import Drafter, Request, register
+from specdec.drafters.base import Request, register
+from specdec.drafters.draft_model import DraftModel, DraftModelConfig
 from specdec.errors import InputError, UnsupportedModelError
 from specdec.runner import ModelRunner
-from specdec.sampling import TargetDistribution
 from specdec.tree import DraftTree
 
 
 @dataclass
-class LayerSkipConfig:
+class LayerSkipConfig(DraftModelConfig):
     skip: tuple[int, ...] | str | None = (
         None  # layers to skip at the start ("2,4" or [2, 4]); None: skip_ratio
     )
     skip_ratio: float = 0.5  # fraction of the middle layers skipped when `skip` is None
-    num_tokens: int = 4  # initial draft length
     max_tokens: int = 8
     threshold: float = 0.6  # greedy: stop drafting when the view's top-1 probability is below this
     adapt: bool = True  # search the skipped set on the fly
@@ -152,13 +151,17 @@ class ViewRunner(ModelRunner):
 
 
 @register
-class LayerSkip(Drafter):
+class LayerSkip(DraftModel):
+    """DraftModel's chain drafting, with a weight-sharing view of the target (some layers skipped) as the model."""
+
     name = "layerskip"
+    needs_draft_model = False
 
     def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:
         self.config = config or LayerSkipConfig(**options)
         self.model = None
         self.runner: ViewRunner | None = None
+        self.num_tokens = self.config.num_tokens
 
     def bind(self, model) -> None:
         n = len(decoder_layers(model))
@@ -181,19 +184,13 @@ class LayerSkip(Drafter):
         if self.runner is None:
             raise RuntimeError("layerskip drafts with the target: Engine binds it (call bind(model) first)")
         cfg = self.config
-        self.request = request
-        self.dist = None if request.params.greedy else TargetDistribution(request.params)
         if self.fresh or not cfg.persist:
             self.fresh = False
             self._use(self.initial_skip)
             self.rng = random.Random(cfg.seed)
             self.adapting = cfg.adapt
             self.trials = 0
-        self.runner.cache = None
-        self.fed: list[int] = []  # tokens whose KV is in the view's cache, in order
-        self.fed_drafts = 0  # how many of the last drafts were fed (their KV is at the end of `fed`)
-        self.drafted = 0
-        self.num_tokens = cfg.num_tokens
+        super().reset(request)
         self.steps = 0
         self.predictions: list[tuple[int, int, int]] = []  # recent, consecutive positions
         self.root_pos = 0
@@ -207,54 +204,12 @@ class LayerSkip(Drafter):
             self.skip = skip
             self.runner = ViewRunner(self.model, self.kept(skip))
 
-    def _feed(self, tokens: list[int]) -> torch.Tensor:
-        if self.runner.cache is None:
-            capacity = (
-                len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens
-            )
-            logits = self.runner.start(tokens, capacity + 2)[None]
-        else:
-            logits = self.runner.extend(tokens)
-        self.fed.extend(tokens)
-        return logits[-1]
-
     def propose(self, context: list[int], max_depth: int) -> DraftTree:
         self.root_pos = len(context) - 1
-        self.fed_drafts = self.drafted = 0
-        k = min(self.num_tokens, max_depth)
-        if k <= 0:
-            return DraftTree.root_only(context[-1])
-        logits = self._feed(context[len(self.fed) :])
-        drafts: list[int] = []
-        probs: list[torch.Tensor] = []
-        for i in range(k):
-            if self.dist is None:
-                if i > 0 and torch.softmax(logits.double(), dim=-1).max().item() < self.config.threshold:
-                    break  # not confident: the rest would mostly be rejected
-                tok = int(logits.argmax())
-            else:
-                q = self.dist(logits[None])[0]
-                tok = int(torch.multinomial(q, 1, generator=self.request.generator))
-                probs.append(q)
-            drafts.append(tok)
-            if i + 1 < k:
-                logits = self._feed([tok])
-                self.fed_drafts += 1
-        self.drafted = len(drafts)
-        q = torch.stack([torch.zeros_like(probs[0]), *probs]) if probs else None  # row 0: the root, unused
-        return DraftTree.chain(context[-1], drafts, q)
+        return super().propose(context, max_depth)
 
     def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
-        # Keep the committed context plus the accepted drafts among those fed.
-        keep = len(self.fed) - self.fed_drafts + min(verdict.accepted_drafts, self.fed_drafts)
-        if keep < len(self.fed):
-            del self.fed[keep:]
-            self.runner.cache.crop(keep)
-        if self.drafted:
-            if verdict.accepted_drafts == self.drafted:
-                self.num_tokens = min(self.num_tokens + 2, self.config.max_tokens)
-            else:
-                self.num_tokens = max(1, self.num_tokens - 1)
+        super().observe(tree, verdict, logits)
         nodes = verdict.accepted_nodes
         argmax = logits[nodes].argmax(dim=-1).tolist()
         # (position, token there, the target's argmax after it) for the accepted path
