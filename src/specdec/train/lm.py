@@ -183,6 +183,10 @@ def train(workdir: Path, name: str, cfg: TrainConfig) -> Path:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+        # A resumed run keeps the schedule it started with (token budget, lr, windows); only how it runs may change.
+        cfg = TrainConfig(
+            **{**state["config"], "threads": cfg.threads, "checkpoint_minutes": cfg.checkpoint_minutes}
+        )
     total_steps = cfg.total_tokens // cfg.batch_tokens
     long_from = int(total_steps * (1 - cfg.long_fraction))
 
