@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/train"), help="resumable working directory")
     p.add_argument("--stage", choices=["prepare", "train", "export", "all"], default="all")
     p.add_argument("--models", default="draft,target", help="comma-separated subset of: draft,target")
-    p.add_argument("--target-tokens", type=int, default=16_000_000, help="training tokens for the target")
+    p.add_argument("--target-tokens", type=int, default=20_000_000, help="training tokens for the target")
     p.add_argument("--draft-tokens", type=int, default=12_000_000, help="training tokens for the draft")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stdlib-only", action="store_true", help="leave out installed packages' sources")
