@@ -16,18 +16,12 @@ import tiny
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.model("llama", dtype=torch.float32).save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
+    return tiny.save(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-draft")
-    tiny.model("llama", seed=5, hidden=16, layers=1, dtype=torch.float32).save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
+    return tiny.save(tmp_path_factory.mktemp("tiny-draft"), seed=5, hidden=16, layers=1)
 
 
 def run(capsys, *argv):

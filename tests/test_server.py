@@ -68,10 +68,7 @@ def wait_until(condition, timeout: float = 20.0) -> bool:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The tiny model as shipped: no chat template."""
-    path = tmp_path_factory.mktemp("tiny-plain")
-    tiny.model("llama", dtype=torch.float32).save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
+    return tiny.save(tmp_path_factory.mktemp("tiny-plain"))
 
 
 @pytest.fixture(scope="module")

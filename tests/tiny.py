@@ -94,3 +94,10 @@ def hf_greedy(m, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         pad_token_id=m.generation_config.pad_token_id,
     )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def save(path: Path, arch: str = "llama", **kwargs) -> Path:
+    """A tiny float32 model plus the tiny tokenizer as a from_pretrained directory."""
+    model(arch, dtype=torch.float32, **kwargs).save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
