@@ -32,10 +32,14 @@ def test_prepare_train_resume_export(tmp_path):
     # Resuming keeps the recorded schedule: a different budget on the command line does not extend it.
     train(work, "draft", TrainConfig(size="draft", total_tokens=100 * 512, batch_tokens=512, threads=1))
     assert torch.load(ckpt, weights_only=False)["step"] == 2
+    # An explicit new budget moves the end of the schedule, and the log records it for the model card.
+    train(work, "draft", cfg, new_budget=3 * 512)
+    assert torch.load(ckpt, weights_only=False)["step"] == 3
 
     out = tmp_path / "export" / "draft"
     metrics = export(work, "draft", out)
-    assert metrics["steps"] == 2 and metrics["heldout_nats_per_token"] > 0
+    assert metrics["steps"] == 3 and metrics["heldout_nats_per_token"] > 0
+    assert metrics["budget_changes"] == [{"step": 2, "budget_changed": {"from": 2 * 512, "to": 3 * 512}}]
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert model.dtype == torch.bfloat16  # stored in 16 bits

@@ -66,6 +66,14 @@ def write_card(shipped: Path, manifest_path: Path) -> str:
     pkgs = sorted(manifest["packages"].items(), key=lambda kv: -kv[1]["bytes"])
     pkg_lines = ", ".join(f"{name} ({v['files']})" for name, v in pkgs[:25])
     tc = json.loads((shipped / "target" / "training_metrics.json").read_text())["train_config"]
+    changes = []
+    for role in ("target", "draft"):
+        for c in json.loads((shipped / role / "training_metrics.json").read_text()).get("budget_changes", []):
+            b = c["budget_changed"]
+            changes.append(
+                f"The {role}'s token budget was changed from {b['from'] / 1e6:g}M to {b['to'] / 1e6:g}M when "
+                f"resumed at step {c['step']}; the cosine decay was recomputed from there."
+            )
     card = f"""# The shipped code models
 
 A target/draft pair of Llama-architecture causal LMs trained from scratch on Python source, so that every
@@ -91,6 +99,7 @@ AdamW (betas 0.9/0.95, weight decay 0.1), cosine schedule with {tc["warmup_fract
 fp32 on 2 CPU cores ({platform.processor() or platform.machine()}; bf16 autocast measured slower there: no bf16
 units). Held-out loss over the first 200k tokens of the held-out stream; bits/byte = nats/token / ln 2 x
 tokens/byte of the held-out text. Latency: one forward of 1 token after a 256-token prefix, float32, this machine.
+{" ".join(changes)}
 
 | model | params | layers x width | tokens seen | steps | train time | peak lr | held-out nats/token | bits/byte | forward |
 |---|---|---|---|---|---|---|---|---|---|

@@ -13,13 +13,28 @@ from pathlib import Path
 
 from specdec.train.corpus import CorpusConfig
 
+# The budgets the shipped pair was trained with (the target's was cut from 20M to 11M at step 298 to fit a
+# session; MODEL_CARD.md records it).
+DEFAULT_TOKENS = {"target": 11_000_000, "draft": 12_000_000}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/train"), help="resumable working directory")
     p.add_argument("--stage", choices=["prepare", "train", "export", "all"], default="all")
     p.add_argument("--models", default="draft,target", help="comma-separated subset of: draft,target")
-    p.add_argument("--target-tokens", type=int, default=20_000_000, help="training tokens for the target")
-    p.add_argument("--draft-tokens", type=int, default=12_000_000, help="training tokens for the draft")
+    p.add_argument(
+        "--target-tokens",
+        type=int,
+        default=None,
+        help=f"training tokens for the target (default {DEFAULT_TOKENS['target']:,}); given when resuming, "
+        "it moves the end of the recorded schedule",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=None,
+        help=f"training tokens for the draft (default {DEFAULT_TOKENS['draft']:,}); as --target-tokens",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stdlib-only", action="store_true", help="leave out installed packages' sources")
     p.add_argument("--export-dir", type=Path, default=None, help="where to write <name>/ HF directories")
@@ -36,9 +51,10 @@ def run(args: argparse.Namespace) -> int:
         prepare(args.workdir, CorpusConfig(include_site_packages=not args.stdlib_only))
     if args.stage in ("train", "all"):
         for n in names:
-            tokens = args.target_tokens if n == "target" else args.draft_tokens
+            given = args.target_tokens if n == "target" else args.draft_tokens
             lr = 1.5e-3 if n == "target" else 3e-3
-            train(args.workdir, n, TrainConfig(size=n, total_tokens=tokens, lr=lr, threads=args.threads))
+            cfg = TrainConfig(size=n, total_tokens=given or DEFAULT_TOKENS[n], lr=lr, threads=args.threads)
+            train(args.workdir, n, cfg, new_budget=given)
     if args.stage in ("export", "all"):
         from specdec.models.shipped import SHIPPED_DIR
 

@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +160,13 @@ def heldout_loss(
     return total / count
 
 
-def train(workdir: Path, name: str, cfg: TrainConfig) -> Path:
-    """Train (or resume training) model `name`; returns the checkpoint path."""
+def train(workdir: Path, name: str, cfg: TrainConfig, new_budget: int | None = None) -> Path:
+    """Train (or resume training) model `name`; returns the checkpoint path.
+
+    A resumed run keeps the schedule recorded in its checkpoint, except that `new_budget` (tokens) may move its
+    end: the cosine decay is then recomputed from the current step, and the change is written to the log so
+    the model card can say the run was not one uninterrupted schedule.
+    """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
@@ -187,6 +192,11 @@ def train(workdir: Path, name: str, cfg: TrainConfig) -> Path:
         cfg = TrainConfig(
             **{**state["config"], "threads": cfg.threads, "checkpoint_minutes": cfg.checkpoint_minutes}
         )
+        if new_budget is not None and new_budget != cfg.total_tokens:
+            change = {"step": step, "budget_changed": {"from": cfg.total_tokens, "to": new_budget}}
+            with log_path.open("a") as f:
+                f.write(json.dumps(change) + "\n")
+            cfg = replace(cfg, total_tokens=new_budget)
     total_steps = cfg.total_tokens // cfg.batch_tokens
     long_from = int(total_steps * (1 - cfg.long_fraction))
 
@@ -244,6 +254,14 @@ def train(workdir: Path, name: str, cfg: TrainConfig) -> Path:
     return ckpt_path
 
 
+def budget_changes(log_path: Path) -> list[dict]:
+    """The `train(..., new_budget=...)` records of a training log, oldest first."""
+    if not log_path.exists():
+        return []
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    return [r for r in records if "budget_changed" in r]
+
+
 def export(workdir: Path, name: str, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Write a standard HF model directory (16-bit safetensors + tokenizer) and return its held-out metrics."""
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
@@ -263,6 +281,7 @@ def export(workdir: Path, name: str, out_dir: Path, dtype: torch.dtype = torch.b
         "steps": state["step"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_config": state["config"],
+        "budget_changes": budget_changes(workdir / f"{name}.log.jsonl"),
     }
     eos = tokenizer.convert_tokens_to_ids(EOS)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
