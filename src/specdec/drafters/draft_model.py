@@ -15,6 +15,7 @@ import torch
 
 from specdec.acceptance import Verdict
 from specdec.drafters.base import Drafter, Request, register
+from specdec.models.lean import LeanRunner
 from specdec.runner import ModelRunner
 from specdec.sampling import TargetDistribution
 from specdec.tree import DraftTree
@@ -26,6 +27,18 @@ class DraftModelConfig:
     adaptive: bool = True  # transformers' heuristic: all accepted -> +2, otherwise -1
     max_tokens: int = 12
     threshold: float = 0.0  # greedy: stop drafting when the draft's top-1 probability is below this (0 = off)
+    lean: bool = True  # Llama drafts run `specdec.models.lean` (same weights, far less per-call overhead)
+
+
+def make_runner(model, layers: list[int] | None, lean: bool) -> ModelRunner | LeanRunner:
+    """The lean forward when it supports the model, else transformers' (`layers`: a subset, for layerskip)."""
+    if lean and LeanRunner.supports(model):
+        return LeanRunner(model, layers)
+    if layers is not None:
+        from specdec.drafters.layerskip import ViewRunner
+
+        return ViewRunner(model, layers)
+    return ModelRunner(model)
 
 
 @register
@@ -39,7 +52,7 @@ class DraftModel(Drafter):
         if model is None:
             raise ValueError("the draft method needs a draft model (--draft PATH, or --draft default)")
         self.config = config or DraftModelConfig(**options)
-        self.runner = ModelRunner(model)
+        self.runner = make_runner(model, None, self.config.lean)
         self.num_tokens = self.config.num_tokens
 
     def reset(self, request: Request) -> None:

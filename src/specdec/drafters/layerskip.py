@@ -42,8 +42,9 @@ from torch import nn
 from specdec.acceptance import Verdict
 from specdec.cache import KVCache
 from specdec.drafters.base import Request, register
-from specdec.drafters.draft_model import DraftModel, DraftModelConfig
+from specdec.drafters.draft_model import DraftModel, DraftModelConfig, make_runner
 from specdec.errors import InputError, UnsupportedModelError
+from specdec.models.lean import LeanRunner
 from specdec.runner import ModelRunner
 from specdec.tree import DraftTree
 
@@ -141,13 +142,16 @@ class ViewRunner(ModelRunner):
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         return self._forward(ids, None, None, logits_to_keep=1)[-1]
 
-    def match_rate(self, tokens: list[int], start: int, targets: list[int]) -> float:
-        """Fraction of positions where the view's argmax after tokens[: i + 1] equals targets[i] (no cache)."""
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, start + len(tokens), device=self.device)[None]
-        logits = self.model(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
-        hits = logits.argmax(dim=-1) == torch.tensor(targets, device=self.device)
-        return hits.double().mean().item()
+
+def match_rate(model, keep: list[int], tokens: list[int], start: int, targets: list[int]) -> float:
+    """Fraction of positions where the view's argmax after tokens[: i + 1] equals targets[i] (no cache)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    positions = torch.arange(start, start + len(tokens), device=device)[None]
+    with torch.inference_mode():
+        logits = skipping_view(model, keep)(input_ids=ids, position_ids=positions, use_cache=False).logits[0]
+    hits = logits.argmax(dim=-1) == torch.tensor(targets, device=device)
+    return hits.double().mean().item()
 
 
 @register
@@ -160,7 +164,7 @@ class LayerSkip(DraftModel):
     def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:
         self.config = config or LayerSkipConfig(**options)
         self.model = None
-        self.runner: ViewRunner | None = None
+        self.runner: ViewRunner | LeanRunner | None = None
         self.num_tokens = self.config.num_tokens
 
     def bind(self, model) -> None:
@@ -174,7 +178,7 @@ class LayerSkip(DraftModel):
         self.model, self.num_layers = model, n
         self.initial_skip = tuple(sorted(set(skip)))
         self.skip = self.initial_skip
-        self.runner = ViewRunner(model, self.kept(self.skip))
+        self.runner = make_runner(model, self.kept(self.skip), self.config.lean)
         self.fresh = True  # the search state starts over for a newly bound model, even with `persist`
 
     def kept(self, skip: tuple[int, ...]) -> list[int]:
@@ -202,7 +206,7 @@ class LayerSkip(DraftModel):
     def _use(self, skip: tuple[int, ...]) -> None:
         if skip != self.skip or self.runner is None:
             self.skip = skip
-            self.runner = ViewRunner(self.model, self.kept(skip))
+            self.runner = make_runner(self.model, self.kept(skip), self.config.lean)
 
     def propose(self, context: list[int], max_depth: int) -> DraftTree:
         self.root_pos = len(context) - 1
@@ -235,12 +239,12 @@ class LayerSkip(DraftModel):
         start = self.predictions[0][0]
         tokens = [tok for _, tok, _ in self.predictions]
         targets = [nxt for _, _, nxt in self.predictions]
-        current = self.runner.match_rate(tokens, start, targets)
+        current = match_rate(self.model, self.kept(self.skip), tokens, start, targets)
         if current >= cfg.stop_at:
             self.adapting = False
             return
         swap_out, swap_in = self.rng.choice(self.skip), self.rng.choice(kept_middle)
         candidate = tuple(sorted({*self.skip, swap_in} - {swap_out}))
-        if ViewRunner(self.model, self.kept(candidate)).match_rate(tokens, start, targets) > current:
+        if match_rate(self.model, self.kept(candidate), tokens, start, targets) > current:
             self._use(candidate)
             self.fed, self.fed_drafts = [], 0  # the next step re-prefills the context with the new set
