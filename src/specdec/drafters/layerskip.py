@@ -8,6 +8,9 @@ attention modules write their keys and values with `past_key_values.update(k, v,
 their ORIGINAL index, so the view's cache (one preallocated slot per kept layer, `specdec.cache.KVCache`)
 maps original indices to its slots. The cache is kept in sync the way `draft_model.py` keeps a draft
 model's: committed context plus accepted drafts, each step feeding only what it has not seen.
+For plain Llama targets the kept layers instead run through `specdec.models.lean` (fused copies of their
+weights, built when the skipped set changes): the view's per-call overhead would eat most of what skipping
+saves on a CPU. The view still scores the search's trials, and drafts for every other architecture.
 
 Drafting: a chain, up to `max_tokens`. Greedy runs stop early when the view's top-1 probability falls below
 `threshold` (Draft & Verify's confidence exit; the first token is always drafted); sampled runs draw each
