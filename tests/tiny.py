@@ -27,7 +27,15 @@ from transformers import (
 # The tokenizer's training text must not change when specdec's code does (it once was specdec's own sources,
 # and every edit re-shuffled the vocabulary under tests that compare exact outputs): a fixed set of stdlib files.
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS = ("bisect.py", "heapq.py", "textwrap.py", "json/encoder.py", "json/decoder.py", "functools.py", "abc.py")
+CORPUS = (
+    "bisect.py",
+    "heapq.py",
+    "textwrap.py",
+    "json/encoder.py",
+    "json/decoder.py",
+    "functools.py",
+    "abc.py",
+)
 
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
