@@ -159,12 +159,17 @@ def test_recycle_overwrites_every_node_row_with_its_topk():
     assert d.table[7].tolist() == logits2[1].topk(4).indices.tolist()
 
 
-def test_recycle_drafts_the_template_from_the_table_and_dedupes_siblings():
-    d = TokenRecycling(k=3, max_nodes=12, max_depth=3, adapt_every=0)
-    vocab = 20
+def _shifted_table(d: TokenRecycling, vocab: int) -> None:
+    """Every row seen, and rank r of token t is t + 1 + r: a drafted tree's tokens tell which ranks it took."""
     d._ensure_table(vocab)
     d.table[:] = torch.tensor([[(t + 1) % vocab, (t + 2) % vocab, (t + 3) % vocab] for t in range(vocab)])
     d.seen[:] = True
+
+
+def test_recycle_drafts_the_template_from_the_table_and_dedupes_siblings():
+    d = TokenRecycling(k=3, max_nodes=12, max_depth=3, adapt_every=0)
+    vocab = 20
+    _shifted_table(d, vocab)
     tree = d.propose([4, 5], max_depth=3)
     tpl = d.template
     assert len(tree) == len(tpl)  # distinct rows: nothing merged
@@ -185,9 +190,7 @@ def test_recycle_regrown_template_is_what_it_drafts():
     """The template re-grows from measured acceptance (here: only rank 1 is ever right), and drafting follows."""
     d = TokenRecycling(k=3, max_nodes=6, max_depth=3, adapt_every=1)
     vocab = 20
-    d._ensure_table(vocab)
-    d.table[:] = torch.tensor([[(t + 1) % vocab, (t + 2) % vocab, (t + 3) % vocab] for t in range(vocab)])
-    d.seen[:] = True
+    _shifted_table(d, vocab)
     before = d.template
     for step in range(40):
         tree = d.propose([4, step % vocab], max_depth=3)
