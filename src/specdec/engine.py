@@ -17,8 +17,9 @@ import torch
 
 from specdec.acceptance import verify_greedy, verify_sampled
 from specdec.drafters.base import Drafter, Request
-from specdec.errors import InputError
-from specdec.runner import ModelRunner, check_tree_attention
+from specdec.errors import ContextLengthError, InputError
+from specdec.models.support import check_tree_attention
+from specdec.runner import ModelRunner
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
 
@@ -147,7 +148,7 @@ class Engine:
             raise InputError("the prompt is empty (it must contain at least one token)")
         limit = self.target.max_positions
         if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
-            raise InputError(
+            raise ContextLengthError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                 f"model's context of {limit} positions"
             )

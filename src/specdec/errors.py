@@ -7,3 +7,8 @@ class InputError(ValueError):
 
 class UnsupportedModelError(InputError):
     """A model specdec cannot verify trees with exactly; raised instead of producing different output."""
+
+
+class ContextLengthError(InputError):
+    """The prompt plus the tokens asked for do not fit in the model's context (the server's
+    `context_length_exceeded`)."""

@@ -2,7 +2,7 @@
 
 The tree is passed to the unmodified Hugging Face model as an explicit 4D additive attention mask (past
 fully visible, tree nodes see their ancestors) and depth-based position ids, so any causal LM whose attention
-honours a 4D mask works without forking its modeling code. `check_tree_attention` proves that on the actual
+honours a 4D mask works without forking its modeling code. `specdec.models.support.check_tree_attention` proves that on the actual
 model before it is trusted.
 """
 
@@ -11,31 +11,13 @@ from __future__ import annotations
 import torch
 
 from specdec.cache import KVCache
-from specdec.errors import UnsupportedModelError
+from specdec.models.support import check_layer_types
 from specdec.tree import DraftTree
 
 
 def _num_layers(model) -> int:
     config = model.config.get_text_config(decoder=True)
     return config.num_hidden_layers
-
-
-def _check_layer_types(model, max_length: int) -> None:
-    config = model.config.get_text_config(decoder=True)
-    types = getattr(config, "layer_types", None) or []
-    others = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
-    if others:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has {', '.join(others)} layers; specdec verifies trees only for attention layers"
-        )
-    window = getattr(config, "sliding_window", None)
-    uses_window = "sliding_attention" in types or (window and getattr(config, "use_sliding_window", True))
-    if uses_window and window and max_length > window:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} uses sliding-window attention (window {window}) and this request needs "
-            f"{max_length} positions; specdec's tree mask covers full attention only, so it refuses rather than "
-            "produce output that differs from the model's own decoding"
-        )
 
 
 class ModelRunner:
@@ -55,7 +37,7 @@ class ModelRunner:
 
     def start(self, prompt_ids: list[int], capacity: int) -> torch.Tensor:
         """Prefill the prompt into a fresh cache; returns the logits [V] for the token after it."""
-        _check_layer_types(self.model, capacity)
+        check_layer_types(self.model, capacity)
         self.cache = KVCache(_num_layers(self.model), capacity)
         self.forwards = 0
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
@@ -100,34 +82,3 @@ class ModelRunner:
         """Append tokens causally (a chunk after the cache); returns their logits [T, V]."""
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self._forward(ids, None, None)
-
-
-def check_tree_attention(model) -> None:
-    """Raise UnsupportedModelError unless scoring a branching tree matches plain causal decoding.
-
-    A model that ignores (or rewrites) a custom 4D mask would silently verify the wrong sequences; this runs
-    both ways on a few tokens and compares the logits, once per model.
-    """
-    if getattr(model, "_specdec_tree_ok", False):
-        return
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    prompt = [1 % vocab, 2 % vocab, 3 % vocab]
-    a, b, c = 4 % vocab, 5 % vocab, 6 % vocab
-    tree = DraftTree([a, b, c, b], [-1, 0, 0, 2])  # root a; children b and c; b under c
-    target = ModelRunner(model)
-    with torch.inference_mode():
-        target.start(prompt, 16)
-        got = target.score(tree).float()
-        ref = ModelRunner(model)
-        ref.start(prompt, 16)
-        ab = ref.extend([a, b]).float()
-        ref.cache.crop(len(prompt))
-        acb = ref.extend([a, c, b]).float()
-    expected = torch.stack([ab[0], ab[1], acb[1], acb[2]])
-    scale = expected.abs().max().clamp_min(1.0)
-    if not torch.allclose(got, expected, atol=2e-2 * scale.item(), rtol=0):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not honour a custom 4D attention mask (tree scoring differs from "
-            "causal decoding), so specdec cannot verify token trees with it"
-        )
-    model._specdec_tree_ok = True
