@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from dataclasses import fields
 
@@ -20,7 +21,7 @@ def sampling_params(**kwargs) -> SamplingParams:
     params = SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
     if isinstance(params.stop, str):
         params.stop = [params.stop]
-    params.validate()
+    params.validate()  # every field's type and range: InputError, never a TypeError later in the engine
     return params
 
 
@@ -88,9 +89,23 @@ class SpecDecoder:
         return cls(target, tokenizer, method, draft_model, **options)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or a list of token ids checked against the model's vocabulary (an id
+        outside it would fail deep in the embedding lookup instead of as the caller's InputError)."""
         if isinstance(prompt, str):
             return self.tokenizer(prompt)["input_ids"]
-        return list(prompt)
+        if hasattr(prompt, "tolist"):  # a 1-D tensor or array of ids
+            prompt = prompt.tolist()
+        if not isinstance(prompt, list | tuple):
+            raise InputError(
+                f"the prompt must be a string or a list of token ids (got {type(prompt).__name__})"
+            )
+        vocab = self.model.config.get_text_config(decoder=True).vocab_size
+        for t in prompt:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise InputError(f"prompt token ids must be integers (got {t!r})")
+            if not 0 <= t < vocab:
+                raise InputError(f"prompt token id {t} is outside the model's vocabulary [0, {vocab})")
+        return [int(t) for t in prompt]
 
     def stream(self, prompt: str | list[int], **params) -> Stream:
         """Text deltas as they are accepted; never half a multi-byte character."""

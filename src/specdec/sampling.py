@@ -19,11 +19,17 @@ from transformers.generation.logits_process import (
 
 from specdec.errors import InputError
 
+# Temperatures below this are greedy (as in vLLM). Sampling at such a temperature is the argmax anyway (bar
+# exact ties), and dividing logits by it overflows float32 long before the smallest positive floats (1e-300,
+# 5e-324), which leaves no distribution to sample from. Treating it as greedy rather than refusing it keeps
+# clients that send a tiny temperature to mean "deterministic" working.
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy (the target's argmax)
+    temperature: float = 0.0  # 0 (or anything below GREEDY_TEMPERATURE = 1e-5) = greedy: the target's argmax
     top_k: int = 0  # 0 = off (note: transformers' generate() defaults to 50 when sampling)
     top_p: float = 1.0  # 1 = off
     seed: int | None = None  # a private torch.Generator per call; never the global RNG
@@ -47,12 +53,14 @@ class SamplingParams:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
         ):
             raise InputError(f"seed must be an integer in [-2**63, 2**64) (got {self.seed!r})")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise InputError("stop strings must be non-empty strings")
+        if not isinstance(self.stop, list | tuple) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InputError(f"stop must be a list of non-empty strings (got {self.stop!r})")
+        if not isinstance(self.ignore_eos, bool):
+            raise InputError(f"ignore_eos must be True or False (got {self.ignore_eos!r})")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _is_number(x) -> bool:
@@ -60,7 +68,11 @@ def _is_number(x) -> bool:
 
 
 class TargetDistribution:
-    """Turns raw target logits [N, V] into the processed distribution p [N, V] (float32)."""
+    """Turns raw target logits [N, V] into the processed distribution p [N, V] (float32).
+
+    Raises InputError when a row is no distribution at all (logits with nan or +inf, or every token masked),
+    which torch would otherwise report from deep inside sampling as "probability tensor contains inf/nan".
+    """
 
     def __init__(self, params: SamplingParams) -> None:
         # A plain list: LogitsProcessorList.__call__ inspects every processor's signature on every call
@@ -77,7 +89,15 @@ class TargetDistribution:
         scores = logits.float()
         for warper in self.warpers:  # input_ids are unused by these three
             scores = warper(None, scores)
-        return torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        # Softmax turns a row holding any nan or +inf, or only -inf, into nan everywhere in that row (its max is
+        # nan, +inf or -inf), so the first column tells for the whole row: a check of N values per step, not N*V.
+        if torch.isnan(probs[:, 0]).any():
+            raise InputError(
+                "the model's logits are not finite (nan or inf), so there is no distribution to sample from; "
+                "this usually means the weights overflow in this dtype (try float32)"
+            )
+        return probs
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
