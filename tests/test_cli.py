@@ -101,6 +101,40 @@ def test_bad_arguments_one_line_exit_2(capsys, model_dir, argv, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "0"], "--threads: must be >= 1 (got 0)"),
+        (["--threads", "-1"], "--threads: must be >= 1 (got -1)"),
+        (["--threads", "two"], "--threads: expected an integer >= 1"),
+        (["--dtype", "float8"], "--dtype: invalid choice"),
+        (["--no-such-option"], "unrecognized arguments"),
+    ],
+)
+def test_bad_options_one_line_exit_2(capsys, argv, message):
+    """argparse's own errors are one line too (its default prints the usage block first), before any model."""
+    code, out, err = run(capsys, "generate", "hi", "--model", "/nonexistent/model", *argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("specdec: error:") and message in err, err
+
+
+def test_help_exits_0(capsys):
+    code, out, err = run(capsys, "--help")
+    assert code == 0 and "generate" in out and err == ""
+
+
+@pytest.mark.parametrize("temperature", ["1e-300", "5e-324"])
+def test_tiny_temperature_is_greedy(capsys, model_dir, temperature):
+    """Too small to sample from (logits / temperature overflow): greedy, as documented in --help."""
+    prompt = "def add(a, b):\n"
+    argv = ("generate", prompt, "--model", model_dir, "--json", "--max-new-tokens", 8)
+    code, out, err = run(capsys, *argv, "--temperature", temperature, "--seed", 1)
+    assert code == 0, err
+    greedy = json.loads(out)["token_ids"]
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    assert greedy == tiny.hf_greedy(model, tiny.tokenizer()(prompt)["input_ids"], 8)
+
+
 def test_not_a_causal_lm(capsys, tmp_path):
     BertModel(
         BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)

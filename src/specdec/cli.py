@@ -12,6 +12,24 @@ from specdec.errors import InputError
 PROMPT_LINE_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "kind"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (its default also prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"specdec: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
+    return value
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads models (generate, bench, serve)."""
     p.add_argument(
@@ -21,12 +39,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--draft", default=None, help="draft model for --method draft ('default' = the shipped draft)"
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads, >= 1 (default: torch's choice)"
+    )
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0 = greedy (default); below 1e-5 is greedy too (too small to sample from, as in vLLM)",
+    )
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
@@ -136,9 +161,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from specdec.drafters import methods
 
-    parser = argparse.ArgumentParser(
-        prog="specdec", description="Lossless speculative decoding for HF causal LMs."
-    )
+    parser = Parser(prog="specdec", description="Lossless speculative decoding for HF causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser(
@@ -165,20 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(t)
     t.set_defaults(func=cmd_train_lm)
 
-    for module in ("specdec.bench.cli", "specdec.server.cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(sub)
+    # Both register without their extras (FastAPI/uvicorn, matplotlib): the base install must build this
+    # parser. `serve` and `bench --plot` check for their extra when run and name it in one line.
+    from specdec.bench.cli import register as register_bench
+    from specdec.server.cli import register as register_serve
+
+    register_bench(sub)
+    register_serve(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (2, already reported): a status, as below
+        return int(e.code or 0)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise on a command line

@@ -118,6 +118,11 @@ def _params(args: argparse.Namespace):
     for out in (args.json, args.plot):
         if out is not None and not out.resolve().parent.is_dir():
             raise InputError(f"cannot write {str(out)!r}: no such directory")
+    if args.plot is not None:  # checked now: the plot is drawn only after the whole benchmark has run
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib (pip install 'specdec[bench]')") from None
     sampled = args.temperature != 0
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS),

@@ -124,7 +124,9 @@ def build_server(args: argparse.Namespace):
 
         from specdec.server.app import Limits, create_app
     except ModuleNotFoundError as e:
-        raise InputError(f"specdec serve needs {e.name} (pip install 'specdec[server]')") from None
+        raise InputError(
+            f"specdec serve needs the server extra ({e.name} is not installed): pip install 'specdec[server]'"
+        ) from None
 
     methods = resolve_methods(args.method, args.methods, args.draft)
     decoders = load_decoders(args.model, args.draft, methods, args.dtype)
