@@ -100,7 +100,7 @@ class FixedChain(Drafter):
 
     name = "broken"
 
-    def propose(self, context, max_depth):
+    def propose(self, state, context, max_depth):
         return DraftTree.chain(context[-1], [7] * min(3, max_depth))
 
 
@@ -364,7 +364,7 @@ class Refuses(Drafter):
 
     name = "refuses"
 
-    def propose(self, context, max_depth):
+    def propose(self, state, context, max_depth):
         raise InputError("refuses: needs trained heads this model does not have")
 
 

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from specdec import SpecDecoder
 from specdec.acceptance import verify_greedy
 from specdec.drafters import Request, make_drafter
+from specdec.drafters.base import Scored
 from specdec.drafters.layerskip import ViewRunner, default_skip, skipping_view
-from specdec.drafters.lookahead import Lookahead
+from specdec.drafters.lookahead import Lookahead, LookaheadState
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 
@@ -31,6 +32,19 @@ VARIANTS = {
     "lookahead": [{}, {"window": 2, "ngram": 2, "guesses": 2}, {"seed_context": False}],
     "layerskip": [{}, {"threshold": 0.0}, {"adapt_every": 1, "adapt_window": 4, "stop_at": 1.0}],
 }
+
+
+def released_states(dec: SpecDecoder) -> list:
+    """Collects the per-generation drafter states of `dec` as its generations end."""
+    states: list = []
+    release = dec.drafter.release
+
+    def spy(state) -> None:
+        states.append(state)
+        release(state)
+
+    dec.drafter.release = spy  # type: ignore[method-assign]
+    return states
 
 
 def reference(arch: str, prompt: tuple[int, ...], n: int) -> list[int]:
@@ -114,9 +128,10 @@ def test_the_users_model_and_config_are_unchanged():
     prompt = [9, 8, 7, 9, 8, 7, 6]
     before = tiny.hf_greedy(model, prompt, 12)
     dec = SpecDecoder(model, TOKENIZER, "layerskip", adapt_every=1, adapt_window=4, stop_at=1.0)
+    states = released_states(dec)
     dec.generate(prompt, max_new_tokens=24, ignore_eos=True)
     dec.generate(prompt, max_new_tokens=8, temperature=1.0, seed=0)
-    assert dec.drafter.trials > 0  # views of other layer sets were built and run
+    assert states[0].trials > 0  # views of other layer sets were built and run
     assert model.config.to_dict() == config and model.config.num_hidden_layers == 6
     assert list(model.model.layers) == layers and len(model.model.layers) == 6
     state = model.state_dict()
@@ -196,20 +211,22 @@ def test_layerskip_sampling_matches_the_target_distribution():
 # lookahead
 
 
-def run_fake_target(drafter: Lookahead, context: list[int], vocab: int, next_token, steps: int) -> list[int]:
+def run_fake_target(
+    drafter: Lookahead, context: list[int], vocab: int, next_token, steps: int
+) -> tuple[list[int], LookaheadState]:
     """Drive propose/observe with logits that put all mass on next_token(node token, node position)."""
-    drafter.reset(Request(list(context), SamplingParams(max_new_tokens=1000), make_generator(0)))
+    state = drafter.start(Request(list(context), SamplingParams(max_new_tokens=1000), make_generator(0)))
     accepted = []
     for _ in range(steps):
-        tree = drafter.propose(context, 100)
+        tree = drafter.propose(state, context, 100)
         root_pos = len(context) - 1
         want = [next_token(t, root_pos + d) for t, d in zip(tree.tokens, tree.depths, strict=True)]
         logits = torch.nn.functional.one_hot(torch.tensor(want), vocab).double() * 10.0
         verdict = verify_greedy(tree, logits)
-        drafter.observe(tree, verdict, logits)
+        drafter.observe(state, Scored(tree, verdict, logits))
         context += verdict.tokens
         accepted.append(verdict.accepted_drafts)
-    return accepted
+    return accepted, state
 
 
 def test_lookahead_window_is_one_jacobi_iteration_per_step():
@@ -218,7 +235,7 @@ def test_lookahead_window_is_one_jacobi_iteration_per_step():
     text = list(range(1, 64))
     drafter = Lookahead(window=4, ngram=4, guesses=4, seed_context=False)
     context = text[:1]
-    accepted = run_fake_target(drafter, context, 64, lambda tok, pos: text[pos + 1], 2)
+    accepted, _ = run_fake_target(drafter, context, 64, lambda tok, pos: text[pos + 1], 2)
     assert accepted == [0, 4] and context == text[: len(context)]
 
 
@@ -228,10 +245,10 @@ def test_lookahead_pool_holds_the_targets_ngrams_and_drafts_them():
     every step accepts at least N - 1 tokens."""
     drafter = Lookahead(window=4, ngram=4, guesses=4, seed_context=False)
     context = [0]
-    accepted = run_fake_target(drafter, context, 16, lambda tok, pos: (tok + 1) % 16, 30)
+    accepted, state = run_fake_target(drafter, context, 16, lambda tok, pos: (tok + 1) % 16, 30)
     assert context == [i % 16 for i in range(len(context))]
-    assert drafter.jacobi_ngrams > 0
-    for key, conts in drafter.pool.table.items():
+    assert state.jacobi_ngrams > 0
+    for key, conts in state.pool.table.items():
         assert list(conts) == [tuple((key + i) % 16 for i in (1, 2, 3))]
     first_lap = next(i for i, n in enumerate(itertools.accumulate(a + 1 for a in accepted)) if n >= 20)
     assert all(a >= 3 for a in accepted[first_lap + 1 :]) and len(accepted) > first_lap + 3
@@ -243,18 +260,19 @@ def test_lookahead_pool_fills_and_drafts_are_accepted():
     prompt = [5, 6, 7, 8] * 4
     for options in ({}, {"seed_context": False}):
         dec = SpecDecoder(model, TOKENIZER, "lookahead", **options)
+        states = released_states(dec)
         out = dec.generate(prompt, max_new_tokens=40)
         assert out.token_ids == reference("llama", tuple(prompt), 40)
-        assert dec.drafter.jacobi_ngrams > 0 and len(dec.drafter.pool) > 0
+        assert states[0].jacobi_ngrams > 0 and len(states[0].pool) > 0
         assert sum(out.stats.accepted_by_depth) > 0 and out.stats.mean_accepted_tokens > 1.2
 
 
 def test_lookahead_trees_have_distinct_siblings_and_respect_max_depth():
     drafter = Lookahead(window=5, ngram=3, guesses=3)
-    drafter.reset(Request([1], SamplingParams(), make_generator(0)))
+    state = drafter.start(Request([1], SamplingParams(), make_generator(0)))
     context = [1, 2, 3, 1, 2, 4, 1, 2, 5, 1, 2, 3, 1]
     for depth in range(4):
-        tree = drafter.propose(context, depth)
+        tree = drafter.propose(state, context, depth)
         assert tree.depth <= depth
         for kids in tree.children:
             assert len({tree.tokens[c] for c in kids}) == len(kids)

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from specdec import SpecDecoder
 from specdec.acceptance import Verdict
 from specdec.drafters import make_drafter
-from specdec.drafters.base import Drafter
+from specdec.drafters.base import Drafter, Scored
 from specdec.drafters.merge import Merge, union, would_accept
 from specdec.drafters.recycle import TokenRecycling, grow_template
 from specdec.drafters.suffix import SuffixAutomaton, SuffixLookup, frequency_tree
@@ -135,7 +135,7 @@ def test_make_drafter_rejects_bad_options():
 # Token recycling
 
 
-def scored(tree: DraftTree, vocab: int, seed: int) -> torch.Tensor:
+def random_logits(tree: DraftTree, vocab: int, seed: int) -> torch.Tensor:
     return torch.randn(len(tree), vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
@@ -143,8 +143,8 @@ def test_recycle_overwrites_every_node_row_with_its_topk():
     d = TokenRecycling(k=4)
     vocab = 50
     tree = DraftTree([7, 3, 9, 3, 11], [-1, 0, 0, 1, 3])  # token 3 twice: nodes 1 (accepted) and 3
-    logits = scored(tree, vocab, 0)
-    d.observe(tree, Verdict([0, 1], [3, 42]), logits)
+    logits = random_logits(tree, vocab, 0)
+    d.observe(None, Scored(tree, Verdict([0, 1], [3, 42]), logits))
     top = logits.topk(4, dim=-1).indices
     for node in (0, 1, 2, 4):  # each unique token (and the accepted 3) took the row of its node
         assert d.table[tree.tokens[node]].tolist() == top[node].tolist()
@@ -153,8 +153,8 @@ def test_recycle_overwrites_every_node_row_with_its_topk():
     assert not d.table[untouched].any()
     # Later steps overwrite, accepted or not (token 9 was a rejected sibling; now it is the root).
     tree2 = DraftTree([9, 7], [-1, 0])
-    logits2 = scored(tree2, vocab, 1)
-    d.observe(tree2, Verdict([0], [5]), logits2)
+    logits2 = random_logits(tree2, vocab, 1)
+    d.observe(None, Scored(tree2, Verdict([0], [5]), logits2))
     assert d.table[9].tolist() == logits2[0].topk(4).indices.tolist()
     assert d.table[7].tolist() == logits2[1].topk(4).indices.tolist()
 
@@ -170,20 +170,20 @@ def test_recycle_drafts_the_template_from_the_table_and_dedupes_siblings():
     d = TokenRecycling(k=3, max_nodes=12, max_depth=3, adapt_every=0)
     vocab = 20
     _shifted_table(d, vocab)
-    tree = d.propose([4, 5], max_depth=3)
+    tree = d.propose(None, [4, 5], max_depth=3)
     tpl = d.template
     assert len(tree) == len(tpl)  # distinct rows: nothing merged
     for i in range(1, len(tree)):  # node i is rank ranks[i] of its parent's row (template order kept)
         assert tree.parents[i] == tpl.parents[i]
         assert tree.tokens[i] == (tree.tokens[tree.parents[i]] + 1 + tpl.ranks[i]) % vocab
-    assert d.propose([4, 5], max_depth=1).depth == 1
+    assert d.propose(None, [4, 5], max_depth=1).depth == 1
     # A fresh-looking table (all zeros, yet "seen"): every rank is token 0; siblings must be merged.
     d.table.zero_()
-    tree = d.propose([4, 5], max_depth=3)
+    tree = d.propose(None, [4, 5], max_depth=3)
     assert tree.tokens == [5, 0, 0, 0] and tree.is_chain
     # Rows never written draft nothing under them.
     d.seen[:] = False
-    assert len(d.propose([4, 5], max_depth=3)) == 1
+    assert len(d.propose(None, [4, 5], max_depth=3)) == 1
 
 
 def test_recycle_regrown_template_is_what_it_drafts():
@@ -193,14 +193,14 @@ def test_recycle_regrown_template_is_what_it_drafts():
     _shifted_table(d, vocab)
     before = d.template
     for step in range(40):
-        tree = d.propose([4, step % vocab], max_depth=3)
+        tree = d.propose(None, [4, step % vocab], max_depth=3)
         root = tree.tokens[0]
         truth = [(root + 2) % vocab, (root + 4) % vocab]  # rank 1, then rank 1 again
         logits = torch.zeros(len(tree), vocab)
         for i, t in enumerate(tree.tokens):
             logits[i, (t + 1) % vocab], logits[i, (t + 2) % vocab], logits[i, (t + 3) % vocab] = 3, 2, 1
         accepted = [0] + [c for c in tree.children[0] if tree.tokens[c] == truth[0]]
-        d.observe(tree, Verdict(accepted, truth[: len(accepted)]), logits)
+        d.observe(None, Scored(tree, Verdict(accepted, truth[: len(accepted)]), logits))
     tpl = d.template
 
     def rank_path(i):
@@ -208,7 +208,7 @@ def test_recycle_regrown_template_is_what_it_drafts():
 
     value = {rank_path(i): tpl.values[i] for i in range(len(tpl))}
     assert tpl != before and value[(1,)] > value[(0,)] and (1, 1) in value and (0, 0) not in value
-    tree = d.propose([4, 5], max_depth=3)
+    tree = d.propose(None, [4, 5], max_depth=3)
     assert tree.parents == list(tpl.parents)
     assert all(
         tree.tokens[i] == (tree.tokens[tpl.parents[i]] + 1 + tpl.ranks[i]) % vocab
@@ -222,7 +222,7 @@ def test_recycle_learns_rank_acceptance_from_emitted_tokens():
     d.table[1], d.table[2] = torch.tensor([2, 3]), torch.tensor([4, 5])
     d.seen[[1, 2]] = True
     tree = DraftTree([1, 2, 9], [-1, 0, 1])  # any tree: only the accepted path and emitted tokens matter
-    d.observe(tree, Verdict([0, 1], [2, 5]), scored(tree, 10, 0))
+    d.observe(None, Scored(tree, Verdict([0, 1], [2, 5]), random_logits(tree, 10, 0)))
     assert d.trials.tolist() == [1, 1, 0]
     assert d.hits.tolist() == [[1, 0], [0, 1], [0, 0]]  # 2 was rank 0 after 1; 5 was rank 1 after 2
 
@@ -233,8 +233,9 @@ def test_recycle_table_persists_and_round_trips(tmp_path, tok):
     drafter = dec.drafter
     table, seen = drafter.table.clone(), drafter.seen.clone()
     assert seen.sum() > 0
-    dec.generate([1, 2], max_new_tokens=1)  # prefill only: nothing observed, and nothing forgotten
-    assert torch.equal(drafter.table, table) and torch.equal(drafter.seen, seen)
+    dec.generate([1, 2], max_new_tokens=1)  # one more step, observed: the rows seen before stay seen
+    assert drafter.seen[seen].all()
+    table, seen = drafter.table.clone(), drafter.seen.clone()
     path = str(tmp_path / "recycle.safetensors")
     drafter.save(path)
     other = TokenRecycling()
@@ -345,7 +346,9 @@ def test_frequency_tree_keeps_the_most_frequent_prefixes(seqs, max_nodes):
 
 def test_suffix_drafts_a_self_overlapping_copy():
     d = SuffixLookup(num_tokens=7, max_nodes=7)
-    tree = d.propose([8, 1, 2, 3, 1, 2, 3, 1], max_depth=10)  # "1 2 3" repeats: keep copying the period
+    tree = d.propose(
+        d.start(None), [8, 1, 2, 3, 1, 2, 3, 1], max_depth=10
+    )  # "1 2 3" repeats: keep copying the period
     assert tree.tokens == [1, 2, 3, 1, 2, 3, 1, 2] and tree.is_chain
 
 
@@ -362,8 +365,9 @@ def test_suffix_history_is_retrieved_and_bounded(tok):
     drafter = dec.drafter
     for i in range(12):
         dec.generate([i + 1, 2, 3, 4], max_new_tokens=20)
-        current = len(drafter.sam.text) - drafter.doc_start
-        assert drafter.doc_start <= 200 + 1 and current <= 24  # old documents dropped; the current one kept
+        newest = drafter.docs[-1]
+        assert drafter.history.text[newest[0] : newest[1]][:4] == [i + 1, 2, 3, 4]  # the context joined it
+        assert len(drafter.history.text) <= 200 + 1  # old documents dropped
     without = SpecDecoder(m, tok, method="suffix", history_tokens=0)
     without.generate(prompt, max_new_tokens=40)
     assert without.generate(prompt, max_new_tokens=40).stats.target_forwards == first.stats.target_forwards
@@ -377,17 +381,17 @@ class Fixed(Drafter):
     """Proposes the same sequences every step; records what it observed."""
 
     name = "fixed"
-    observes_any_tree = True
+    mergeable = True
 
     def __init__(self, sequences: list[list[int]]) -> None:
         self.sequences = sequences
         self.observed: list[DraftTree] = []
 
-    def propose(self, context, max_depth):
+    def propose(self, state, context, max_depth):
         return DraftTree.from_sequences(context[-1], self.sequences).truncate_depth(max_depth)
 
-    def observe(self, tree, verdict, logits):
-        self.observed.append(tree)
+    def observe(self, state, scored):
+        self.observed.append(scored.tree)
 
 
 @settings(max_examples=80, deadline=None)
@@ -400,8 +404,9 @@ class Fixed(Drafter):
 )
 def test_merge_is_a_budgeted_trie_union(members, max_nodes, weights):
     merge = Merge(members=[Fixed(s) for s in members], max_nodes=max_nodes)
-    merge.weights = weights[: len(members)]
-    tree = merge.propose([7, 9], max_depth=10)
+    state = merge.start(None)
+    state.weights = weights[: len(members)]
+    tree = merge.propose(state, [7, 9], max_depth=10)
     own = [DraftTree.from_sequences(9, s) for s in members]
     paths = lambda t: {tuple(t.tokens[i] for i in t.path_to(n)[1:]) for n in range(1, len(t))}  # noqa: E731
     union_paths = set().union(*(paths(t) for t in own))
@@ -420,12 +425,13 @@ def test_merge_is_a_budgeted_trie_union(members, max_nodes, weights):
 def test_merge_forwards_the_merged_tree_and_tracks_members(tok):
     a, b = Fixed([[1, 2, 3]]), Fixed([[1, 2, 4], [5]])
     merge = Merge(members=[a, b], max_nodes=8)
-    tree = merge.propose([0, 9], max_depth=5)
+    state = merge.start(None)
+    tree = merge.propose(state, [0, 9], max_depth=5)
     assert sorted(tree.tokens) == [1, 2, 3, 4, 5, 9] and len(tree) == 6
     logits = torch.zeros(len(tree), 10)
-    merge.observe(tree, Verdict([0, 1, 2], [1, 2, 4]), logits)
+    merge.observe(state, Scored(tree, Verdict([0, 1, 2], [1, 2, 4]), logits))
     assert a.observed == [tree] and b.observed == [tree]
-    assert merge.weights[1] > merge.weights[0]  # b's own tree held all three emitted tokens, a's two
+    assert state.weights[1] > state.weights[0]  # b's own tree held all three emitted tokens, a's two
     assert would_accept(DraftTree.from_sequences(9, [[1, 2, 4]]), [1, 2, 4]) == 3
     assert would_accept(DraftTree.from_sequences(9, [[1, 2, 3]]), [1, 2, 4]) == 2
     assert union(9, [tree], [0], 0).tokens == [9]
@@ -435,10 +441,10 @@ def test_merge_refuses_members_it_cannot_feed():
     class OwnTreesOnly(Drafter):
         name = "own"
 
-        def propose(self, context, max_depth):
+        def propose(self, state, context, max_depth):
             return DraftTree.root_only(context[-1])
 
-        def observe(self, tree, verdict, logits):
+        def observe(self, state, scored):
             pass
 
     with pytest.raises(ValueError, match="own"):

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specdec import Drafter, DraftTree, SpecDecoder
+from specdec.runner import ModelRunner
 
 import tiny
 
@@ -30,14 +31,11 @@ class ScriptedDrafter(Drafter):
 
     `right` is the fraction of steps whose tree contains the true continuation (up to a random depth);
     every tree also carries decoy branches: wrong siblings at the root and wrong children under true nodes.
-    After every commit it checks the cache invariant against a fresh prefill.
     """
 
     name = "scripted"
 
-    def __init__(
-        self, truth: list[int], prompt: list[int], seed: int, right: float, vocab: int, check_cache=None
-    ):
+    def __init__(self, truth: list[int], prompt: list[int], seed: int, right: float, vocab: int):
         self.truth, self.prompt, self.rng, self.right, self.vocab = (
             truth,
             prompt,
@@ -45,15 +43,12 @@ class ScriptedDrafter(Drafter):
             right,
             vocab,
         )
-        self.check_cache = check_cache
-        self.context_len = 0
 
     def _wrong(self, avoid: int) -> int:
         tok = self.rng.randrange(self.vocab)
         return tok if tok != avoid else (tok + 1) % self.vocab
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
-        self.context_len = len(context)
+    def propose(self, state, context: list[int], max_depth: int) -> DraftTree:
         done = len(context) - len(self.prompt)  # emitted tokens so far (root included)
         future = self.truth[done:]
         sequences = []
@@ -71,10 +66,6 @@ class ScriptedDrafter(Drafter):
             )
         self.rng.shuffle(sequences)
         return DraftTree.from_sequences(context[-1], sequences)
-
-    def observe(self, tree, verdict, logits) -> None:
-        if self.check_cache:
-            self.check_cache(self.context_len + verdict.accepted_drafts)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -144,35 +135,35 @@ def test_eos_inside_accepted_draft_stops_there(tok):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cache_holds_exactly_the_accepted_path(tok, arch):
+def test_cache_holds_exactly_the_accepted_path(tok, arch, monkeypatch):
+    """After every commit the target's cache equals a fresh prefill of the emitted sequence (all but the
+    last emitted token, which is the next tree's root)."""
     m = MODELS[arch]
     prompt = [7, 3, 11, 19, 2]
     truth = reference(arch, tuple(prompt), 40)
-    holder = {}
+    fresh = tiny.model(arch, seed=ARCHS.index(arch))
+    checks = []
 
-    def check(expected_len: int) -> None:
-        engine = holder["engine"]
-        cache = engine.target.cache
-        assert cache.length == expected_len
-        seq = prompt + truth[: expected_len - len(prompt)]
-        fresh = tiny.model(arch, seed=ARCHS.index(arch))
-        from specdec.runner import ModelRunner
+    class CheckedRunner(ModelRunner):
+        def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+            super().commit(tree_start, accepted_nodes)
+            seq = (prompt + truth)[: self.cache.length]
+            ref = ModelRunner(fresh)
+            ref.start(seq, len(seq) + 4)
+            for layer in range(m.config.num_hidden_layers):
+                k, v = self.cache.tensors(layer)
+                rk, rv = ref.cache.tensors(layer)
+                torch.testing.assert_close(k, rk, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(v, rv, rtol=1e-9, atol=1e-9)
+            checks.append(self.cache.length)
 
-        ref = ModelRunner(fresh)
-        ref.start(seq, expected_len + 4)
-        for layer in range(m.config.num_hidden_layers):
-            k, v = cache.tensors(layer)
-            rk, rv = ref.cache.tensors(layer)
-            torch.testing.assert_close(k, rk, rtol=1e-9, atol=1e-9)
-            torch.testing.assert_close(v, rv, rtol=1e-9, atol=1e-9)
-        holder["checks"] = holder.get("checks", 0) + 1
-
-    drafter = ScriptedDrafter(truth, prompt, 3, 0.8, m.config.vocab_size, check_cache=check)
-    dec = SpecDecoder(m, tok, method=drafter)
-    holder["engine"] = dec.engine
-    out = dec.generate(prompt, max_new_tokens=30)
+    monkeypatch.setattr("specdec.engine.ModelRunner", CheckedRunner)
+    drafter = ScriptedDrafter(truth, prompt, 3, 0.8, m.config.vocab_size)
+    out = SpecDecoder(m, tok, method=drafter).generate(prompt, max_new_tokens=30)
     assert out.token_ids == truth[:30]
-    assert holder["checks"] == out.stats.target_forwards - 1  # checked after every verification step
+    assert len(checks) == out.stats.target_forwards  # checked after every verification step
+    # each commit keeps the prompt and every emitted token but the newest (the next root)
+    assert checks[-1] == len(prompt) + 30 - 1 - (len(out.token_ids) - 30)
 
 
 def test_max_new_tokens_exact_even_when_more_accepted(tok):

@@ -618,7 +618,7 @@ class PointMassTree(Drafter):
 
     name = "test-point-tree"
 
-    def propose(self, context, max_depth):
+    def propose(self, state, context, max_depth):
         root = context[-1]
         firsts = [(root + d) % V for d in (1, 3, 6)]
         return DraftTree.from_sequences(root, [[a, b] for a in firsts for b in ((a + 2) % V, (a + 5) % V)])
@@ -631,20 +631,21 @@ class SampledTree(Drafter):
     """
 
     name = "test-sampled-tree"
+    samples_drafts = True
 
     def __init__(self) -> None:
         g = torch.Generator().manual_seed(5)
         self.q = torch.softmax(2.0 * torch.randn(V, V, generator=g), dim=-1)  # [V, V], rows sum to 1
 
-    def reset(self, request):
-        self.generator = request.generator
+    def start(self, request):
+        return request.generator  # the only per-generation state: where draws come from
 
-    def propose(self, context, max_depth):
+    def propose(self, generator, context, max_depth):
         tokens, parents, rows = [context[-1]], [-1], [torch.zeros(V)]
         for node in (0, 1)[:max_depth]:
             q = self.q[tokens[node]]
             for row in (q, q, torch.eye(V)[int(q.argmax())]):
-                tokens.append(int(torch.multinomial(row, 1, generator=self.generator)))
+                tokens.append(int(torch.multinomial(row, 1, generator=generator)))
                 parents.append(node)
                 rows.append(row)
         return DraftTree(tokens, parents, torch.stack(rows))

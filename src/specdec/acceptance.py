@@ -4,8 +4,8 @@ Greedy: walk from the root, descending into the child whose token equals the tar
 node; the argmax at the last accepted node is the bonus token. The output is the target's own greedy output.
 
 Sampling (Leviathan et al. 2023 / Chen et al. 2023, generalised to trees as in SpecInfer; see
-`shared/algorithms.md` §1). At node u with target distribution p_u the residual starts as r = p_u. Children
-c_1..c_k are tested in order with fresh uniforms U:
+docs/methods.md, Lossless acceptance under sampling). At node u with target distribution p_u the residual
+starts as r = p_u. Children c_1..c_k are tested in order with fresh uniforms U:
   - child drawn from q_j (a drafter distribution): accept if U <= r(c_j) / q_j(c_j), else r <- norm(max(0, r - q_j));
   - deterministic child (point mass): accept with probability r(c_j), else r(c_j) <- 0 and renormalise.
 If no child is accepted (or u is a leaf) the bonus token is drawn from r. Either way the emitted token at every

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 
 from specdec.drafters import Drafter, make_drafter
-from specdec.engine import Engine, Generation, Stats
+from specdec.engine import Engine, Generation, Stats, Step
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
 
@@ -25,21 +25,24 @@ def sampling_params(**kwargs) -> SamplingParams:
     return params
 
 
+def default_method(has_draft: bool) -> str:
+    """The method used when none is named: the draft model when one was given, else prompt lookup."""
+    return "draft" if has_draft else "pld"
+
+
 class Stream:
     """Iterate for text deltas; `result` holds the full Generation once the iteration is over."""
 
-    def __init__(self, steps: Iterator) -> None:
+    def __init__(self, steps: Iterator[Step]) -> None:
         self._steps = steps
         self.result: Generation | None = None
 
     def __iter__(self) -> Iterator[str]:
-        last = None
-        for last in self._steps:
-            if last[0]:
-                yield last[0]
-        if last is not None:
-            _, out, stats = last
-            self.result = Generation(list(out.token_ids), out.final_text(), stats)
+        for step in self._steps:
+            if step.text:
+                yield step.text
+            if step.result is not None:
+                self.result = step.result
 
 
 class SpecDecoder:
@@ -71,22 +74,16 @@ class SpecDecoder:
         **options,
     ) -> SpecDecoder:
         """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft)."""
-        from specdec.drafters import methods
-        from specdec.models.loading import check_same_vocabulary, load_causal_lm
+        from specdec.drafters import REGISTRY, methods
+        from specdec.models.loading import load_models, require_draft
 
-        if method is not None and method not in methods():
+        if method is not None and method not in REGISTRY:
             raise InputError(f"unknown method {method!r} (choose from {', '.join(methods())})")
-        if method == "draft" and draft is None and model in (None, "default"):
-            draft = "default"  # the shipped pair belongs together
-        if method == "draft" and draft is None:
-            raise InputError("the draft method needs a draft model (--draft PATH, or --draft default)")
-        target, tokenizer = load_causal_lm(model, "target", dtype)
-        draft_model = None
-        if draft is not None:
-            draft_model, draft_tok = load_causal_lm(draft, "draft", dtype)
-            check_same_vocabulary(target, tokenizer, draft_model, draft_tok)
-        method = method or ("draft" if draft_model is not None else "pld")
-        return cls(target, tokenizer, method, draft_model, **options)
+        wants_draft = method is not None and REGISTRY[method].needs_draft_model
+        loaded = load_models(model, draft, wants_draft, dtype)
+        method = method or default_method(loaded.draft is not None)
+        require_draft([method], loaded.draft)
+        return cls(loaded.target, loaded.tokenizer, method, loaded.draft, **options)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt, or a list of token ids checked against the model's vocabulary (an id
@@ -116,7 +113,8 @@ class SpecDecoder:
         stream = self.stream(prompt, **params)
         for _ in stream:
             pass
+        assert stream.result is not None  # the engine's last step always carries the result
         return stream.result
 
 
-__all__ = ["SpecDecoder", "Generation", "Stats", "SamplingParams", "Stream"]
+__all__ = ["SpecDecoder", "Generation", "Stats", "Step", "SamplingParams", "Stream"]

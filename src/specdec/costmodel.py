@@ -6,7 +6,7 @@ each tree size n, the expected number of accepted drafted tokens gain(n) should 
 
     tokens per second = (1 + gain(n)) / (t_draft(n) + cost(n + 1))          (the +1: the root is scored too)
 
-(`shared/algorithms.md` §9). `CostModel.measure` times real tree forwards after a prefill on the running model
+(see docs/methods.md, The cost model). `CostModel.measure` times real tree forwards after a prefill on the running model
 (well under a second for the shipped model) and fits a monotone piecewise-linear cost(n); `CostModel.reference()`
 is the table above, for when measuring is not wanted. `CostModel.for_model` measures once per model object.
 """

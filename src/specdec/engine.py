@@ -3,8 +3,11 @@
     prompt -> prefill -> [ drafter proposes a tree -> target scores it in one forward -> acceptance
     -> the cache keeps the accepted path -> the drafter observes ] -> tokens stream out
 
-Output bookkeeping (max_new_tokens, EOS, stop strings, text deltas) lives in `Output`, so the loop itself only
-moves tokens.
+The prefill covers the prompt minus its last token; that token is the root of the first tree, so the first
+new token goes through the same drafting and acceptance as every other (and the first step already
+speculates). Output bookkeeping (max_new_tokens, EOS, stop strings, text deltas) lives in `Output`, so the
+loop itself only moves tokens. Everything that belongs to one generation (the target's cache, the drafter's
+state, the RNG, the output) is local to `Engine.run`, so one engine can run interleaved generations.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from specdec.acceptance import verify_greedy, verify_sampled
-from specdec.drafters.base import Drafter, Request
+from specdec.drafters.base import Drafter, Request, Scored
 from specdec.errors import ContextLengthError, InputError
 from specdec.models.support import check_tree_attention
 from specdec.runner import ModelRunner
@@ -28,8 +31,8 @@ from specdec.text import IncrementalText
 class Stats:
     prompt_tokens: int = 0
     new_tokens: int = 0
-    target_forwards: int = 0  # prefill included: vanilla decoding of n tokens takes n forwards
-    mean_accepted_tokens: float = 0.0  # tau = new_tokens / target_forwards
+    target_forwards: int = 0  # tree forwards, each emitting >= 1 token (the prefill is not counted)
+    mean_accepted_tokens: float = 0.0  # tau = new_tokens / target_forwards (vanilla decoding: 1.0)
     proposed_by_depth: list[int] = field(default_factory=list)  # steps that drafted a node at depth d+1
     accepted_by_depth: list[int] = field(default_factory=list)  # steps that accepted a node at depth d+1
     draft_nodes: int = 0  # drafted nodes scored by the target, over all steps
@@ -59,6 +62,20 @@ class Generation:
     stats: Stats
 
 
+@dataclass(frozen=True)
+class Step:
+    """What the engine yields after every target forward; the last one has `result`."""
+
+    text: str  # new text safe to show (never half a character, never the start of a possible stop string)
+    token_ids: list[int]  # tokens emitted by this step (cut at the end of generation)
+    stats: Stats  # running totals (final in the last step)
+    result: Generation | None = None  # set on the last step only
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+
 class Output:
     """Accepts emitted tokens one at a time and decides when generation ends."""
 
@@ -68,7 +85,6 @@ class Output:
         self.token_ids: list[int] = []
         self.text = IncrementalText(tokenizer, prompt_ids)
         self.finish_reason = ""
-        self.pending = ""  # text held back because it may be the start of a stop string
         self.delivered = 0  # characters of text already handed to the stream
         self.max_stop = max((len(s) for s in params.stop), default=0)
         self.searched = 0  # characters of text already searched for stop strings
@@ -131,22 +147,26 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 
 
 class Engine:
-    """Target model + tokenizer + drafter; one generation at a time."""
+    """Target model + tokenizer + drafter. Holds no per-generation state: `run` owns all of it."""
 
     def __init__(self, model, tokenizer, drafter: Drafter) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
-        self.target = ModelRunner(model)
         self.eos_ids = eos_token_ids(model, tokenizer)
         drafter.bind(model)
+        self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
 
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[tuple[str, Output, Stats]]:
-        """Yields (text delta, output so far, stats so far) after every step; the last yield is final."""
+    @property
+    def max_positions(self) -> int | None:
+        return ModelRunner(self.model).max_positions
+
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Step]:
+        """Yields a `Step` after every target forward; the last one carries the finished `Generation`."""
         params.validate()
         if not prompt_ids:
             raise InputError("the prompt is empty (it must contain at least one token)")
-        limit = self.target.max_positions
+        limit = self.max_positions
         if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
             raise ContextLengthError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
@@ -158,52 +178,53 @@ class Engine:
         generator = make_generator(params.seed)
         dist = None if params.greedy else TargetDistribution(params)
         out = Output(self.tokenizer, prompt_ids, params, self.eos_ids)
-        drafter = self.drafter
-        target = self.target
+        drafter, layers = self.drafter, self.layers
+        target = ModelRunner(self.model)  # this generation's cache
+        state = drafter.start(Request(list(prompt_ids), params, generator))
+        context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
 
         try:
             with torch.inference_mode():
-                drafter.reset(Request(list(prompt_ids), params, generator))
-                capacity = len(prompt_ids) + params.max_new_tokens + 64
                 t0 = time.perf_counter()
-                last = target.start(list(prompt_ids), capacity)
-                if dist is None:
-                    first = int(last.argmax())
-                else:
-                    first = int(torch.multinomial(dist(last[None])[0], 1, generator=generator))
+                target.reset(len(prompt_ids) + params.max_new_tokens + 64)
+                prefill = target.prefill(context[:-1], layers)
                 stats.verify_seconds += time.perf_counter() - t0
-                context = list(prompt_ids) + [first]
-                done = out.push(first)
-                yield out.take_delta(final=done), out, self._finish(stats, out, t_start, done)
-
+                drafter.prefilled(state, prefill.hidden)
+                done = False
                 while not done:
-                    remaining = params.max_new_tokens - len(out.token_ids)
+                    remaining = params.max_new_tokens - len(out.token_ids)  # >= 1: the bonus token fits
                     t0 = time.perf_counter()
-                    tree = drafter.propose(context, remaining - 1).truncate_depth(remaining - 1)
+                    tree = drafter.propose(state, context, remaining - 1).truncate_depth(remaining - 1)
                     t1 = time.perf_counter()
-                    tree_start = target.cache.length
-                    logits = target.score(tree)
+                    tree_start = target.length
+                    scores = target.score(tree, layers)
                     verdict = (
-                        verify_greedy(tree, logits)
+                        verify_greedy(tree, scores.logits)
                         if dist is None
-                        else verify_sampled(tree, logits, dist, generator)
+                        else verify_sampled(tree, scores.logits, dist, generator)
                     )
                     target.commit(tree_start, verdict.accepted_nodes)
                     t2 = time.perf_counter()
-                    drafter.observe(tree, verdict, logits)
+                    drafter.observe(state, Scored(tree, verdict, scores.logits, scores.hidden))
                     t3 = time.perf_counter()
                     stats.draft_seconds += (t1 - t0) + (t3 - t2)
                     stats.verify_seconds += t2 - t1
+                    stats.target_forwards += 1
                     self._count_depths(stats, tree, verdict.accepted_drafts)
+                    emitted = []
                     for tok in verdict.tokens:
                         context.append(tok)
+                        emitted.append(tok)
                         if out.push(tok):
                             done = True
                             break
-                    yield out.take_delta(final=done), out, self._finish(stats, out, t_start, done)
+                    text = out.take_delta(final=done)
+                    self._finish(stats, out, t_start)
+                    result = Generation(list(out.token_ids), out.final_text(), stats) if done else None
+                    yield Step(text, emitted, stats, result)
         finally:  # finished, failed or abandoned (a closed stream): free per-generation memory
-            target.cache = None
-            drafter.release()
+            target.free()
+            drafter.release(state)
 
     @staticmethod
     def _count_depths(stats: Stats, tree, accepted: int) -> None:
@@ -217,12 +238,11 @@ class Engine:
         for d in range(accepted):
             stats.accepted_by_depth[d] += 1
 
-    def _finish(self, stats: Stats, out: Output, t_start: float, done: bool) -> Stats:
+    @staticmethod
+    def _finish(stats: Stats, out: Output, t_start: float) -> None:
         stats.new_tokens = len(out.token_ids)
-        stats.target_forwards = self.target.forwards
         stats.mean_accepted_tokens = stats.new_tokens / max(1, stats.target_forwards)
         stats.wall_seconds = time.perf_counter() - t_start
         stats.other_seconds = max(0.0, stats.wall_seconds - stats.draft_seconds - stats.verify_seconds)
         stats.tokens_per_second = stats.new_tokens / stats.wall_seconds if stats.wall_seconds else 0.0
         stats.finish_reason = out.finish_reason
-        return stats

@@ -2,11 +2,18 @@
 
 The tree is passed to the unmodified Hugging Face model as an explicit 4D additive attention mask (past
 fully visible, tree nodes see their ancestors) and depth-based position ids, so any causal LM whose attention
-honours a 4D mask works without forking its modeling code. `specdec.models.support.check_tree_attention` proves that on the actual
-model before it is trusted.
+honours a 4D mask works without forking its modeling code. `specdec.models.support.check_tree_attention`
+proves that on the actual model before it is trusted.
+
+Hidden states for drafters that read them (EAGLE, Medusa, ...) come from the model's own
+`output_hidden_states`, asked for only when some layer is requested, so the model's code is never forked and
+drafters that read none pay nothing.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +25,14 @@ from specdec.tree import DraftTree
 def _num_layers(model) -> int:
     config = model.config.get_text_config(decoder=True)
     return config.num_hidden_layers
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What one forward returns to the engine."""
+
+    logits: torch.Tensor  # [N, V], row i for the i-th token of the forward (or tree node i)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer id -> [N, H], only those asked for
 
 
 class ModelRunner:
@@ -36,15 +51,33 @@ class ModelRunner:
         return getattr(config, "max_position_embeddings", None)
 
     def start(self, prompt_ids: list[int], capacity: int) -> torch.Tensor:
-        """Prefill the prompt into a fresh cache; returns the logits [V] for the token after it."""
+        """Prefill the prompt into a fresh cache; returns the logits [V] for the token after it (drafters'
+        own models use this; the engine's target uses `prefill`)."""
+        self.reset(capacity)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        return self._forward(ids, None, None, logits_to_keep=1).logits[-1]
+
+    def reset(self, capacity: int) -> None:
+        """A fresh, empty cache with room for `capacity` positions (it grows if a generation needs more)."""
         check_layer_types(self.model, capacity)
         self.cache = KVCache(_num_layers(self.model), capacity)
         self.forwards = 0
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        return self._forward(ids, None, None, logits_to_keep=1)[-1]
 
-    def score(self, tree: DraftTree) -> torch.Tensor:
-        """One forward over the tree nodes after the committed cache; returns logits [N, V], row i for node i."""
+    def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
+        """Run `token_ids` causally into the cache. Only the hidden states are kept (logits of the last row
+        only, which the engine does not use: the first new token comes from the first tree step)."""
+        if not token_ids:
+            return Scores(torch.empty(0), {})
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        return self._forward(ids, None, None, logits_to_keep=1, layers=layers)
+
+    @property
+    def length(self) -> int:
+        """Committed positions in the cache."""
+        return 0 if self.cache is None else self.cache.length
+
+    def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
+        """One forward over the tree nodes after the committed cache; logits [N, V], row i for node i."""
         past = self.cache.length
         n = len(tree)
         ids = torch.tensor([tree.tokens], dtype=torch.long, device=self.device)
@@ -52,13 +85,16 @@ class ModelRunner:
         # [1, 1, N, past + N]: 0 where attention is allowed, dtype-min elsewhere
         mask = torch.zeros(1, 1, n, past + n, dtype=self.dtype, device=self.device)
         mask[0, 0, :, past:].masked_fill_(~tree.ancestor_mask().to(self.device), torch.finfo(self.dtype).min)
-        return self._forward(ids, positions, mask)
+        return self._forward(ids, positions, mask, layers=layers)
 
     def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
         """Keep the KV of the accepted nodes (a root-to-node path: ascending indices) and drop the rest."""
         self.cache.keep(tree_start, accepted_nodes)
 
-    def _forward(self, ids, positions, mask, logits_to_keep: int = 0) -> torch.Tensor:
+    def free(self) -> None:
+        self.cache = None
+
+    def _forward(self, ids, positions, mask, logits_to_keep: int = 0, layers: Sequence[int] = ()) -> Scores:
         if positions is None:
             past = self.cache.length
             positions = torch.arange(past, past + ids.shape[1], device=self.device)[None]
@@ -74,11 +110,13 @@ class ModelRunner:
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            output_hidden_states=bool(layers),
         )
         self.forwards += 1
-        return out.logits[0]
+        hidden = {i: out.hidden_states[i][0] for i in layers} if layers else {}
+        return Scores(out.logits[0], hidden)
 
     def extend(self, token_ids: list[int]) -> torch.Tensor:
         """Append tokens causally (a chunk after the cache); returns their logits [T, V]."""
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        return self._forward(ids, None, None)
+        return self._forward(ids, None, None).logits

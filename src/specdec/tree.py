@@ -70,20 +70,19 @@ class DraftTree:
         `max_nodes` counts drafted nodes (not the root); a sequence that does not fit is cut where the budget
         ends, so the first sequences (the drafter's best guesses) are kept whole.
         """
-        tokens, parents = [root], [-1]
-        index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+        trie = Trie(root, max_nodes)
         for seq in sequences:
-            node = 0
-            for tok in seq:
-                key = (node, tok)
-                if key not in index:
-                    if max_nodes is not None and len(tokens) - 1 >= max_nodes:
-                        break
-                    index[key] = len(tokens)
-                    tokens.append(tok)
-                    parents.append(node)
-                node = index[key]
-        return cls(tokens, parents)
+            trie.insert(seq)
+        return trie.tree()
+
+    def subtree(self, nodes: list[int]) -> DraftTree:
+        """The tree of the given nodes (each one's parent must be listed before it, or be the root)."""
+        new = {0: 0}
+        for i in nodes:
+            new[i] = len(new)
+        return DraftTree(
+            [self.tokens[0]] + [self.tokens[i] for i in nodes], [-1] + [new[self.parents[i]] for i in nodes]
+        )
 
     def truncate_depth(self, max_depth: int) -> DraftTree:
         """Drop nodes deeper than `max_depth` (e.g. past the tokens the caller still allows)."""
@@ -112,3 +111,45 @@ class DraftTree:
         for i in range(1, n):
             mask[i] |= mask[self.parents[i]]
         return mask
+
+
+class Trie:
+    """The one builder of deterministic token trees: nodes are added under a parent by token, a (parent,
+    token) pair that exists already is shared (siblings stay distinct, as the point-mass rule needs), and
+    new nodes stop at a budget of `max_nodes` drafted nodes."""
+
+    def __init__(self, root: int, max_nodes: int | None = None) -> None:
+        self.tokens, self.parents = [root], [-1]
+        self.max_nodes = max_nodes
+        self.index: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+
+    @property
+    def full(self) -> bool:
+        return self.max_nodes is not None and len(self.tokens) - 1 >= self.max_nodes
+
+    def child(self, parent: int, token: int) -> int | None:
+        """The node for `token` under `parent`: existing, else new; None when a new one is over budget."""
+        key = (parent, token)
+        node = self.index.get(key)
+        if node is None:
+            if self.full:
+                return None
+            node = self.index[key] = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(parent)
+        return node
+
+    def insert(self, sequence: list[int], parent: int = 0) -> int:
+        """Insert a path under `parent`, as far as the budget allows; returns the last node reached."""
+        for token in sequence:
+            node = self.child(parent, token)
+            if node is None:
+                break
+            parent = node
+        return parent
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def tree(self) -> DraftTree:
+        return DraftTree(list(self.tokens), list(self.parents))

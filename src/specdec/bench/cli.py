@@ -95,19 +95,6 @@ def _limit(prompts: list, n: int | None) -> list:
     return kept
 
 
-def _default_draft(args: argparse.Namespace) -> str | None:
-    """With the shipped target and no --draft, the shipped draft (if this installation has it)."""
-    if args.draft is not None or args.model != "default":
-        return args.draft
-    from specdec.models.loading import resolve
-
-    try:
-        resolve("default", "draft")
-    except InputError:
-        return None
-    return "default"
-
-
 def _params(args: argparse.Namespace):
     from specdec.sampling import SamplingParams
 
@@ -136,17 +123,13 @@ def _params(args: argparse.Namespace):
 
 
 def _load_models(args: argparse.Namespace):
-    from specdec.models.loading import check_same_vocabulary, load_causal_lm
+    """The target and, for the methods that need one, a draft (the one loading rule: `load_models`)."""
+    from specdec.bench.runner import needs_draft, select_methods
+    from specdec.models.loading import load_models
 
-    draft_name = _default_draft(args)
-    model, tokenizer = load_causal_lm(args.model, "target", args.dtype)
-    if tokenizer is None:
-        raise InputError(f"{args.model!r} has no tokenizer; the bench needs one to encode its prompts")
-    draft_model = None
-    if draft_name is not None:
-        draft_model, draft_tokenizer = load_causal_lm(draft_name, "draft", args.dtype)
-        check_same_vocabulary(model, tokenizer, draft_model, draft_tokenizer)
-    return model, tokenizer, draft_model, draft_name
+    wanted = select_methods(args.methods, True)
+    loaded = load_models(args.model, args.draft, any(needs_draft(m) for m in wanted), args.dtype)
+    return loaded.target, loaded.tokenizer, loaded.draft, loaded.draft_name
 
 
 def _run(args, prompts, model, tokenizer, draft_model, params):

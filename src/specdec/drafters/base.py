@@ -1,15 +1,24 @@
 """The drafter protocol: the only thing a new speculative method implements.
 
-A drafter never touches verification, the KV cache of the target or the sampler. The engine calls, per
-generation, `reset` once, then repeatedly `propose` (a token tree rooted at the last emitted token) and
-`observe` (what the target accepted, with its logits at every node, for drafters that learn from them).
+A drafter never touches verification, the KV cache of the target or the sampler. It is split in two on
+purpose:
+  - the drafter object is shared by every generation of a `SpecDecoder` (its config, the model it is bound
+    to, and tables it learns across requests on purpose, such as Token Recycling's);
+  - everything that belongs to ONE generation (an n-gram index of its context, a draft model's KV cache, a
+    Jacobi window) lives in a state object that `start` returns and the engine owns, passes back to every
+    call, and hands to `release` at the end. Two interleaved streams, or a batch of generations, therefore
+    share one drafter without seeing each other's state.
+
+Per generation the engine calls `start` once, `prefilled` once (with the target's hidden states of the prompt,
+if the drafter asked for any), then repeatedly `propose` (a token tree rooted at the last token) and `observe`
+(what the target said about that tree), and finally `release`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,35 +36,64 @@ class Request:
     generator: torch.Generator  # the call's private RNG; sampled drafts must draw from it for seeded runs
 
 
+@dataclass(frozen=True)
+class Scored:
+    """The target's verdict on one proposed tree, as the drafter observes it."""
+
+    tree: DraftTree
+    verdict: Verdict
+    logits: torch.Tensor  # [N, V] raw target logits, row i for node i
+    # layer id -> [N, H]: the target's hidden states at the layers the drafter asked for (`hidden_layers`)
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class Drafter(ABC):
+    """Subclasses set `name` and the capability flags, and implement `propose` (plus `start` when they keep
+    per-generation state, `observe` when they learn from the target)."""
+
     name: ClassVar[str]
-    needs_draft_model: ClassVar[bool] = False
+    # Capabilities, declared here rather than discovered by introspection:
+    needs_draft_model: ClassVar[bool] = False  # built with a second causal LM of the same vocabulary
+    needs_hidden_states: ClassVar[bool] = False  # reads the target's hidden states (see `hidden_layers`)
+    samples_drafts: ClassVar[bool] = False  # under sampling its nodes carry the q they were drawn from
+    mergeable: ClassVar[bool] = False  # drafts point masses and learns from any scored tree: can join `merge`
 
     @classmethod
     def create(cls, draft_model=None, **options) -> Drafter:
         """Build from CLI/API options; drafters with a config dataclass take its fields as options."""
         if cls.needs_draft_model:
-            return cls(draft_model, **options)
+            return cls(draft_model, **options)  # type: ignore[call-arg]
         return cls(**options)
 
     def bind(self, model) -> None:  # noqa: B027 - optional hook
         """Called once by the engine with the target model (for drafters that run or measure it)."""
 
-    def reset(self, request: Request) -> None:  # noqa: B027 - optional hook
-        """A new generation starts; state that should persist across calls (learned tables) may be kept."""
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Layer ids of the target's hidden states this drafter reads (after `bind`), as Hugging Face's
+        `output_hidden_states` numbers them: i < L is the input of decoder layer i (0: the embeddings), L the
+        final hidden state the LM head reads. Drafters that read none pay nothing."""
+        return ()
+
+    def start(self, request: Request) -> Any:
+        """A generation starts: return its private state (None for drafters that keep none)."""
+        return None
+
+    def prefilled(self, state: Any, hidden: dict[int, torch.Tensor]) -> None:  # noqa: B027
+        """The prompt minus its last token was prefilled; `hidden` maps layer id -> [P - 1, H] (empty unless
+        the drafter asked for layers, or when the prompt is one token)."""
 
     @abstractmethod
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: Any, context: list[int], max_depth: int) -> DraftTree:
         """Guess continuations of `context` (prompt + emitted tokens; `context[-1]` is the tree root).
 
         `context` is the engine's own list, append-only within a generation: read it, never mutate it.
         No node may be deeper than `max_depth` (the engine trims if one is, but drafting it was wasted work).
         """
 
-    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:  # noqa: B027
-        """The target scored `tree` (raw logits [N, V], row i for node i) and accepted `verdict`."""
+    def observe(self, state: Any, scored: Scored) -> None:  # noqa: B027
+        """The target scored the proposed tree and accepted `scored.verdict`."""
 
-    def release(self) -> None:  # noqa: B027
+    def release(self, state: Any) -> None:  # noqa: B027
         """The generation ended (finished, failed or cancelled): drop per-generation memory such as caches."""
 
 

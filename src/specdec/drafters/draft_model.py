@@ -9,12 +9,12 @@ so the sampler can accept with min(1, p/q).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 import torch
 
-from specdec.acceptance import Verdict
-from specdec.drafters.base import Drafter, Request, register
+from specdec.drafters.base import Drafter, Request, Scored, register
 from specdec.models.lean import LeanRunner
 from specdec.runner import ModelRunner
 from specdec.sampling import TargetDistribution
@@ -41,56 +41,65 @@ def make_runner(model, layers: list[int] | None, lean: bool) -> ModelRunner | Le
     return ModelRunner(model)
 
 
+@dataclass
+class DraftState:
+    """One generation's draft-side state: its own runner view (shared weights, private cache)."""
+
+    runner: ModelRunner | LeanRunner
+    request: Request
+    dist: TargetDistribution | None  # None: greedy drafts
+    num_tokens: int  # current draft length (adapted within the generation only)
+    fed: list[int] = field(default_factory=list)  # tokens whose KV is in the draft cache, in order
+    fed_drafts: int = 0  # how many of the last step's drafts were fed (their KV ends `fed`)
+    drafted: int = 0  # drafts proposed in the last step
+
+
 @register
 class DraftModel(Drafter):
     """Chain drafting with a cached model; `layerskip` reuses it with a view of the target as the model."""
 
     name = "draft"
     needs_draft_model = True
+    samples_drafts = True
 
     def __init__(self, model, config: DraftModelConfig | None = None, **options) -> None:
         if model is None:
             raise ValueError("the draft method needs a draft model (--draft PATH, or --draft default)")
         self.config = config or DraftModelConfig(**options)
         self.runner = make_runner(model, None, self.config.lean)
-        self.num_tokens = self.config.num_tokens
 
-    def reset(self, request: Request) -> None:
-        self.request = request
-        self.dist = None if request.params.greedy else TargetDistribution(request.params)
-        self.runner.cache = None
-        self.fed: list[int] = []  # tokens whose KV is in the draft cache, in order
-        self.fed_drafts = 0  # how many of the last step's drafts were fed (their KV ends `fed`)
-        self.drafted = 0
+    def start(self, request: Request) -> DraftState:
+        runner = copy.copy(self.runner)  # shares the weights; the cache below is this generation's own
+        runner.cache = None
+        dist = None if request.params.greedy else TargetDistribution(request.params)
         # The draft length adapts within a generation only: carried over, it would change how many random
         # numbers a step draws, and the same seed would give different text depending on earlier calls.
-        self.num_tokens = self.config.num_tokens
+        return DraftState(runner, request, dist, self.config.num_tokens)
 
-    def release(self) -> None:
-        self.runner.cache = None
+    def release(self, state: DraftState) -> None:
+        state.runner.cache = None
 
-    def _feed(self, tokens: list[int]) -> torch.Tensor:
-        if self.runner.cache is None:
-            capacity = (
-                len(self.request.prompt_ids) + self.request.params.max_new_tokens + self.config.max_tokens
-            )
-            logits = self.runner.start(tokens, capacity + 2)[None]
+    def _feed(self, state: DraftState, tokens: list[int]) -> torch.Tensor:
+        if state.runner.cache is None:
+            params = state.request.params
+            capacity = len(state.request.prompt_ids) + params.max_new_tokens + self.config.max_tokens
+            logits = state.runner.start(tokens, capacity + 2)[None]
         else:
-            logits = self.runner.extend(tokens)
-        self.fed.extend(tokens)
+            logits = state.runner.extend(tokens)
+        state.fed.extend(tokens)
         return logits[-1]
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
-        self.fed_drafts = self.drafted = 0
-        k = min(self.num_tokens, max_depth)
+    def propose(self, state: DraftState, context: list[int], max_depth: int) -> DraftTree:
+        state.fed_drafts = state.drafted = 0
+        k = min(state.num_tokens, max_depth)
         if k <= 0:
             return DraftTree.root_only(context[-1])
-        logits = self._feed(context[len(self.fed) :])
+        logits = self._feed(state, context[len(state.fed) :])
         drafts: list[int] = []
         probs: list[torch.Tensor] = []
         threshold = self.config.threshold
         for i in range(k):
-            if self.dist is None:
+            if state.dist is None:
                 if (
                     i > 0
                     and threshold > 0
@@ -99,25 +108,26 @@ class DraftModel(Drafter):
                     break  # not confident: the rest would mostly be rejected
                 tok = int(logits.argmax())
             else:
-                q = self.dist(logits[None])[0]
-                tok = int(torch.multinomial(q, 1, generator=self.request.generator))
+                q = state.dist(logits[None])[0]
+                tok = int(torch.multinomial(q, 1, generator=state.request.generator))
                 probs.append(q)
             drafts.append(tok)
             if i + 1 < k:  # the last draft is never fed: its KV is only needed if it is accepted
-                logits = self._feed([tok])
-                self.fed_drafts += 1
-        self.drafted = len(drafts)
+                logits = self._feed(state, [tok])
+                state.fed_drafts += 1
+        state.drafted = len(drafts)
         q = torch.stack([torch.zeros_like(probs[0]), *probs]) if probs else None  # row 0: the root, unused
         return DraftTree.chain(context[-1], drafts, q)
 
-    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
+    def observe(self, state: DraftState, scored: Scored) -> None:
+        accepted = scored.verdict.accepted_drafts
         # Keep the committed context plus the accepted drafts among those fed.
-        keep = len(self.fed) - self.fed_drafts + min(verdict.accepted_drafts, self.fed_drafts)
-        if keep < len(self.fed):
-            del self.fed[keep:]
-            self.runner.cache.crop(keep)
-        if self.config.adaptive and self.drafted:
-            if verdict.accepted_drafts == self.drafted:
-                self.num_tokens = min(self.num_tokens + 2, self.config.max_tokens)
+        keep = len(state.fed) - state.fed_drafts + min(accepted, state.fed_drafts)
+        if keep < len(state.fed):
+            del state.fed[keep:]
+            state.runner.cache.crop(keep)
+        if self.config.adaptive and state.drafted:
+            if accepted == state.drafted:
+                state.num_tokens = min(state.num_tokens + 2, self.config.max_tokens)
             else:
-                self.num_tokens = max(1, self.num_tokens - 1)
+                state.num_tokens = max(1, state.num_tokens - 1)

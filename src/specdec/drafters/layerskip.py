@@ -1,4 +1,4 @@
-"""Self-speculation by layer skipping (Draft & Verify, SWIFT; `shared/algorithms.md` §8): the target drafts for
+"""Self-speculation by layer skipping (Draft & Verify, SWIFT; see docs/methods.md, layerskip): the target drafts for
 itself with some of its decoder layers skipped. No extra weights.
 
 The draft model is a view of the target: shallow copies of the causal-LM module and of its decoder module
@@ -25,8 +25,9 @@ target's argmaxes (recorded from the verification logits) their view reproduces,
 window's tokens alone (no cache: cheap and bounded, an approximation of the real context that treats both
 sets alike). The candidate replaces the current set when it scores higher; the draft cache is then rebuilt at
 the next step. Adaptation stops when the current set scores >= `stop_at`, or after `max_trials` trials. The
-skipped set restarts from the initial one each generation (as the draft length does) so that a seed gives
-the same text whatever ran before; `persist=True` carries the learned set across generations instead.
+skipped set restarts from the initial one each generation (as the draft length does: both live in the
+generation's state) so that a seed gives the same text whatever ran before; `persist=True` carries the
+learned set across generations instead.
 
 Defaults (not tuned by measurement; the machine was busy): skip half of the middle layers (SWIFT skips ~45%
 of all sublayers), confidence 0.6 (between HF's 0.4 and SWIFT's 0.8), up to 8 drafted tokens, a trial every
@@ -37,18 +38,18 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from specdec.acceptance import Verdict
 from specdec.cache import KVCache
-from specdec.drafters.base import Request, register
-from specdec.drafters.draft_model import DraftModel, DraftModelConfig, make_runner
+from specdec.drafters.base import Request, Scored, register
+from specdec.drafters.draft_model import DraftModel, DraftModelConfig, DraftState, make_runner
 from specdec.errors import InputError, UnsupportedModelError
 from specdec.models.lean import LeanRunner
 from specdec.runner import ModelRunner
+from specdec.sampling import TargetDistribution
 from specdec.tree import DraftTree
 
 
@@ -143,7 +144,7 @@ class ViewRunner(ModelRunner):
         self.cache = KeptLayersCache(self.keep, capacity)
         self.forwards = 0
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        return self._forward(ids, None, None, logits_to_keep=1)[-1]
+        return self._forward(ids, None, None, logits_to_keep=1).logits[-1]
 
 
 def match_rate(model, keep: list[int], tokens: list[int], start: int, targets: list[int]) -> float:
@@ -157,6 +158,19 @@ def match_rate(model, keep: list[int], tokens: list[int], start: int, targets: l
     return hits.double().mean().item()
 
 
+@dataclass
+class LayerSkipState(DraftState):
+    """DraftModel's per-generation state plus the layer-set search of this generation."""
+
+    skip: tuple[int, ...] = ()
+    rng: random.Random = field(default_factory=random.Random)
+    adapting: bool = True
+    trials: int = 0
+    steps: int = 0
+    predictions: list[tuple[int, int, int]] = field(default_factory=list)  # recent, consecutive positions
+    root_pos: int = 0
+
+
 @register
 class LayerSkip(DraftModel):
     """DraftModel's chain drafting, with a weight-sharing view of the target (some layers skipped) as the model."""
@@ -167,8 +181,9 @@ class LayerSkip(DraftModel):
     def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:
         self.config = config or LayerSkipConfig(**options)
         self.model = None
-        self.runner: ViewRunner | LeanRunner | None = None
-        self.num_tokens = self.config.num_tokens
+        self.runners: dict[tuple[int, ...], ViewRunner | LeanRunner] = {}  # by skipped set, newest last
+        # with `persist`: (skipped set, still adapting, trials, search RNG) carried to the next generation
+        self.learned: tuple[tuple[int, ...], bool, int, random.Random] | None = None
 
     def bind(self, model) -> None:
         n = len(decoder_layers(model))
@@ -180,74 +195,85 @@ class LayerSkip(DraftModel):
             raise InputError(f"layerskip: cannot skip layers {list(skip)} of a {n}-layer model")
         self.model, self.num_layers = model, n
         self.initial_skip = tuple(sorted(set(skip)))
-        self.skip = self.initial_skip
-        self.runner = make_runner(model, self.kept(self.skip), self.config.lean)
-        self.fresh = True  # the search state starts over for a newly bound model, even with `persist`
+        self.runners, self.learned = {}, None  # the search starts over for a newly bound model
 
     def kept(self, skip: tuple[int, ...]) -> list[int]:
         return [i for i in range(self.num_layers) if i not in skip]
 
-    def reset(self, request: Request) -> None:
-        if self.runner is None:
+    def _runner(self, skip: tuple[int, ...]) -> ViewRunner | LeanRunner:
+        """A private view (own cache) of the shared runner for `skip`; the lean runner's fused weight copies
+        are built once per set and a few sets are kept."""
+        shared = self.runners.pop(skip, None) or make_runner(self.model, self.kept(skip), self.config.lean)
+        self.runners[skip] = shared
+        while len(self.runners) > 4:
+            del self.runners[next(iter(self.runners))]
+        view = copy.copy(shared)
+        view.cache = None
+        return view
+
+    def start(self, request: Request) -> LayerSkipState:
+        if self.model is None:
             raise RuntimeError("layerskip drafts with the target: Engine binds it (call bind(model) first)")
         cfg = self.config
-        if self.fresh or not cfg.persist:
-            self.fresh = False
-            self._use(self.initial_skip)
-            self.rng = random.Random(cfg.seed)
-            self.adapting = cfg.adapt
-            self.trials = 0
-        super().reset(request)
-        self.steps = 0
-        self.predictions: list[tuple[int, int, int]] = []  # recent, consecutive positions
-        self.root_pos = 0
+        if cfg.persist and self.learned is not None:
+            skip, adapting, trials, rng = self.learned
+        else:
+            skip, adapting, trials, rng = self.initial_skip, cfg.adapt, 0, random.Random(cfg.seed)
+        dist = None if request.params.greedy else TargetDistribution(request.params)
+        return LayerSkipState(
+            self._runner(skip),
+            request,
+            dist,
+            cfg.num_tokens,
+            skip=skip,
+            rng=rng,
+            adapting=adapting,
+            trials=trials,
+        )
 
-    def release(self) -> None:
-        if self.runner is not None:
-            self.runner.cache = None
+    def release(self, state: LayerSkipState) -> None:
+        state.runner.cache = None
+        if self.config.persist:
+            self.learned = (state.skip, state.adapting, state.trials, state.rng)
 
-    def _use(self, skip: tuple[int, ...]) -> None:
-        if skip != self.skip or self.runner is None:
-            self.skip = skip
-            self.runner = make_runner(self.model, self.kept(skip), self.config.lean)
+    def propose(self, state: LayerSkipState, context: list[int], max_depth: int) -> DraftTree:
+        state.root_pos = len(context) - 1
+        return super().propose(state, context, max_depth)
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
-        self.root_pos = len(context) - 1
-        return super().propose(context, max_depth)
-
-    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
-        super().observe(tree, verdict, logits)
-        nodes = verdict.accepted_nodes
-        argmax = logits[nodes].argmax(dim=-1).tolist()
+    def observe(self, state: LayerSkipState, scored: Scored) -> None:
+        super().observe(state, scored)
+        nodes = scored.verdict.accepted_nodes
+        argmax = scored.logits[nodes].argmax(dim=-1).tolist()
         # (position, token there, the target's argmax after it) for the accepted path
-        self.predictions.extend(
-            (self.root_pos + i, tree.tokens[node], nxt)
+        state.predictions.extend(
+            (state.root_pos + i, scored.tree.tokens[node], nxt)
             for i, (node, nxt) in enumerate(zip(nodes, argmax, strict=True))
         )
-        del self.predictions[: -self.config.adapt_window]
-        self.steps += 1
-        if self.adapting and self.steps % self.config.adapt_every == 0:
-            self._trial()
+        del state.predictions[: -self.config.adapt_window]
+        state.steps += 1
+        if state.adapting and state.steps % self.config.adapt_every == 0:
+            self._trial(state)
 
-    def _trial(self) -> None:
+    def _trial(self, state: LayerSkipState) -> None:
         """Score the current set and one neighbour on the recent predictions; keep the better one."""
         cfg = self.config
-        if len(self.predictions) < cfg.adapt_window:
+        if len(state.predictions) < cfg.adapt_window:
             return
-        kept_middle = [i for i in range(1, self.num_layers - 1) if i not in self.skip]
-        if self.trials >= cfg.max_trials or not self.skip or not kept_middle:
-            self.adapting = False  # out of trials, or no neighbour skipping as many layers
+        kept_middle = [i for i in range(1, self.num_layers - 1) if i not in state.skip]
+        if state.trials >= cfg.max_trials or not state.skip or not kept_middle:
+            state.adapting = False  # out of trials, or no neighbour skipping as many layers
             return
-        self.trials += 1
-        start = self.predictions[0][0]
-        tokens = [tok for _, tok, _ in self.predictions]
-        targets = [nxt for _, _, nxt in self.predictions]
-        current = match_rate(self.model, self.kept(self.skip), tokens, start, targets)
+        state.trials += 1
+        start = state.predictions[0][0]
+        tokens = [tok for _, tok, _ in state.predictions]
+        targets = [nxt for _, _, nxt in state.predictions]
+        current = match_rate(self.model, self.kept(state.skip), tokens, start, targets)
         if current >= cfg.stop_at:
-            self.adapting = False
+            state.adapting = False
             return
-        swap_out, swap_in = self.rng.choice(self.skip), self.rng.choice(kept_middle)
-        candidate = tuple(sorted({*self.skip, swap_in} - {swap_out}))
+        swap_out, swap_in = state.rng.choice(state.skip), state.rng.choice(kept_middle)
+        candidate = tuple(sorted({*state.skip, swap_in} - {swap_out}))
         if match_rate(self.model, self.kept(candidate), tokens, start, targets) > current:
-            self._use(candidate)
-            self.fed, self.fed_drafts = [], 0  # the next step re-prefills the context with the new set
+            state.skip = candidate
+            state.runner = self._runner(candidate)  # the next step re-prefills the context with the new set
+            state.fed, state.fed_drafts = [], 0

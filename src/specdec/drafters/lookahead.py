@@ -1,4 +1,4 @@
-"""Lookahead decoding (Fu et al. 2024; `shared/algorithms.md` §5, §11), adapted to one verified tree per forward.
+"""Lookahead decoding (Fu et al. 2024; see docs/methods.md, lookahead), adapted to one verified tree per forward.
 
 The method keeps two things: a Jacobi window of W guesses for the next positions, iterated one step per
 target forward, and a pool of n-grams (N tokens) keyed by their first token, at most G per key with LRU
@@ -13,7 +13,8 @@ the target's logits at every node, so both branches of the paper live in that on
     iteration: the argmax at w_i is the new guess for position i + 1, conditioned on the exact chain above it.
 Both are inserted as one trie (shared prefixes merged, siblings distinct), so a window that agrees with a
 pooled n-gram costs no extra nodes, and a window chain that happens to be right is simply accepted (the
-verifier treats every node as a deterministic guess: lossless under greedy and sampling, §1).
+verifier treats every node as a deterministic guess: lossless under greedy and sampling; see
+docs/methods.md, Lossless acceptance under sampling).
 
 What differs from the paper:
   - The paper's 2-D window feeds all N - 1 past levels every step with a special mask, so each new token sees
@@ -39,12 +40,9 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-
-from specdec.acceptance import Verdict
-from specdec.drafters.base import Drafter, Request, register
+from specdec.drafters.base import Drafter, Request, Scored, register
 from specdec.tree import DraftTree
 
 
@@ -71,7 +69,6 @@ class NgramPool:
     def __init__(self, n: int, cap: int) -> None:
         self.n, self.cap = n, cap
         self.table: dict[int, OrderedDict[tuple[int, ...], None]] = {}
-        self.added = 0  # n-grams inserted (including refreshes of known ones)
 
     def add(self, gram: tuple[int, ...]) -> None:
         """gram: n tokens."""
@@ -83,7 +80,6 @@ class NgramPool:
             conts[cont] = None
             if len(conts) > self.cap:
                 conts.popitem(last=False)
-        self.added += 1
 
     def get(self, token: int) -> list[tuple[int, ...]]:
         """Continuations of `token`, most recently seen first."""
@@ -104,76 +100,82 @@ def _chain_nodes(tree: DraftTree, tokens: list[int]) -> list[int]:
     return nodes
 
 
+@dataclass
+class LookaheadState:
+    """One generation's window and pool."""
+
+    pool: NgramPool
+    rng: random.Random
+    indexed: int = 0  # context positions whose n-gram (ending there) is pooled
+    window: list[int] = field(default_factory=list)  # guesses for positions root + 1, root + 2, ...
+    grams: list[tuple[int, ...]] = field(default_factory=list)  # per window token: its diagonal n-gram prefix
+    jacobi_ngrams: int = 0  # n-grams pooled from the lookahead branch (for tests and inspection)
+    # (root position, root's n-gram prefix, the window drafted, its diagonal prefixes) for `observe`
+    step: tuple[int, tuple[int, ...], list[int], list[tuple[int, ...]]] | None = None
+
+
 @register
 class Lookahead(Drafter):
     name = "lookahead"
 
     def __init__(self, config: LookaheadConfig | None = None, **options) -> None:
         self.config = config or LookaheadConfig(**options)
-        self.reset(None)
 
-    def reset(self, request: Request | None) -> None:
+    def start(self, request: Request | None) -> LookaheadState:
         cfg = self.config
-        self.pool = NgramPool(cfg.ngram, cfg.guesses)
-        self.indexed = 0  # context positions whose n-gram (ending there) is pooled
-        self.window: list[int] = []  # guesses for positions root + 1, root + 2, ...
-        self.grams: list[tuple[int, ...]] = []  # per window token: its diagonal n-gram prefix (ends with it)
-        self.rng = random.Random(cfg.seed)
-        self.jacobi_ngrams = 0  # n-grams pooled from the lookahead branch (for tests and inspection)
-        self._step: tuple[int, tuple[int, ...], list[int], list[tuple[int, ...]]] | None = None
+        return LookaheadState(NgramPool(cfg.ngram, cfg.guesses), random.Random(cfg.seed))
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: LookaheadState, context: list[int], max_depth: int) -> DraftTree:
         cfg = self.config
         n = cfg.ngram
         root = context[-1]
         if cfg.seed_context:
-            for end in range(max(self.indexed, n - 1), len(context)):
-                self.pool.add(tuple(context[end - n + 1 : end + 1]))
-            self.indexed = len(context)
+            for end in range(max(state.indexed, n - 1), len(context)):
+                state.pool.add(tuple(context[end - n + 1 : end + 1]))
+            state.indexed = len(context)
         if max_depth <= 0:
-            self._step = None
+            state.step = None
             return DraftTree.root_only(root)
-        self._fill_window(context)
-        window = self.window[:max_depth]
-        candidates = [list(c[:max_depth]) for c in self.pool.get(root)]
-        # (root position, root's n-gram prefix, the window drafted, its diagonal prefixes) for `observe`
-        self._step = (len(context) - 1, tuple(context[-(n - 1) :]), window, self.grams[: len(window)])
+        self._fill_window(state, context)
+        window = state.window[:max_depth]
+        candidates = [list(c[:max_depth]) for c in state.pool.get(root)]
+        state.step = (len(context) - 1, tuple(context[-(n - 1) :]), window, state.grams[: len(window)])
         return DraftTree.from_sequences(root, [*candidates, window])
 
-    def _fill_window(self, context: list[int]) -> None:
+    def _fill_window(self, state: LookaheadState, context: list[int]) -> None:
         """Extend the window to W tokens: follow the pool from its last token, else draw from the context."""
         keep = self.config.ngram - 1
-        while len(self.window) < self.config.window:
-            last = self.window[-1] if self.window else context[-1]
-            last_gram = self.grams[-1] if self.grams else tuple(context[-keep:])
-            conts = self.pool.get(last)
+        while len(state.window) < self.config.window:
+            last = state.window[-1] if state.window else context[-1]
+            last_gram = state.grams[-1] if state.grams else tuple(context[-keep:])
+            conts = state.pool.get(last)
             if conts:
-                for tok in conts[0][: self.config.window - len(self.window)]:
+                for tok in conts[0][: self.config.window - len(state.window)]:
                     last_gram = (*last_gram, tok)[-keep:]
-                    self.window.append(tok)
-                    self.grams.append(last_gram)
+                    state.window.append(tok)
+                    state.grams.append(last_gram)
             else:
-                tok = context[self.rng.randrange(len(context))]
-                self.window.append(tok)
-                self.grams.append((tok,))
+                tok = context[state.rng.randrange(len(context))]
+                state.window.append(tok)
+                state.grams.append((tok,))
 
-    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
-        if self._step is None:
+    def observe(self, state: LookaheadState, scored: Scored) -> None:
+        if state.step is None:
             return
-        root_pos, root_gram, window, grams = self._step
+        root_pos, root_gram, window, grams = state.step
         n = self.config.ngram
-        nodes = _chain_nodes(tree, window)  # the engine may have cut the tree deeper than it allows
-        guesses = logits[nodes].argmax(dim=-1).tolist()  # guesses[i]: for position root_pos + 1 + i
+        nodes = _chain_nodes(scored.tree, window)  # the engine may have cut the tree deeper than it allows
+        guesses = scored.logits[nodes].argmax(dim=-1).tolist()  # guesses[i]: for position root_pos + 1 + i
         prefixes = [root_gram, *grams]
         new_window, new_grams = [], []
         for tok, prefix in zip(guesses, prefixes, strict=False):
             gram = (*prefix, tok)
             if len(gram) == n:
-                self.pool.add(gram)
-                self.jacobi_ngrams += 1
+                state.pool.add(gram)
+                state.jacobi_ngrams += 1
             new_window.append(tok)
             new_grams.append(gram[-(n - 1) :])
         # The new root sits len(verdict.tokens) positions further: drop the guesses it has passed.
-        shift = len(verdict.tokens)
-        self.window, self.grams = new_window[shift:], new_grams[shift:]
-        self._step = None
+        shift = len(scored.verdict.tokens)
+        state.window, state.grams = new_window[shift:], new_grams[shift:]
+        state.step = None

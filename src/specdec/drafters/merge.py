@@ -7,20 +7,19 @@ member lists its best guesses first), the member with the better recent record f
 order. w_m is a moving average of how many tokens m's own (uncut) tree would have had accepted, read off the
 emitted tokens, so a member that lost budget can still win it back.
 
-The merged tree is what the target scored, so it is what every member observes: members must learn from any
-tree (`observes_any_tree = True`, as `recycle` does) or not learn at all (no `observe`, as `pld` and `suffix`).
-Members must draft point masses (no `probs`): an i.i.d. sampled child cannot be merged into a trie losslessly.
+The merged tree is what the target scored, so it is what every member observes: members must declare
+`mergeable` (they draft point masses, since an i.i.d. sampled child cannot be merged into a trie losslessly,
+and learn from any scored tree or not at all: `recycle`, `pld`, `suffix`). Each member keeps its own
+per-generation state inside merge's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-from specdec.acceptance import Verdict
-from specdec.drafters.base import REGISTRY, Drafter, Request, register
-from specdec.tree import DraftTree
+from specdec.drafters.base import REGISTRY, Drafter, Request, Scored, register
+from specdec.tree import DraftTree, Trie
 
 EMA = 0.2  # weight of the newest step in a member's accepted-length average
 FLOOR = 0.25  # added to every weight, so a member never gets nothing
@@ -46,17 +45,25 @@ def _build(member) -> Drafter:
         if cls.needs_draft_model:
             raise ValueError(f"member {member!r} needs a draft model; merge takes training-free drafters")
         drafter = cls.create()
-    if type(drafter).observe is not Drafter.observe and not getattr(drafter, "observes_any_tree", False):
+    if not drafter.mergeable:
         raise ValueError(
-            f"member {drafter.name!r} learns from its own trees only; it cannot observe a merged one"
+            f"member {drafter.name!r} cannot join a merged tree (it drafts sampled nodes or learns from its "
+            "own trees only)"
         )
     return drafter
+
+
+@dataclass
+class MergeState:
+    members: list[Any]  # each member's own per-generation state
+    weights: list[float]  # moving average of each member's accepted drafts (this generation)
+    trees: list[DraftTree] = field(default_factory=list)  # the members' own trees of the last step
 
 
 @register
 class Merge(Drafter):
     name = "merge"
-    observes_any_tree = True
+    mergeable = True
 
     def __init__(self, config: MergeConfig | None = None, **options) -> None:
         self.config = cfg = config or MergeConfig(**options)
@@ -64,65 +71,56 @@ class Merge(Drafter):
         self.members = [_build(m) for m in names if not (isinstance(m, str) and not m.strip())]
         if not self.members:
             raise ValueError("merge needs at least one member")
-        self.weights = [1.0] * len(self.members)  # moving average of each member's accepted drafts
-        self.last_trees: list[DraftTree] = []
 
     def bind(self, model) -> None:
         for m in self.members:
             m.bind(model)
 
-    def reset(self, request: Request) -> None:
-        for m in self.members:
-            m.reset(request)
+    def start(self, request: Request) -> MergeState:
+        return MergeState([m.start(request) for m in self.members], [1.0] * len(self.members))
 
-    def release(self) -> None:
-        for m in self.members:
-            m.release()
+    def release(self, state: MergeState) -> None:
+        for m, s in zip(self.members, state.members, strict=True):
+            m.release(s)
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
-        trees = [m.propose(context, max_depth) for m in self.members]
-        for m, tree in zip(self.members, trees, strict=True):
-            if tree.probs is not None:
-                raise ValueError(f"merge member {m.name!r} drafted sampled nodes; merge needs point masses")
-        self.last_trees = trees
-        order = sorted(range(len(trees)), key=lambda i: -self.weights[i])
-        total = sum(self.weights[i] + FLOOR for i in order)
-        quotas = [round(self.config.max_nodes * (self.weights[i] + FLOOR) / total) for i in order]
+    def propose(self, state: MergeState, context: list[int], max_depth: int) -> DraftTree:
+        trees = [m.propose(s, context, max_depth) for m, s in zip(self.members, state.members, strict=True)]
+        state.trees = trees
+        order = sorted(range(len(trees)), key=lambda i: -state.weights[i])
+        total = sum(state.weights[i] + FLOOR for i in order)
+        quotas = [round(self.config.max_nodes * (state.weights[i] + FLOOR) / total) for i in order]
         return union(context[-1], [trees[i] for i in order], quotas, self.config.max_nodes)
 
-    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
-        for i, (m, own) in enumerate(zip(self.members, self.last_trees, strict=True)):
-            m.observe(tree, verdict, logits)
-            self.weights[i] = (1 - EMA) * self.weights[i] + EMA * would_accept(own, verdict.tokens)
+    def observe(self, state: MergeState, scored: Scored) -> None:
+        for i, (m, own) in enumerate(zip(self.members, state.trees, strict=True)):
+            m.observe(state.members[i], scored)
+            accepted = would_accept(own, scored.verdict.tokens)
+            state.weights[i] = (1 - EMA) * state.weights[i] + EMA * accepted
 
 
 def union(root: int, trees: list[DraftTree], quotas: list[int], max_nodes: int) -> DraftTree:
     """Trie union of `trees` (all rooted at `root`): tree j first adds up to quotas[j] new nodes, in its own
     node order; then the rest of each tree, in the same tree order, while the budget lasts."""
-    tokens, parents = [root], [-1]
-    index: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+    trie = Trie(root, max_nodes)
     maps = [[0] for _ in trees]  # per tree: own node -> merged node, for the nodes inserted so far
 
     def insert(j: int, limit: int) -> None:
         tree, node_map = trees[j], maps[j]
-        added = 0
+        budget = trie.max_nodes
+        trie.max_nodes = min(max_nodes, len(trie) - 1 + limit)  # this round's share of new nodes
         while len(node_map) < len(tree):
             i = len(node_map)
-            key = (node_map[tree.parents[i]], tree.tokens[i])
-            if key not in index:
-                if added >= limit or len(tokens) - 1 >= max_nodes:
-                    return
-                index[key] = len(tokens)
-                tokens.append(key[1])
-                parents.append(key[0])
-                added += 1
-            node_map.append(index[key])
+            node = trie.child(node_map[tree.parents[i]], tree.tokens[i])
+            if node is None:
+                break
+            node_map.append(node)
+        trie.max_nodes = budget
 
     for j, quota in enumerate(quotas):
         insert(j, quota)
     for j in range(len(trees)):
         insert(j, max_nodes)
-    return DraftTree(tokens, parents)
+    return trie.tree()
 
 
 def would_accept(tree: DraftTree, emitted: list[int]) -> int:

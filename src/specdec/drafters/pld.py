@@ -51,25 +51,23 @@ class NgramIndex:
 @register
 class PromptLookup(Drafter):
     name = "pld"
+    mergeable = True  # point masses; learns nothing from the target
 
     def __init__(self, config: PromptLookupConfig | None = None, **options) -> None:
         self.config = config or PromptLookupConfig(**options)
-        self.index = NgramIndex(self.config.min_ngram, self.config.max_ngram)
 
-    def reset(self, request: Request) -> None:
-        self.index = NgramIndex(self.config.min_ngram, self.config.max_ngram)
+    def start(self, request: Request) -> NgramIndex:
+        return NgramIndex(self.config.min_ngram, self.config.max_ngram)  # of this generation's context
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: NgramIndex, context: list[int], max_depth: int) -> DraftTree:
         cfg = self.config
         # Index every position but the last: an occurrence ending there would be the query itself.
-        self.index.extend(context, len(context) - 1)
+        state.extend(context, len(context) - 1)
         length = min(cfg.num_tokens, max_depth)
         candidates: list[list[int]] = []
         if length > 0:
             for n in range(min(cfg.max_ngram, len(context)), cfg.min_ngram - 1, -1):
-                for end in reversed(
-                    self.index.matches(context, n)[-64:]
-                ):  # the most recent are the best bets
+                for end in reversed(state.matches(context, n)[-64:]):  # the most recent are the best bets
                     cont = context[end + 1 : end + 1 + length]
                     if cont not in candidates:
                         candidates.append(cont)

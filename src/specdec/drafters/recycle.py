@@ -1,4 +1,4 @@
-"""Token Recycling (Luo et al., ACL'25; `shared/algorithms.md` §4): the target's own top-k guesses, recycled.
+"""Token Recycling (Luo et al., ACL 2025; see docs/methods.md, recycle): the target's own top-k guesses, recycled.
 
 An adjacency table A [V, k] holds, for every token, the top-k next tokens the target predicted the last time
 that token sat at a scored tree node. After every verification each node's row is overwritten with the top-k
@@ -31,8 +31,8 @@ import torch
 
 from specdec.acceptance import Verdict
 from specdec.costmodel import CostModel
-from specdec.drafters.base import Drafter, Request, register
-from specdec.tree import DraftTree
+from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.tree import DraftTree, Trie
 
 PRIOR = (0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)  # assumed P(rank-r candidate is right), depth 1
 PRIOR_DECAY = 0.9  # the prior shrinks by this factor per extra depth
@@ -105,7 +105,7 @@ def grow_template(acceptance: list[list[float]], max_nodes: int) -> Template:
 @register
 class TokenRecycling(Drafter):
     name = "recycle"
-    observes_any_tree = True  # learns from whatever tree was scored (the merge drafter relies on it)
+    mergeable = True  # learns from whatever tree was scored (the merge drafter relies on it)
 
     def __init__(self, config: RecycleConfig | None = None, **options) -> None:
         self.config = config or RecycleConfig(**options)
@@ -125,7 +125,8 @@ class TokenRecycling(Drafter):
         self.model = model
         self.stale = self.config.max_nodes == "auto"  # measure the cost lazily, when a generation starts
 
-    def reset(self, request: Request) -> None:
+    def start(self, request: Request) -> None:
+        """No per-generation state: the table and the template are learned across requests on purpose."""
         if self.stale:
             self.stale = False
             self._set_template()
@@ -204,7 +205,7 @@ class TokenRecycling(Drafter):
 
     # -- drafting ----------------------------------------------------------------------------------------
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: None, context: list[int], max_depth: int) -> DraftTree:
         root = context[-1]
         tpl = self.template
         if self.table is None or max_depth < 1 or len(tpl) == 1 or root >= self.table.shape[0]:
@@ -222,26 +223,21 @@ class TokenRecycling(Drafter):
         """Template nodes -> a tree with distinct siblings: a node equal to an earlier sibling is merged into
         it (trie insertion), so its subtree hangs under the survivor."""
         tpl = self.template
-        out_tokens, out_parents = [tokens[0]], [-1]
+        trie = Trie(tokens[0])
         node_of = [0] * len(tpl)  # template node -> tree node (-1: dropped)
-        index: dict[tuple[int, int], int] = {}
         for i in range(1, len(tpl)):
             parent = node_of[tpl.parents[i]]
             if not valid[i] or parent < 0 or tpl.depths[i] > max_depth:
                 node_of[i] = -1
                 continue
-            key = (parent, tokens[i])
-            if key not in index:
-                index[key] = len(out_tokens)
-                out_tokens.append(tokens[i])
-                out_parents.append(parent)
-            node_of[i] = index[key]
-        return DraftTree(out_tokens, out_parents)
+            node_of[i] = trie.insert([tokens[i]], parent)
+        return trie.tree()
 
     # -- learning ----------------------------------------------------------------------------------------
 
-    def observe(self, tree: DraftTree, verdict: Verdict, logits: torch.Tensor) -> None:
-        """logits: [N, V] raw target logits, row i for node i of `tree` (any tree, not only ours)."""
+    def observe(self, state: None, scored: Scored) -> None:
+        """Learn from any scored tree, not only ours (merge hands us the merged one)."""
+        tree, verdict, logits = scored.tree, scored.verdict, scored.logits  # logits: [N, V]
         self._ensure_table(logits.shape[-1])
         tokens = torch.tensor(tree.tokens)  # [N]
         self._measure(tokens, verdict)  # before the update: with the rows this step drafted from

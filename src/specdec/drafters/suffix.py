@@ -1,17 +1,20 @@
 """Suffix-automaton retrieval: continue the longest earlier match of the context, weighted by frequency.
 
-One online suffix automaton holds a bounded history of earlier generations of this drafter instance (prompt
-and output each, so a later request that repeats an earlier one, as in multi-turn chat, code edits or
-SAM-decoding's retrieval, is matched) followed by the current context; documents are separated by unique
-negative tokens, so no match crosses a boundary. Appending a token costs O(1) amortized; the context is never
-rescanned. Per step:
+Two online suffix automata: each generation builds one over its own context (its private state), and the
+drafter keeps one over a bounded history of the earlier generations it served (prompt and output each, so a
+later request that repeats an earlier one, as in multi-turn chat, code edits or SAM-decoding's retrieval, is
+matched; learned across requests on purpose). History documents are separated by unique negative tokens, so
+no match crosses a boundary; a generation's context joins the history when it ends. Appending a token costs
+O(1) amortized in both; the context is never rescanned. Per step:
 
-1. The longest suffix of the text that also ends somewhere earlier is the state link(last) of the automaton
-   (its length is the match length), found in O(1).
-2. Its earlier end positions (owned by the states of its subtree in the suffix-link tree) give the
+1. The longest suffix of the context that also ends earlier in the context is the state link(last) of the
+   context automaton (its length is the match length), found in O(1); the longest suffix of the context that
+   occurs in the history is tracked as the context grows (matching statistics: O(1) amortized per token).
+2. The end positions of a match (owned by the states of its subtree in the suffix-link tree) give the
    continuations that followed each earlier occurrence: the newest `max_occurrences` of them, exactly when
-   the match occurs at most 4x that often (otherwise the newest of the 4x read first). Shorter matches (up
-   to `backoff` suffix links) are read too; their counts only break the longer match's ties.
+   the match occurs at most 4x that often (otherwise the newest of the 4x read first), the context's before
+   the history's. Longer matches count first; shorter ones (up to `backoff` suffix links below the longest)
+   are read too, and their counts only break the longer matches' ties.
 3. The continuations are merged into a trie counting how many occurrences pass through each node; the
    `max_nodes` most frequent nodes are the draft (a child is never more frequent than its parent, so they form
    a tree). With one occurrence it is prompt lookup's chain; with many, the frequent branches.
@@ -25,10 +28,10 @@ forward costs 1.67x a 1-token one, so a step must gain about 0.7 accepted tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from specdec.drafters.base import Drafter, Request, register
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, Trie
 
 
 @dataclass
@@ -132,34 +135,44 @@ class SuffixAutomaton:
         return found[:limit]
 
 
+@dataclass
+class SuffixState:
+    """One generation's automaton over its own context, and where its suffix stands in the history."""
+
+    sam: SuffixAutomaton = field(default_factory=SuffixAutomaton)
+    history_version: int = -1  # the history automaton the match below was computed in
+    match_state: int = 0  # state of the longest suffix of the context found in the history
+    match_length: int = 0
+
+
 @register
 class SuffixLookup(Drafter):
     name = "suffix"
+    mergeable = True  # point masses; learns nothing from the target (the history grows from contexts)
 
     def __init__(self, config: SuffixConfig | None = None, **options) -> None:
         self.config = config or SuffixConfig(**options)
-        self.sam = SuffixAutomaton()
-        self.docs: list[tuple[int, int]] = []  # finished documents: [start, end) in sam.text
-        self.doc_start = 0  # where the current generation's context starts in sam.text
-        self.fed = 0  # tokens of the current context already appended
+        self.history = SuffixAutomaton()  # earlier generations' contexts, shared across requests on purpose
+        self.docs: list[tuple[int, int]] = []  # history documents: [start, end) in history.text
         self.separator = -1  # the next document separator (each is used once)
+        self.version = 0  # bumped whenever the history changes (a state's match must then be recomputed)
 
-    def reset(self, request: Request) -> None:
-        self._close()
-        if len(self.sam.text) > self.config.history_tokens:
-            self._forget()
-        if self.sam.text and self.sam.text[-1] >= 0:
+    def start(self, request: Request) -> SuffixState:
+        return SuffixState()
+
+    def release(self, state: SuffixState) -> None:
+        """The generation's context becomes history."""
+        if not state.sam.text or not self.config.history_tokens:
+            return
+        if self.history.text:
             self._separate()
-        self.doc_start, self.fed = len(self.sam.text), 0
-
-    def release(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        """The current generation's tokens become history."""
-        if self.fed:
-            self.docs.append((self.doc_start, len(self.sam.text)))
-            self.fed = 0
+        start = len(self.history.text)
+        for tok in state.sam.text:
+            self.history.append(tok)
+        self.docs.append((start, len(self.history.text)))
+        if len(self.history.text) > self.config.history_tokens:
+            self._forget()
+        self.version += 1
 
     def _forget(self) -> None:
         """Rebuild from the newest documents that fit in half the history budget."""
@@ -167,60 +180,104 @@ class SuffixLookup(Drafter):
         for start, end in reversed(self.docs):
             if total + end - start > self.config.history_tokens // 2:
                 break
-            keep.append(self.sam.text[start:end])
+            keep.append(self.history.text[start:end])
             total += end - start
-        self.sam, self.docs = SuffixAutomaton(), []
+        self.history, self.docs = SuffixAutomaton(), []
         for i, doc in enumerate(reversed(keep)):
             if i:
                 self._separate()
-            start = len(self.sam.text)
+            start = len(self.history.text)
             for tok in doc:
-                self.sam.append(tok)
-            self.docs.append((start, len(self.sam.text)))
+                self.history.append(tok)
+            self.docs.append((start, len(self.history.text)))
 
     def _separate(self) -> None:
-        self.sam.append(self.separator)  # a token that occurs nowhere else: no match crosses it
+        self.history.append(self.separator)  # a token that occurs nowhere else: no match crosses it
         self.separator -= 1
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
-        for tok in context[self.fed :]:
-            self.sam.append(tok)
-        self.fed = len(context)
+    def _match_history(self, state: SuffixState, context: list[int]) -> None:
+        """Advance the context's longest match in the history over the tokens not yet matched (all of them
+        when the history changed since)."""
+        if state.history_version != self.version:
+            state.history_version, state.match_state, state.match_length = self.version, 0, 0
+            new = context
+        else:
+            new = context[len(state.sam.text) :]
+        h, s, length = self.history, state.match_state, state.match_length
+        for tok in new:
+            while s > 0 and tok not in h.next[s]:
+                s = h.link[s]
+                length = h.length[s]
+            if tok in h.next[s]:
+                s, length = h.next[s][tok], length + 1
+        state.match_state, state.match_length = s, length
+
+    def propose(self, state: SuffixState, context: list[int], max_depth: int) -> DraftTree:
+        if self.history.text:
+            self._match_history(state, context)
+        for tok in context[len(state.sam.text) :]:
+            state.sam.append(tok)
         cfg = self.config
-        state, length = self.sam.longest_repeat()
         depth = min(cfg.num_tokens, max_depth)
-        if length < cfg.min_match or depth < 1:
+        levels = self._levels(state)
+        if not levels or depth < 1:
             return DraftTree.root_only(context[-1])
         conts: list[list[int]] = []
         weights: list[float] = []
-        read: set[int] = set()
-        weight = 1.0
-        for _ in range(cfg.backoff + 1):  # the longest match, then shorter ones (suffix links)
-            if length < cfg.min_match or len(conts) >= cfg.max_occurrences:
+        read: set[tuple[int, int]] = set()  # (source, end position) already read at a longer match
+        lengths = sorted({length for length, _, _ in levels}, reverse=True)
+        for length, source, s in levels:  # longest first; the context's before the history's
+            if len(conts) >= cfg.max_occurrences:
                 break
-            for end in self.sam.end_positions(state, cfg.max_occurrences + 1):
-                cont = self._continuation(end, depth) if end not in read else []
-                read.add(end)
+            weight = float(cfg.max_occurrences + 1) ** -lengths.index(length)
+            sam = state.sam if source == 0 else self.history
+            for end in sam.end_positions(s, cfg.max_occurrences + 1):
+                cont = _continuation(sam.text, end, depth, source == 0) if (source, end) not in read else []
+                read.add((source, end))
                 if cont and len(conts) < cfg.max_occurrences:
                     conts.append(cont)
                     weights.append(weight)
-            state = self.sam.link[state]
-            length = self.sam.length[state] if state > 0 else 0
-            weight /= cfg.max_occurrences + 1  # a shorter match's counts only break the longer one's ties
         return frequency_tree(context[-1], conts, cfg.max_nodes, weights)
 
-    def _continuation(self, end: int, depth: int) -> list[int]:
-        """Up to `depth` tokens after position `end`, stopping at a document separator. A copy that runs into
-        the end of the text continues copying itself (period n - 1 - end), as an LZ77 match would."""
-        text, n = self.sam.text, len(self.sam.text)
-        period = n - 1 - end  # 0 for the current end position, which has no continuation
-        cont: list[int] = []
-        for j in range(depth if period else 0):
-            tok = text[end + 1 + j] if end + 1 + j < n else cont[j - period]
-            if tok < 0:
-                break
-            cont.append(tok)
-        return cont
+    def _levels(self, state: SuffixState) -> list[tuple[int, int, int]]:
+        """(match length, source (0: context, 1: history), automaton state) for the longest match of each
+        source and up to `backoff` shorter ones, longest first, cut to `backoff + 1` distinct lengths."""
+        cfg = self.config
+        levels = []
+        starts = [(0, *state.sam.longest_repeat())]
+        if self.history.text:
+            starts.append((1, state.match_state, state.match_length))
+        for source, s, length in starts:
+            sam = state.sam if source == 0 else self.history
+            for _ in range(cfg.backoff + 1):
+                if length < cfg.min_match or s <= 0:
+                    break
+                levels.append((length, source, s))
+                s = sam.link[s]
+                length = sam.length[s] if s > 0 else 0
+        levels.sort(key=lambda level: (-level[0], level[1]))
+        keep = sorted({length for length, _, _ in levels}, reverse=True)[: cfg.backoff + 1]
+        return [level for level in levels if level[0] >= keep[-1]] if keep else []
+
+
+def _continuation(text: list[int], end: int, depth: int, self_copy: bool) -> list[int]:
+    """Up to `depth` tokens after position `end`, stopping at a document separator or the end of the text.
+    In the current context (`self_copy`), a copy that runs into the end of the text continues copying itself
+    (period n - 1 - end), as an LZ77 match would."""
+    n = len(text)
+    period = n - 1 - end  # 0 for the current end position, which has no continuation
+    cont: list[int] = []
+    for j in range(depth if period else 0):
+        if end + 1 + j < n:
+            tok = text[end + 1 + j]
+        elif self_copy:
+            tok = cont[j - period]
+        else:
+            break
+        if tok < 0:
+            break
+        cont.append(tok)
+    return cont
 
 
 def frequency_tree(
@@ -228,20 +285,16 @@ def frequency_tree(
 ) -> DraftTree:
     """The trie of `sequences` cut to its `max_nodes` most frequent nodes (ties: shallower, then earlier);
     sequence i counts weights[i] times (default 1)."""
-    tokens, parents, counts, depths = [root], [-1], [0.0], [0]
-    index: dict[tuple[int, int], int] = {}
+    trie = Trie(root)
+    counts = [0.0]
     for seq, weight in zip(sequences, weights or [1.0] * len(sequences), strict=True):
         node = 0
         for tok in seq:
-            key = (node, tok)
-            if key not in index:
-                index[key] = len(tokens)
-                tokens.append(tok), parents.append(node), counts.append(0.0), depths.append(depths[node] + 1)
-            node = index[key]
+            node = trie.insert([tok], node)
+            if node == len(counts):
+                counts.append(0.0)
             counts[node] += weight
+    full = trie.tree()
     # A child's count never exceeds its parent's and it is deeper, so parents sort first.
-    order = sorted(range(1, len(tokens)), key=lambda i: (-counts[i], depths[i], i))[:max_nodes]
-    new = {0: 0}
-    for i in order:
-        new[i] = len(new)
-    return DraftTree([root] + [tokens[i] for i in order], [-1] + [new[parents[i]] for i in order])
+    order = sorted(range(1, len(full)), key=lambda i: (-counts[i], full.depths[i], i))[:max_nodes]
+    return full.subtree(order)

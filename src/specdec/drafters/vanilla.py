@@ -10,5 +10,5 @@ from specdec.tree import DraftTree
 class Vanilla(Drafter):
     name = "vanilla"
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: None, context: list[int], max_depth: int) -> DraftTree:
         return DraftTree.root_only(context[-1])

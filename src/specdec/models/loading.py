@@ -6,7 +6,9 @@ Models run in float32 by default: CPUs without bf16 units (like the ones specdec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,13 +39,21 @@ def resolve(name: str | None, role: str = "target") -> str:
     return str(shipped)
 
 
-def load_tokenizer(name: str):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer; None for a local directory that ships none. A tokenizer that is there but does
+    not load is an error, never silently dropped."""
     from transformers import AutoTokenizer
 
+    local = Path(path)
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        return None
     try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a tokenizer from {name!r}: {str(e).splitlines()[0]}") from None
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from None
 
 
 def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32"):
@@ -82,14 +92,46 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
             f"{path!r} lacks weights for {len(missing)} parameters (e.g. {missing[0]}): not a usable causal LM"
         )
     model.eval()
-    tokenizer = None
-    try:
-        from transformers import AutoTokenizer
+    return model, load_tokenizer(path)
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+
+@dataclass
+class LoadedModels:
+    target: Any
+    tokenizer: Any
+    draft: Any | None  # a draft model, loaded when one was named or wanted (see `load_models`)
+    draft_name: str | None
+
+
+def load_models(
+    model: str | None = "default", draft: str | None = None, with_draft: bool = False, dtype: str = "float32"
+) -> LoadedModels:
+    """The one loader of the API, CLI, bench and server.
+
+    The draft rule: a named `draft` is always loaded; otherwise, when a draft is wanted (`with_draft`: a
+    chosen method drafts with a second model) and the target is the shipped one, the shipped draft comes with
+    it (the two are trained as a pair). Anything else has no draft; `require_draft` turns that into an error
+    for the methods that cannot run without one.
+    """
+    target, tokenizer = load_causal_lm(model, "target", dtype)
+    if tokenizer is None:
+        raise InputError(f"{model!r} has no tokenizer (specdec needs one to encode prompts and decode text)")
+    if draft is None and with_draft and model in (None, "default") and (SHIPPED_DIR / "draft").is_dir():
+        draft = "default"
+    draft_model = None
+    if draft is not None:
+        draft_model, draft_tokenizer = load_causal_lm(draft, "draft", dtype)
+        check_same_vocabulary(target, tokenizer, draft_model, draft_tokenizer)
+    return LoadedModels(target, tokenizer, draft_model, draft)
+
+
+def require_draft(methods: list[str], draft_model) -> None:
+    """InputError naming the first method that needs a draft model when there is none."""
+    from specdec.drafters import REGISTRY
+
+    for m in methods:
+        if m in REGISTRY and REGISTRY[m].needs_draft_model and draft_model is None:
+            raise InputError(f"the {m} method needs a draft model (--draft PATH, or --draft default)")
 
 
 def check_same_vocabulary(target, target_tok, draft, draft_tok) -> None:

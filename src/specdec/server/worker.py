@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from specdec.api import SpecDecoder, sampling_params
-from specdec.errors import InputError
+from specdec.errors import ContextLengthError, InputError
 from specdec.server.errors import APIError
 
 log = logging.getLogger("specdec.server")
@@ -121,6 +121,8 @@ class EngineWorker:
                 outcome = self._generate(job)
         except (APIError, InputError) as e:
             outcome = "failed"
+            if isinstance(e, ContextLengthError):  # the engine's check of prompt + max_tokens: OpenAI's code
+                e = APIError(400, str(e), param=job.prompt.param, code="context_length_exceeded")
             job.emit(Failed(e if isinstance(e, APIError) else APIError(400, str(e))))
         except Exception:
             outcome = "failed"
@@ -145,7 +147,7 @@ class EngineWorker:
             )
         params = dict(job.params)
         if params["max_new_tokens"] is None:
-            context = job.decoder.engine.target.max_positions
+            context = job.decoder.engine.max_positions
             room = prompt.max_new_tokens_cap if context is None else context - len(ids)
             params["max_new_tokens"] = min(prompt.max_new_tokens_cap, room)
             if params["max_new_tokens"] < 1:
@@ -156,17 +158,20 @@ class EngineWorker:
                     code="context_length_exceeded",
                 )
         steps = job.decoder.engine.run(ids, sampling_params(**params))
+        result = None
         try:
-            for i, step in enumerate(steps):  # step: (text delta, output so far, stats so far)
+            for i, step in enumerate(steps):
                 if job.cancelled.is_set():
                     return "cancelled"
-                if i == 0:  # prefill went through: the request is valid, the response can start
+                if i == 0:  # the first forward went through: the request is valid, the response can start
                     job.emit(Started(len(ids)))
-                if step[0]:
-                    job.emit(Delta(step[0]))
+                if step.text:
+                    job.emit(Delta(step.text))
+                result = step.result
         finally:
             steps.close()  # after a cancel: ends the engine's generator (and its inference_mode) here
-        _, out, stats = step  # the engine's last yield is final
+        assert result is not None  # the engine's last step carries the result
+        stats = result.stats
         extension = {
             "method": job.method,
             "mean_accepted_tokens": stats.mean_accepted_tokens,
@@ -181,8 +186,8 @@ class EngineWorker:
         }
         job.emit(
             Finished(
-                out.final_text(),
-                list(out.token_ids),
+                result.text,
+                result.token_ids,
                 len(ids),
                 FINISH_REASONS[stats.finish_reason],
                 extension,
