@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_bench(sub)
     register_serve(sub)
+    from specdec.train.drafter import register as register_train_drafter
+
+    register_train_drafter(sub)
     return parser
 
 
