@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 
 from specdec import Drafter, DraftTree, SpecDecoder
 from specdec.cli import main
+from specdec.errors import InputError
 from specdec.server.app import Limits, create_app
-from specdec.server.cli import listen, load_decoders
+from specdec.server.cli import listen, load_decoders, uvicorn_config
 from specdec.server.errors import APIError
 from specdec.server.worker import EngineWorker, Failed, Finished, Job, Prompt, Started
 
@@ -97,7 +98,11 @@ def server(chat_dir):
     pld = decoders["pld"]
     decoders["gated"] = SpecDecoder(pld.model, pld.tokenizer, GatedDrafter())
     app = create_app(decoders, model_name="tiny", api_key=KEY, limits=LIMITS)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # the server's own settings (deadlines on receiving requests), with deadlines no test comes near
+    config = uvicorn_config(
+        app, log_level="warning", request_start=TIMEOUT, request_complete=TIMEOUT, keep_alive=TIMEOUT
+    )
+    srv = uvicorn.Server(config)
     sock = listen("127.0.0.1", 0)
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -323,17 +328,86 @@ def test_transport_level_errors(server):
     with httpx.Client(timeout=TIMEOUT) as c:
         assert_error(c.post(url, json={"prompt": "x"}), 401)
         assert_error(c.post(url, json={"prompt": "x"}, headers={"Authorization": "Bearer nope"}), 401)
-        assert_error(c.post(url, content=b"{not json", headers=AUTH), 400)
-        assert_error(c.post(url, content=b"\xff\xfe", headers=AUTH), 400)
-        assert_error(c.post(url, content=b"[1, 2]", headers=AUTH), 400)
+        as_json = {**AUTH, "Content-Type": "application/json"}
+        assert_error(c.post(url, content=b"{not json", headers=as_json), 400)
+        assert_error(c.post(url, content=b"\xff\xfe", headers=as_json), 400)
+        assert_error(c.post(url, content=b"[1, 2]", headers=as_json), 400)
         big = json.dumps({"prompt": "x" * 30_000}).encode()
-        assert_error(c.post(url, content=big, headers=AUTH), 413)
+        assert_error(c.post(url, content=big, headers=as_json), 413)
         chunked = (big[i : i + 4096] for i in range(0, len(big), 4096))  # no Content-Length
-        assert_error(c.post(url, content=chunked, headers=AUTH), 413)
+        assert_error(c.post(url, content=chunked, headers=as_json), 413)
         assert_error(c.get(f"{server.base_url}/v1/nothing", headers=AUTH), 404)
         assert_error(c.get(url, headers=AUTH), 405)
         # still healthy and correct afterwards
         assert c.post(url, json={"prompt": "x", "max_tokens": 2}, headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ],
+)
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_only_json_content_type_is_accepted(server, endpoint, content_type):
+    """A web page may POST these types (or none) to any address without a CORS preflight; a JSON body sent
+    that way must not start a generation on a local server."""
+    body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    body.pop("messages" if endpoint == "completions" else "prompt")
+    headers = {**AUTH, **({"Content-Type": content_type} if content_type else {})}
+    url = f"{server.base_url}/v1/{endpoint}"
+    r = httpx.post(url, content=json.dumps(body).encode(), headers=headers, timeout=TIMEOUT)
+    assert assert_error(r, 415, None)["code"] == "unsupported_media_type"
+    as_json = {**headers, "Content-Type": "Application/JSON; charset=utf-8"}
+    assert (
+        httpx.post(url, content=json.dumps(body).encode(), headers=as_json, timeout=TIMEOUT).status_code
+        == 200
+    )
+
+
+def test_prompt_over_the_model_context_has_its_code(ref):
+    """The engine's check (prompt + max_tokens over the model's 512 positions) answers with OpenAI's code and
+    the field the prompt came from, like the server's own limit does."""
+    from fastapi.testclient import TestClient
+
+    long_text = "x = 1\n" * 400
+    with TestClient(create_app(ref["pld"])) as c:
+        r = c.post("/v1/completions", json={"prompt": long_text, "max_tokens": 4})
+        error = assert_error(r, 400, "prompt")
+        assert error["code"] == "context_length_exceeded" and "context of 512" in error["message"]
+        chat = {"messages": [{"role": "user", "content": long_text}], "max_tokens": 4}
+        error = assert_error(c.post("/v1/chat/completions", json=chat), 400, "messages")
+        assert error["code"] == "context_length_exceeded"
+        r = c.post("/v1/completions", json={"prompt": long_text, "max_tokens": 4, "stream": True})
+        assert assert_error(r, 400, "prompt")["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("key", ["", "   "])
+def test_empty_api_key_is_refused(ref, capsys, monkeypatch, key):
+    """An empty key would switch authentication on with a secret a bare 'Authorization: Bearer' matches."""
+    with pytest.raises(InputError, match="API key is empty"):
+        create_app(ref["pld"], api_key=key)
+    # refused at start, before any model is loaded (this one does not exist)
+    assert main(["serve", "--model", "/nonexistent/model", "--api-key", key]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("specdec: error: the API key is empty"), err
+    monkeypatch.setenv("SPECDEC_API_KEY", key)
+    assert main(["serve", "--model", "/nonexistent/model"]) == 2
+    assert capsys.readouterr().err.startswith("specdec: error: the API key is empty")
+
+
+@pytest.mark.parametrize(
+    "option", ["--timeout-request-start", "--timeout-request-complete", "--timeout-keep-alive"]
+)
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_serve_timeouts_are_positive_seconds(capsys, option, value):
+    assert main(["serve", "--model", "/nonexistent/model", option, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"specdec: error: argument {option}:"), err
 
 
 def test_chat_without_template_is_a_clear_400(model_dir):
@@ -380,7 +454,7 @@ def test_random_bodies_never_5xx(server, endpoint, body):
         else:
             assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
     else:
-        assert_error(r, 400)
+        assert_error(r, 415 if body is None else 400)  # json=None: httpx sends no body and no Content-Type
 
 
 # --- concurrency, cancellation, the queue -----------------------------------------------------------------

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from specdec import __version__
 from specdec.api import SpecDecoder, sampling_params
@@ -45,6 +46,22 @@ class Limits:
     max_queued: int = 64  # requests waiting behind the running one; more get 503
 
 
+def check_api_key(api_key: str | None) -> None:
+    """None = no key. An empty key would turn authentication on with a secret that a bare `Authorization:
+    Bearer` header matches (and silence the warning about serving without one): refused."""
+    if api_key is None:
+        return
+    if not isinstance(api_key, str) or not api_key.strip():
+        raise InputError(
+            "the API key is empty (--api-key or $SPECDEC_API_KEY): give a non-empty key, or none to serve "
+            "without authentication"
+        )
+    if api_key != api_key.strip():
+        raise InputError(
+            "the API key starts or ends with whitespace, which no Authorization header can carry"
+        )
+
+
 def create_app(
     decoders: SpecDecoder | Mapping[str, SpecDecoder],
     *,
@@ -54,6 +71,7 @@ def create_app(
     limits: Limits | None = None,
 ) -> FastAPI:
     """`decoders`: one SpecDecoder, or method name -> SpecDecoder (all over the same target model)."""
+    check_api_key(api_key)
     if isinstance(decoders, SpecDecoder):
         decoders = {decoders.drafter.name: decoders}
     decoders = dict(decoders)
@@ -281,16 +299,32 @@ def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 async def read_body(request: Request, schema: type[BaseModel], limit: int):
+    # JSON only, declared as such. A browser sends text/plain, form types or no type at all from any web page
+    # without asking first (no CORS preflight), so accepting them would let any page open on this machine
+    # start generations on a local server.
+    content_type = request.headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "application/json":
+        raise APIError(
+            415,
+            f"the request body must be JSON sent with 'Content-Type: application/json' "
+            f"(got {content_type or 'no Content-Type'!r})",
+            code="unsupported_media_type",
+        )
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise APIError(
             413, f"request body too large ({length} bytes; the limit is {limit})", code="too_large"
         )
     raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise APIError(413, f"request body too large (over the limit of {limit} bytes)", code="too_large")
+    try:
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise APIError(
+                    413, f"request body too large (over the limit of {limit} bytes)", code="too_large"
+                )
+    except ClientDisconnect:  # gone mid-body (or closed for missing its deadline): an answer nobody reads
+        raise APIError(400, "the client closed the connection before sending the whole body") from None
     try:
         return schema.model_validate_json(bytes(raw))
     except ValidationError as e:

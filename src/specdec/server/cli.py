@@ -21,6 +21,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text})")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -73,6 +83,28 @@ def register(subparsers) -> None:
         default=64,
         help="requests that may wait behind the running one; more get 503 (default: 64)",
     )
+    p.add_argument(
+        "--timeout-request-start",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers are not complete this long after their first byte "
+        "(or after connecting) (default: 10)",
+    )
+    p.add_argument(
+        "--timeout-request-complete",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a connection whose request body is not complete this long after its headers (default: 60)",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="close a connection that sends nothing for this long after a response (default: 5)",
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
@@ -122,11 +154,12 @@ def build_server(args: argparse.Namespace):
     try:
         import uvicorn
 
-        from specdec.server.app import Limits, create_app
+        from specdec.server.app import Limits, check_api_key, create_app
     except ModuleNotFoundError as e:
         raise InputError(
             f"specdec serve needs the server extra ({e.name} is not installed): pip install 'specdec[server]'"
         ) from None
+    check_api_key(args.api_key)  # before the models load: a mistake here should cost nothing
 
     methods = resolve_methods(args.method, args.methods, args.draft)
     decoders = load_decoders(args.model, args.draft, methods, args.dtype)
@@ -135,8 +168,32 @@ def build_server(args: argparse.Namespace):
     app = create_app(
         decoders, model_name=name, default_method=methods[0], api_key=args.api_key, limits=limits
     )
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    config = uvicorn_config(
+        app,
+        log_level=args.log_level,
+        request_start=args.timeout_request_start,
+        request_complete=args.timeout_request_complete,
+        keep_alive=args.timeout_keep_alive,
+    )
     return uvicorn.Server(config)
+
+
+def uvicorn_config(
+    app, *, log_level: str = "info", request_start: float, request_complete: float, keep_alive: float
+):
+    """uvicorn settings for serving `app`: deadlines on receiving requests (see server/protocol.py)."""
+    import uvicorn
+
+    from specdec.server.protocol import deadline_protocol
+
+    return uvicorn.Config(
+        app,
+        http=deadline_protocol(request_start, request_complete),
+        ws="none",  # no WebSocket routes; an upgraded connection would also escape the deadlines
+        timeout_keep_alive=keep_alive,  # type: ignore[arg-type]  # annotated int; any seconds work
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
