@@ -660,6 +660,8 @@ def decoder(method: str):
         return SpecDecoder(TARGET, TOKENIZER, PointMassTree())
     if method == SampledTree.name:
         return SpecDecoder(TARGET, TOKENIZER, SampledTree())
+    if REGISTRY[method].needs_hidden_states:  # trained heads: an untrained one drafts for TARGET
+        return SpecDecoder(TARGET, TOKENIZER, method, head=tiny.random_head(TARGET))
     return SpecDecoder(TARGET, TOKENIZER, method)
 
 

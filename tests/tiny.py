@@ -113,3 +113,20 @@ def save(path: Path, arch: str = "llama", **kwargs) -> Path:
     model(arch, dtype=torch.float32, **kwargs).save_pretrained(path)
     tokenizer().save_pretrained(path)
     return path
+
+
+def random_head(target, draft_vocab: int | None = None, seed: int = 0):
+    """An untrained EAGLE-3 head for `target`: its drafts are guesses, which is all losslessness needs (and
+    top-k over a small vocabulary still hits)."""
+    from specdec.heads import Eagle3Head, config_for_target, default_aux_layer_ids
+
+    config = target.config
+    vocab, n = config.vocab_size, config.num_hidden_layers
+    size = draft_vocab or vocab
+    layers = default_aux_layer_ids(n) if n >= 4 else tuple(min(i, n - 1) for i in (0, 1, 1))
+    torch.manual_seed(seed)
+    head = Eagle3Head(config_for_target(target, size, aux_layer_ids=layers)).to(
+        next(target.parameters()).dtype
+    )
+    head.set_draft_vocab(torch.arange(size) * (vocab // size))
+    return head

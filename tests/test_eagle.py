@@ -1,0 +1,67 @@
+"""The eagle drafter through the engine: greedy equality with generate(), its tree and cache bookkeeping, and
+bad heads. (Its sampled distribution is checked with every other method in test_sampling.py.)"""
+
+from __future__ import annotations
+
+import pytest
+
+from specdec import SpecDecoder
+from specdec.drafters.eagle import Eagle
+from specdec.errors import InputError
+from specdec.heads import save_head
+
+import tiny
+from tiny import random_head
+
+TOKENIZER = tiny.tokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("options", [{}, {"max_nodes": 12, "top_k": 3, "beam": 2, "depth": 4}])
+def test_eagle_equals_generate(arch, options):
+    model = tiny.model(arch, seed=1, layers=4)
+    dec = SpecDecoder(model, TOKENIZER, "eagle", head=random_head(model), **options)
+    for prompt in ([5], [5, 9, 14, 3, 77, 1], list(range(40, 70))):
+        out = dec.generate(prompt, max_new_tokens=20, ignore_eos=True)
+        assert out.token_ids == tiny.hf_greedy(model, prompt, 20)
+
+
+def test_eagle_accepts_drafts_on_a_small_vocabulary():
+    """Vocabulary 8, top-8 children: the target's token is always among the root's children."""
+    model = tiny.model("llama", seed=2, vocab_size=8, layers=2, eos=99)  # an EOS it never emits
+    dec = SpecDecoder(model, TOKENIZER, "eagle", head=random_head(model), max_nodes=16)
+    out = dec.generate([1, 2, 3, 1, 2], max_new_tokens=30, ignore_eos=True)
+    assert out.token_ids == tiny.hf_greedy(model, [1, 2, 3, 1, 2], 30)
+    assert out.stats.accepted_by_depth[0] == out.stats.target_forwards  # depth 1 always right
+    assert out.stats.mean_accepted_tokens > 1.5
+
+
+def test_eagle_head_cache_keeps_one_entry_per_verified_position():
+    model = tiny.model("llama", seed=3, layers=4)
+    drafter = Eagle(head=random_head(model), max_nodes=10)
+    states = []
+    release = drafter.release
+    drafter.release = lambda s: (states.append(s), release(s))  # type: ignore[method-assign]
+    prompt = [7, 8, 9, 10, 11]
+    out = SpecDecoder(model, TOKENIZER, drafter).generate(prompt, max_new_tokens=17, ignore_eos=True)
+    state = states[0]
+    # every position but the newest token's (the next root) has its verified entry, and nothing else
+    assert state.committed == state.cache.length == len(prompt) + len(out.token_ids) - 1
+    assert state.root_pos == len(prompt) + len(out.token_ids) - 1
+
+
+def test_eagle_refuses_a_head_for_another_model(tmp_path):
+    model = tiny.model("llama", seed=1, layers=4)
+    other = tiny.model("llama", seed=1, layers=4, hidden=64)
+    head = random_head(other)
+    with pytest.raises(InputError, match="hidden size"):
+        SpecDecoder(model, TOKENIZER, "eagle", head=head)
+    save_head(head, tmp_path / "head")
+    with pytest.raises(InputError, match="hidden size"):
+        SpecDecoder(model, TOKENIZER, "eagle", head=str(tmp_path / "head"))
+    (tmp_path / "head" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match="corrupt"):
+        SpecDecoder(model, TOKENIZER, "eagle", head=str(tmp_path / "head"))
+    for bad in ({"top_k": 0}, {"max_nodes": "lots"}, {"depth": 1.5}):
+        with pytest.raises(InputError):
+            SpecDecoder(model, TOKENIZER, "eagle", head=head, **bad)
