@@ -4,11 +4,13 @@ bad heads. (Its sampled distribution is checked with every other method in test_
 from __future__ import annotations
 
 import pytest
+import torch
 
 from specdec import SpecDecoder
 from specdec.drafters.eagle import Eagle
 from specdec.errors import InputError
 from specdec.heads import save_head
+from specdec.models.loading import load_causal_lm
 
 import tiny
 from tiny import random_head
@@ -65,3 +67,17 @@ def test_eagle_refuses_a_head_for_another_model(tmp_path):
     for bad in ({"top_k": 0}, {"max_nodes": "lots"}, {"depth": 1.5}):
         with pytest.raises(InputError):
             SpecDecoder(model, TOKENIZER, "eagle", head=head, **bad)
+
+
+def test_a_head_directory_is_the_draft_of_from_pretrained(tmp_path):
+    """`--draft HEAD_DIR` with a head method: the directory is loaded as the head, not as a draft model."""
+    tiny.save(tmp_path / "model", layers=4)
+    model, _ = load_causal_lm(str(tmp_path / "model"))
+    save_head(random_head(model), tmp_path / "head", dtype=torch.float32)
+    dec = SpecDecoder.from_pretrained(str(tmp_path / "model"), draft=str(tmp_path / "head"), method="eagle")
+    prompt = [5, 9, 14, 3]
+    assert dec.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids == tiny.hf_greedy(
+        model, prompt, 12
+    )
+    with pytest.raises(InputError, match="not a head directory|no config.json|head"):
+        SpecDecoder.from_pretrained(str(tmp_path / "model"), draft=str(tmp_path / "nowhere"), method="eagle")

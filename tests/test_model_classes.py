@@ -727,3 +727,18 @@ def test_tree_probe_alone_catches_alibi(tok, case_id, monkeypatch):
     dec = SpecDecoder(make(case_id), tok, method="recycle")  # a fresh model: the verdict is cached per model
     message = assert_refused_before_output(dec, case, "4D attention mask")
     assert ("fails when scoring" in message) == (case_id != "mpt")
+
+
+@pytest.mark.parametrize("case_id", WINDOWED)
+def test_request_filling_the_window_is_served_exactly(tok, case_id):
+    """The window check counts the positions a request reaches, not the cache's spare slots for trees."""
+    m = build(case_id)
+    n = BY_ID[case_id].window - len(prompt())
+    out = SpecDecoder(m, tok, method="draft", draft_model=m).generate(
+        prompt(), max_new_tokens=n, ignore_eos=True
+    )
+    ids = torch.tensor([prompt()])
+    want = m.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n
+    )
+    assert out.token_ids == want[0, len(prompt()) :].tolist()

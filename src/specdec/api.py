@@ -75,14 +75,16 @@ class SpecDecoder:
     ) -> SpecDecoder:
         """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft)."""
         from specdec.drafters import REGISTRY, methods
-        from specdec.models.loading import load_models, require_draft
+        from specdec.models.loading import draft_roles, load_models, require_draft
 
         if method is not None and method not in REGISTRY:
             raise InputError(f"unknown method {method!r} (choose from {', '.join(methods())})")
-        wants_draft = method is not None and REGISTRY[method].needs_draft_model
-        loaded = load_models(model, draft, wants_draft, dtype)
+        wants_model, wants_head = draft_roles([method] if method else [])
+        loaded = load_models(model, draft, wants_model, dtype, draft_is_head=wants_head)
         method = method or default_method(loaded.draft is not None)
         require_draft([method], loaded.draft)
+        if loaded.head is not None:
+            options.setdefault("head", loaded.head)
         return cls(loaded.target, loaded.tokenizer, method, loaded.draft, **options)
 
     def encode(self, prompt: str | list[int]) -> list[int]:

@@ -186,7 +186,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 t0 = time.perf_counter()
-                target.reset(len(prompt_ids) + params.max_new_tokens + 64)
+                target.reset(len(prompt_ids) + params.max_new_tokens, slack=64)
                 prefill = target.prefill(context[:-1], layers)
                 stats.verify_seconds += time.perf_counter() - t0
                 drafter.prefilled(state, prefill.hidden)

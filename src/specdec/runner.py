@@ -50,17 +50,18 @@ class ModelRunner:
         config = self.model.config.get_text_config(decoder=True)
         return getattr(config, "max_position_embeddings", None)
 
-    def start(self, prompt_ids: list[int], capacity: int) -> torch.Tensor:
-        """Prefill the prompt into a fresh cache; returns the logits [V] for the token after it (drafters'
-        own models use this; the engine's target uses `prefill`)."""
-        self.reset(capacity)
+    def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
+        """Prefill the prompt into a fresh cache (as `reset`); returns the logits [V] for the token after it
+        (drafters' own models use this; the engine's target uses `reset` and `prefill`)."""
+        self.reset(positions, slack)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         return self._forward(ids, None, None, logits_to_keep=1).logits[-1]
 
-    def reset(self, capacity: int) -> None:
-        """A fresh, empty cache with room for `capacity` positions (it grows if a generation needs more)."""
-        check_layer_types(self.model, capacity)
-        self.cache = KVCache(_num_layers(self.model), capacity)
+    def reset(self, positions: int, slack: int = 0) -> None:
+        """A fresh, empty cache for a generation that reaches `positions` positions, with `slack` more slots
+        for tree nodes scored past the committed length (it grows if a generation needs more)."""
+        check_layer_types(self.model, positions)
+        self.cache = KVCache(_num_layers(self.model), positions + slack)
         self.forwards = 0
 
     def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:

@@ -57,6 +57,9 @@ class Drafter(ABC):
     needs_hidden_states: ClassVar[bool] = False  # reads the target's hidden states (see `hidden_layers`)
     samples_drafts: ClassVar[bool] = False  # under sampling its nodes carry the q they were drawn from
     mergeable: ClassVar[bool] = False  # drafts point masses and learns from any scored tree: can join `merge`
+    uses_head: ClassVar[bool] = (
+        False  # a trained head: its `head` option (the CLI's --draft) names its directory
+    )
 
     @classmethod
     def create(cls, draft_model=None, **options) -> Drafter:

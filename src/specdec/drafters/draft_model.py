@@ -81,9 +81,8 @@ class DraftModel(Drafter):
 
     def _feed(self, state: DraftState, tokens: list[int]) -> torch.Tensor:
         if state.runner.cache is None:
-            params = state.request.params
-            capacity = len(state.request.prompt_ids) + params.max_new_tokens + self.config.max_tokens
-            logits = state.runner.start(tokens, capacity + 2)[None]
+            positions = len(state.request.prompt_ids) + state.request.params.max_new_tokens
+            logits = state.runner.start(tokens, positions, slack=self.config.max_tokens + 2)[None]
         else:
             logits = state.runner.extend(tokens)
         state.fed.extend(tokens)

@@ -79,6 +79,7 @@ def shipped_head_dir():
 class Eagle(Drafter):
     name = "eagle"
     needs_hidden_states = True
+    uses_head = True
 
     def __init__(self, config: EagleConfig | None = None, **options) -> None:
         self.config = config or EagleConfig(**options)

@@ -139,9 +139,9 @@ class ViewRunner(ModelRunner):
         super().__init__(skipping_view(model, keep))
         self.keep = keep
 
-    def start(self, prompt_ids: list[int], capacity: int) -> torch.Tensor:
+    def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
         """Prefill into a fresh cache (the target's own checks already ran on the full model)."""
-        self.cache = KeptLayersCache(self.keep, capacity)
+        self.cache = KeptLayersCache(self.keep, positions + slack)
         self.forwards = 0
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         return self._forward(ids, None, None, logits_to_keep=1).logits[-1]

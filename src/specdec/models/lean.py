@@ -106,8 +106,10 @@ class LeanRunner:
             and hasattr(model, "lm_head")
         )
 
-    def start(self, prompt_ids: list[int], capacity: int) -> torch.Tensor:
-        """Prefill into a fresh cache; returns the logits [V] for the token after the prompt."""
+    def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
+        """Prefill into a fresh cache with room for `positions + slack` entries; returns the logits [V] for
+        the token after the prompt."""
+        capacity = positions + slack
         self.cache = LeanCache(
             len(self.layer_ids), self.kv_heads, self.head_dim, capacity, self.dtype, self.device
         )

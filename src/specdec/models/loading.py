@@ -101,21 +101,29 @@ class LoadedModels:
     tokenizer: Any
     draft: Any | None  # a draft model, loaded when one was named or wanted (see `load_models`)
     draft_name: str | None
+    head: str | None = None  # a trained head's directory, when the named draft is one (see `load_models`)
 
 
 def load_models(
-    model: str | None = "default", draft: str | None = None, with_draft: bool = False, dtype: str = "float32"
+    model: str | None = "default",
+    draft: str | None = None,
+    with_draft: bool = False,
+    dtype: str = "float32",
+    draft_is_head: bool = False,
 ) -> LoadedModels:
     """The one loader of the API, CLI, bench and server.
 
-    The draft rule: a named `draft` is always loaded; otherwise, when a draft is wanted (`with_draft`: a
-    chosen method drafts with a second model) and the target is the shipped one, the shipped draft comes with
-    it (the two are trained as a pair). Anything else has no draft; `require_draft` turns that into an error
-    for the methods that cannot run without one.
+    The draft rule: a named `draft` is loaded as a draft model, or, when it names a trained head
+    (`draft_is_head`: the chosen methods draft with a head, none with a second model), passed on as the head's
+    directory; otherwise, when a draft model is wanted (`with_draft`: a chosen method drafts with one) and the
+    target is the shipped one, the shipped draft comes with it (the two are trained as a pair). Anything else
+    has no draft; `require_draft` turns that into an error for the methods that cannot run without one.
     """
     target, tokenizer = load_causal_lm(model, "target", dtype)
     if tokenizer is None:
         raise InputError(f"{model!r} has no tokenizer (specdec needs one to encode prompts and decode text)")
+    if draft is not None and draft_is_head and not with_draft:
+        return LoadedModels(target, tokenizer, None, None, head=draft)
     if draft is None and with_draft and model in (None, "default") and (SHIPPED_DIR / "draft").is_dir():
         draft = "default"
     draft_model = None
@@ -123,6 +131,14 @@ def load_models(
         draft_model, draft_tokenizer = load_causal_lm(draft, "draft", dtype)
         check_same_vocabulary(target, tokenizer, draft_model, draft_tokenizer)
     return LoadedModels(target, tokenizer, draft_model, draft)
+
+
+def draft_roles(methods: list[str]) -> tuple[bool, bool]:
+    """(a chosen method drafts with a second model, a chosen method drafts with a trained head)."""
+    from specdec.drafters import REGISTRY
+
+    chosen = [REGISTRY[m] for m in methods if m in REGISTRY]
+    return any(c.needs_draft_model for c in chosen), any(c.uses_head for c in chosen)
 
 
 def require_draft(methods: list[str], draft_model) -> None:
