@@ -44,7 +44,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int | None = 128) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument(
         "--temperature",
@@ -135,6 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except InputError as e:
             raise InputError(f"{where}{e}") from None
         result = stream.result
+        assert result is not None  # set when the iteration above ran to its end
         if as_json:
             stats = result.stats.to_dict()
             print(

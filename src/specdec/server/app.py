@@ -13,10 +13,11 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -331,7 +332,7 @@ async def read_body(request: Request, schema: type[BaseModel], limit: int):
         raise _validation_error(e.errors(include_url=False, include_input=False)) from None
 
 
-def _validation_error(errors: list[dict]) -> APIError:
+def _validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
     first = errors[0]
     loc = first.get("loc", ())
     param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or None
