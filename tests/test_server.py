@@ -386,18 +386,26 @@ def test_prompt_over_the_model_context_has_its_code(ref):
         assert assert_error(r, 400, "prompt")["code"] == "context_length_exceeded"
 
 
-@pytest.mark.parametrize("key", ["", "   "])
-def test_empty_api_key_is_refused(ref, capsys, monkeypatch, key):
-    """An empty key would switch authentication on with a secret a bare 'Authorization: Bearer' matches."""
-    with pytest.raises(InputError, match="API key is empty"):
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("", "the API key is empty"),
+        ("   ", "the API key is empty"),
+        (" k3y", "the API key starts or ends with whitespace"),
+    ],
+)
+def test_empty_api_key_is_refused(ref, capsys, monkeypatch, key, message):
+    """An empty key would switch authentication on with a secret a bare 'Authorization: Bearer' matches (and
+    one with surrounding spaces could never be matched, as the header's token is stripped)."""
+    with pytest.raises(InputError, match=message):
         create_app(ref["pld"], api_key=key)
     # refused at start, before any model is loaded (this one does not exist)
     assert main(["serve", "--model", "/nonexistent/model", "--api-key", key]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("specdec: error: the API key is empty"), err
+    assert err.count("\n") == 1 and err.startswith(f"specdec: error: {message}"), err
     monkeypatch.setenv("SPECDEC_API_KEY", key)
     assert main(["serve", "--model", "/nonexistent/model"]) == 2
-    assert capsys.readouterr().err.startswith("specdec: error: the API key is empty")
+    assert capsys.readouterr().err.startswith(f"specdec: error: {message}")
 
 
 @pytest.mark.parametrize(
