@@ -212,9 +212,9 @@ def test_train_drafter_smoke(tmp_path):
     cfg = d.HeadTrainConfig(
         tokens=64 * 2 * 4, batch_seqs=2, segment_len=32, ttt_steps=2, draft_vocab_size=80, eval_depth=3
     )
-    ckpt = d.train_eagle(work, target, stores["train"], cfg, stop_after=2)  # "interrupted" after 2 steps
+    ckpt = d.train_head(work, target, stores["train"], cfg, stop_after=2)  # "interrupted" after 2 steps
     assert torch.load(ckpt, weights_only=False)["step"] == 2
-    d.train_eagle(work, target, stores["train"], cfg)  # the same call resumes and finishes
+    d.train_head(work, target, stores["train"], cfg)  # the same call resumes and finishes
     state = torch.load(ckpt, weights_only=False)
     assert state["step"] == 4 and state["tokens_seen"] == 4 * 2 * 64
     log = [json.loads(x) for x in (work / "eagle.log.jsonl").read_text().splitlines()]
@@ -222,7 +222,7 @@ def test_train_drafter_smoke(tmp_path):
 
     out = tmp_path / "head"
     about = {"target": "tiny", "data": "three stdlib files", "command": "specdec train-drafter ..."}
-    metrics = d.export_eagle(work, target, stores, out, data, about)
+    metrics = d.export_head(work, target, stores, out, data, about)
     assert metrics["steps"] == 4
     card = (out / "MODEL_CARD.md").read_text()
     assert "tau" in card and "greedy" in card

@@ -415,15 +415,33 @@ def choose_draft_vocab(store: FeatureStore, size: int, vocab: int, max_windows: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def chain_acceptance(head, store: FeatureStore, depth: int, start: int = 0, batch: int = 4) -> dict:
-    """At every anchor row t, the head drafts `depth` tokens autoregressively (its own features, its own
-    tokens) and we count how many leading drafts equal the target's greedy tokens.
+METHODS = ("eagle", "medusa")
 
-    Teacher-forced: forward_train feeds the TEXT's tokens; that equals feeding the head's drafts exactly as
-    long as they match, and a draft at depth k + 1 is only counted while the text itself follows the target's
-    greedy choice (x[t+1+k] == top[t+k]), so on the target's own greedy continuations ('greedy' store) this is
-    exact and on real text it is a lower bound. Rows before `start` (a prompt) are not anchors.
+
+def draft_logits(method: str, head, b: dict[str, torch.Tensor], depth: int) -> list[torch.Tensor]:
+    """Per depth k, logits [B, T, Vd] whose row t drafts the token at position t + k + 2 (label: the target's
+    distribution at t + k + 1). EAGLE: the head unrolled on its own features over the text's tokens (row t
+    reads the target's features up to t and the token t + 1); Medusa: head k on the target's final hidden
+    state at t (the target's own lm_head gives token t + 1)."""
+    if method == "eagle":
+        return head.forward_train(b["aux"], b["ids"], steps=depth)
+    return head(b["final"])[:depth]
+
+
+@torch.no_grad()
+def chain_acceptance(
+    head, store: FeatureStore, depth: int, start: int = 0, batch: int = 4, method: str = "eagle"
+) -> dict:
+    """At every anchor row t, the head drafts `depth` tokens (EAGLE autoregressively, with its own features
+    and tokens; Medusa with its independent heads) and we count how many leading drafts equal the target's
+    greedy tokens.
+
+    Teacher-forced: the heads read the TEXT's tokens and the target's features of the text; that equals
+    drafting from the target's own tokens exactly as long as the text follows the target's greedy choice
+    (x[t+1+k] == top[t+k]; for EAGLE from k = 1 on, as its anchor reads token t + 1 as given; for Medusa
+    from k = 0, as the bonus token t + 1 is the target's own). So on the target's own greedy continuations
+    ('greedy' store) this is exact and on real text it is a lower bound. Rows before `start` (a prompt) are not
+    anchors.
     Returns acceptance by depth (fraction of anchors with >= j accepted) and tau = 1 + sum of those (expected
     tokens per target forward with a chain of this depth).
     """
@@ -433,7 +451,7 @@ def chain_acceptance(head, store: FeatureStore, depth: int, start: int = 0, batc
     counts = torch.zeros(depth + 1, dtype=torch.long)
     for lo in range(0, store.done, batch):
         b = store.batch(list(range(lo, min(lo + batch, store.done))))
-        outs = head.forward_train(b["aux"], b["ids"], steps=depth)
+        outs = draft_logits(method, head, b, depth)
         x, g = b["ids"], b["top"]
         t = x.shape[1]
         anchors = t - 1 - depth  # rows whose every depth has a label
@@ -442,7 +460,7 @@ def chain_acceptance(head, store: FeatureStore, depth: int, start: int = 0, batc
         for k, logits in enumerate(outs):
             draft = d2t[logits[:, :anchors].argmax(-1)]
             ok &= draft == g[:, 1 + k : 1 + k + anchors]
-            if k > 0:
+            if k > 0 or method == "medusa":
                 ok &= x[:, 1 + k : 1 + k + anchors] == g[:, k : k + anchors]
             accepted += ok.long()
         accepted = accepted[:, start:]
@@ -472,6 +490,8 @@ class HeadTrainConfig:
     grad_clip: float = 0.5
     draft_vocab_size: int = 3072  # covers ~98.6% of the shipped target's greedy tokens on held-out code
     intermediate_size: int | None = None  # None: the target's MLP width
+    medusa_heads: int = 4  # --method medusa: head k drafts the token k + 2 ahead (Medusa: up to 5)
+    medusa_layers: int = 1  # residual SiLU layers per Medusa head
     seed: int = 0
     checkpoint_minutes: float = 5.0
     eval_depth: int = 6
@@ -503,25 +523,40 @@ def _segments(b: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor
     return {k: v.reshape(-1, length, *v.shape[2:]) for k, v in b.items()}
 
 
-def build_head(target, store: FeatureStore, cfg: HeadTrainConfig):
+def build_head(target, store: FeatureStore, cfg: HeadTrainConfig, method: str = "eagle"):
+    """(a new head of `method` with its draft vocabulary set, the draft vocabulary's target ids)."""
     from specdec.heads.eagle3 import Eagle3Head, config_for_target
+    from specdec.heads.medusa import MedusaConfig, MedusaHeads
 
-    vocab = target.config.get_text_config(decoder=True).vocab_size
-    draft_ids = choose_draft_vocab(store, cfg.draft_vocab_size, vocab)
+    tc = target.config.get_text_config(decoder=True)
+    draft_ids = choose_draft_vocab(store, cfg.draft_vocab_size, tc.vocab_size)
+    torch.manual_seed(cfg.seed)
+    if method == "medusa":
+        heads = MedusaHeads(
+            MedusaConfig(
+                tc.hidden_size, tc.vocab_size, cfg.medusa_heads, cfg.medusa_layers, draft_ids.numel()
+            )
+        )
+        heads.set_draft_vocab(draft_ids)
+        return heads, draft_ids
     hcfg = config_for_target(
         target, draft_ids.numel(), tuple(store.spec.aux_layer_ids), intermediate_size=cfg.intermediate_size
     )
-    torch.manual_seed(cfg.seed)
     head = Eagle3Head(hcfg)
     head.set_draft_vocab(draft_ids)
     head.bind_embedding(target.get_input_embeddings().weight.float())
     return head, draft_ids
 
 
-def _warm_start(head, teacher: Teacher, target) -> None:
-    """lm_head from the target's rows for the draft vocabulary, final norm from the target's: the head then
-    starts out predicting in the target's output space, and learns the feature."""
+def _warm_start(head, teacher: Teacher, target, method: str = "eagle") -> None:
+    """LM heads from the target's rows for the draft vocabulary (and EAGLE's final norm from the target's): a
+    head then starts out predicting in the target's output space (a new Medusa head is exactly the target's
+    next-token prediction, its residual block being zero), and learns the feature."""
     with torch.no_grad():
+        if method == "medusa":
+            for lm_head in head.lm_heads:
+                lm_head.weight.copy_(teacher.weight)
+            return
         head.lm_head.weight.copy_(teacher.weight)
         norm = getattr(target.get_decoder(), "norm", None)
         if (
@@ -532,22 +567,23 @@ def _warm_start(head, teacher: Teacher, target) -> None:
             head.norm.weight.copy_(norm.weight.float())
 
 
-def train_eagle(
+def train_head(
     workdir: Path,
     target,
     store: FeatureStore,
     cfg: HeadTrainConfig,
+    method: str = "eagle",
     new_budget: int | None = None,
     stop_after: int | None = None,
 ) -> Path:
-    """Train (or resume) the EAGLE-3 head on cached features; returns the checkpoint path.
+    """Train (or resume) a head of `method` on cached features; returns the checkpoint path (METHOD.ckpt).
 
     A resumed run keeps the configuration recorded in its checkpoint; `new_budget` (tokens) may move the end
     of its schedule (logged). `stop_after` ends the call after that many optimizer steps (an interruption,
     for tests), saving first.
     """
-    ckpt_path = workdir / "eagle.ckpt"
-    log_path = workdir / "eagle.log.jsonl"
+    ckpt_path = workdir / f"{method}.ckpt"
+    log_path = workdir / f"{method}.log.jsonl"
     state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
     if state is not None:
         cfg = HeadTrainConfig(**{**state["train_config"], "checkpoint_minutes": cfg.checkpoint_minutes})
@@ -560,7 +596,7 @@ def train_eagle(
                     + "\n"
                 )
             cfg.tokens = new_budget
-    head, draft_ids = build_head(target, store, cfg)
+    head, draft_ids = build_head(target, store, cfg, method)
     teacher = Teacher(target, draft_ids)
     decay = [p for _, p in head.named_parameters() if p.dim() >= 2]
     no_decay = [p for _, p in head.named_parameters() if p.dim() < 2]
@@ -579,10 +615,11 @@ def train_eagle(
         opt.load_state_dict(state["optimizer"])
         step, seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
     else:
-        _warm_start(head, teacher, target)
+        _warm_start(head, teacher, target, method)
     seq = store.spec.seq_len
     total = max(1, cfg.tokens // (cfg.batch_seqs * seq))
-    weights = [cfg.step_weight**k for k in range(cfg.ttt_steps)]
+    depth = cfg.ttt_steps if method == "eagle" else cfg.medusa_heads
+    weights = [cfg.step_weight**k for k in range(depth)]
 
     def save() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -603,8 +640,9 @@ def train_eagle(
 
     head.train()
     n_params = sum(p.numel() for p in head.parameters())
-    bar = tqdm(total=total, initial=step, desc=f"train eagle head ({n_params / 1e6:.1f}M)", unit="step")
+    bar = tqdm(total=total, initial=step, desc=f"train {method} head ({n_params / 1e6:.1f}M)", unit="step")
     last_save, done_here = time.monotonic(), 0
+    restore = _stop_on_sigterm()
     try:
         while step < total and (stop_after is None or done_here < stop_after):
             t0 = time.monotonic()
@@ -614,7 +652,7 @@ def train_eagle(
                 group["lr"] = _lr(cfg, step, total)
             with torch.no_grad():
                 labels = teacher.probs(b["final"])  # [B, T, Vd]
-            outs = head.forward_train(b["aux"], b["ids"], steps=cfg.ttt_steps)
+            outs = draft_logits(method, head, b, depth)
             losses, accs = ttt_losses(outs, labels, b["top"], teacher)
             loss = sum(w * lk for w, lk in zip(weights, losses, strict=True)) / sum(weights)
             opt.zero_grad(set_to_none=True)
@@ -646,17 +684,34 @@ def train_eagle(
                 save()
                 last_save = time.monotonic()
     finally:
+        restore()
         if done_here:
             save()
         bar.close()
     return ckpt_path
 
 
-def load_trained(workdir: Path, target, store: FeatureStore):
-    """(head in float32 bound to the target, checkpoint state) from workdir/eagle.ckpt."""
-    state = torch.load(workdir / "eagle.ckpt", weights_only=False)
+def _stop_on_sigterm():
+    """`kill PID` of a background run ends it like Ctrl-C (a background job ignores SIGINT): the checkpoint
+    is saved on the way out. Returns the function that puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def load_trained(workdir: Path, target, store: FeatureStore, method: str = "eagle"):
+    """(head in float32 bound to the target, checkpoint state) from workdir/METHOD.ckpt."""
+    state = torch.load(workdir / f"{method}.ckpt", weights_only=False)
     cfg = HeadTrainConfig(**state["train_config"])
-    head, draft_ids = build_head(target, store, cfg)
+    head, draft_ids = build_head(target, store, cfg, method)
     head.load_state_dict(state["head"])
     return head.eval(), state
 
@@ -667,18 +722,29 @@ def load_trained(workdir: Path, target, store: FeatureStore):
 
 
 @torch.inference_mode()
-def step_latency_ms(head, prefix: int = 256, width: int = 1, repeats: int = 40) -> float:
-    """Median time of one drafting step (`width` new entries after a `prefix`-entry cache): the head's layer,
-    its logits and a top-k, as a drafter runs it."""
+def step_latency_ms(
+    head, prefix: int = 256, width: int = 1, repeats: int = 40, method: str = "eagle"
+) -> float:
+    """Median time of one drafting step, as a drafter runs it: EAGLE, `width` new entries after a
+    `prefix`-entry cache (its layer, logits over the draft vocabulary, a top-4); Medusa, every head on `width`
+    hidden states (logits and a top-4 per head)."""
     import statistics
 
-    cache = head.new_cache(prefix + (repeats + 5) * width)
     gen = torch.Generator().manual_seed(0)
+    times = []
+    if method == "medusa":
+        hidden = torch.randn(width, head.config.hidden_size, generator=gen)
+        for _ in range(repeats + 5):
+            t = time.perf_counter()
+            for logits in head(hidden):
+                logits.topk(4, dim=-1)
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times[5:])
+    cache = head.new_cache(prefix + (repeats + 5) * width)
     aux = torch.randn(prefix, head.fc.in_features, generator=gen)
     tokens = torch.randint(0, head.config.vocab_size, (prefix + (repeats + 5) * width,), generator=gen)
     _, feat = head.step(cache, aux, tokens[:prefix], torch.arange(prefix))
     feat = feat[-1:].expand(width, -1)
-    times = []
     for i in range(repeats + 5):
         pos = prefix + i * width
         t = time.perf_counter()
@@ -688,7 +754,7 @@ def step_latency_ms(head, prefix: int = 256, width: int = 1, repeats: int = 40) 
     return 1000 * statistics.median(times[5:])
 
 
-def plot_loss(log_path: Path, out: Path) -> bool:
+def plot_loss(log_path: Path, out: Path, method: str) -> bool:
     try:
         import matplotlib
 
@@ -702,11 +768,12 @@ def plot_loss(log_path: Path, out: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     tokens = [r["tokens_seen"] / 1e6 for r in rows]
+    what = "unroll step" if method == "eagle" else "head"
     for k in range(len(rows[0]["step_losses"])):
-        ax.plot(tokens, [r["step_losses"][k] for r in rows], lw=1, label=f"unroll step {k}")
+        ax.plot(tokens, [r["step_losses"][k] for r in rows], lw=1, label=f"{what} {k}")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("soft cross-entropy (nats)")
-    ax.set_title("EAGLE-3 head: training loss per training-time-test step")
+    ax.set_title(f"{'EAGLE-3' if method == 'eagle' else 'Medusa'} head: training loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
@@ -714,24 +781,28 @@ def plot_loss(log_path: Path, out: Path) -> bool:
     return True
 
 
-def export_eagle(workdir: Path, target, stores: dict, out_dir: Path, data: DataConfig, about: dict) -> dict:
+def export_head(
+    workdir: Path, target, stores: dict, out_dir: Path, data: DataConfig, about: dict, method: str = "eagle"
+) -> dict:
     """bf16 safetensors head + training_metrics.json + loss.png + MODEL_CARD.md in out_dir; returns metrics.
     Acceptance and latency are measured on the exported weights as loaded back (float32), as users run them."""
     from specdec.heads.eagle3 import load_head, save_head
+    from specdec.heads.medusa import load_medusa, save_medusa
     from specdec.train.card import forward_latency_ms
 
-    head, state = load_trained(workdir, target, stores["train"])
-    save_head(head, out_dir, torch.bfloat16)
-    shipped = load_head(out_dir, target)
+    head, state = load_trained(workdir, target, stores["train"], method)
+    (save_head if method == "eagle" else save_medusa)(head, out_dir, torch.bfloat16)
+    shipped = (load_head if method == "eagle" else load_medusa)(out_dir, target)
     cfg = HeadTrainConfig(**state["train_config"])
+    depth = cfg.eval_depth if method == "eagle" else min(cfg.eval_depth, cfg.medusa_heads)
+    greedy_start = data.greedy_prompt_len - 1
     evals = {
-        "greedy": chain_acceptance(
-            shipped, stores["greedy"], cfg.eval_depth, start=data.greedy_prompt_len - 1
-        ),
-        "heldout": chain_acceptance(shipped, stores["heldout"], cfg.eval_depth),
+        "greedy": chain_acceptance(shipped, stores["greedy"], depth, start=greedy_start, method=method),
+        "heldout": chain_acceptance(shipped, stores["heldout"], depth, method=method),
     }
-    target_ms = forward_latency_ms(target)
+    log_path = workdir / f"{method}.log.jsonl"
     metrics = {
+        "method": method,
         "tokens_seen": state["tokens_seen"],
         "steps": state["step"],
         "train_seconds": state["elapsed"],
@@ -743,32 +814,64 @@ def export_eagle(workdir: Path, target, stores: dict, out_dir: Path, data: DataC
         "head_config": shipped.config.to_json(),
         "acceptance": evals,
         "latency_ms": {
-            "head_step_1": step_latency_ms(shipped, width=1),
-            "head_step_8": step_latency_ms(shipped, width=8),
-            "target_forward_1": target_ms,
+            "head_step_1": step_latency_ms(shipped, width=1, method=method),
+            "head_step_8": step_latency_ms(shipped, width=8, method=method),
+            "target_forward_1": forward_latency_ms(target),
             "threads": torch.get_num_threads(),
         },
-        "budget_changes": [
-            json.loads(x)
-            for x in (workdir / "eagle.log.jsonl").read_text().splitlines()
-            if "budget_changed" in x
-        ],
+        "budget_changes": [json.loads(x) for x in log_path.read_text().splitlines() if "budget_changed" in x],
         **about,
     }
     (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    metrics["loss_png"] = plot_loss(workdir / "eagle.log.jsonl", out_dir / "loss.png")
-    (out_dir / "MODEL_CARD.md").write_text(eagle_card(metrics, data))
+    metrics["loss_png"] = plot_loss(log_path, out_dir / "loss.png", method)
+    (out_dir / "MODEL_CARD.md").write_text(head_card(metrics, data))
     return metrics
 
 
-def eagle_card(m: dict, data: DataConfig) -> str:
-    tc, hc, lat = m["train_config"], m["head_config"], m["latency_ms"]
+def _card_intro(m: dict) -> str:
+    hc, tc = m["head_config"], m["train_config"]
+    vocab = f"a draft vocabulary of {_draft_vocab(m):,} of the target's {hc['vocab_size']:,} tokens"
+    if m["method"] == "medusa":
+        return f"""{tc["medusa_heads"]} Medusa heads on the target's last hidden state (the input of its lm_head; head
+k = {tc["medusa_layers"]} residual SiLU layer(s) + an LM head, drafting the token k + 2 ahead), with {vocab}.
+{m["parameters"] / 1e6:.2f}M parameters. `config.json` + `model.safetensors` (bfloat16; `token_map` int64) are in the
+layout vLLM's `MedusaModel` loads; specdec loads them as float32. Built with `specdec train-drafter --method medusa`
+(src/specdec/train/drafter.py)."""
+    layers = hc["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+    return f"""An EAGLE-3-style draft head: one Llama decoder layer over the target's hidden states at layers {layers} (HF
+`output_hidden_states` indices = vLLM's `eagle_aux_hidden_state_layer_ids`: the inputs of those decoder layers),
+with {vocab}. {m["parameters"] / 1e6:.2f}M parameters (the token embedding is the target's and is not stored).
+`config.json` + `model.safetensors` (bfloat16; d2t int64, t2d bool) are in the layout vLLM
+(`Eagle3LlamaForCausalLM`) and SGLang (`LlamaForCausalLMEagle3`) load; specdec loads them as float32. Built with
+`specdec train-drafter` (src/specdec/train/drafter.py)."""
 
-    def acc_row(name: str, e: dict) -> str:
+
+def _draft_vocab(m: dict) -> int:
+    hc = m["head_config"]
+    return hc.get("draft_vocab_size") or hc.get("truncated_vocab_size")
+
+
+def _card_objective(m: dict) -> str:
+    tc = m["train_config"]
+    if m["method"] == "medusa":
+        return f"""Loss: head k's soft cross-entropy against the target's distribution for the token k + 2 ahead,
+over the draft vocabulary (masked where the target's top token is outside it), weighted {tc["step_weight"]}^k. Residual
+blocks start at zero and LM heads at the target's rows, so each head starts as the target's next-token guess."""
+    return f"""Training-time test: the head unrolled {tc["ttt_steps"]} steps on its own output features, loss = soft
+cross-entropy against the target's distribution over the draft vocabulary (masked where the target's top token
+is outside it), step k weighted {tc["step_weight"]}^k; the head attends within {tc["segment_len"]}-token segments
+of each window. lm_head and final norm warm-started from the target's."""
+
+
+def head_card(m: dict, data: DataConfig) -> str:
+    tc, lat = m["train_config"], m["latency_ms"]
+    name = "EAGLE-3 head" if m["method"] == "eagle" else "Medusa heads"
+
+    def acc_row(label: str, e: dict) -> str:
         cells = " | ".join(f"{a:.3f}" for a in e["acceptance_by_depth"])
-        return f"| {name} | {e['anchors']:,} | {cells} | {e['tau']:.2f} |"
+        return f"| {label} | {e['anchors']:,} | {cells} | {e['tau']:.2f} |"
 
-    depth = tc["eval_depth"]
+    depth = m["acceptance"]["greedy"]["depth"]
     head_cols = " | ".join(f"depth {j}" for j in range(1, depth + 1))
     changes = " ".join(
         f"The token budget was changed from {c['budget_changed']['from']:,} to {c['budget_changed']['to']:,} "
@@ -776,43 +879,48 @@ def eagle_card(m: dict, data: DataConfig) -> str:
         for c in m["budget_changes"]
     )
     ratio = lat["head_step_1"] / lat["target_forward_1"]
-    return f"""# EAGLE-3 head for {m["target"]}
+    if m["method"] == "eagle":
+        drafting = "autoregressively (its own features and tokens)"
+        cost = (
+            f"One drafting step (1 new entry after 256 cached, logits over the draft vocabulary, top-4): "
+            f"{lat['head_step_1']:.2f} ms; 8 entries at once (a tree level): {lat['head_step_8']:.2f} ms"
+        )
+    else:
+        drafting = "with the independent heads"
+        cost = (
+            f"All heads on 1 hidden state (logits over the draft vocabulary, top-4 each): "
+            f"{lat['head_step_1']:.2f} ms; on 8 hidden states: {lat['head_step_8']:.2f} ms"
+        )
+    windows = m["feature_windows"]["train"] * m["seq_len"]
+    return f"""# {name} for {m["target"]}
 
-An EAGLE-3-style draft head (one Llama decoder layer over the target's hidden states at layers
-{hc["eagle_config"]["eagle_aux_hidden_state_layer_ids"]} — HF `output_hidden_states` indices = vLLM's
-`eagle_aux_hidden_state_layer_ids`, the inputs of those decoder layers — with a draft vocabulary of
-{hc["draft_vocab_size"]:,} of the target's {hc["vocab_size"]:,} tokens). {m["parameters"] / 1e6:.2f}M parameters
-(the token embedding is the target's and is not stored). `config.json` + `model.safetensors` (bfloat16; d2t
-int64, t2d bool) are in the layout vLLM (`Eagle3LlamaForCausalLM`) and SGLang (`LlamaForCausalLMEagle3`) load;
-specdec loads them as float32. Built with `specdec train-drafter` (src/specdec/train/drafter.py).
+{_card_intro(m)}
 
 ## Data
 {m["data"]}
 The target was run once over {m["feature_windows"]["train"]:,} windows of {m["seq_len"]} tokens
-({m["feature_windows"]["train"] * m["seq_len"] / 1e6:.2f}M tokens, random distinct windows) and its aux hidden
-states, final hidden state and top token cached to disk (float16 memmaps, {m["feature_seconds"] / 60:.0f} min
-for all feature sets). Soft labels = the target's lm_head on the cached final hidden state, restricted to the
-draft vocabulary (the {hc["draft_vocab_size"]:,} tokens the target itself predicts most often on those windows).
+({windows / 1e6:.2f}M tokens, random distinct windows) and its aux hidden states, final hidden state and top token
+cached to disk (float16 memmaps; {m["feature_seconds"] / 60:.0f} min for all feature sets). Soft labels = the
+target's lm_head on the cached final hidden state, restricted to the draft vocabulary (the {_draft_vocab(m):,}
+tokens the target itself predicts most often on those windows).
 
 ## Training
-{m["tokens_seen"]:,} tokens ({m["tokens_seen"] / (m["feature_windows"]["train"] * m["seq_len"]):.2f} epochs),
-{m["steps"]:,} optimizer steps of {tc["batch_seqs"]} windows, {m["train_seconds"] / 3600:.2f} h on
-{lat["threads"]} CPU thread(s). AdamW (betas 0.9/0.95, weight decay {tc["weight_decay"]}), peak lr {tc["lr"]},
-cosine to {tc["min_lr_ratio"]:.0%} after {tc["warmup_fraction"]:.0%} warmup, gradient clipping {tc["grad_clip"]}.
-Training-time test: the head unrolled {tc["ttt_steps"]} steps on its own output features, loss = soft
-cross-entropy against the target's distribution over the draft vocabulary (masked where the target's top token
-is outside it), step k weighted {tc["step_weight"]}^k; the head attends within {tc["segment_len"]}-token segments
-of each window. lm_head and final norm warm-started from the target's. {changes}
+{m["tokens_seen"]:,} tokens ({m["tokens_seen"] / windows:.2f} epochs), {m["steps"]:,} optimizer steps of
+{tc["batch_seqs"]} windows, {m["train_seconds"] / 3600:.2f} h on {lat["threads"]} CPU thread(s). AdamW (betas
+0.9/0.95, weight decay {tc["weight_decay"]}), peak lr {tc["lr"]}, cosine to {tc["min_lr_ratio"]:.0%} after
+{tc["warmup_fraction"]:.0%} warmup, gradient clipping {tc["grad_clip"]}.
+{_card_objective(m)} {changes}
+
 ![loss](loss.png)
 
 ## Held-out acceptance (teacher-forced greedy chain drafting)
-At every anchor position the head drafts {depth} tokens autoregressively (its own features and tokens); a draft
-counts while it equals the target's greedy token. *greedy*: {data.greedy_prompts} prompts of
-{data.greedy_prompt_len} tokens from held-out files, continued {data.greedy_new_tokens} tokens by the target's
-own greedy decoding (exactly what greedy speculative decoding sees). *real text*: {data.heldout_windows}
-held-out windows of {data.seq_len} tokens; a draft beyond depth 1 only counts while the text itself follows the
-target's greedy choice, so this is a lower bound. Columns: fraction of anchors with at least j tokens accepted;
-tau = 1 + their sum = expected tokens per target forward with a chain of depth {depth} (a tree does better).
+At every anchor position the head drafts {depth} tokens {drafting}; a draft counts while it equals the target's
+greedy token. *greedy*: {data.greedy_prompts} prompts of {data.greedy_prompt_len} tokens from held-out files,
+continued {data.greedy_new_tokens} tokens by the target's own greedy decoding (exactly what greedy speculative
+decoding sees). *real text*: {data.heldout_windows} held-out windows of {data.seq_len} tokens; a draft is only
+counted while the text itself follows the target's greedy choice, so this is a lower bound. Columns: fraction of
+anchors with at least j tokens accepted; tau = 1 + their sum = expected tokens per target forward with a chain of
+depth {depth} (a tree does better).
 
 | text | anchors | {head_cols} | tau |
 |---|---|{"---|" * depth}---|
@@ -820,10 +928,8 @@ tau = 1 + their sum = expected tokens per target forward with a chain of depth {
 {acc_row("real held-out text", m["acceptance"]["heldout"])}
 
 ## Cost
-One drafting step (1 new entry after 256 cached, logits over the draft vocabulary, top-4):
-{lat["head_step_1"]:.2f} ms; 8 entries at once (a tree level): {lat["head_step_8"]:.2f} ms; the target's
-forward of 1 token after 256: {lat["target_forward_1"]:.2f} ms ({ratio:.0%}), float32, {lat["threads"]} thread(s),
-this machine.
+{cost}; the target's forward of 1 token after 256: {lat["target_forward_1"]:.2f} ms (1-entry step = {ratio:.0%}
+of it), float32, {lat["threads"]} thread(s), this machine.
 
 ## Reproduce
 ```bash
@@ -843,7 +949,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train-drafter", help="train a drafter head on the target's own hidden states (resumable)"
     )
-    p.add_argument("--method", choices=["eagle"], default="eagle")
+    p.add_argument("--method", choices=list(METHODS), default="eagle")
     p.add_argument(
         "--model", default="default", help="target model path or hub name (default: the shipped one)"
     )
@@ -862,7 +968,8 @@ def register(subparsers) -> None:
         help="distinct tokens whose features are cached (default: --tokens)",
     )
     p.add_argument("--draft-vocab", type=int, default=HeadTrainConfig.draft_vocab_size)
-    p.add_argument("--ttt-steps", type=int, default=HeadTrainConfig.ttt_steps)
+    p.add_argument("--ttt-steps", type=int, default=HeadTrainConfig.ttt_steps, help="EAGLE: unroll depth")
+    p.add_argument("--medusa-heads", type=int, default=HeadTrainConfig.medusa_heads, help="Medusa: heads")
     p.add_argument(
         "--aux-layers", default=None, help="comma-separated layer ids (default: low, middle, high)"
     )
@@ -899,16 +1006,21 @@ def run(args: argparse.Namespace) -> int:
     stores = prepare_features(workdir, target, corpus, aux, data)
     if args.stage == "features":
         return 0
-    cfg = HeadTrainConfig(tokens=tokens, draft_vocab_size=args.draft_vocab, ttt_steps=args.ttt_steps)
+    cfg = HeadTrainConfig(
+        tokens=tokens,
+        draft_vocab_size=args.draft_vocab,
+        ttt_steps=args.ttt_steps,
+        medusa_heads=args.medusa_heads,
+    )
     if args.stage in ("train", "all"):
-        train_eagle(workdir, target, stores["train"], cfg, new_budget=args.tokens)
+        train_head(workdir, target, stores["train"], cfg, args.method, new_budget=args.tokens)
     if args.stage in ("export", "all"):
         about = {
             "target": "the shipped code model" if args.model == "default" else args.model,
             "data": _describe_data(corpus, args.data),
             "command": "specdec " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "specdec train-drafter ...",
         }
-        m = export_eagle(workdir, target, stores, args.out, data, about)
+        m = export_head(workdir, target, stores, args.out, data, about, args.method)
         g = m["acceptance"]["greedy"]
         print(
             f"wrote {args.out}: {m['steps']} steps, {m['tokens_seen']:,} tokens, "

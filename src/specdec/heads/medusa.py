@@ -1,0 +1,176 @@
+"""Medusa heads: K independent heads on the target's last hidden state, head i drafting the token i + 2 ahead.
+
+Head i = ResidualBlock (x + SiLU(W x + b), per layer; W zero-initialised so a new head starts as the target's
+own lm_head) -> Linear(H, draft vocabulary). The target's lm_head already gives the next token (t + 1) from the
+hidden state h_t at the last verified position; head i drafts token t + i + 2 from the same h_t.
+
+The on-disk format is the layout vLLM's `vllm/model_executor/models/medusa.py` loads (read with the search
+tool; not copied): config `architectures: ["MedusaModel"]`, `hidden_size`, `vocab_size`, `num_heads`,
+`num_hidden_layers` (residual layers per head), `truncated_vocab_size`, `medusa_fc_bias`; tensors
+`blocks.{i}.layers.{j}.weight|bias`, `lm_heads.{i}.weight` ([truncated_vocab, H]) and `token_map` (int64
+[truncated_vocab]: draft id -> target id), which vLLM requires whenever truncated_vocab_size < vocab_size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specdec.errors import InputError
+
+ARCHITECTURE = "MedusaModel"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class MedusaConfig:
+    hidden_size: int  # the target's final hidden width (the heads read its lm_head input)
+    vocab_size: int  # the target's vocabulary
+    num_heads: int = 4  # head i drafts the token i + 2 ahead; Medusa's default is up to 5
+    num_hidden_layers: int = 1  # residual SiLU layers per head (Medusa-1's default)
+    truncated_vocab_size: int | None = None  # draft vocabulary (most frequent target tokens); None = full
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.truncated_vocab_size or self.vocab_size
+
+    def to_json(self) -> dict:
+        return {
+            "architectures": [ARCHITECTURE],
+            "model_type": "medusa",
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "num_heads": self.num_heads,
+            "num_hidden_layers": self.num_hidden_layers,
+            "truncated_vocab_size": self.draft_vocab_size,
+            "medusa_fc_bias": True,  # Medusa's own blocks have a bias; vLLM's default is none
+            "torch_dtype": "bfloat16",
+        }
+
+    @classmethod
+    def from_json(cls, d: dict, where: str = "config.json") -> MedusaConfig:
+        if ARCHITECTURE not in (d.get("architectures") or []):
+            raise InputError(f"{where}: not a Medusa head (architectures {d.get('architectures')})")
+        try:
+            return cls(
+                hidden_size=int(d["hidden_size"]),
+                vocab_size=int(d["vocab_size"]),
+                num_heads=int(d["num_heads"]),
+                num_hidden_layers=int(d.get("num_hidden_layers", 1)),
+                truncated_vocab_size=int(d.get("truncated_vocab_size") or d["vocab_size"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"{where}: missing or bad field {e}") from None
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, hidden: int, layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
+        for layer in self.layers:  # a new head starts as the identity: the target's lm_head on h_t
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + F.silu(layer(x))
+        return x
+
+
+class MedusaHeads(nn.Module):
+    """State dict names == vLLM's Medusa checkpoint names."""
+
+    def __init__(self, config: MedusaConfig):
+        super().__init__()
+        c = self.config = config
+        self.blocks = nn.ModuleList(
+            ResidualBlock(c.hidden_size, c.num_hidden_layers) for _ in range(c.num_heads)
+        )
+        self.lm_heads = nn.ModuleList(
+            nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False) for _ in range(c.num_heads)
+        )
+        self.register_buffer("token_map", torch.arange(c.draft_vocab_size))  # draft id -> target id
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        self.token_map.copy_(torch.as_tensor(target_ids, dtype=torch.long))
+
+    @property
+    def draft_to_target(self) -> torch.Tensor:  # [draft_vocab] target ids
+        return self.token_map
+
+    def forward(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """hidden [..., H] (the target's lm_head input) -> per head logits [..., draft_vocab]."""
+        return [head(block(hidden)) for block, head in zip(self.blocks, self.lm_heads, strict=True)]
+
+
+def save_medusa(heads: MedusaHeads, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
+        for k, v in heads.state_dict().items()
+    }
+    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out_dir / WEIGHTS_FILE)
+    (out_dir / "config.json").write_text(json.dumps(heads.config.to_json(), indent=2) + "\n")
+
+
+def load_medusa(path: Path, target=None, dtype: torch.dtype = torch.float32) -> MedusaHeads:
+    """Load a Medusa head directory as `dtype`; InputError (one line) for bad files or another model's head."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise InputError(f"{str(path)!r} is not a head directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+    config = MedusaConfig.from_json(data, str(path / "config.json"))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except FileNotFoundError:
+        raise InputError(f"{str(path)!r} has no {WEIGHTS_FILE}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0]
+        raise InputError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({msg})") from None
+    state = {k.removeprefix("medusa_heads."): v for k, v in state.items()}
+    if "token_map" not in state and config.draft_vocab_size == config.vocab_size:
+        state["token_map"] = torch.arange(config.vocab_size)
+    heads = MedusaHeads(config)
+    expected = heads.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise InputError(
+            f"{path / WEIGHTS_FILE} lacks {missing[0]}: not a Medusa head in the expected layout"
+        )
+    for name, ref in expected.items():
+        if tuple(state[name].shape) != tuple(ref.shape):
+            raise InputError(
+                f"{path / WEIGHTS_FILE}: {name} has shape {tuple(state[name].shape)}, "
+                f"config.json implies {tuple(ref.shape)}"
+            )
+    heads.load_state_dict(
+        {k: state[k].to(ref.dtype if not ref.is_floating_point() else dtype) for k, ref in expected.items()}
+    )
+    heads.to(dtype)
+    if target is not None:
+        tc = target.config.get_text_config(decoder=True)
+        if config.hidden_size != tc.hidden_size:
+            raise InputError(
+                f"{path} was trained for a target with hidden size {config.hidden_size}; this target has {tc.hidden_size}"
+            )
+        if config.vocab_size != tc.vocab_size:
+            raise InputError(
+                f"{path} was trained for a vocabulary of {config.vocab_size} tokens; this target has {tc.vocab_size}"
+            )
+    return heads.eval()
