@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from specdec.errors import InputError
 from specdec.heads import Eagle3Head, config_for_target, default_aux_layer_ids, load_head, save_head
+from specdec.heads.medusa import MedusaConfig, MedusaHeads, load_medusa, save_medusa
 
 import tiny
 
@@ -238,6 +239,16 @@ def test_train_drafter_smoke(tmp_path):
         torch.testing.assert_close(x, y, rtol=0.05, atol=0.05)  # bf16 weights on disk
     assert torch.equal(loaded.d2t, trained.d2t)
 
+    # Medusa heads train on the same cached features (their own checkpoint in the same working directory)
+    d.train_head(work, target, stores["train"], cfg, method="medusa", stop_after=1)
+    d.train_head(work, target, stores["train"], cfg, method="medusa")
+    assert torch.load(work / "medusa.ckpt", weights_only=False)["step"] == 4
+    metrics = d.export_head(work, target, stores, tmp_path / "medusa", data, about, method="medusa")
+    assert metrics["acceptance"]["greedy"]["depth"] == 3
+    assert "Medusa" in (tmp_path / "medusa" / "MODEL_CARD.md").read_text()
+    medusa = load_medusa(tmp_path / "medusa", target)
+    assert len(medusa(b["final"])) == cfg.medusa_heads
+
 
 def test_chain_acceptance_counts_leading_matches(target, tmp_path):
     """A head whose logits are rigged to the target's greedy tokens accepts every depth on the target's own
@@ -272,3 +283,68 @@ def test_chain_acceptance_counts_leading_matches(target, tmp_path):
     assert perfect["acceptance_by_depth"] == [1.0, 1.0, 1.0] and perfect["tau"] == 4.0
     stops = d.chain_acceptance(Rigged(1), store, depth=3)
     assert stops["acceptance_by_depth"] == [1.0, 0.0, 0.0] and stops["tau"] == 2.0
+
+
+def test_chain_acceptance_medusa_needs_the_bonus_token_to_be_the_targets(tmp_path):
+    """Where the text leaves the target's greedy path at position p, an EAGLE anchor at p - 1 still reads the
+    text's token p as given (a verified state), but a Medusa anchor there drafts after the target's own token,
+    which the text's features do not describe: not counted."""
+    from specdec.train import drafter as d
+
+    spec = d.FeatureSpec(seq_len=10, n_seqs=1, hidden_size=HIDDEN, aux_layer_ids=[1, 2, 3])
+    store = d.FeatureStore(tmp_path / "f", spec)
+    g = [5, 7, 9, 11, 13, 15, 17, 19, 21, 23]
+    ids = [3] + g[:-1]
+    ids[4] = 40  # the text leaves the greedy path at position 4
+    store.arrays["ids"][0] = ids
+    store.arrays["top"][0] = g
+    store.flush(1)
+
+    def perfect(rows):
+        return [
+            torch.nn.functional.one_hot(torch.tensor(g[1 + k :] + [0] * (1 + k))[None], 64).float()
+            for k in rows
+        ]
+
+    class Eagle(torch.nn.Module):
+        draft_to_target = torch.arange(64)
+
+        def forward_train(self, aux, tokens, steps):
+            return perfect(range(steps))
+
+    class Medusa(torch.nn.Module):
+        draft_to_target = torch.arange(64)
+
+        def forward(self, final):
+            return perfect(range(2))
+
+    eagle = d.chain_acceptance(Eagle(), store, depth=1, method="eagle")
+    medusa = d.chain_acceptance(Medusa(), store, depth=1, method="medusa")
+    assert eagle["anchors"] == medusa["anchors"] == 8
+    assert eagle["acceptance_by_depth"] == [1.0]  # depth 1 never needs the text to agree
+    assert medusa["acceptance_by_depth"] == [7 / 8]  # anchor 3 reads token 4, which is not the target's
+
+
+def test_medusa_round_trip_in_vllms_layout(target, tmp_path):
+    torch.manual_seed(0)
+    heads = MedusaHeads(MedusaConfig(HIDDEN, 384, num_heads=3, num_hidden_layers=1, truncated_vocab_size=50))
+    heads.set_draft_vocab(torch.arange(100, 150))
+    for p in heads.parameters():  # not the zero init, so the round trip compares real values
+        torch.nn.init.normal_(p)
+    save_medusa(heads, tmp_path / "m", dtype=torch.float32)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["architectures"] == ["MedusaModel"] and config["truncated_vocab_size"] == 50
+    assert set(load_file(str(tmp_path / "m" / "model.safetensors"))) == {
+        *(f"blocks.{i}.layers.0.{w}" for i in range(3) for w in ("weight", "bias")),
+        *(f"lm_heads.{i}.weight" for i in range(3)),
+        "token_map",
+    }
+    loaded = load_medusa(tmp_path / "m", target.float())
+    x = torch.randn(5, HIDDEN)
+    for a, b in zip(heads(x), loaded(x), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(loaded.draft_to_target, torch.arange(100, 150))
+    wide = tiny.model(layers=4, hidden=48)
+    assert "hidden size 32" in one_line_error(lambda: load_medusa(tmp_path / "m", wide))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x01" * 40)
+    assert "corrupt" in one_line_error(lambda: load_medusa(tmp_path / "m"))
