@@ -8,6 +8,8 @@ accepted up to some depth), otherwise one gather per layer. Rolling back is movi
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -48,6 +50,7 @@ class _Layer(CacheLayerMixin):
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             self._grow(end)
+        assert self.k_buf is not None and self.v_buf is not None  # allocated by lazy_initialization
         self.k_buf[:, :, self.length : end] = key_states
         self.v_buf[:, :, self.length : end] = value_states
         self.length = end
@@ -73,6 +76,7 @@ class _Layer(CacheLayerMixin):
         """Keep slots start+offsets (ascending) at start, start+1, ...; drop everything after them."""
         if not self.is_initialized:
             return
+        assert self.k_buf is not None and self.v_buf is not None  # allocated when initialized
         src = offsets + start
         n = offsets.numel()
         # Gather first (index_select makes a temporary), so overlapping source/destination slots are safe.
@@ -88,13 +92,17 @@ class KVCache(Cache):
         super().__init__(layers=[_Layer(capacity) for _ in range(num_layers)])
 
     @property
+    def _layers(self) -> list[_Layer]:
+        return cast("list[_Layer]", self.layers)  # built from _Layer only, above
+
+    @property
     def length(self) -> int:
-        return self.layers[0].length
+        return self._layers[0].length
 
     def crop(self, length: int) -> None:  # transformers' crop takes a negative count; ours an absolute length
         if length < 0:
             length = self.length + length
-        for layer in self.layers:
+        for layer in self._layers:
             layer.crop(length)
 
     def keep(self, start: int, offsets: list[int]) -> None:
@@ -102,11 +110,14 @@ class KVCache(Cache):
         if offsets == list(range(len(offsets))):  # already contiguous: rolling back is moving the length
             self.crop(start + len(offsets))
             return
-        idx = torch.tensor(offsets, dtype=torch.long, device=self.layers[0].k_buf.device)
-        for layer in self.layers:
+        k0 = self._layers[0].k_buf
+        assert k0 is not None, "keep() follows a forward, which allocates the buffers"
+        idx = torch.tensor(offsets, dtype=torch.long, device=k0.device)
+        for layer in self._layers:
             layer.keep(start, idx)
 
     def tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, H, length, D] views of one layer's committed keys and values (for tests and inspection)."""
-        lay = self.layers[layer]
+        lay = self._layers[layer]
+        assert lay.k_buf is not None and lay.v_buf is not None, "no forward has written this cache yet"
         return lay.k_buf[:, :, : lay.length], lay.v_buf[:, :, : lay.length]

@@ -79,7 +79,7 @@ class ModelRunner:
 
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
         """One forward over the tree nodes after the committed cache; logits [N, V], row i for node i."""
-        past = self.cache.length
+        past = self._cache().length
         n = len(tree)
         ids = torch.tensor([tree.tokens], dtype=torch.long, device=self.device)
         positions = torch.tensor([[past + d for d in tree.depths]], dtype=torch.long, device=self.device)
@@ -90,14 +90,18 @@ class ModelRunner:
 
     def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
         """Keep the KV of the accepted nodes (a root-to-node path: ascending indices) and drop the rest."""
-        self.cache.keep(tree_start, accepted_nodes)
+        self._cache().keep(tree_start, accepted_nodes)
 
     def free(self) -> None:
         self.cache = None
 
+    def _cache(self) -> KVCache:
+        assert self.cache is not None, "reset() or start() comes first"
+        return self.cache
+
     def _forward(self, ids, positions, mask, logits_to_keep: int = 0, layers: Sequence[int] = ()) -> Scores:
         if positions is None:
-            past = self.cache.length
+            past = self._cache().length
             positions = torch.arange(past, past + ids.shape[1], device=self.device)[None]
             if past:
                 n = ids.shape[1]

@@ -100,13 +100,15 @@ class Builder:
         """Candidates (functions, or whole files) in hash order, at most PER_FILE per file, each function used
         once over all tasks. `make(source, function or None, draw)` returns a prompt or None (unsuitable);
         `draw` is the candidate's hash as an int, a deterministic choice of variant or length."""
+        candidates: list[tuple[str, Source, ast.FunctionDef | ast.AsyncFunctionDef | None]]
         if whole_files:
             candidates = [(_key(task, s.name), s, None) for s in self.sources]
         else:
             candidates = [
                 (_key(task, s.name, fn.lineno), s, fn) for s in self.sources for fn in _functions(s)
             ]
-        rows, per_file = [], {}
+        rows: list[dict] = []
+        per_file: dict[str, int] = {}
         for key, src, fn in sorted(candidates, key=lambda c: c[0]):
             if len(rows) == PROMPTS_PER_TASK[task]:
                 break
@@ -188,7 +190,9 @@ class Builder:
         def make(src: Source, fn, draw: int) -> str | None:
             if not _has_docstring(fn) or not self._copyable(src, fn):
                 return None
-            summary = ast.get_docstring(fn).strip().splitlines()[0].strip()
+            doc = ast.get_docstring(fn)
+            assert doc is not None  # _has_docstring(fn)
+            summary = doc.strip().splitlines()[0].strip()
             if len(summary) < 10:
                 return None
             suffix, what = variants[draw % len(variants)]

@@ -58,8 +58,10 @@ def summarize(result: BenchResult, sampled: bool) -> tuple[list[dict], list[dict
             if m.method == method and m.numerical_tie == tie and (task is None or m.task == task)
         )
 
-    rows, overall = [], []
-    for scope, out in [(t, rows) for t in tasks] + [(None, overall)]:
+    rows: list[dict] = []
+    overall: list[dict] = []
+    scopes: list[tuple[str | None, list[dict]]] = [(t, rows) for t in tasks]
+    for scope, out in [*scopes, (None, overall)]:
         for name in names:
             runs = pick(scope, name)
             if runs:

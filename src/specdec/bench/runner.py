@@ -12,6 +12,7 @@ import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TypedDict
 
 import torch
 
@@ -160,6 +161,15 @@ def build_methods(
                     raise
                 skipped[name] = str(e)
     return methods, skipped
+
+
+class Where(TypedDict):
+    """Which prompt a record or mismatch is about (the fields `Record` and `Mismatch` start with)."""
+
+    prompt: int
+    task: str
+    index: int
+    source: str
 
 
 @dataclass
@@ -338,7 +348,7 @@ def run_bench(
         p.max_new_tokens = prompt.max_new_tokens or params.max_new_tokens
         if not greedy and params.seed is not None:
             p.seed = params.seed + i
-        where = {"prompt": i, "task": prompt.task, "index": index, "source": prompt.source}
+        where: Where = {"prompt": i, "task": prompt.task, "index": index, "source": prompt.source}
         reference: list[int] = []
         for method in methods:
             run = method.run(ids, p)

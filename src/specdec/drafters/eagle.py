@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,7 +70,7 @@ class EagleState:
     draft_seconds: float = 0.0  # moving average of propose() time, for the tree-size choice
 
 
-def shipped_head_dir():
+def shipped_head_dir() -> Path:
     from specdec.models.shipped import SHIPPED_DIR
 
     return SHIPPED_DIR / SHIPPED_HEAD
@@ -93,7 +94,7 @@ class Eagle(Drafter):
             source.bind_embedding(model.get_input_embeddings().weight)
             head = source
         else:
-            path = source or shipped_head_dir()
+            path = Path(source) if source else shipped_head_dir()
             if source is None and not (path / "config.json").exists():
                 raise InputError(
                     "eagle needs a trained head for this model: --draft HEAD_DIR (train one with "

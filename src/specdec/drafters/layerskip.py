@@ -177,11 +177,12 @@ class LayerSkip(DraftModel):
 
     name = "layerskip"
     needs_draft_model = False
+    config: LayerSkipConfig
 
     def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:
         self.config = config or LayerSkipConfig(**options)
         self.model = None
-        self.runners: dict[tuple[int, ...], ViewRunner | LeanRunner] = {}  # by skipped set, newest last
+        self.runners: dict[tuple[int, ...], ModelRunner | LeanRunner] = {}  # by skipped set, newest last
         # with `persist`: (skipped set, still adapting, trials, search RNG) carried to the next generation
         self.learned: tuple[tuple[int, ...], bool, int, random.Random] | None = None
 
@@ -190,6 +191,7 @@ class LayerSkip(DraftModel):
         skip = self.config.skip
         if skip is None:
             skip = default_skip(n, self.config.skip_ratio)
+        assert not isinstance(skip, str)  # LayerSkipConfig.__post_init__ parsed it
         bad = [i for i in skip if not 0 <= i < n]
         if bad or len(set(skip)) == n:
             raise InputError(f"layerskip: cannot skip layers {list(skip)} of a {n}-layer model")
@@ -200,7 +202,7 @@ class LayerSkip(DraftModel):
     def kept(self, skip: tuple[int, ...]) -> list[int]:
         return [i for i in range(self.num_layers) if i not in skip]
 
-    def _runner(self, skip: tuple[int, ...]) -> ViewRunner | LeanRunner:
+    def _runner(self, skip: tuple[int, ...]) -> ModelRunner | LeanRunner:
         """A private view (own cache) of the shared runner for `skip`; the lean runner's fused weight copies
         are built once per set and a few sets are kept."""
         shared = self.runners.pop(skip, None) or make_runner(self.model, self.kept(skip), self.config.lean)
@@ -231,16 +233,19 @@ class LayerSkip(DraftModel):
             trials=trials,
         )
 
-    def release(self, state: LayerSkipState) -> None:
+    def release(self, state: DraftState) -> None:
+        assert isinstance(state, LayerSkipState)  # made by start()
         state.runner.cache = None
         if self.config.persist:
             self.learned = (state.skip, state.adapting, state.trials, state.rng)
 
-    def propose(self, state: LayerSkipState, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: DraftState, context: list[int], max_depth: int) -> DraftTree:
+        assert isinstance(state, LayerSkipState)  # made by start()
         state.root_pos = len(context) - 1
         return super().propose(state, context, max_depth)
 
-    def observe(self, state: LayerSkipState, scored: Scored) -> None:
+    def observe(self, state: DraftState, scored: Scored) -> None:
+        assert isinstance(state, LayerSkipState)  # made by start()
         super().observe(state, scored)
         nodes = scored.verdict.accepted_nodes
         argmax = scored.logits[nodes].argmax(dim=-1).tolist()

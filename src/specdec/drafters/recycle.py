@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -43,7 +44,8 @@ AUTO_MAX_NODES = 64  # largest template "auto" considers
 @dataclass
 class RecycleConfig:
     k: int = 8  # candidates per token in the table
-    max_nodes: int | str = 8  # drafted nodes per step, or "auto" (measured cost model); see the docstring
+    # drafted nodes per step, or "auto" (measured cost model); see the docstring
+    max_nodes: int | Literal["auto"] = 8
     max_depth: int = 8  # template levels
     adapt_every: int = 32  # re-grow the template from measured acceptance every this many steps (0 = never)
 
@@ -92,7 +94,10 @@ def grow_template(acceptance: list[list[float]], max_nodes: int) -> Template:
     while heap and len(parents) <= max_nodes:
         neg, _, parent, rank = heapq.heappop(heap)
         node, depth = len(parents), depths[parent] + 1
-        parents.append(parent), ranks.append(rank), depths.append(depth), values.append(-neg)
+        parents.append(parent)
+        ranks.append(rank)
+        depths.append(depth)
+        values.append(-neg)
         if depth < len(acceptance):  # first child
             heapq.heappush(heap, (neg * acceptance[depth][0], order, node, 0))
             order += 1
@@ -118,6 +123,12 @@ class TokenRecycling(Drafter):
         self.trials: torch.Tensor | None = None  # [max_depth]: accepted nodes whose next token is known
         self.steps = 0
         self._set_template()
+
+    def _learned(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(table, seen, hits, trials) once a table exists: `_ensure_table` and `load` set all four."""
+        table, seen, hits, trials = self.table, self.seen, self.hits, self.trials
+        assert table is not None and seen is not None and hits is not None and trials is not None
+        return table, seen, hits, trials
 
     # -- table -------------------------------------------------------------------------------------------
 
@@ -146,7 +157,8 @@ class TokenRecycling(Drafter):
 
         if self.table is None:
             raise ValueError("the table is empty: nothing was observed yet")
-        save_file({"table": self.table, "seen": self.seen, "hits": self.hits, "trials": self.trials}, path)
+        table, seen, hits, trials = self._learned()
+        save_file({"table": table, "seen": seen, "hits": hits, "trials": trials}, path)
 
     def load(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -165,18 +177,17 @@ class TokenRecycling(Drafter):
         """Current estimate of P(rank-r candidate right | parent accepted at depth d), prior included."""
         cfg = self.config
         width = cfg.k if self.table is None else self.table.shape[1]
+        measured = None if self.table is None else self._learned()
         est = []
         for d in range(cfg.max_depth):
             prior = [PRIOR[min(r, len(PRIOR) - 1)] * PRIOR_DECAY**d for r in range(width)]
-            if self.trials is None:
+            if measured is None:
                 est.append(prior)
             else:
-                n = float(self.trials[d])
+                _, _, hits, trials = measured
+                n = float(trials[d])
                 est.append(
-                    [
-                        (float(self.hits[d, r]) + PRIOR_WEIGHT * prior[r]) / (n + PRIOR_WEIGHT)
-                        for r in range(width)
-                    ]
+                    [(float(hits[d, r]) + PRIOR_WEIGHT * prior[r]) / (n + PRIOR_WEIGHT) for r in range(width)]
                 )
         return est
 
@@ -210,13 +221,14 @@ class TokenRecycling(Drafter):
         tpl = self.template
         if self.table is None or max_depth < 1 or len(tpl) == 1 or root >= self.table.shape[0]:
             return DraftTree.root_only(root)
+        table, seen, _, _ = self._learned()
         tokens = torch.zeros(len(tpl), dtype=torch.long)  # [n]: the token at each template node
         valid = torch.zeros(len(tpl), dtype=torch.bool)  # [n]: every row on its path was ever written
         tokens[0], valid[0] = root, True
         for nodes, parents, ranks in self.levels[:max_depth]:
             parent_tokens = tokens[parents]
-            tokens[nodes] = self.table[parent_tokens, ranks].long()  # one gather per level
-            valid[nodes] = valid[parents] & self.seen[parent_tokens]
+            tokens[nodes] = table[parent_tokens, ranks].long()  # one gather per level
+            valid[nodes] = valid[parents] & seen[parent_tokens]
         return self._dedupe(tokens.tolist(), valid.tolist(), max_depth)
 
     def _dedupe(self, tokens: list[int], valid: list[bool], max_depth: int) -> DraftTree:
@@ -239,6 +251,7 @@ class TokenRecycling(Drafter):
         """Learn from any scored tree, not only ours (merge hands us the merged one)."""
         tree, verdict, logits = scored.tree, scored.verdict, scored.logits  # logits: [N, V]
         self._ensure_table(logits.shape[-1])
+        table, seen, _, _ = self._learned()
         tokens = torch.tensor(tree.tokens)  # [N]
         self._measure(tokens, verdict)  # before the update: with the rows this step drafted from
         n = len(tree.tokens)
@@ -247,9 +260,9 @@ class TokenRecycling(Drafter):
         key[verdict.accepted_nodes] += n
         same = tokens[:, None] == tokens[None, :]  # [N, N]
         keep = ~(same & (key[None, :] > key[:, None])).any(dim=1)
-        top = logits[keep].topk(self.table.shape[1], dim=-1).indices  # [kept, width]
-        self.table[tokens[keep]] = top.to(torch.int32)
-        self.seen[tokens[keep]] = True
+        top = logits[keep].topk(table.shape[1], dim=-1).indices  # [kept, width]
+        table[tokens[keep]] = top.to(torch.int32)
+        seen[tokens[keep]] = True
         self.steps += 1
         if self.config.adapt_every and self.steps % self.config.adapt_every == 0:
             self._set_template()
@@ -257,9 +270,10 @@ class TokenRecycling(Drafter):
     def _measure(self, tokens: torch.Tensor, verdict: Verdict) -> None:
         """For each accepted node at depth d (root = 0) the next token is known (the next accepted draft or
         the bonus token): count which rank of the node's row it was, for template growth at depth d+1."""
+        table, seen, hits, trials = self._learned()
         depth = min(len(verdict.accepted_nodes), self.config.max_depth)
         path = tokens[verdict.accepted_nodes[:depth]]  # [depth]
         truth = torch.tensor(verdict.tokens[:depth])  # [depth]
-        hit = (self.table[path] == truth[:, None]) & self.seen[path][:, None]  # [depth, width]
-        self.trials[:depth] += 1
-        self.hits[:depth] += hit
+        hit = (table[path] == truth[:, None]) & seen[path][:, None]  # [depth, width]
+        trials[:depth] += 1
+        hits[:depth] += hit

@@ -223,6 +223,12 @@ class Eagle3Head(nn.Module):
     """The head. State dict names == the vLLM/SGLang checkpoint names; the embedding is the target's (bound,
     frozen, never saved)."""
 
+    # Buffers (registered in __init__; declared here so that they type as tensors, not Module attributes).
+    d2t: torch.Tensor
+    t2d: torch.Tensor
+    embed_tokens: torch.Tensor
+    inv_freq: torch.Tensor
+
     def __init__(self, config: Eagle3Config):
         super().__init__()
         c = self.config = config
@@ -439,7 +445,7 @@ def load_config(path: Path) -> Eagle3Config:
     return Eagle3Config.from_json(data, str(cfg_path))
 
 
-def load_head(path: Path, target=None, dtype: torch.dtype = torch.float32) -> Eagle3Head:
+def load_head(path: str | Path, target=None, dtype: torch.dtype = torch.float32) -> Eagle3Head:
     """Load a head directory (specdec's own or a published EAGLE-3 checkpoint) as `dtype` (float32 default);
     with `target` (a HF causal LM) it is checked against it and bound to its embedding. InputError, one line,
     for anything wrong with the files or a head made for another model."""

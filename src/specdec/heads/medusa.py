@@ -71,10 +71,11 @@ class MedusaConfig:
 class ResidualBlock(nn.Module):
     def __init__(self, hidden: int, layers: int):
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers))
-        for layer in self.layers:  # a new head starts as the identity: the target's lm_head on h_t
+        linears = [nn.Linear(hidden, hidden) for _ in range(layers)]
+        for layer in linears:  # a new head starts as the identity: the target's lm_head on h_t
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -84,6 +85,8 @@ class ResidualBlock(nn.Module):
 
 class MedusaHeads(nn.Module):
     """State dict names == vLLM's Medusa checkpoint names."""
+
+    token_map: torch.Tensor  # a buffer (registered in __init__), declared so that it types as a tensor
 
     def __init__(self, config: MedusaConfig):
         super().__init__()

@@ -136,6 +136,7 @@ class LeanRunner:
     @torch.inference_mode()
     def _forward(self, ids: list[int], last_only: bool) -> torch.Tensor:
         cache = self.cache
+        assert cache is not None, "start() comes before extend()"
         past, t = cache.length, len(ids)
         cache.reserve(past + t)
         cos_all, sin_all = self._rope(past + t)

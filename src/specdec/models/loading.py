@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -81,9 +81,9 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
     if saved_as and not any("CausalLM" in name or "LMHead" in name for name in saved_as):
         raise InputError(f"{path!r} holds a {saved_as[0]} (no language-model head), not a causal LM")
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], output_loading_info=True
-        )
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+        # transformers types from_pretrained as returning the model alone, even with output_loading_info=True
+        model, info = cast("tuple[Any, dict[str, Any]]", loaded)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load model weights from {path!r}: {str(e).splitlines()[0]}") from None
     missing = sorted(info.get("missing_keys") or [])

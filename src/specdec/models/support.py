@@ -182,6 +182,7 @@ def check_tree_attention(model) -> None:
             ref = ModelRunner(model)
             ref.start(prompt, len(prompt) + len(tree))
             expected = torch.empty_like(got)
+            assert ref.cache is not None  # start() made it
             for path, nodes in paths:
                 ref.cache.crop(len(prompt))
                 expected[nodes] = _logits(ref.extend(path))

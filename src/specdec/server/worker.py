@@ -149,14 +149,15 @@ class EngineWorker:
         if params["max_new_tokens"] is None:
             context = job.decoder.engine.max_positions
             room = prompt.max_new_tokens_cap if context is None else context - len(ids)
-            params["max_new_tokens"] = min(prompt.max_new_tokens_cap, room)
-            if params["max_new_tokens"] < 1:
+            max_new_tokens = min(prompt.max_new_tokens_cap, room)
+            if max_new_tokens < 1:
                 raise APIError(
                     400,
                     f"the prompt ({len(ids)} tokens) leaves no room in the model's context of {context}",
                     param=prompt.param,
                     code="context_length_exceeded",
                 )
+            params["max_new_tokens"] = max_new_tokens
         steps = job.decoder.engine.run(ids, sampling_params(**params))
         result = None
         try:

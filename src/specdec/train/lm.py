@@ -285,7 +285,8 @@ def export(workdir: Path, name: str, out_dir: Path, dtype: torch.dtype = torch.b
     }
     eos = tokenizer.convert_tokens_to_ids(EOS)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    model.to(dtype)
+    # transformers wraps `to` with functools.wraps(nn.Module.to), which mypy types as taking the module itself.
+    model.to(dtype)  # type: ignore[arg-type]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
