@@ -133,7 +133,6 @@ def test_bench_catches_a_lossy_method(capsys, dirs, tmp_path, monkeypatch):
         ids = tok(PROMPTS[m["prompt"]]["prompt"])["input_ids"]
         reference = tiny.hf_greedy(model, ids, 8)
         assert m["expected"] == reference[m["position"]] and m["got"] != m["expected"]
-        assert m["position"] >= 1  # the first token comes from the prefill, before any draft
         # Diagnosed with a fresh forward: the reference token is the target's argmax there, by a clear margin.
         assert m["top1"] == m["expected"] and m["gap"] > TIE_GAP and m["numerical_tie"] is False
         assert f"prompt {m['index']}" in err
