@@ -661,7 +661,7 @@ def decoder(method: str):
     if method == SampledTree.name:
         return SpecDecoder(TARGET, TOKENIZER, SampledTree())
     if REGISTRY[method].needs_hidden_states:  # trained heads: an untrained one drafts for TARGET
-        return SpecDecoder(TARGET, TOKENIZER, method, head=tiny.random_head(TARGET))
+        return SpecDecoder(TARGET, TOKENIZER, method, head=tiny.untrained_head(method, TARGET))
     return SpecDecoder(TARGET, TOKENIZER, method)
 
 

@@ -130,3 +130,21 @@ def random_head(target, draft_vocab: int | None = None, seed: int = 0):
     )
     head.set_draft_vocab(torch.arange(size) * (vocab // size))
     return head
+
+
+def random_medusa(target, num_heads: int = 3, seed: int = 0):
+    """Untrained Medusa heads for `target` (full vocabulary)."""
+    from specdec.heads.medusa import MedusaConfig, MedusaHeads
+
+    config = target.config
+    torch.manual_seed(seed)
+    heads = MedusaHeads(MedusaConfig(config.hidden_size, config.vocab_size, num_heads=num_heads))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 0.2)
+    return heads.to(next(target.parameters()).dtype)
+
+
+def untrained_head(method: str, target):
+    """An untrained head of the kind `method` reads (eagle, medusa)."""
+    return random_medusa(target) if method == "medusa" else random_head(target)

@@ -24,7 +24,6 @@ re-grown.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +32,7 @@ import torch
 from specdec.acceptance import Verdict
 from specdec.costmodel import CostModel
 from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.templates import Template, grow_template, rank_acceptance
 from specdec.tree import DraftTree, Trie
 
 PRIOR = (0.45, 0.12, 0.06, 0.04, 0.03, 0.02, 0.015, 0.01)  # assumed P(rank-r candidate is right), depth 1
@@ -56,55 +56,6 @@ class RecycleConfig:
             raise ValueError(f"max_nodes must be an integer >= 0 or 'auto' (got {self.max_nodes!r})")
         if self.k < 1 or self.max_depth < 1 or self.adapt_every < 0:
             raise ValueError("k and max_depth must be >= 1, adapt_every >= 0")
-
-
-@dataclass(frozen=True)
-class Template:
-    """Nodes in growth order (parents first); node 0 is the root. Node i>0 is the ranks[i]-th candidate of
-    its parent's token."""
-
-    parents: tuple[int, ...]
-    ranks: tuple[int, ...]
-    depths: tuple[int, ...]
-    values: tuple[float, ...]  # expected acceptance: product of per-(depth, rank) probabilities on the path
-
-    def __len__(self) -> int:
-        return len(self.parents)
-
-    def prefix(self, n: int) -> Template:
-        """The first n drafted nodes (a prefix of the growth order is a tree)."""
-        m = n + 1
-        return Template(self.parents[:m], self.ranks[:m], self.depths[:m], self.values[:m])
-
-    def gains(self) -> list[float]:
-        """gains[n] = expected accepted drafted tokens with the first n nodes."""
-        out = [0.0]
-        for v in self.values[1:]:
-            out.append(out[-1] + v)
-        return out
-
-
-def grow_template(acceptance: list[list[float]], max_nodes: int) -> Template:
-    """Medusa-style greedy growth. acceptance[d][r] = P(the rank-r candidate of an accepted node at depth d is
-    the next token); its length bounds the depth, its rows' length the ranks."""
-    parents, ranks, depths, values = [-1], [-1], [0], [1.0]
-    # heap of (-value, order, parent, rank): the slots a new node may fill
-    heap = [(-acceptance[0][0], 0, 0, 0)] if acceptance and max_nodes > 0 else []
-    order = 1
-    while heap and len(parents) <= max_nodes:
-        neg, _, parent, rank = heapq.heappop(heap)
-        node, depth = len(parents), depths[parent] + 1
-        parents.append(parent)
-        ranks.append(rank)
-        depths.append(depth)
-        values.append(-neg)
-        if depth < len(acceptance):  # first child
-            heapq.heappush(heap, (neg * acceptance[depth][0], order, node, 0))
-            order += 1
-        if rank + 1 < len(acceptance[depth - 1]):  # next sibling
-            heapq.heappush(heap, (-values[parent] * acceptance[depth - 1][rank + 1], order, parent, rank + 1))
-            order += 1
-    return Template(tuple(parents), tuple(ranks), tuple(depths), tuple(values))
 
 
 @register
@@ -177,19 +128,8 @@ class TokenRecycling(Drafter):
         """Current estimate of P(rank-r candidate right | parent accepted at depth d), prior included."""
         cfg = self.config
         width = cfg.k if self.table is None else self.table.shape[1]
-        measured = None if self.table is None else self._learned()
-        est = []
-        for d in range(cfg.max_depth):
-            prior = [PRIOR[min(r, len(PRIOR) - 1)] * PRIOR_DECAY**d for r in range(width)]
-            if measured is None:
-                est.append(prior)
-            else:
-                _, _, hits, trials = measured
-                n = float(trials[d])
-                est.append(
-                    [(float(hits[d, r]) + PRIOR_WEIGHT * prior[r]) / (n + PRIOR_WEIGHT) for r in range(width)]
-                )
-        return est
+        measured = None if self.table is None else self._learned()[2:]
+        return rank_acceptance(PRIOR, PRIOR_DECAY, PRIOR_WEIGHT, cfg.max_depth, width, measured)
 
     def _set_template(self) -> None:
         """(Re-)grow the template from the current acceptance estimates, and index it by level for drafting."""

@@ -1,0 +1,174 @@
+"""Medusa (Cai et al. 2024): K independent heads on the target's last hidden state draft K tokens ahead.
+
+The target's hidden state h_t at the last verified position already gives the root (the target's own next
+token); head i reads the same h_t and ranks candidates for the token i + 1 places after the root. The tree is
+a template of (depth, rank) slots filled from those rankings: node [r1, r2] is head 0's rank-r1 candidate
+followed by head 1's rank-r2 candidate. The template is grown greedily from how often each head's rank-r
+candidate turned out to be right (measured online from every step, warm-started across requests, starting
+from a prior), and its size is the one that maximises expected tokens per second under the target's measured
+cost per tree size (`CostModel.for_model`), unless `max_nodes` fixes it. See docs/methods.md, Medusa.
+
+The heads cost one small matrix product per head per step and no cache. Their drafts are deterministic top-k
+guesses (point masses), so greedy and sampled verification are the engine's usual lossless rules (Medusa's own
+"typical acceptance" is lossy and not used).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from specdec.costmodel import CostModel
+from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.errors import InputError
+from specdec.heads.medusa import MedusaHeads, load_medusa
+from specdec.templates import Template, grow_template, rank_acceptance
+from specdec.tree import DraftTree, Trie
+
+SHIPPED_HEAD = "heads/medusa"  # under models/shipped/: the heads trained for the shipped target
+PRIOR = (0.3, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)  # assumed P(head 0's rank-r candidate is right)
+PRIOR_DECAY = 0.6  # later heads are less accurate (Medusa reports ~0.6 -> 0.4 -> 0.3 top-1 for heads 1-3)
+PRIOR_WEIGHT = 16.0  # pseudo-observations behind the prior
+MAX_TEMPLATE = 64  # largest template the cost model may choose
+
+
+@dataclass
+class MedusaConfig:
+    head: str | MedusaHeads | None = None  # heads directory or object; None: the shipped target's heads
+    width: int = 8  # candidates ranked per head (template ranks)
+    max_nodes: int | Literal["auto"] = "auto"  # drafted nodes per step, or "auto": the measured cost model
+    regrow_every: int = 16  # re-grow the template from the measured acceptance every this many steps
+
+    def __post_init__(self) -> None:
+        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f"width must be an integer >= 1 (got {self.width!r})")
+        if self.max_nodes != "auto" and (
+            isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int) or self.max_nodes < 0
+        ):
+            raise ValueError(f"max_nodes must be an integer >= 0 or 'auto' (got {self.max_nodes!r})")
+        if (
+            isinstance(self.regrow_every, bool)
+            or not isinstance(self.regrow_every, int)
+            or self.regrow_every < 1
+        ):
+            raise ValueError(f"regrow_every must be an integer >= 1 (got {self.regrow_every!r})")
+
+
+@dataclass
+class MedusaState:
+    hidden: torch.Tensor | None = None  # [H]: the target's hidden state whose next token is the root
+    candidates: torch.Tensor | None = None  # [K, width] target ids each head ranked at the last propose
+    steps: int = 0
+
+
+def shipped_head_dir() -> Path:
+    from specdec.models.shipped import SHIPPED_DIR
+
+    return SHIPPED_DIR / SHIPPED_HEAD
+
+
+@register
+class Medusa(Drafter):
+    name = "medusa"
+    needs_hidden_states = True
+    uses_head = True
+
+    def __init__(self, config: MedusaConfig | None = None, **options) -> None:
+        self.config = config or MedusaConfig(**options)
+        self.heads: MedusaHeads | None = None
+        self.cost: CostModel | None = None
+        self.layer = 0  # the target's final hidden state: the LM head's input
+        self.hits: torch.Tensor | None = None  # [K, width]: head d's rank-r candidate was the next token
+        self.trials: torch.Tensor | None = None  # [K]: steps where head d's token became known
+        self.template: Template | None = None
+
+    def bind(self, model) -> None:
+        source = self.config.head
+        dtype = next(model.parameters()).dtype
+        if isinstance(source, MedusaHeads):
+            heads = source.to(dtype)
+            _check(heads, model)
+        else:
+            path = Path(source) if source is not None else shipped_head_dir()
+            if source is None and not (path / "config.json").exists():
+                raise InputError(
+                    "medusa needs trained heads for this model: --draft HEADS_DIR (train them with "
+                    "`specdec train-drafter --method medusa`)"
+                )
+            heads = load_medusa(path, model, dtype=dtype)
+        self.heads = heads.eval()
+        self.layer = model.config.get_text_config(decoder=True).num_hidden_layers
+        k, width = heads.config.num_heads, min(self.config.width, heads.config.draft_vocab_size)
+        self.hits = torch.zeros(k, width, dtype=torch.float64)
+        self.trials = torch.zeros(k, dtype=torch.float64)
+        self.cost = CostModel.for_model(model) if self.config.max_nodes == "auto" else None
+        self._grow()
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def acceptance(self) -> list[list[float]]:
+        assert self.hits is not None and self.trials is not None, "bind first"
+        k, width = self.hits.shape
+        return rank_acceptance(PRIOR, PRIOR_DECAY, PRIOR_WEIGHT, k, width, (self.hits, self.trials))
+
+    def _grow(self) -> None:
+        if self.cost is None:
+            assert isinstance(self.config.max_nodes, int)
+            self.template = grow_template(self.acceptance(), self.config.max_nodes)
+            return
+        full = grow_template(self.acceptance(), MAX_TEMPLATE)
+        self.template = full.prefix(self.cost.best_size(full.gains()))
+
+    def start(self, request: Request) -> MedusaState:
+        return MedusaState()
+
+    def prefilled(self, state: MedusaState, hidden: dict[int, torch.Tensor]) -> None:
+        if hidden and hidden[self.layer].shape[0]:
+            state.hidden = hidden[self.layer][-1]  # position P - 2: its next token is the root
+
+    def propose(self, state: MedusaState, context: list[int], max_depth: int) -> DraftTree:
+        root = context[-1]
+        tpl, heads = self.template, self.heads
+        assert tpl is not None and heads is not None
+        if state.hidden is None or len(tpl) == 1 or max_depth < 1:
+            state.candidates = None
+            return DraftTree.root_only(root)
+        width = self.hits.shape[1] if self.hits is not None else self.config.width
+        logits = torch.stack(heads(state.hidden))  # [K, draft_vocab]
+        state.candidates = heads.draft_to_target[logits.topk(width, dim=-1).indices]  # [K, width]
+        ranked = state.candidates.tolist()
+        trie = Trie(root)
+        node_of = [0] * len(tpl)
+        for i in range(1, len(tpl)):
+            depth = tpl.depths[i]
+            if depth > max_depth or node_of[tpl.parents[i]] < 0:
+                node_of[i] = -1
+                continue
+            node_of[i] = trie.insert([ranked[depth - 1][tpl.ranks[i]]], node_of[tpl.parents[i]])
+        return trie.tree()
+
+    def observe(self, state: MedusaState, scored: Scored) -> None:
+        verdict = scored.verdict
+        if state.candidates is not None:  # the next token after each accepted depth is now known
+            assert self.hits is not None and self.trials is not None
+            k = min(len(verdict.tokens), state.candidates.shape[0])
+            truth = torch.tensor(verdict.tokens[:k])
+            self.trials[:k] += 1
+            self.hits[:k] += (state.candidates[:k] == truth[:, None]).double()
+        state.hidden = scored.hidden[self.layer][verdict.accepted_nodes[-1]]  # its next token: the new root
+        state.steps += 1
+        if state.steps % self.config.regrow_every == 0:
+            self._grow()
+
+
+def _check(heads: MedusaHeads, model) -> None:
+    tc = model.config.get_text_config(decoder=True)
+    if heads.config.hidden_size != tc.hidden_size or heads.config.vocab_size != tc.vocab_size:
+        raise InputError(
+            f"the Medusa heads were trained for hidden size {heads.config.hidden_size} and "
+            f"{heads.config.vocab_size} tokens; this target has {tc.hidden_size} and {tc.vocab_size}"
+        )

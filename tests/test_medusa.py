@@ -1,0 +1,58 @@
+"""The medusa drafter through the engine: greedy equality with generate(), template learning, bad heads.
+(Its sampled distribution is checked with every other method in test_sampling.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import SpecDecoder
+from specdec.drafters.medusa import Medusa
+from specdec.errors import InputError
+from specdec.heads.medusa import save_medusa
+
+import tiny
+from tiny import random_medusa
+
+TOKENIZER = tiny.tokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("options", [{}, {"max_nodes": 10, "width": 3}])
+def test_medusa_equals_generate(arch, options):
+    model = tiny.model(arch, seed=1)
+    dec = SpecDecoder(model, TOKENIZER, "medusa", head=random_medusa(model), **options)
+    for prompt in ([5], [5, 9, 14, 3, 77, 1], list(range(40, 70))):
+        out = dec.generate(prompt, max_new_tokens=20, ignore_eos=True)
+        assert out.token_ids == tiny.hf_greedy(model, prompt, 20)
+
+
+def test_medusa_learns_which_ranks_are_right():
+    """Vocabulary 8 and 8 ranks per head: the first head's truth is always among its candidates, so its
+    measured rank acceptance sums to one and the template follows it."""
+    model = tiny.model("llama", seed=2, vocab_size=8, layers=2, eos=99)  # an EOS it never emits
+    drafter = Medusa(head=random_medusa(model), max_nodes=12, regrow_every=4)
+    dec = SpecDecoder(model, TOKENIZER, drafter)
+    prompt = [1, 2, 3, 1, 2]
+    out = dec.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    assert out.token_ids == tiny.hf_greedy(model, prompt, 40)
+    assert out.stats.mean_accepted_tokens > 1.2  # drafts are accepted (the template's ranks are the right ones)
+    # every step but the last (one token left: nothing to draft) recorded head 0's truth
+    assert drafter.trials[0] == out.stats.target_forwards - 1 and drafter.hits[0].sum() == drafter.trials[0]
+    measured = drafter.acceptance()[0]
+    best = int(drafter.hits[0].argmax())
+    assert measured[best] == max(measured)
+    assert drafter.template is not None and best in drafter.template.ranks[1:]
+
+
+def test_medusa_refuses_heads_for_another_model(tmp_path):
+    model = tiny.model("llama", seed=1)
+    other = tiny.model("llama", seed=1, hidden=64)
+    with pytest.raises(InputError, match="hidden size"):
+        SpecDecoder(model, TOKENIZER, "medusa", head=random_medusa(other))
+    save_medusa(random_medusa(other), tmp_path / "heads", dtype=torch.float32)
+    with pytest.raises(InputError, match="hidden size"):
+        SpecDecoder(model, TOKENIZER, "medusa", head=str(tmp_path / "heads"))
+    for bad in ({"width": 0}, {"max_nodes": "lots"}, {"regrow_every": 0}):
+        with pytest.raises(InputError):
+            SpecDecoder(model, TOKENIZER, "medusa", head=random_medusa(model), **bad)
