@@ -36,7 +36,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--model", default="default", help="target model path or hub name (default: the shipped code model)"
     )
     p.add_argument(
-        "--draft", default=None, help="draft model for --method draft ('default' = the shipped draft)"
+        "--draft",
+        default=None,
+        help="draft model for --method draft ('default' = the shipped draft), or a trained head directory for "
+        "--method eagle (default: the shipped head, with the shipped model)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument(
@@ -196,9 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_bench(sub)
     register_serve(sub)
+    from specdec.heads.export import register as register_export_drafter
     from specdec.train.drafter import register as register_train_drafter
 
     register_train_drafter(sub)
+    register_export_drafter(sub)
     return parser
 
 

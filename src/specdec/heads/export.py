@@ -1,0 +1,93 @@
+"""`specdec export-drafter`: a trained head in the checkpoint layout vLLM or SGLang loads.
+
+specdec stores its heads in those engines' layouts already (see eagle3.py and medusa.py for the files they
+were matched against), so exporting is: load and validate the head, then write config.json with the
+architecture name the chosen engine looks for and the weights in bfloat16 (or the dtype asked for). Loading
+the export back into specdec gives the same drafts (tests/test_export.py). SGLang has no Medusa loader, so a
+Medusa export to SGLang is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from specdec.errors import InputError
+
+FORMATS = ("vllm", "sglang")
+# The architecture each engine registers for EAGLE-3 (vLLM registers both names; SGLang the first).
+EAGLE3_ARCH = {"vllm": "Eagle3LlamaForCausalLM", "sglang": "LlamaForCausalLMEagle3"}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def head_kind(path: Path) -> str:
+    """'eagle' or 'medusa', from the directory's config.json."""
+    from specdec.heads.eagle3 import ARCHITECTURES
+    from specdec.heads.medusa import ARCHITECTURE as MEDUSA
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise InputError(f"{str(path)!r} is not a head directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
+    archs = config.get("architectures") or [] if isinstance(config, dict) else []
+    if any(a in ARCHITECTURES for a in archs):
+        return "eagle"
+    if MEDUSA in archs:
+        return "medusa"
+    raise InputError(f"{path / 'config.json'}: not an EAGLE-3 or Medusa head (architectures {archs})")
+
+
+def export_drafter(source: Path, fmt: str, out: Path, dtype: str = "bfloat16") -> str:
+    """Write the head at `source` to `out` for engine `fmt`; returns the head's kind."""
+    from specdec.heads.eagle3 import load_head, save_head
+    from specdec.heads.medusa import load_medusa, save_medusa
+
+    if fmt not in FORMATS:
+        raise InputError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    source, out = Path(source), Path(out)
+    if out.resolve() == source.resolve():
+        raise InputError("--out must be another directory than the head's own")
+    kind = head_kind(source)
+    if kind == "medusa":
+        if fmt == "sglang":
+            raise InputError("SGLang has no Medusa loader; export Medusa heads with --format vllm")
+        save_medusa(load_medusa(source), out, DTYPES[dtype])
+    else:
+        save_head(load_head(source), out, DTYPES[dtype])
+        config_path = out / "config.json"
+        config = json.loads(config_path.read_text())
+        config["architectures"] = [EAGLE3_ARCH[fmt]]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    for card in ("MODEL_CARD.md", "card.md"):  # the card travels with the weights
+        if (source / card).exists():
+            shutil.copyfile(source / card, out / card)
+    return kind
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export-drafter", help="write a trained head (eagle, medusa) in the layout vLLM or SGLang loads"
+    )
+    p.add_argument(
+        "head", type=Path, help="a head directory (from specdec train-drafter, or a published one)"
+    )
+    p.add_argument("--format", choices=FORMATS, required=True, help="the serving engine that will load it")
+    p.add_argument("--out", type=Path, required=True, help="directory to write (created)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype (default bfloat16)"
+    )
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    kind = export_drafter(args.head, args.format, args.out, args.dtype)
+    print(f"wrote the {kind} head for {args.format} to {args.out}")
+    return 0
