@@ -70,7 +70,9 @@ def test_steps_are_typed_and_the_last_carries_the_result():
 
 def test_the_first_token_is_drafted_and_verified_like_every_other():
     """The prompt's last token is the first tree's root: a perfect draft is accepted from the first step."""
-    dec = SpecDecoder(MODEL, TOKENIZER, "draft", draft_model=MODEL, num_tokens=4, adaptive=False)
+    dec = SpecDecoder(
+        MODEL, TOKENIZER, "draft", draft_model=MODEL, num_tokens=4, adaptive=False, break_even=False
+    )
     out = dec.generate(list(PROMPTS[0]), max_new_tokens=5, ignore_eos=True)
     assert out.token_ids == tiny.hf_greedy(MODEL, list(PROMPTS[0]), 5)
     assert out.stats.target_forwards == 1 and out.stats.accepted_by_depth == [1, 1, 1, 1]

@@ -64,27 +64,29 @@ class CostModel:
         cls, model, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 64, repeats: int = 3
     ) -> CostModel:
         """Time `repeats` forwards per tree size after a `past`-token prefill; the median per size is fitted."""
+        from specdec.models.support import attention_window
         from specdec.runner import ModelRunner
 
         config = model.config.get_text_config(decoder=True)
         limit = getattr(config, "max_position_embeddings", None) or past + max(sizes) + 1
+        window = attention_window(config)  # a windowed model serves requests within its window only
+        limit = min(limit, window[1]) if window else limit
         past = max(1, min(past, limit - max(sizes) - 1))
         vocab = config.vocab_size
         runner = ModelRunner(model)
-        times = []
         with torch.inference_mode():
             runner.start([(7 * i + 1) % vocab for i in range(past)], past + max(sizes) + 1)
             trees = {n: _binary_tree(n, vocab) for n in sizes}
             runner.score(trees[min(sizes)])  # warm-up (first-call allocations)
             runner.cache.crop(past)
-            for n in sizes:
-                samples = []
-                for _ in range(repeats):
+            samples: dict[int, list[float]] = {n: [] for n in sizes}
+            for _ in range(repeats):  # round robin: a burst of other load hits one sample of each size, not
+                for n in sizes:  # every sample of one size (which the median could not undo)
                     start = time.perf_counter()
                     runner.score(trees[n])
-                    samples.append(time.perf_counter() - start)
+                    samples[n].append(time.perf_counter() - start)
                     runner.cache.crop(past)
-                times.append(statistics.median(samples))
+            times = [statistics.median(samples[n]) for n in sizes]
         return cls.fit(sizes, times)
 
     @classmethod
@@ -117,6 +119,54 @@ class CostModel:
             if rate > best_rate:
                 best, best_rate = n, rate
         return best
+
+
+REFINE_RATE = 0.05  # weight of one measured forward in the anchor sizes around it (about 20 steps of memory)
+REFINE_CLIP = 2.0  # a measurement counts at most this factor away from the prediction: one stall (a GC pause,
+# another job's burst) must not move the curve far, a lasting change still does within a few dozen steps
+
+
+class OnlineCost:
+    """A measured `CostModel`, refined by the forward times seen while decoding.
+
+    The measurement at bind can be wrong for the rest of the run: taken while another job was busy, or the
+    machine's load changed since (docs/methods.md, The cost model). Every verification of n tree tokens, timed
+    by its caller, moves the two measured sizes around n toward what it took (each by its interpolation weight
+    times `rate`), and the curve is refitted monotone: the sizes in use get their current cost, the others keep
+    the measured shape.
+    """
+
+    def __init__(self, base: CostModel, rate: float = REFINE_RATE) -> None:
+        self.base = base
+        self.rate = rate
+        self.anchors = list(base.seconds)  # refined seconds per measured size, before the monotone fit
+        self.model = base  # the current fit
+
+    def __call__(self, n: float) -> float:
+        return self.model(n)
+
+    def update(self, n: int, seconds: float) -> None:
+        """One verification of `n` tree tokens (root included) took `seconds`."""
+        predicted = self.model(n)
+        seconds = min(max(seconds, predicted / REFINE_CLIP), predicted * REFINE_CLIP)
+        xs = self.base.sizes
+        i = bisect_left(xs, n)
+        if i == 0 or i == len(xs) or xs[i] == n:  # at (or beyond) one measured size: it takes all
+            weights = [(min(i, len(xs) - 1), 1.0)]
+        else:
+            w = (n - xs[i - 1]) / (xs[i] - xs[i - 1])
+            weights = [(i - 1, 1.0 - w), (i, w)]
+        for j, w in weights:
+            self.anchors[j] += self.rate * w * (seconds - predicted)
+        self.model = CostModel.fit(xs, self.anchors)
+
+    def report(self) -> dict[str, list]:
+        """The fit, for stats: the measured and the current milliseconds per size."""
+        return {
+            "sizes": list(self.base.sizes),
+            "measured_ms": [round(t * 1e3, 3) for t in self.base.seconds],
+            "current_ms": [round(t * 1e3, 3) for t in self.model.seconds],
+        }
 
 
 def chain_gains(acceptance: Sequence[float]) -> list[float]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,7 @@ class Stats:
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
     finish_reason: str = ""  # "length", "eos" or "stop"
+    drafter: dict[str, Any] = field(default_factory=dict)  # `Drafter.report` at the end of a generation
 
     @property
     def acceptance_by_depth(self) -> list[float]:
@@ -219,6 +221,8 @@ class Engine:
                             done = True
                             break
                     text = out.take_delta(final=done)
+                    if done:
+                        stats.drafter = drafter.report(state)
                     self._finish(stats, out, t_start)
                     result = Generation(list(out.token_ids), out.final_text(), stats) if done else None
                     yield Step(text, emitted, stats, result)

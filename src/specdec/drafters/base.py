@@ -99,6 +99,11 @@ class Drafter(ABC):
     def release(self, state: Any) -> None:  # noqa: B027
         """The generation ended (finished, failed or cancelled): drop per-generation memory such as caches."""
 
+    def report(self, state: Any) -> dict[str, Any]:
+        """What the drafter has to say about a finished generation (say, which members it chose how often):
+        JSON-serialisable; the engine puts it in `Stats.drafter` before `release`. Most drafters have nothing."""
+        return {}
+
 
 REGISTRY: dict[str, type[Drafter]] = {}
 

@@ -1,0 +1,518 @@
+"""`auto`: every step, choose which drafters contribute and how many nodes are verified, from measurements.
+
+Members are ordinary drafters (default: `pld`, `suffix`, `recycle`, plus `draft` when a draft model is given
+and `eagle` when a head exists for the model; a member that refuses the model at bind is left out). Each keeps
+its own per-generation state inside auto's. A step:
+
+1. Run the members worth running, cheapest first (measured propose time). A member runs when a probe is due
+   (it costs so little, or has been idle so long, that running it costs at most `probe_overhead` of plain
+   decoding's time) or when the tokens per second it is expected to give alone, drafting time included, beat
+   what the trees already proposed this step offer.
+2. Value every proposed node: the product, along its path, of the estimated chance that a child of that
+   member, at that depth and sibling rank, is the next token given its parent was. Point-mass trees are
+   merged into one trie (a node several members propose takes the highest value; a child never outvalues its
+   parent, so sorting by value lists parents first). A tree whose nodes carry q (`draft` under sampling)
+   cannot share a trie with others and is verified alone.
+3. Verify the n most valuable nodes, n maximising expected emitted tokens per second,
+
+       (1 + sum of the n values) / (step overhead + cost(n + 1)),
+
+   where cost is the target's forward time per tree size (`CostModel.for_model`, measured at bind, refined
+   with every timed verification: `OnlineCost`), and the step overhead is what a step costs besides drafting
+   and verification, measured. Drafting time is spent by then and does not count. n = 0 is plain decoding.
+4. Every member observes every verification, chosen or not (recycle's table, eagle's feature cache, the draft
+   model's cache sync need each one); the estimates learn from each member's own tree against the emitted
+   tokens (`would_accept`'s walk): at each depth the truth is known for, each child of the node on the true
+   path is a trial of its (member, depth, rank) cell.
+
+The estimates are discounted counts: this generation's (`memory`, so a copied block, then new text, shows
+within a few steps) start from the drafter's shared ones (`shared_memory`, carried across requests on
+purpose, at most `warm_weight` pseudo-trials per cell). The timing it chooses by makes `auto` not
+bit-reproducible under sampling with a seed; every emitted token still has exactly the target's distribution,
+since the verifier is lossless for any tree, and greedy output is generate()'s whatever the choice.
+`logging.getLogger("specdec.auto")` at DEBUG prints every step's choice; `report` gives the totals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdec.costmodel import CostModel, OnlineCost
+from specdec.drafters.base import REGISTRY, Drafter, Request, Scored, register
+from specdec.errors import InputError
+from specdec.tree import DraftTree, Trie
+
+LOG = logging.getLogger("specdec.auto")
+
+DEPTHS = 16  # depths estimated separately (deeper nodes share the last cell)
+RANKS = 8  # sibling ranks estimated separately (later siblings share the last cell)
+PRIOR_TRIALS = 2.0  # pseudo-trials behind a cell's prior (see `Acceptance.table`)
+PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned; a later sibling r: / (r + 1)
+GATE_EMA = 0.2  # weight of the newest step in a member's expected gain and size when it runs alone
+TIME_EMA = 0.1  # weight of the newest step in measured times
+CALIBRATION_PRIOR = 2.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
+CALIBRATION_RANGE = (0.1, 2.0)  # the factor's bounds
+
+
+@dataclass
+class AutoConfig:
+    # candidate members: registered names (comma-separated or a list) or Drafter objects; one needing a draft
+    # model joins only when one is given, one refusing the model at bind (InputError) is left out
+    members: str | list = "pld,suffix,recycle,draft,eagle"
+    max_nodes: int = 32  # most drafted nodes verified in one step (the cost model usually picks fewer)
+    max_depth: int = 8  # deepest node a member is asked for
+    head: Any = None  # the eagle member's head (directory or Eagle3Head); None: the shipped target's, if any
+    memory: float = 0.95  # discount per trial of this generation's counts: about the last 20 trials per cell
+    shared_memory: float = 0.99  # the same for the counts carried across requests
+    warm_weight: float = 8.0  # most pseudo-trials per cell a generation starts with from the shared counts
+    probe_overhead: float = 0.005  # share of plain decoding's time a member not worth running may still cost
+
+    def __post_init__(self) -> None:
+        for name in ("max_nodes", "max_depth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (got {value!r})")
+        for name in ("memory", "shared_memory", "probe_overhead"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1]")
+        if self.warm_weight < 0:
+            raise ValueError("warm_weight must be >= 0")
+
+
+def member_options(name: str, config: AutoConfig) -> dict:
+    """Members offer more nodes than their fixed budgets: auto picks how many are verified."""
+    if name in ("pld", "suffix", "recycle"):
+        return {"max_nodes": max(1, config.max_nodes)} | ({"max_candidates": 4} if name == "pld" else {})
+    if name == "eagle":
+        return {"head": config.head}
+    return {}
+
+
+class Acceptance:
+    """Discounted counts per (member, depth, sibling rank) of how often a drafted node was the next token when
+    its parent was, and the rates they give (`table`)."""
+
+    def __init__(self, members: int) -> None:
+        self.hits = [[[0.0] * RANKS for _ in range(DEPTHS)] for _ in range(members)]
+        self.trials = [[[0.0] * RANKS for _ in range(DEPTHS)] for _ in range(members)]
+        self.tables: list[list[list[float]] | None] = [None] * members  # cached rates, dropped on `record`
+        # discounted sums over the steps that drafted: the chosen trees' accepted drafts, and what the cell
+        # rates expected of them (before calibration)
+        self.accepted = 0.0
+        self.expected = 0.0
+
+    @property
+    def factor(self) -> float:
+        """accepted / expected: the cells' rates are each right on average, but the trees that get verified are
+        picked for their high values, and a node two members propose takes the higher one; so the sums that
+        decide are optimistic (about 1.4x at T = 1 here). Every value is multiplied by this."""
+        low, high = CALIBRATION_RANGE
+        return min(high, max(low, (self.accepted + CALIBRATION_PRIOR) / (self.expected + CALIBRATION_PRIOR)))
+
+    def calibrate(self, expected: float, accepted: int, memory: float) -> None:
+        self.expected = memory * self.expected + expected
+        self.accepted = memory * self.accepted + accepted
+
+    def table(self, member: int) -> list[list[float]]:
+        """rates[depth][rank], depth 0 being the root's children. A cell's rate is its hits over its trials
+        with PRIOR_TRIALS pseudo-trials at the rate of the same rank one level up (at depth 0: PRIOR_RATE /
+        (rank + 1)): a deep cell seldom reached borrows what its member does one level up, which tells more
+        than a fixed guess (copying continues once it started; at a high temperature little is accepted at any
+        depth)."""
+        rates = self.tables[member]
+        if rates is None:
+            rates, above = [], [PRIOR_RATE / (r + 1) for r in range(RANKS)]
+            for hits, trials in zip(self.hits[member], self.trials[member], strict=True):
+                above = [
+                    (h + PRIOR_TRIALS * a) / (t + PRIOR_TRIALS)
+                    for h, t, a in zip(hits, trials, above, strict=True)
+                ]
+                rates.append(above)
+            self.tables[member] = rates
+        return rates
+
+    def record(self, member: int, depth: int, rank: int, hit: bool, memory: float) -> None:
+        d, r = min(depth, DEPTHS - 1), min(rank, RANKS - 1)
+        hits, trials = self.hits[member][d], self.trials[member][d]
+        hits[r] = memory * hits[r] + float(hit)
+        trials[r] = memory * trials[r] + 1.0
+        self.tables[member] = None
+
+    def warm_copy(self, weight: float) -> Acceptance:
+        """The same counts, each cell carrying at most `weight` trials (a new generation's start)."""
+        new = Acceptance(len(self.hits))
+        for m, (hits, trials) in enumerate(zip(self.hits, self.trials, strict=True)):
+            for d, (hr, tr) in enumerate(zip(hits, trials, strict=True)):
+                for r, (h, t) in enumerate(zip(hr, tr, strict=True)):
+                    if t > 0:
+                        scale = min(1.0, weight / t)
+                        new.hits[m][d][r], new.trials[m][d][r] = h * scale, t * scale
+        scale = min(1.0, weight / self.expected) if self.expected > 0 else 1.0
+        new.accepted, new.expected = self.accepted * scale, self.expected * scale
+        return new
+
+
+def node_values(tree: DraftTree, member: int, acceptance: Acceptance) -> list[float]:
+    """Per node: the estimated chance that it is accepted (product of its path's cell rates); root 1."""
+    values = [1.0] * len(tree)
+    rates = acceptance.table(member)
+    for parent, children in enumerate(tree.children):
+        row = rates[min(tree.depths[parent], DEPTHS - 1)]
+        for rank, child in enumerate(children):
+            values[child] = values[parent] * row[min(rank, RANKS - 1)]
+    return values
+
+
+def plan(values: list[float], cost, overhead: float) -> tuple[int, float, float]:
+    """The choice rule. `values` are node values in descending order (a prefix is always a tree); returns
+    (n, expected accepted drafts, expected tokens per second) for the best n, n = 0 being plain decoding."""
+    best, best_gain, best_rate = 0, 0.0, 1.0 / (overhead + cost(1))
+    gain = 0.0
+    for n, value in enumerate(values, start=1):
+        gain += value
+        rate = (1.0 + gain) / (overhead + cost(n + 1))
+        if rate > best_rate:
+            best, best_gain, best_rate = n, gain, rate
+    return best, best_gain, best_rate
+
+
+class Union:
+    """Point-mass trees merged into one trie as members propose; per merged node its value (the highest any
+    member gives it) and the members proposing it."""
+
+    def __init__(self, root: int) -> None:
+        self.trie = Trie(root)
+        self.values, self.owners = [1.0], [0]  # owners: bit m set when member m proposed the node
+
+    def add(self, member: int, tree: DraftTree, values: list[float]) -> None:
+        node_map = [0]
+        for i in range(1, len(tree)):
+            node = self.trie.child(node_map[tree.parents[i]], tree.tokens[i])
+            assert node is not None  # the trie has no budget
+            node_map.append(node)
+            if node == len(self.values):
+                self.values.append(values[i])
+                self.owners.append(1 << member)
+            else:
+                self.values[node] = max(self.values[node], values[i])
+                self.owners[node] |= 1 << member
+
+    def order(self, cap: int) -> list[int]:
+        """The `cap` most valuable drafted nodes, best first (ties: shallower first, so parents come first)."""
+        parents, depth = self.trie.parents, [0] * len(self.values)
+        for i in range(1, len(depth)):
+            depth[i] = depth[parents[i]] + 1
+        values = self.values
+        return sorted(range(1, len(values)), key=lambda i: (-values[i], depth[i], i))[:cap]
+
+    def plan(self, cap: int, cost, overhead: float) -> tuple[list[int], float]:
+        """(the nodes to verify, expected tokens per second)."""
+        order = self.order(cap)
+        n, _, rate = plan([self.values[i] for i in order], cost, overhead)
+        return order[:n], rate
+
+
+@dataclass
+class Choice:
+    """One step's decision."""
+
+    tree: DraftTree  # to verify
+    members: list[int]  # those that contributed a node to it
+    expected: float  # accepted drafts expected from it (calibrated)
+
+
+@dataclass
+class MemberTrack:
+    """One member within one generation."""
+
+    state: Any  # the member's own per-generation state
+    gain: float  # expected accepted drafts of its own tree at its own best size (moving average over runs)
+    size: float  # that best size (moving average)
+    tree: DraftTree | None = None  # this step's proposal (None: it did not run)
+    values: list[float] = field(default_factory=list)
+    idle: int = 1 << 30  # steps since it last ran (a new member is due at once)
+    ran: int = 0  # steps it ran in
+    chosen: int = 0  # steps in which the verified tree held one of its nodes
+
+
+@dataclass
+class AutoState:
+    members: list[MemberTrack]
+    acceptance: Acceptance  # this generation's estimates, warm-started from the drafter's
+    shared: Acceptance  # the drafter's, for this generation's temperature
+    steps: int = 0
+    plain: int = 0  # steps that verified the root alone
+    expected: float = 0.0  # accepted drafts the chosen trees were expected to give, summed (calibration)
+    accepted: int = 0  # accepted drafts, summed
+    raw: float = 0.0  # the last choice's expected accepted drafts before calibration
+    nodes: int = 0  # drafted nodes verified, over all steps
+    step_start: float | None = None  # when the last propose began
+    drafting: float = 0.0  # members' propose time in the last step
+    proposed: float = 0.0  # when the last propose ended (verification starts)
+    verify: float = 0.0  # the last verification's time
+    cost_error: float = 0.0  # sum over steps of |measured - predicted| / predicted verification time
+    timed: int = 0
+
+
+@register
+class Auto(Drafter):
+    name = "auto"
+    needs_hidden_states = True  # when a member reads them (eagle); `hidden_layers` is empty otherwise: free
+
+    def __init__(self, config: AutoConfig | None = None, draft_model=None, **options) -> None:
+        self.config = cfg = config or AutoConfig(**options)
+        names = cfg.members.split(",") if isinstance(cfg.members, str) else list(cfg.members)
+        self.candidates: list[Drafter] = []
+        for m in names:
+            if isinstance(m, Drafter):
+                self.candidates.append(m)
+                continue
+            cls = REGISTRY.get(str(m).strip())
+            if cls is None or cls is Auto:
+                raise ValueError(f"unknown member {m!r}")
+            if cls.needs_draft_model and draft_model is None:
+                continue  # no draft model given: not a candidate
+            self.candidates.append(cls.create(draft_model=draft_model, **member_options(cls.name, cfg)))
+        self.members: list[Drafter] = []
+        self.left_out: dict[str, str] = {}  # member -> why it refused the model
+        self.model = None  # the target, once bound
+        self.cost: OnlineCost | None = None
+        # counts carried across requests, one set per temperature (tenths; greedy 0): what is accepted at T = 1
+        # says little about T = 0
+        self.shared: dict[float, Acceptance] = {}
+        self.seconds: list[
+            float
+        ] = []  # per member: moving average of its propose time (shared: the machine's)
+        # per member: (gain, size) a generation starts from (None: it never ran)
+        self.gates: list[tuple[float, float] | None] = []
+        self.overhead = 0.0  # moving average of a step's time besides drafting and verification
+
+    @classmethod
+    def create(cls, draft_model=None, **options) -> Auto:
+        return cls(draft_model=draft_model, **options)
+
+    def bind(self, model) -> None:
+        self.members, self.left_out = [], {}
+        for m in self.candidates:
+            try:
+                m.bind(model)
+            except InputError as e:
+                self.left_out[m.name] = str(e)
+                LOG.info("auto: %s left out: %s", m.name, e)
+                continue
+            self.members.append(m)
+        self.model, self.cost = model, None  # measured at the first start, once the engine checked the model
+        self.shared = {}
+        self.seconds = [0.0] * len(self.members)
+        self.gates = [None] * len(self.members)
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        layers = {i for m in self.members if m.needs_hidden_states for i in m.hidden_layers()}
+        return tuple(sorted(layers))
+
+    def start(self, request: Request) -> AutoState:
+        if self.cost is None:
+            self.cost = OnlineCost(CostModel.for_model(self.model))
+        tracks = [
+            MemberTrack(m.start(request), *(gate or (0.0, 0.0)))
+            for m, gate in zip(self.members, self.gates, strict=True)
+        ]
+        params = request.params
+        key = 0.0 if params.greedy else round(float(params.temperature), 1)
+        shared = self.shared.setdefault(key, Acceptance(len(self.members)))
+        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared)
+
+    def prefilled(self, state: AutoState, hidden) -> None:
+        for m, track in zip(self.members, state.members, strict=True):
+            m.prefilled(track.state, hidden)
+
+    def release(self, state: AutoState) -> None:
+        self.gates = [
+            (t.gain, t.size) if t.ran else g for t, g in zip(state.members, self.gates, strict=True)
+        ]
+        for m, track in zip(self.members, state.members, strict=True):
+            m.release(track.state)
+
+    # -- choosing ------------------------------------------------------------------------------------------
+
+    def _plain_seconds(self) -> float:
+        assert self.cost is not None, "bind first"
+        return self.overhead + self.cost(1)
+
+    def probe_due(self, state: AutoState, i: int) -> bool:
+        """Running member i now costs at most `probe_overhead` of plain decoding's time, spread over the steps
+        since it last ran."""
+        interval = self.seconds[i] / (self.config.probe_overhead * self._plain_seconds())
+        return state.members[i].idle + 1 >= interval
+
+    def expected_rate(self, i: int, track: MemberTrack) -> float:
+        """Tokens per second member i is expected to give alone, its drafting time included."""
+        assert self.cost is not None
+        return (1.0 + track.gain) / (self.overhead + self.seconds[i] + self.cost(track.size + 1))
+
+    def should_run(self, state: AutoState, i: int, best_rate: float) -> bool:
+        """The gate of step 1 (see the module docstring); `best_rate` is what this step already offers."""
+        return self.probe_due(state, i) or self.expected_rate(i, state.members[i]) > best_rate
+
+    def propose(self, state: AutoState, context: list[int], max_depth: int) -> DraftTree:
+        assert self.cost is not None, "bind first"
+        now = time.perf_counter()
+        self._time_overhead(state, now)
+        state.step_start, state.drafting = now, 0.0
+        root = context[-1]
+        depth = min(max_depth, self.config.max_depth)
+        choice = Choice(DraftTree.root_only(root), [], 0.0)
+        if depth >= 1 and self.config.max_nodes > 0 and self.members:
+            choice = self._choose(state, context, depth)
+        self._count(state, choice)
+        state.proposed = time.perf_counter()
+        return choice.tree
+
+    def _choose(self, state: AutoState, context: list[int], depth: int) -> Choice:
+        """Steps 1-3."""
+        assert self.cost is not None
+        overhead, cap = self.overhead, self.config.max_nodes
+        union = Union(context[-1])
+        picked: list[int] = []
+        best_rate = 1.0 / (overhead + self.cost(1))  # plain decoding's
+        alone: tuple[float, int] | None = None  # (rate, member) of the best tree with q, verified alone
+        for i in sorted(range(len(self.members)), key=self.seconds.__getitem__):  # cheapest first
+            if not self.should_run(state, i, best_rate):
+                state.members[i].idle += 1
+                continue
+            tree, values = self._run(state, i, context, depth)
+            if tree.probs is None:
+                union.add(i, tree, values)
+                picked, rate = union.plan(cap, self.cost, overhead)
+            else:  # verified whole and alone; its drafting time is spent and no longer counts against it
+                rate = (1.0 + sum(values[1:])) / (overhead + self.cost(len(tree)))
+                alone = max(alone or (0.0, i), (rate, i))
+            best_rate = max(best_rate, rate)
+        if alone is not None and alone[0] >= best_rate:
+            track = state.members[alone[1]]
+            assert track.tree is not None  # it ran this step
+            return Choice(track.tree, [alone[1]], sum(track.values[1:]))
+        owners = 0
+        for k in picked:
+            owners |= union.owners[k]
+        tree = DraftTree(union.trie.tokens, union.trie.parents).subtree(picked)
+        contributors = [i for i in range(len(self.members)) if owners >> i & 1]
+        return Choice(tree, contributors, sum(union.values[k] for k in picked))
+
+    def _run(self, state: AutoState, i: int, context: list[int], depth: int) -> tuple[DraftTree, list[float]]:
+        """Member i proposes; its time, node values and own best size are recorded."""
+        assert self.cost is not None
+        track = state.members[i]
+        t0 = time.perf_counter()
+        tree = self.members[i].propose(track.state, context, depth)
+        seconds = time.perf_counter() - t0
+        state.drafting += seconds
+        self.seconds[i] = (
+            seconds if not self.seconds[i] else self.seconds[i] + TIME_EMA * (seconds - self.seconds[i])
+        )
+        factor = state.acceptance.factor
+        track.tree = tree
+        track.values = [1.0] + [min(1.0, v * factor) for v in node_values(tree, i, state.acceptance)[1:]]
+        track.idle, track.ran = 0, track.ran + 1
+        if tree.probs is None:  # what it would give alone: its best prefix
+            n, gain, _ = plan(sorted(track.values[1:], reverse=True), self.cost, self.overhead)
+        else:  # a tree with q is verified whole
+            n, gain = len(tree) - 1, sum(track.values[1:])
+        first = track.ran == 1 and self.gates[i] is None  # nothing to average with yet
+        track.gain = gain if first else track.gain + GATE_EMA * (gain - track.gain)
+        track.size = n if first else track.size + GATE_EMA * (n - track.size)
+        return tree, track.values
+
+    def _count(self, state: AutoState, choice: Choice) -> None:
+        state.steps += 1
+        state.nodes += len(choice.tree) - 1
+        state.expected += choice.expected
+        state.raw = choice.expected / state.acceptance.factor
+        if len(choice.tree) == 1:
+            state.plain += 1
+        for i in choice.members:
+            state.members[i].chosen += 1
+        if LOG.isEnabledFor(logging.DEBUG):
+            ran = [m.name for m, t in zip(self.members, state.members, strict=True) if t.tree is not None]
+            LOG.debug(
+                "step %d: ran %s; verify %d nodes from %s, expecting %.2f accepted",
+                state.steps,
+                ",".join(ran) or "-",
+                len(choice.tree) - 1,
+                ",".join(self.members[i].name for i in choice.members) or "none (plain decoding)",
+                choice.expected,
+            )
+
+    def _time_overhead(self, state: AutoState, now: float) -> None:
+        """The last step's time besides drafting and verification (engine bookkeeping, observing, choosing),
+        capped at one plain forward so that a consumer pausing the stream does not count."""
+        if state.step_start is None:
+            return
+        assert self.cost is not None
+        sample = (now - state.step_start) - state.drafting - state.verify
+        sample = min(max(sample, 0.0), self.cost(1))
+        self.overhead += TIME_EMA * (sample - self.overhead)
+
+    # -- learning ------------------------------------------------------------------------------------------
+
+    def observe(self, state: AutoState, scored: Scored) -> None:
+        assert self.cost is not None
+        verify = time.perf_counter() - state.proposed
+        n = len(scored.tree)
+        predicted = self.cost(n)
+        state.cost_error += abs(verify - predicted) / predicted
+        state.timed += 1
+        state.verify = verify
+        self.cost.update(n, verify)
+        emitted = scored.verdict.tokens
+        state.accepted += scored.verdict.accepted_drafts
+        if state.raw > 0:
+            state.acceptance.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.memory)
+            state.shared.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.shared_memory)
+        cfg = self.config
+        for i, (m, track) in enumerate(zip(self.members, state.members, strict=True)):
+            m.observe(track.state, scored)  # chosen or not: some members learn from every verification
+            if track.tree is not None:
+                for depth, rank, hit in trials(track.tree, emitted):
+                    state.acceptance.record(i, depth, rank, hit, cfg.memory)
+                    state.shared.record(i, depth, rank, hit, cfg.shared_memory)
+                track.tree = None
+
+    def report(self, state: AutoState) -> dict[str, Any]:
+        assert self.cost is not None
+        steps = max(1, state.steps)
+        return {
+            "steps": state.steps,
+            "chosen": {m.name: t.chosen for m, t in zip(self.members, state.members, strict=True)}
+            | {"none": state.plain},
+            "ran": {m.name: t.ran for m, t in zip(self.members, state.members, strict=True)},
+            "mean_tree_nodes": state.nodes / steps,
+            "expected_accepted": round(
+                state.expected, 2
+            ),  # vs accepted: how well the estimates are calibrated
+            "accepted": state.accepted,
+            "calibration": round(state.acceptance.factor, 3),
+            "cost_model": self.cost.report()
+            | {"mean_relative_error": state.cost_error / max(1, state.timed)},
+            "step_overhead_ms": round(self.overhead * 1e3, 3),
+            "left_out": dict(self.left_out),
+        }
+
+
+def trials(tree: DraftTree, emitted: list[int]):
+    """(depth, rank, hit) for every child of a node on the true path, at the depths the truth is known for
+    (the emitted tokens: accepted drafts, then the target's own)."""
+    node = 0
+    for depth, token in enumerate(emitted):
+        nxt = None
+        for rank, child in enumerate(tree.children[node]):
+            hit = tree.tokens[child] == token
+            yield depth, rank, hit
+            if hit:
+                nxt = child
+        if nxt is None:
+            return
+        node = nxt
