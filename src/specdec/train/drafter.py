@@ -38,12 +38,10 @@ from specdec.errors import InputError
 # Features on disk
 # ----------------------------------------------------------------------------------------------------------
 
-FEATURE_ARRAYS = ("ids", "aux", "final", "top")
-
 
 @dataclass
 class FeatureSpec:
-    seq_len: int  # window length the target reads; also the head's training sequence length
+    seq_len: int  # window length the target reads (the head trains on segments of it: segment_len)
     n_seqs: int
     hidden_size: int
     aux_layer_ids: list[int]  # HF output_hidden_states indices == vLLM eagle_aux_hidden_state_layer_ids
@@ -54,7 +52,7 @@ class FeatureStore:
     """Memory-mapped per-window arrays: ids [N, S] int32, aux [N, S, 3H], final [N, S, H], top [N, S] int32.
 
     `done` (in meta.json, written after each flush) counts the windows already written, so an interrupted
-    extraction resumes at the next window.
+    extraction resumes at the next window; `limit` <= done is how many of them training uses.
     """
 
     def __init__(self, root: Path, spec: FeatureSpec | None = None):
@@ -655,6 +653,7 @@ def train_head(
             outs = draft_logits(method, head, b, depth)
             losses, accs = ttt_losses(outs, labels, b["top"], teacher)
             loss = sum(w * lk for w, lk in zip(weights, losses, strict=True)) / sum(weights)
+            assert isinstance(loss, torch.Tensor)  # depth >= 1 losses: a sum of tensors
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.grad_clip)
