@@ -36,7 +36,8 @@ def test_medusa_learns_which_ranks_are_right():
     prompt = [1, 2, 3, 1, 2]
     out = dec.generate(prompt, max_new_tokens=40, ignore_eos=True)
     assert out.token_ids == tiny.hf_greedy(model, prompt, 40)
-    assert out.stats.mean_accepted_tokens > 1.2  # drafts are accepted (the template's ranks are the right ones)
+    # drafts are accepted: the template's ranks are the right ones
+    assert out.stats.mean_accepted_tokens > 1.2
     # every step but the last (one token left: nothing to draft) recorded head 0's truth
     assert drafter.trials[0] == out.stats.target_forwards - 1 and drafter.hits[0].sum() == drafter.trials[0]
     measured = drafter.acceptance()[0]
