@@ -169,10 +169,10 @@ class Holdout(Auto):
         super().__init__(**options)
         self.held, self.hold = held, hold
 
-    def should_run(self, state, i, best_rate) -> bool:
+    def should_run(self, state, i) -> bool:
         if self.members[i].name == self.held:
             return state.steps >= self.hold
-        return super().should_run(state, i, best_rate)
+        return super().should_run(state, i)
 
 
 def spy_propose(member: Drafter, snapshot=lambda state: None) -> list:
@@ -252,7 +252,7 @@ def test_a_sampled_draft_is_verified_alone_and_point_masses_are_merged(monkeypat
     choices = []
     count = auto._count
     monkeypatch.setattr(auto, "_count", lambda state, choice: (choices.append(choice), count(state, choice)))
-    monkeypatch.setattr(auto, "should_run", lambda state, i, best: True)  # every member, every step
+    monkeypatch.setattr(auto, "should_run", lambda state, i: True)  # every member, every step
     for seed in range(3):
         dec.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, seed=seed)
     draft = [m.name for m in auto.members].index("draft")
@@ -269,7 +269,7 @@ class RandomGate(Auto):
         super().__init__(**options)
         self.rng = random.Random(0)
 
-    def should_run(self, state, i, best_rate) -> bool:
+    def should_run(self, state, i) -> bool:
         return self.rng.random() < 0.5
 
 

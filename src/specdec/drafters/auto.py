@@ -51,9 +51,9 @@ DEPTHS = 16  # depths estimated separately (deeper nodes share the last cell)
 RANKS = 8  # sibling ranks estimated separately (later siblings share the last cell)
 PRIOR_TRIALS = 2.0  # pseudo-trials behind a cell's prior (see `Acceptance.table`)
 PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned; a later sibling r: / (r + 1)
-GATE_EMA = 0.2  # weight of the newest step in a member's expected gain and size when it runs alone
+GATE_EMA = 0.2  # weight of the newest step in a member's lift
 TIME_EMA = 0.1  # weight of the newest step in measured times
-CALIBRATION_PRIOR = 2.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
+CALIBRATION_PRIOR = 8.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
 CALIBRATION_RANGE = (0.1, 2.0)  # the factor's bounds
 
 
@@ -92,8 +92,9 @@ def member_options(name: str, config: AutoConfig) -> dict:
 
 
 class Acceptance:
-    """Discounted counts per (member, depth, sibling rank) of how often a drafted node was the next token when
-    its parent was, and the rates they give (`table`)."""
+    """Discounted counts per (cells, depth, sibling rank) of how often a drafted node was the next token when
+    its parent was, and the rates they give (`table`). Member i has cells 2i and 2i + 1 (`MemberTrack.streak`).
+    The drafter's shared sets also keep the calibration `factor`."""
 
     def __init__(self, members: int) -> None:
         self.hits = [[[0.0] * RANKS for _ in range(DEPTHS)] for _ in range(members)]
@@ -116,22 +117,24 @@ class Acceptance:
         self.expected = memory * self.expected + expected
         self.accepted = memory * self.accepted + accepted
 
-    def table(self, member: int) -> list[list[float]]:
-        """rates[depth][rank], depth 0 being the root's children. A cell's rate is its hits over its trials
-        with PRIOR_TRIALS pseudo-trials at the rate of the same rank one level up (at depth 0: PRIOR_RATE /
-        (rank + 1)): a deep cell seldom reached borrows what its member does one level up, which tells more
-        than a fixed guess (copying continues once it started; at a high temperature little is accepted at any
-        depth)."""
+    def table(self, member: int, depth: int = DEPTHS) -> list[list[float]]:
+        """rates[d][rank] for d < depth at least (d = 0: the root's children). A cell's rate is its hits over
+        its trials with PRIOR_TRIALS pseudo-trials at the rate of the same rank one level up (at depth 0:
+        PRIOR_RATE / (rank + 1)): a deep cell seldom reached borrows what its member does one level up, which
+        tells more than a fixed guess (copying continues once it started; at a high temperature little is
+        accepted at any depth). Rows are computed as far down as asked, and kept until the next `record`."""
         rates = self.tables[member]
         if rates is None:
-            rates, above = [], [PRIOR_RATE / (r + 1) for r in range(RANKS)]
-            for hits, trials in zip(self.hits[member], self.trials[member], strict=True):
-                above = [
+            rates = self.tables[member] = []
+        while len(rates) < min(depth, DEPTHS):
+            above = rates[-1] if rates else [PRIOR_RATE / (r + 1) for r in range(RANKS)]
+            hits, trials = self.hits[member][len(rates)], self.trials[member][len(rates)]
+            rates.append(
+                [
                     (h + PRIOR_TRIALS * a) / (t + PRIOR_TRIALS)
                     for h, t, a in zip(hits, trials, above, strict=True)
                 ]
-                rates.append(above)
-            self.tables[member] = rates
+            )
         return rates
 
     def record(self, member: int, depth: int, rank: int, hit: bool, memory: float) -> None:
@@ -150,16 +153,16 @@ class Acceptance:
                     if t > 0:
                         scale = min(1.0, weight / t)
                         new.hits[m][d][r], new.trials[m][d][r] = h * scale, t * scale
-        scale = min(1.0, weight / self.expected) if self.expected > 0 else 1.0
-        new.accepted, new.expected = self.accepted * scale, self.expected * scale
         return new
 
 
 def node_values(tree: DraftTree, member: int, acceptance: Acceptance) -> list[float]:
     """Per node: the estimated chance that it is accepted (product of its path's cell rates); root 1."""
     values = [1.0] * len(tree)
-    rates = acceptance.table(member)
+    rates = acceptance.table(member, tree.depth)
     for parent, children in enumerate(tree.children):
+        if not children:
+            continue
         row = rates[min(tree.depths[parent], DEPTHS - 1)]
         for rank, child in enumerate(children):
             values[child] = values[parent] * row[min(rank, RANKS - 1)]
@@ -215,6 +218,19 @@ class Union:
         return order[:n], rate
 
 
+class StepCost:
+    """cost(k) for integer k, each computed once per step (plans ask for the same sizes again and again)."""
+
+    def __init__(self, cost: OnlineCost) -> None:
+        self.cost, self.known = cost, [0.0]
+
+    def __call__(self, k: int) -> float:
+        known = self.known
+        while len(known) <= k:
+            known.append(self.cost(len(known)))
+        return known[k]
+
+
 @dataclass
 class Choice:
     """One step's decision."""
@@ -229,11 +245,16 @@ class MemberTrack:
     """One member within one generation."""
 
     state: Any  # the member's own per-generation state
-    gain: float  # expected accepted drafts of its own tree at its own best size (moving average over runs)
-    size: float  # that best size (moving average)
+    # moving average of the factor by which running it raised the step's expected tokens per second, over the
+    # other members' trees it was run after (1: no help; None: not measured yet)
+    lift: float | None
     tree: DraftTree | None = None  # this step's proposal (None: it did not run)
     values: list[float] = field(default_factory=list)
+    cell: int = 0  # the cells (see `Acceptance`) its proposal this step was valued with
     idle: int = 1 << 30  # steps since it last ran (a new member is due at once)
+    # 1 when the first token of its last proposal was right: acceptance comes in runs (a copied block), so each
+    # member has two sets of cells, one for each case
+    streak: int = 0
     ran: int = 0  # steps it ran in
     chosen: int = 0  # steps in which the verified tree held one of its nodes
 
@@ -283,11 +304,8 @@ class Auto(Drafter):
         # counts carried across requests, one set per temperature (tenths; greedy 0): what is accepted at T = 1
         # says little about T = 0
         self.shared: dict[float, Acceptance] = {}
-        self.seconds: list[
-            float
-        ] = []  # per member: moving average of its propose time (shared: the machine's)
-        # per member: (gain, size) a generation starts from (None: it never ran)
-        self.gates: list[tuple[float, float] | None] = []
+        self.seconds: list[float] = []  # per member: moving average of its propose time (the machine's)
+        self.lifts: list[float | None] = []  # per member: the lift a generation starts from (None: never ran)
         self.overhead = 0.0  # moving average of a step's time besides drafting and verification
 
     @classmethod
@@ -307,7 +325,7 @@ class Auto(Drafter):
         self.model, self.cost = model, None  # measured at the first start, once the engine checked the model
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
-        self.gates = [None] * len(self.members)
+        self.lifts = [None] * len(self.members)
 
     def hidden_layers(self) -> tuple[int, ...]:
         layers = {i for m in self.members if m.needs_hidden_states for i in m.hidden_layers()}
@@ -317,12 +335,11 @@ class Auto(Drafter):
         if self.cost is None:
             self.cost = OnlineCost(CostModel.for_model(self.model))
         tracks = [
-            MemberTrack(m.start(request), *(gate or (0.0, 0.0)))
-            for m, gate in zip(self.members, self.gates, strict=True)
+            MemberTrack(m.start(request), lift) for m, lift in zip(self.members, self.lifts, strict=True)
         ]
         params = request.params
         key = 0.0 if params.greedy else round(float(params.temperature), 1)
-        shared = self.shared.setdefault(key, Acceptance(len(self.members)))
+        shared = self.shared.setdefault(key, Acceptance(2 * len(self.members)))
         return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared)
 
     def prefilled(self, state: AutoState, hidden) -> None:
@@ -330,9 +347,7 @@ class Auto(Drafter):
             m.prefilled(track.state, hidden)
 
     def release(self, state: AutoState) -> None:
-        self.gates = [
-            (t.gain, t.size) if t.ran else g for t, g in zip(state.members, self.gates, strict=True)
-        ]
+        self.lifts = [t.lift if t.ran else lift for t, lift in zip(state.members, self.lifts, strict=True)]
         for m, track in zip(self.members, state.members, strict=True):
             m.release(track.state)
 
@@ -348,14 +363,12 @@ class Auto(Drafter):
         interval = self.seconds[i] / (self.config.probe_overhead * self._plain_seconds())
         return state.members[i].idle + 1 >= interval
 
-    def expected_rate(self, i: int, track: MemberTrack) -> float:
-        """Tokens per second member i is expected to give alone, its drafting time included."""
-        assert self.cost is not None
-        return (1.0 + track.gain) / (self.overhead + self.seconds[i] + self.cost(track.size + 1))
-
-    def should_run(self, state: AutoState, i: int, best_rate: float) -> bool:
-        """The gate of step 1 (see the module docstring); `best_rate` is what this step already offers."""
-        return self.probe_due(state, i) or self.expected_rate(i, state.members[i]) > best_rate
+    def should_run(self, state: AutoState, i: int) -> bool:
+        """The gate of step 1: a probe is due, or running member i is expected to raise the step's tokens per
+        second by more than its drafting time adds to the step (its lift exceeds 1 + seconds / step)."""
+        lift = state.members[i].lift
+        worth = lift is not None and lift > 1.0 + self.seconds[i] / self._plain_seconds()
+        return worth or self.probe_due(state, i)
 
     def propose(self, state: AutoState, context: list[int], max_depth: int) -> DraftTree:
         assert self.cost is not None, "bind first"
@@ -375,21 +388,25 @@ class Auto(Drafter):
         """Steps 1-3."""
         assert self.cost is not None
         overhead, cap = self.overhead, self.config.max_nodes
+        cost = StepCost(self.cost)
         union = Union(context[-1])
         picked: list[int] = []
         best_rate = 1.0 / (overhead + self.cost(1))  # plain decoding's
         alone: tuple[float, int] | None = None  # (rate, member) of the best tree with q, verified alone
         for i in sorted(range(len(self.members)), key=self.seconds.__getitem__):  # cheapest first
-            if not self.should_run(state, i, best_rate):
-                state.members[i].idle += 1
+            track = state.members[i]
+            if not self.should_run(state, i):
+                track.idle += 1
                 continue
             tree, values = self._run(state, i, context, depth)
             if tree.probs is None:
                 union.add(i, tree, values)
-                picked, rate = union.plan(cap, self.cost, overhead)
+                picked, rate = union.plan(cap, cost, overhead)
             else:  # verified whole and alone; its drafting time is spent and no longer counts against it
                 rate = (1.0 + sum(values[1:])) / (overhead + self.cost(len(tree)))
                 alone = max(alone or (0.0, i), (rate, i))
+            lift = max(rate, best_rate) / best_rate  # what running it added to this step's tokens per second
+            track.lift = lift if track.lift is None else track.lift + GATE_EMA * (lift - track.lift)
             best_rate = max(best_rate, rate)
         if alone is not None and alone[0] >= best_rate:
             track = state.members[alone[1]]
@@ -403,34 +420,28 @@ class Auto(Drafter):
         return Choice(tree, contributors, sum(union.values[k] for k in picked))
 
     def _run(self, state: AutoState, i: int, context: list[int], depth: int) -> tuple[DraftTree, list[float]]:
-        """Member i proposes; its time, node values and own best size are recorded."""
-        assert self.cost is not None
+        """Member i proposes; its time and node values are recorded."""
         track = state.members[i]
         t0 = time.perf_counter()
         tree = self.members[i].propose(track.state, context, depth)
         seconds = time.perf_counter() - t0
         state.drafting += seconds
-        self.seconds[i] = (
-            seconds if not self.seconds[i] else self.seconds[i] + TIME_EMA * (seconds - self.seconds[i])
-        )
-        factor = state.acceptance.factor
-        track.tree = tree
-        track.values = [1.0] + [min(1.0, v * factor) for v in node_values(tree, i, state.acceptance)[1:]]
+        if track.ran or not self.seconds[i]:  # a generation's first call also indexes the prompt: not typical
+            old = self.seconds[i]
+            self.seconds[i] = old + TIME_EMA * (seconds - old) if old else seconds
+        track.tree, track.values, track.cell = tree, [1.0], 2 * i + track.streak
+        if len(tree) > 1:
+            factor = state.shared.factor
+            values = node_values(tree, track.cell, state.acceptance)
+            track.values += [min(1.0, v * factor) for v in values[1:]]
         track.idle, track.ran = 0, track.ran + 1
-        if tree.probs is None:  # what it would give alone: its best prefix
-            n, gain, _ = plan(sorted(track.values[1:], reverse=True), self.cost, self.overhead)
-        else:  # a tree with q is verified whole
-            n, gain = len(tree) - 1, sum(track.values[1:])
-        first = track.ran == 1 and self.gates[i] is None  # nothing to average with yet
-        track.gain = gain if first else track.gain + GATE_EMA * (gain - track.gain)
-        track.size = n if first else track.size + GATE_EMA * (n - track.size)
         return tree, track.values
 
     def _count(self, state: AutoState, choice: Choice) -> None:
         state.steps += 1
         state.nodes += len(choice.tree) - 1
         state.expected += choice.expected
-        state.raw = choice.expected / state.acceptance.factor
+        state.raw = choice.expected / state.shared.factor
         if len(choice.tree) == 1:
             state.plain += 1
         for i in choice.members:
@@ -470,15 +481,16 @@ class Auto(Drafter):
         emitted = scored.verdict.tokens
         state.accepted += scored.verdict.accepted_drafts
         if state.raw > 0:
-            state.acceptance.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.memory)
             state.shared.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.shared_memory)
         cfg = self.config
-        for i, (m, track) in enumerate(zip(self.members, state.members, strict=True)):
+        for m, track in zip(self.members, state.members, strict=True):
             m.observe(track.state, scored)  # chosen or not: some members learn from every verification
             if track.tree is not None:
                 for depth, rank, hit in trials(track.tree, emitted):
-                    state.acceptance.record(i, depth, rank, hit, cfg.memory)
-                    state.shared.record(i, depth, rank, hit, cfg.shared_memory)
+                    state.acceptance.record(track.cell, depth, rank, hit, cfg.memory)
+                    state.shared.record(track.cell, depth, rank, hit, cfg.shared_memory)
+                first = track.tree.children[0]
+                track.streak = int(bool(emitted) and any(track.tree.tokens[c] == emitted[0] for c in first))
                 track.tree = None
 
     def report(self, state: AutoState) -> dict[str, Any]:
@@ -494,7 +506,7 @@ class Auto(Drafter):
                 state.expected, 2
             ),  # vs accepted: how well the estimates are calibrated
             "accepted": state.accepted,
-            "calibration": round(state.acceptance.factor, 3),
+            "calibration": round(state.shared.factor, 3),
             "cost_model": self.cost.report()
             | {"mean_relative_error": state.cost_error / max(1, state.timed)},
             "step_overhead_ms": round(self.overhead * 1e3, 3),
