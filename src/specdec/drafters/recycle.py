@@ -191,18 +191,26 @@ class TokenRecycling(Drafter):
         """Learn from any scored tree, not only ours (merge hands us the merged one)."""
         tree, verdict, logits = scored.tree, scored.verdict, scored.logits  # logits: [N, V]
         self._ensure_table(logits.shape[-1])
-        table, seen, _, _ = self._learned()
-        tokens = torch.tensor(tree.tokens)  # [N]
-        self._measure(tokens, verdict)  # before the update: with the rows this step drafted from
-        n = len(tree.tokens)
-        # A token at several nodes gets one row: the accepted node's if any, else the last node's.
-        key = torch.arange(n)
-        key[verdict.accepted_nodes] += n
-        same = tokens[:, None] == tokens[None, :]  # [N, N]
-        keep = ~(same & (key[None, :] > key[:, None])).any(dim=1)
-        top = logits[keep].topk(table.shape[1], dim=-1).indices  # [kept, width]
-        table[tokens[keep]] = top.to(torch.int32)
-        seen[tokens[keep]] = True
+        table, seen, hits, trials = self._learned()
+        if len(tree) == 1:  # a plain step (auto's, when no tree pays): one row, nothing to dedupe; 4x cheaper
+            root, truth = tree.tokens[0], verdict.tokens[0]
+            trials[0] += 1
+            if seen[root]:
+                hits[0] += table[root] == truth
+            table[root] = logits[0].topk(table.shape[1]).indices.to(torch.int32)
+            seen[root] = True
+        else:
+            tokens = torch.tensor(tree.tokens)  # [N]
+            self._measure(tokens, verdict)  # before the update: with the rows this step drafted from
+            n = len(tree.tokens)
+            # A token at several nodes gets one row: the accepted node's if any, else the last node's.
+            key = torch.arange(n)
+            key[verdict.accepted_nodes] += n
+            same = tokens[:, None] == tokens[None, :]  # [N, N]
+            keep = ~(same & (key[None, :] > key[:, None])).any(dim=1)
+            top = logits[keep].topk(table.shape[1], dim=-1).indices  # [kept, width]
+            table[tokens[keep]] = top.to(torch.int32)
+            seen[tokens[keep]] = True
         self.steps += 1
         if self.config.adapt_every and self.steps % self.config.adapt_every == 0:
             self._set_template()
