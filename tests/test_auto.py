@@ -142,10 +142,10 @@ def test_a_member_not_worth_running_is_still_probed_now_and_then():
     with_cost(auto, STEEP)
     state = auto.start(Request([1, 2, 3], SamplingParams(), torch.Generator()))
     assert auto.probe_due(state, 0)  # nothing is known about a new member: it runs at once
-    auto.seconds[0] = 1e-3  # as slow as a plain step: a probe may cost 0.5% of the time, so every 200 steps
-    state.members[0].idle = 198
+    auto.seconds[0] = 1e-3  # as slow as a plain step: a probe may cost 0.2% of the time, so every 500 steps
+    state.members[0].idle = 490
     assert not auto.probe_due(state, 0)
-    state.members[0].idle = 199
+    state.members[0].idle = 510
     assert auto.probe_due(state, 0)
 
 

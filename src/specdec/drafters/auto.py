@@ -68,7 +68,7 @@ class AutoConfig:
     memory: float = 0.95  # discount per trial of this generation's counts: about the last 20 trials per cell
     shared_memory: float = 0.99  # the same for the counts carried across requests
     warm_weight: float = 8.0  # most pseudo-trials per cell a generation starts with from the shared counts
-    probe_overhead: float = 0.005  # share of plain decoding's time a member not worth running may still cost
+    probe_overhead: float = 0.002  # share of plain decoding's time a member not worth running may still cost
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_depth"):
@@ -399,7 +399,9 @@ class Auto(Drafter):
                 track.idle += 1
                 continue
             tree, values = self._run(state, i, context, depth)
-            if tree.probs is None:
+            if len(tree) == 1:  # nothing to offer (no match, say): no help this step
+                rate = best_rate
+            elif tree.probs is None:
                 union.add(i, tree, values)
                 picked, rate = union.plan(cap, cost, overhead)
             else:  # verified whole and alone; its drafting time is spent and no longer counts against it
@@ -412,6 +414,8 @@ class Auto(Drafter):
             track = state.members[alone[1]]
             assert track.tree is not None  # it ran this step
             return Choice(track.tree, [alone[1]], sum(track.values[1:]))
+        if not picked:
+            return Choice(DraftTree.root_only(context[-1]), [], 0.0)
         owners = 0
         for k in picked:
             owners |= union.owners[k]
