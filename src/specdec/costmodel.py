@@ -76,16 +76,18 @@ class CostModel:
         runner = ModelRunner(model)
         with torch.inference_mode():
             runner.start([(7 * i + 1) % vocab for i in range(past)], past + max(sizes) + 1)
+            cache = runner.cache
+            assert cache is not None  # start() made it
             trees = {n: _binary_tree(n, vocab) for n in sizes}
             runner.score(trees[min(sizes)])  # warm-up (first-call allocations)
-            runner.cache.crop(past)
+            cache.crop(past)
             samples: dict[int, list[float]] = {n: [] for n in sizes}
             for _ in range(repeats):  # round robin: a burst of other load hits one sample of each size, not
                 for n in sizes:  # every sample of one size (which the median could not undo)
                     start = time.perf_counter()
                     runner.score(trees[n])
                     samples[n].append(time.perf_counter() - start)
-                    runner.cache.crop(past)
+                    cache.crop(past)
             times = [statistics.median(samples[n]) for n in sizes]
         return cls.fit(sizes, times)
 

@@ -13,7 +13,7 @@ state, the RNG, the output) is local to `Engine.run`, so one engine can run inte
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -163,7 +163,7 @@ class Engine:
     def max_positions(self) -> int | None:
         return ModelRunner(self.model).max_positions
 
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[Step]:
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> Generator[Step, None, None]:
         """Yields a `Step` after every target forward; the last one carries the finished `Generation`."""
         params.validate()
         if not prompt_ids:
