@@ -13,6 +13,7 @@ is the table above, for when measuring is not wanted. `CostModel.for_model` meas
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import weakref
@@ -123,7 +124,8 @@ class CostModel:
         return best
 
 
-REFINE_RATE = 0.05  # weight of one measured forward in the anchor sizes around it (about 20 steps of memory)
+REFINE_RATE = 0.1  # weight of one timed forward (in log space): about 10 steps of memory
+REFINE_LOCAL = 0.2  # the share of a surprise that reshapes the curve near its size; the rest scales all sizes
 REFINE_CLIP = 2.0  # a measurement counts at most this factor away from the prediction: one stall (a GC pause,
 # another job's burst) must not move the curve far, a lasting change still does within a few dozen steps
 
@@ -131,17 +133,20 @@ REFINE_CLIP = 2.0  # a measurement counts at most this factor away from the pred
 class OnlineCost:
     """A measured `CostModel`, refined by the forward times seen while decoding.
 
-    The measurement at bind can be wrong for the rest of the run: taken while another job was busy, or the
-    machine's load changed since (docs/methods.md, The cost model). Every verification of n tree tokens, timed
-    by its caller, moves the two measured sizes around n toward what it took (each by its interpolation weight
-    times `rate`), and the curve is refitted monotone: the sizes in use get their current cost, the others keep
-    the measured shape.
+    The measurement can be wrong for the rest of the run: taken while another job was busy, the machine's load
+    changed since (docs/methods.md, The cost model), or the requests' contexts are longer than the 64 tokens it
+    was measured after (every forward then costs more: 1.7x for 1 token and 1.5x for 16 at 1500 tokens on the
+    shipped target). Such changes move every size alike, while decoding times only the sizes it uses (mostly
+    small ones): so most of each surprise (log of measured / predicted, times `rate`) scales the whole curve,
+    and a `REFINE_LOCAL` share moves the measured sizes around n, which fixes a shape the measurement got
+    wrong without letting the sizes in use drift away from the ones not in use.
     """
 
     def __init__(self, base: CostModel, rate: float = REFINE_RATE) -> None:
         self.base = base
         self.rate = rate
-        self.anchors = list(base.seconds)  # refined seconds per measured size, before the monotone fit
+        self.scale = 1.0  # the whole curve's factor
+        self.anchors = list(base.seconds)  # the measured sizes' seconds, reshaped, before `scale`
         self.model = base  # the current fit
 
     def __call__(self, n: float) -> float:
@@ -149,8 +154,10 @@ class OnlineCost:
 
     def update(self, n: int, seconds: float) -> None:
         """One verification of `n` tree tokens (root included) took `seconds`."""
-        predicted = self.model(n)
-        seconds = min(max(seconds, predicted / REFINE_CLIP), predicted * REFINE_CLIP)
+        if self.rate == 0 or seconds <= 0:
+            return
+        surprise = math.log(min(max(seconds / self.model(n), 1 / REFINE_CLIP), REFINE_CLIP))
+        self.scale *= math.exp(self.rate * (1 - REFINE_LOCAL) * surprise)
         xs = self.base.sizes
         i = bisect_left(xs, n)
         if i == 0 or i == len(xs) or xs[i] == n:  # at (or beyond) one measured size: it takes all
@@ -159,8 +166,8 @@ class OnlineCost:
             w = (n - xs[i - 1]) / (xs[i] - xs[i - 1])
             weights = [(i - 1, 1.0 - w), (i, w)]
         for j, w in weights:
-            self.anchors[j] += self.rate * w * (seconds - predicted)
-        self.model = CostModel.fit(xs, self.anchors)
+            self.anchors[j] *= math.exp(self.rate * REFINE_LOCAL * w * surprise)
+        self.model = CostModel.fit(xs, [self.scale * a for a in self.anchors])
 
     def report(self) -> dict[str, list]:
         """The fit, for stats: the measured and the current milliseconds per size."""

@@ -251,7 +251,7 @@ class MemberTrack:
     tree: DraftTree | None = None  # this step's proposal (None: it did not run)
     values: list[float] = field(default_factory=list)
     cell: int = 0  # the cells (see `Acceptance`) its proposal this step was valued with
-    idle: int = 1 << 30  # steps since it last ran (a new member is due at once)
+    idle: int = 1 << 30  # steps since it last ran
     # 1 when the first token of its last proposal was right: acceptance comes in runs (a copied block), so each
     # member has two sets of cells, one for each case
     streak: int = 0
@@ -264,6 +264,7 @@ class AutoState:
     members: list[MemberTrack]
     acceptance: Acceptance  # this generation's estimates, warm-started from the drafter's
     shared: Acceptance  # the drafter's, for this generation's temperature
+    key: float  # that temperature (tenths; greedy 0)
     steps: int = 0
     plain: int = 0  # steps that verified the root alone
     expected: float = 0.0  # accepted drafts the chosen trees were expected to give, summed (calibration)
@@ -305,7 +306,8 @@ class Auto(Drafter):
         # says little about T = 0
         self.shared: dict[float, Acceptance] = {}
         self.seconds: list[float] = []  # per member: moving average of its propose time (the machine's)
-        self.lifts: list[float | None] = []  # per member: the lift a generation starts from (None: never ran)
+        # per temperature as `shared`, per member: the lift a generation starts from (None: never ran)
+        self.lifts: dict[float, list[float | None]] = {}
         self.overhead = 0.0  # moving average of a step's time besides drafting and verification
 
     @classmethod
@@ -325,7 +327,7 @@ class Auto(Drafter):
         self.model, self.cost = model, None  # measured at the first start, once the engine checked the model
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
-        self.lifts = [None] * len(self.members)
+        self.lifts = {}
 
     def hidden_layers(self) -> tuple[int, ...]:
         layers = {i for m in self.members if m.needs_hidden_states for i in m.hidden_layers()}
@@ -334,20 +336,26 @@ class Auto(Drafter):
     def start(self, request: Request) -> AutoState:
         if self.cost is None:
             self.cost = OnlineCost(CostModel.for_model(self.model))
-        tracks = [
-            MemberTrack(m.start(request), lift) for m, lift in zip(self.members, self.lifts, strict=True)
-        ]
         params = request.params
         key = 0.0 if params.greedy else round(float(params.temperature), 1)
         shared = self.shared.setdefault(key, Acceptance(2 * len(self.members)))
-        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared)
+        lifts = self.lifts.setdefault(key, [None] * len(self.members))
+        # a member measured before waits for its next probe; a new one is tried at once
+        tracks = [
+            MemberTrack(m.start(request), lift, idle=0 if lift is not None else 1 << 30)
+            for m, lift in zip(self.members, lifts, strict=True)
+        ]
+        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared, key)
 
     def prefilled(self, state: AutoState, hidden) -> None:
         for m, track in zip(self.members, state.members, strict=True):
             m.prefilled(track.state, hidden)
 
     def release(self, state: AutoState) -> None:
-        self.lifts = [t.lift if t.ran else lift for t, lift in zip(state.members, self.lifts, strict=True)]
+        lifts = self.lifts[state.key]
+        self.lifts[state.key] = [
+            t.lift if t.ran else lift for t, lift in zip(state.members, lifts, strict=True)
+        ]
         for m, track in zip(self.members, state.members, strict=True):
             m.release(track.state)
 
