@@ -34,6 +34,7 @@ def interleaved(dec: SpecDecoder, params: dict) -> list:
             if results[i] is None:
                 step = next(run)
                 assert isinstance(step, Step)
+                assert not torch.is_inference_mode_enabled()  # no thread-local state held across a yield
                 results[i] = step.result
     return results
 

@@ -52,8 +52,13 @@ class GatedDrafter(Drafter):
 
     name = "gated"
 
-    def propose(self, context: list[int], max_depth: int) -> DraftTree:
-        assert GATE.wait(timeout=TIMEOUT)
+    def start(self, request) -> list[int]:
+        return [0]  # steps proposed so far in this generation
+
+    def propose(self, state: list[int], context: list[int], max_depth: int) -> DraftTree:
+        state[0] += 1
+        if state[0] > 1:
+            assert GATE.wait(timeout=TIMEOUT)
         return DraftTree.root_only(context[-1])
 
 

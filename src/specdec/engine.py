@@ -26,6 +26,7 @@ from specdec.models.support import check_tree_attention
 from specdec.runner import ModelRunner
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
+from specdec.tree import DraftTree
 
 
 @dataclass
@@ -175,64 +176,87 @@ class Engine:
                 f"model's context of {limit} positions"
             )
         check_tree_attention(self.model)
-        t_start = time.perf_counter()
-        stats = Stats(prompt_tokens=len(prompt_ids))
-        generator = make_generator(params.seed)
-        dist = None if params.greedy else TargetDistribution(params)
-        out = Output(self.tokenizer, prompt_ids, params, self.eos_ids)
-        drafter, layers = self.drafter, self.layers
-        target = ModelRunner(self.model)  # this generation's cache
-        state = drafter.start(Request(list(prompt_ids), params, generator))
-        context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
-
+        run = Decoding(self, prompt_ids, params)
         try:
+            # inference_mode is thread-local state: it is entered around each step's work, never held across
+            # a yield, so interleaved generations (or the caller's own torch code between steps) see none of it
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                target.reset(len(prompt_ids) + params.max_new_tokens, slack=64)
-                prefill = target.prefill(context[:-1], layers)
-                stats.verify_seconds += time.perf_counter() - t0
-                drafter.prefilled(state, prefill.hidden)
-                done = False
-                while not done:
-                    remaining = params.max_new_tokens - len(out.token_ids)  # >= 1: the bonus token fits
-                    t0 = time.perf_counter()
-                    tree = drafter.propose(state, context, remaining - 1).truncate_depth(remaining - 1)
-                    t1 = time.perf_counter()
-                    tree_start = target.length
-                    scores = target.score(tree, layers)
-                    verdict = (
-                        verify_greedy(tree, scores.logits)
-                        if dist is None
-                        else verify_sampled(tree, scores.logits, dist, generator)
-                    )
-                    target.commit(tree_start, verdict.accepted_nodes)
-                    t2 = time.perf_counter()
-                    drafter.observe(state, Scored(tree, verdict, scores.logits, scores.hidden))
-                    t3 = time.perf_counter()
-                    stats.draft_seconds += (t1 - t0) + (t3 - t2)
-                    stats.verify_seconds += t2 - t1
-                    stats.target_forwards += 1
-                    self._count_depths(stats, tree, verdict.accepted_drafts)
-                    emitted = []
-                    for tok in verdict.tokens:
-                        context.append(tok)
-                        emitted.append(tok)
-                        if out.push(tok):
-                            done = True
-                            break
-                    text = out.take_delta(final=done)
-                    if done:
-                        stats.drafter = drafter.report(state)
-                    self._finish(stats, out, t_start)
-                    result = Generation(list(out.token_ids), out.final_text(), stats) if done else None
-                    yield Step(text, emitted, stats, result)
+                run.prefill()
+            while True:
+                with torch.inference_mode():
+                    step = run.step()
+                yield step
+                if step.done:
+                    return
         finally:  # finished, failed or abandoned (a closed stream): free per-generation memory
-            target.free()
-            drafter.release(state)
+            run.close()
 
-    @staticmethod
-    def _count_depths(stats: Stats, tree, accepted: int) -> None:
-        depth = tree.depth
+
+class Decoding:
+    """One generation's state and its steps: the target's cache, the drafter's state, the RNG, the output."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.t_start = time.perf_counter()
+        self.drafter, self.layers = engine.drafter, engine.layers
+        self.stats = Stats(prompt_tokens=len(prompt_ids))
+        self.params = params
+        self.generator = make_generator(params.seed)
+        self.dist = None if params.greedy else TargetDistribution(params)
+        self.out = Output(engine.tokenizer, prompt_ids, params, engine.eos_ids)
+        self.target = ModelRunner(engine.model)  # this generation's cache
+        self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator))
+        self.context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
+
+    def prefill(self) -> None:
+        """The prompt minus its last token (the first tree's root) goes into the cache."""
+        t0 = time.perf_counter()
+        self.target.reset(len(self.context) + self.params.max_new_tokens, slack=64)
+        prefill = self.target.prefill(self.context[:-1], self.layers)
+        self.stats.verify_seconds += time.perf_counter() - t0
+        self.drafter.prefilled(self.state, prefill.hidden)
+
+    def step(self) -> Step:
+        """propose -> one target forward -> accept -> commit -> observe -> emit."""
+        stats, target, drafter, out = self.stats, self.target, self.drafter, self.out
+        remaining = self.params.max_new_tokens - len(out.token_ids)  # >= 1: the bonus token fits
+        t0 = time.perf_counter()
+        tree = drafter.propose(self.state, self.context, remaining - 1).truncate_depth(remaining - 1)
+        t1 = time.perf_counter()
+        tree_start = target.length
+        scores = target.score(tree, self.layers)
+        verdict = (
+            verify_greedy(tree, scores.logits)
+            if self.dist is None
+            else verify_sampled(tree, scores.logits, self.dist, self.generator)
+        )
+        target.commit(tree_start, verdict.accepted_nodes)
+        t2 = time.perf_counter()
+        drafter.observe(self.state, Scored(tree, verdict, scores.logits, scores.hidden))
+        t3 = time.perf_counter()
+        stats.draft_seconds += (t1 - t0) + (t3 - t2)
+        stats.verify_seconds += t2 - t1
+        stats.target_forwards += 1
+        self._count_depths(tree, verdict.accepted_drafts)
+        emitted, done = [], False
+        for tok in verdict.tokens:
+            self.context.append(tok)
+            emitted.append(tok)
+            if out.push(tok):
+                done = True
+                break
+        text = out.take_delta(final=done)
+        if done:
+            stats.drafter = drafter.report(self.state)
+        self._finish()
+        result = Generation(list(out.token_ids), out.final_text(), stats) if done else None
+        return Step(text, emitted, stats, result)
+
+    def close(self) -> None:
+        self.target.free()
+        self.drafter.release(self.state)
+
+    def _count_depths(self, tree: DraftTree, accepted: int) -> None:
+        stats, depth = self.stats, tree.depth
         stats.draft_nodes += len(tree) - 1
         while len(stats.proposed_by_depth) < depth:
             stats.proposed_by_depth.append(0)
@@ -242,11 +266,11 @@ class Engine:
         for d in range(accepted):
             stats.accepted_by_depth[d] += 1
 
-    @staticmethod
-    def _finish(stats: Stats, out: Output, t_start: float) -> None:
-        stats.new_tokens = len(out.token_ids)
+    def _finish(self) -> None:
+        stats = self.stats
+        stats.new_tokens = len(self.out.token_ids)
         stats.mean_accepted_tokens = stats.new_tokens / max(1, stats.target_forwards)
-        stats.wall_seconds = time.perf_counter() - t_start
+        stats.wall_seconds = time.perf_counter() - self.t_start
         stats.other_seconds = max(0.0, stats.wall_seconds - stats.draft_seconds - stats.verify_seconds)
         stats.tokens_per_second = stats.new_tokens / stats.wall_seconds if stats.wall_seconds else 0.0
-        stats.finish_reason = out.finish_reason
+        stats.finish_reason = self.out.finish_reason

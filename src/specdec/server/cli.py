@@ -111,8 +111,10 @@ def register(subparsers) -> None:
 
 def resolve_methods(method: str | None, methods_csv: str | None, draft: str | None) -> list[str]:
     """Loaded methods, the default first."""
+    from specdec.api import default_method
+
     listed = [m.strip() for m in (methods_csv or "").split(",") if m.strip()]
-    default = method or (listed[0] if listed else "draft" if draft else "pld")
+    default = method or (listed[0] if listed else default_method(draft is not None))
     return list(dict.fromkeys([default, *listed]))
 
 
@@ -121,24 +123,21 @@ def load_decoders(model: str, draft: str | None, methods: list[str], dtype: str)
     from specdec.api import SpecDecoder
     from specdec.drafters import REGISTRY
     from specdec.drafters import methods as known
-    from specdec.models.loading import check_same_vocabulary, load_causal_lm
+    from specdec.models.loading import draft_roles, load_models, require_draft
 
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
         raise InputError(f"unknown method {unknown[0]!r} (choose from {', '.join(known())})")
-    needs_draft = [m for m in methods if REGISTRY[m].needs_draft_model]
-    if needs_draft and draft is None and model in (None, "default"):
-        draft = "default"  # the shipped pair belongs together
-    if needs_draft and draft is None:
-        raise InputError(
-            f"the {needs_draft[0]} method needs a draft model (--draft PATH, or --draft default)"
+    wants_model, wants_head = draft_roles(methods)
+    loaded = load_models(model, draft, wants_model, dtype, draft_is_head=wants_head)
+    require_draft(methods, loaded.draft)
+    head = {"head": loaded.head} if loaded.head else {}
+    return {
+        m: SpecDecoder(
+            loaded.target, loaded.tokenizer, m, loaded.draft, **(head if REGISTRY[m].uses_head else {})
         )
-    target, tokenizer = load_causal_lm(model, "target", dtype)
-    draft_model = None
-    if draft is not None:
-        draft_model, draft_tokenizer = load_causal_lm(draft, "draft", dtype)
-        check_same_vocabulary(target, tokenizer, draft_model, draft_tokenizer)
-    return {m: SpecDecoder(target, tokenizer, m, draft_model) for m in methods}
+        for m in methods
+    }
 
 
 def listen(host: str, port: int) -> socket.socket:

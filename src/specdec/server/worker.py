@@ -1,8 +1,8 @@
 """One engine thread: generations run one at a time, in arrival order, off the event loop.
 
-The engine is not re-entrant, and its generator holds `torch.inference_mode` (thread-local state) across
-yields, so each job runs start to end on this one thread. The tokenizer is used only here too (Hugging Face
-fast tokenizers mutate shared state when called and are not safe to share across threads). Events reach the
+Each job runs start to end on this one thread: a model's forward is not safe to run from two threads at once,
+and the tokenizer is used only here too (Hugging Face fast tokenizers mutate shared state when called and are
+not safe to share across threads). Batching several generations into one step is a later change. Events reach the
 request's asyncio queue through `call_soon_threadsafe`; a request that goes away sets `cancelled`, and the
 job stops at its next step and closes the engine generator.
 """
