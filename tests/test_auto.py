@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from specdec import Drafter, DraftTree, Request, SamplingParams, SpecDecoder
+from specdec.acceptance import Verdict
 from specdec.costmodel import CostModel, OnlineCost
 from specdec.drafters.auto import DEPTHS, PRIOR_RATE, PRIOR_TRIALS, RANKS, Acceptance, Auto, plan, trials
+from specdec.drafters.base import Scored
 from specdec.drafters.draft_model import BreakEven, Calibration, DraftModel
 from specdec.drafters.eagle import Eagle
 from specdec.drafters.recycle import TokenRecycling
@@ -407,3 +409,18 @@ def test_draft_stops_at_the_break_even_point(temperature):
     assert many.stats.draft_nodes > 0 and many.stats.target_forwards < 24
     if temperature == 0:
         assert none.token_ids == many.token_ids == tiny.hf_greedy(MODEL, PROMPTS[1], 24)
+
+
+def test_draft_model_observes_a_tree_that_was_not_its_own():
+    """Emitted tokens that repeat its own fed drafts up to the bonus (another member's tree said the same):
+    the next root must still be fed, and the next chain is the draft's own continuation of the context."""
+    drafter = DraftModel(OTHER, break_even=False, adaptive=False, num_tokens=3)
+    drafter.bind(MODEL)
+    prompt = list(PROMPTS[1])
+    state = drafter.start(Request(prompt, SamplingParams(max_new_tokens=32), torch.Generator()))
+    chain = drafter.propose(state, prompt, 8).tokens[1:]
+    assert chain == tiny.hf_greedy(OTHER, prompt, 3)
+    other = DraftTree.chain(prompt[-1], [chain[0]])  # someone else's tree: one node, accepted; then chain[1]
+    drafter.observe(state, Scored(other, Verdict([0, 1], chain[:2]), torch.zeros(2, 8)))
+    context = prompt + chain[:2]
+    assert drafter.propose(state, context, 8).tokens[1:] == tiny.hf_greedy(OTHER, context, 3)

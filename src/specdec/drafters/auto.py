@@ -169,14 +169,17 @@ def node_values(tree: DraftTree, member: int, acceptance: Acceptance) -> list[fl
     return values
 
 
-def plan(values: list[float], cost, overhead: float) -> tuple[int, float, float]:
+def plan(
+    values: list[float], cost, overhead: float, tree_overhead: float | None = None
+) -> tuple[int, float, float]:
     """The choice rule. `values` are node values in descending order (a prefix is always a tree); returns
     (n, expected accepted drafts, expected tokens per second) for the best n, n = 0 being plain decoding."""
+    tree_overhead = overhead if tree_overhead is None else tree_overhead
     best, best_gain, best_rate = 0, 0.0, 1.0 / (overhead + cost(1))
     gain = 0.0
     for n, value in enumerate(values, start=1):
         gain += value
-        rate = (1.0 + gain) / (overhead + cost(n + 1))
+        rate = (1.0 + gain) / (tree_overhead + cost(n + 1))
         if rate > best_rate:
             best, best_gain, best_rate = n, gain, rate
     return best, best_gain, best_rate
@@ -211,10 +214,10 @@ class Union:
         values = self.values
         return sorted(range(1, len(values)), key=lambda i: (-values[i], depth[i], i))[:cap]
 
-    def plan(self, cap: int, cost, overhead: float) -> tuple[list[int], float]:
+    def plan(self, cap: int, cost, overhead: float, tree_overhead: float) -> tuple[list[int], float]:
         """(the nodes to verify, expected tokens per second)."""
         order = self.order(cap)
-        n, _, rate = plan([self.values[i] for i in order], cost, overhead)
+        n, _, rate = plan([self.values[i] for i in order], cost, overhead, tree_overhead)
         return order[:n], rate
 
 
@@ -275,6 +278,7 @@ class AutoState:
     drafting: float = 0.0  # members' propose time in the last step
     proposed: float = 0.0  # when the last propose ended (verification starts)
     verify: float = 0.0  # the last verification's time
+    drafted: bool = False  # the last step verified drafts
     cost_error: float = 0.0  # sum over steps of |measured - predicted| / predicted verification time
     timed: int = 0
 
@@ -308,7 +312,11 @@ class Auto(Drafter):
         self.seconds: list[float] = []  # per member: moving average of its propose time (the machine's)
         # per temperature as `shared`, per member: the lift a generation starts from (None: never ran)
         self.lifts: dict[float, list[float | None]] = {}
-        self.overhead = 0.0  # moving average of a step's time besides drafting and verification
+        # moving averages of a step's time besides drafting and verification (the engine's bookkeeping, the
+        # members' observe, choosing): a step that verifies drafts costs more here too (learning from a tree,
+        # sampling along a path), which a tree must also pay for
+        self.overhead = 0.0  # plain steps
+        self.tree_overhead = 0.0  # steps with drafts
 
     @classmethod
     def create(cls, draft_model=None, **options) -> Auto:
@@ -395,7 +403,7 @@ class Auto(Drafter):
     def _choose(self, state: AutoState, context: list[int], depth: int) -> Choice:
         """Steps 1-3."""
         assert self.cost is not None
-        overhead, cap = self.overhead, self.config.max_nodes
+        overhead, tree_overhead, cap = self.overhead, self.tree_overhead, self.config.max_nodes
         cost = StepCost(self.cost)
         union = Union(context[-1])
         picked: list[int] = []
@@ -411,9 +419,9 @@ class Auto(Drafter):
                 rate = best_rate
             elif tree.probs is None:
                 union.add(i, tree, values)
-                picked, rate = union.plan(cap, cost, overhead)
+                picked, rate = union.plan(cap, cost, overhead, tree_overhead)
             else:  # verified whole and alone; its drafting time is spent and no longer counts against it
-                rate = (1.0 + sum(values[1:])) / (overhead + self.cost(len(tree)))
+                rate = (1.0 + sum(values[1:])) / (tree_overhead + self.cost(len(tree)))
                 alone = max(alone or (0.0, i), (rate, i))
             lift = max(rate, best_rate) / best_rate  # what running it added to this step's tokens per second
             track.lift = lift if track.lift is None else track.lift + GATE_EMA * (lift - track.lift)
@@ -452,6 +460,7 @@ class Auto(Drafter):
     def _count(self, state: AutoState, choice: Choice) -> None:
         state.steps += 1
         state.nodes += len(choice.tree) - 1
+        state.drafted = len(choice.tree) > 1
         state.expected += choice.expected
         state.raw = choice.expected / state.shared.factor
         if len(choice.tree) == 1:
@@ -477,7 +486,10 @@ class Auto(Drafter):
         assert self.cost is not None
         sample = (now - state.step_start) - state.drafting - state.verify
         sample = min(max(sample, 0.0), self.cost(1))
-        self.overhead += TIME_EMA * (sample - self.overhead)
+        if state.drafted:
+            self.tree_overhead += TIME_EMA * (sample - self.tree_overhead)
+        else:
+            self.overhead += TIME_EMA * (sample - self.overhead)
 
     # -- learning ------------------------------------------------------------------------------------------
 
@@ -492,8 +504,9 @@ class Auto(Drafter):
         self.cost.update(n, verify)
         emitted = scored.verdict.tokens
         state.accepted += scored.verdict.accepted_drafts
-        if state.raw > 0:
-            state.shared.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.shared_memory)
+        # every step, drafted or not: without new evidence the factor drifts back to 1, so a low factor from
+        # a bad stretch cannot keep auto from drafting (and from measuring it again) for ever
+        state.shared.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.shared_memory)
         cfg = self.config
         for m, track in zip(self.members, state.members, strict=True):
             m.observe(track.state, scored)  # chosen or not: some members learn from every verification
@@ -521,7 +534,10 @@ class Auto(Drafter):
             "calibration": round(state.shared.factor, 3),
             "cost_model": self.cost.report()
             | {"mean_relative_error": state.cost_error / max(1, state.timed)},
-            "step_overhead_ms": round(self.overhead * 1e3, 3),
+            "step_overhead_ms": {
+                "plain": round(self.overhead * 1e3, 3),
+                "drafted": round(self.tree_overhead * 1e3, 3),
+            },
             "left_out": dict(self.left_out),
         }
 

@@ -221,12 +221,17 @@ class DraftModel(Drafter):
         return DraftTree.chain(context[-1], drafts, q)
 
     def observe(self, state: DraftState, scored: Scored) -> None:
-        """Works after any scored tree, ours or not (`auto` merges our chain or skips us for a step): our
-        drafts count as accepted as far as they agree with the emitted tokens, which keeps `fed` a prefix of
-        the context (a rejected sampled draft never equals the token emitted in its place)."""
+        """Works after any scored tree, ours or not (`auto` merges our chain, skips us for a step, or verifies
+        another tree than our sampled one): our drafts count as accepted as far as they agree with the emitted
+        tokens but the last, which keeps `fed` a prefix of the context without its last token, the next root
+        (whose logits the next step needs; a rejected sampled draft never equals the token emitted in its
+        place)."""
         emitted = scored.verdict.tokens
         accepted = 0
-        while accepted < min(len(state.drafts), len(emitted)) and state.drafts[accepted] == emitted[accepted]:
+        while (
+            accepted < min(len(state.drafts), len(emitted) - 1)
+            and state.drafts[accepted] == emitted[accepted]
+        ):
             accepted += 1
         # Keep the committed context plus the accepted drafts among those fed.
         keep = len(state.fed) - state.fed_drafts + min(accepted, state.fed_drafts)
