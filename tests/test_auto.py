@@ -271,7 +271,10 @@ def test_a_sampled_draft_is_verified_alone_and_point_masses_are_merged(monkeypat
     choices = []
     count = auto._count
     monkeypatch.setattr(auto, "_count", lambda state, choice: (choices.append(choice), count(state, choice)))
-    monkeypatch.setattr(auto, "should_run", lambda state, i: True)  # every member, every step
+    # the draft every other step, the others every step
+    monkeypatch.setattr(
+        auto, "should_run", lambda state, i: auto.members[i].name != "draft" or state.steps % 2
+    )
     for seed in range(3):
         dec.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, seed=seed)
     draft = [m.name for m in auto.members].index("draft")

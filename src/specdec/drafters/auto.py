@@ -408,10 +408,10 @@ class Auto(Drafter):
         union = Union(context[-1])
         picked: list[int] = []
         best_rate = 1.0 / (overhead + self.cost(1))  # plain decoding's
-        alone: tuple[float, int] | None = None  # (rate, member) of the best tree with q, verified alone
+        alone: int | None = None  # the member whose tree carries q: it is verified, whole and alone
         for i in sorted(range(len(self.members)), key=self.seconds.__getitem__):  # cheapest first
             track = state.members[i]
-            if not self.should_run(state, i):
+            if alone is not None or not self.should_run(state, i):
                 track.idle += 1
                 continue
             tree, values = self._run(state, i, context, depth)
@@ -420,16 +420,18 @@ class Auto(Drafter):
             elif tree.probs is None:
                 union.add(i, tree, values)
                 picked, rate = union.plan(cap, cost, overhead, tree_overhead)
-            else:  # verified whole and alone; its drafting time is spent and no longer counts against it
-                rate = (1.0 + sum(values[1:])) / (tree_overhead + self.cost(len(tree)))
-                alone = max(alone or (0.0, i), (rate, i))
-            lift = max(rate, best_rate) / best_rate  # what running it added to this step's tokens per second
+            else:  # it cannot share a trie, and drawn once it is verified (what it learns must come from its
+                # own verification: another tree's emitted token is a draw from p, not the acceptance test)
+                alone, rate = i, (1.0 + sum(values[1:])) / (tree_overhead + self.cost(len(tree)))
+            # what running it did to this step's tokens per second (a tree with q replaces the others': < 1 when
+            # they were better)
+            lift = (rate if alone == i else max(rate, best_rate)) / best_rate
             track.lift = lift if track.lift is None else track.lift + GATE_EMA * (lift - track.lift)
             best_rate = max(best_rate, rate)
-        if alone is not None and alone[0] >= best_rate:
-            track = state.members[alone[1]]
+        if alone is not None:
+            track = state.members[alone]
             assert track.tree is not None  # it ran this step
-            return Choice(track.tree, [alone[1]], sum(track.values[1:]))
+            return Choice(track.tree, [alone], sum(track.values[1:]))
         if not picked:
             return Choice(DraftTree.root_only(context[-1]), [], 0.0)
         owners = 0
