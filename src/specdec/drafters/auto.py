@@ -2,34 +2,37 @@
 
 Members are ordinary drafters (default: `pld`, `suffix`, `recycle`, plus `draft` when a draft model is given
 and `eagle` when a head exists for the model; a member that refuses the model at bind is left out). Each keeps
-its own per-generation state inside auto's. A step:
+its own per-generation state inside auto's. A step (docs/methods.md, auto):
 
-1. Run the members worth running, cheapest first (measured propose time). A member runs when a probe is due
-   (it costs so little, or has been idle so long, that running it costs at most `probe_overhead` of plain
-   decoding's time) or when the tokens per second it is expected to give alone, drafting time included, beat
-   what the trees already proposed this step offer.
+1. Run the members worth running, cheapest first (measured propose time). A member runs when its lift, the
+   factor by which running it raised a step's expected tokens per second over what the members before it
+   offered (a moving average over the steps it ran), exceeds 1 + its drafting time / a plain step's; or when
+   a probe is due: it has sat out long enough that running it costs at most `probe_overhead` of plain
+   decoding's time (so a cheap member runs nearly always, a draft model every hundred steps or so).
 2. Value every proposed node: the product, along its path, of the estimated chance that a child of that
-   member, at that depth and sibling rank, is the next token given its parent was. Point-mass trees are
-   merged into one trie (a node several members propose takes the highest value; a child never outvalues its
-   parent, so sorting by value lists parents first). A tree whose nodes carry q (`draft` under sampling)
-   cannot share a trie with others and is verified alone.
-3. Verify the n most valuable nodes, n maximising expected emitted tokens per second,
+   member, at that depth and sibling rank, is the next token given its parent was, times a calibration
+   factor (`Acceptance.factor`). Point-mass trees are merged into one trie (a node several members propose
+   takes the highest value; a child never outvalues its parent, so sorting by value lists parents first). A
+   tree whose nodes carry q (`draft` under sampling) cannot share a trie: once drawn it is verified alone.
+3. Verify the n most valuable nodes, n maximising expected emitted tokens per second (`plan`),
 
        (1 + sum of the n values) / (step overhead + cost(n + 1)),
 
-   where cost is the target's forward time per tree size (`CostModel.for_model`, measured at bind, refined
-   with every timed verification: `OnlineCost`), and the step overhead is what a step costs besides drafting
-   and verification, measured. Drafting time is spent by then and does not count. n = 0 is plain decoding.
+   where cost is the target's forward time per tree size (`CostModel.for_model`, measured at the first
+   generation, refined by every timed verification: `OnlineCost`), and the step overhead is what a step costs
+   besides drafting and verification, measured separately for plain steps and steps with drafts. Drafting
+   time is spent by then and does not count. n = 0 is plain decoding through the same engine.
 4. Every member observes every verification, chosen or not (recycle's table, eagle's feature cache, the draft
    model's cache sync need each one); the estimates learn from each member's own tree against the emitted
    tokens (`would_accept`'s walk): at each depth the truth is known for, each child of the node on the true
-   path is a trial of its (member, depth, rank) cell.
+   path is a trial of its cell.
 
-The estimates are discounted counts: this generation's (`memory`, so a copied block, then new text, shows
-within a few steps) start from the drafter's shared ones (`shared_memory`, carried across requests on
-purpose, at most `warm_weight` pseudo-trials per cell). The timing it chooses by makes `auto` not
-bit-reproducible under sampling with a seed; every emitted token still has exactly the target's distribution,
-since the verifier is lossless for any tree, and greedy output is generate()'s whatever the choice.
+The estimates are discounted counts per (member, whether its last first token was right, depth, rank):
+acceptance comes in runs (a copied block, then new text), and this generation's counts (`memory`) start from
+the drafter's shared ones (`shared_memory`, carried across requests on purpose, one set per temperature, at
+most `warm_weight` pseudo-trials per cell). The timing it chooses by makes `auto` not bit-reproducible under
+sampling with a seed; every emitted token still has exactly the target's distribution, since the verifier is
+lossless for any tree, and greedy output is generate()'s whatever the choice.
 `logging.getLogger("specdec.auto")` at DEBUG prints every step's choice; `report` gives the totals.
 """
 
@@ -100,16 +103,17 @@ class Acceptance:
         self.hits = [[[0.0] * RANKS for _ in range(DEPTHS)] for _ in range(members)]
         self.trials = [[[0.0] * RANKS for _ in range(DEPTHS)] for _ in range(members)]
         self.tables: list[list[list[float]] | None] = [None] * members  # cached rates, dropped on `record`
-        # discounted sums over the steps that drafted: the chosen trees' accepted drafts, and what the cell
-        # rates expected of them (before calibration)
+        # discounted sums over steps (plain ones only discount): the chosen trees' accepted drafts, and what
+        # the cell rates expected of them before calibration
         self.accepted = 0.0
         self.expected = 0.0
 
     @property
     def factor(self) -> float:
-        """accepted / expected: the cells' rates are each right on average, but the trees that get verified are
-        picked for their high values, and a node two members propose takes the higher one; so the sums that
-        decide are optimistic (about 1.4x at T = 1 here). Every value is multiplied by this."""
+        """accepted / expected, with CALIBRATION_PRIOR pseudo-tokens at 1: each cell's rate is right on average,
+        but the trees that get verified are picked for their high values and a node two members propose takes
+        the higher one, so the sums that decide come out optimistic (by about 1.4x at T = 1 on the shipped
+        model). Every value is multiplied by this."""
         low, high = CALIBRATION_RANGE
         return min(high, max(low, (self.accepted + CALIBRATION_PRIOR) / (self.expected + CALIBRATION_PRIOR)))
 
