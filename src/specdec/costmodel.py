@@ -138,8 +138,9 @@ class OnlineCost:
     was measured after (every forward then costs more: 1.7x for 1 token and 1.5x for 16 at 1500 tokens on the
     shipped target). Such changes move every size alike, while decoding times only the sizes it uses (mostly
     small ones): so most of each surprise (log of measured / predicted, times `rate`) scales the whole curve,
-    and a `REFINE_LOCAL` share moves the measured sizes around n, which fixes a shape the measurement got
-    wrong without letting the sizes in use drift away from the ones not in use.
+    and for a tree (n > 1) a `REFINE_LOCAL` share moves the measured sizes around n, which fixes a shape the
+    measurement got wrong without letting the sizes in use drift away from the ones not in use. (A root alone,
+    the most frequent forward, only scales: the shape is relative to it, and is refitted only when it moves.)
     """
 
     def __init__(self, base: CostModel, rate: float = REFINE_RATE) -> None:
@@ -147,16 +148,24 @@ class OnlineCost:
         self.rate = rate
         self.scale = 1.0  # the whole curve's factor
         self.anchors = list(base.seconds)  # the measured sizes' seconds, reshaped, before `scale`
-        self.model = base  # the current fit
+        self.shape = base  # the monotone fit of `anchors`
 
     def __call__(self, n: float) -> float:
-        return self.model(n)
+        return self.scale * self.shape(n)
+
+    @property
+    def model(self) -> CostModel:
+        """The current curve as a `CostModel`."""
+        return CostModel(self.shape.sizes, tuple(self.scale * t for t in self.shape.seconds))
 
     def update(self, n: int, seconds: float) -> None:
         """One verification of `n` tree tokens (root included) took `seconds`."""
         if self.rate == 0 or seconds <= 0:
             return
-        surprise = math.log(min(max(seconds / self.model(n), 1 / REFINE_CLIP), REFINE_CLIP))
+        surprise = math.log(min(max(seconds / self(n), 1 / REFINE_CLIP), REFINE_CLIP))
+        if n <= 1:
+            self.scale *= math.exp(self.rate * surprise)
+            return
         self.scale *= math.exp(self.rate * (1 - REFINE_LOCAL) * surprise)
         xs = self.base.sizes
         i = bisect_left(xs, n)
@@ -167,7 +176,7 @@ class OnlineCost:
             weights = [(i - 1, 1.0 - w), (i, w)]
         for j, w in weights:
             self.anchors[j] *= math.exp(self.rate * REFINE_LOCAL * w * surprise)
-        self.model = CostModel.fit(xs, [self.scale * a for a in self.anchors])
+        self.shape = CostModel.fit(xs, self.anchors)
 
     def report(self) -> dict[str, list]:
         """The fit, for stats: the measured and the current milliseconds per size."""

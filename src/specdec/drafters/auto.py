@@ -374,6 +374,7 @@ class Auto(Drafter):
     # -- choosing ------------------------------------------------------------------------------------------
 
     def _plain_seconds(self) -> float:
+        """A plain step's time: what running a member is weighed against."""
         assert self.cost is not None, "bind first"
         return self.overhead + self.cost(1)
 
@@ -397,9 +398,10 @@ class Auto(Drafter):
         state.step_start, state.drafting = now, 0.0
         root = context[-1]
         depth = min(max_depth, self.config.max_depth)
-        choice = Choice(DraftTree.root_only(root), [], 0.0)
         if depth >= 1 and self.config.max_nodes > 0 and self.members:
             choice = self._choose(state, context, depth)
+        else:
+            choice = Choice(DraftTree.root_only(root), [], 0.0)
         self._count(state, choice)
         state.proposed = time.perf_counter()
         return choice.tree
