@@ -66,6 +66,9 @@ class AutoConfig:
     # model joins only when one is given, one refusing the model at bind (InputError) is left out
     members: str | list = "pld,suffix,recycle,draft,eagle"
     max_nodes: int = 32  # most drafted nodes verified in one step (the cost model usually picks fewer)
+    # nodes each retrieval member offers: more than their own defaults (auto cuts), fewer than max_nodes (the
+    # steps here verified 9 nodes on average, and valuing and merging a node costs Python time every step)
+    member_nodes: int = 16
     max_depth: int = 8  # deepest node a member is asked for
     head: Any = None  # the eagle member's head (directory or Eagle3Head); None: the shipped target's, if any
     memory: float = 0.95  # discount per trial of this generation's counts: about the last 20 trials per cell
@@ -74,7 +77,7 @@ class AutoConfig:
     probe_overhead: float = 0.002  # share of plain decoding's time a member not worth running may still cost
 
     def __post_init__(self) -> None:
-        for name in ("max_nodes", "max_depth"):
+        for name in ("max_nodes", "max_depth", "member_nodes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0 (got {value!r})")
@@ -88,7 +91,7 @@ class AutoConfig:
 def member_options(name: str, config: AutoConfig) -> dict:
     """Members offer more nodes than their fixed budgets: auto picks how many are verified."""
     if name in ("pld", "suffix", "recycle"):
-        return {"max_nodes": max(1, config.max_nodes)} | ({"max_candidates": 4} if name == "pld" else {})
+        return {"max_nodes": max(1, config.member_nodes)} | ({"max_candidates": 4} if name == "pld" else {})
     if name == "eagle":
         return {"head": config.head}
     return {}
