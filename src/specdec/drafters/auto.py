@@ -56,8 +56,8 @@ PRIOR_TRIALS = 2.0  # pseudo-trials behind a cell's prior (see `Acceptance.table
 PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned; a later sibling r: / (r + 1)
 GATE_EMA = 0.2  # weight of the newest step in a member's lift
 TIME_EMA = 0.1  # weight of the newest step in measured times
-CALIBRATION_PRIOR = 8.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
-CALIBRATION_RANGE = (0.1, 2.0)  # the factor's bounds
+CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
+CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
 
 
 @dataclass
