@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -18,7 +19,17 @@ import torch
 from specdec import Drafter, DraftTree, Request, SamplingParams, SpecDecoder
 from specdec.acceptance import Verdict
 from specdec.costmodel import CostModel, OnlineCost
-from specdec.drafters.auto import DEPTHS, PRIOR_RATE, PRIOR_TRIALS, RANKS, Acceptance, Auto, plan, trials
+from specdec.drafters.auto import (
+    DEPTHS,
+    PRIOR_RATE,
+    PRIOR_TRIALS,
+    RANKS,
+    RETRY_GENERATIONS,
+    Acceptance,
+    Auto,
+    plan,
+    trials,
+)
 from specdec.drafters.base import Scored
 from specdec.drafters.draft_model import BreakEven, Calibration, DraftModel
 from specdec.drafters.eagle import Eagle
@@ -258,6 +269,30 @@ def test_recycle_left_out_keeps_learning_its_table():
     assert int(recycle.table[roots[-1], 0]) == out.token_ids[-1]  # the target's top-1 after the last root
 
 
+class Costly(Fixed):
+    """Proposes the same wrong guesses every step and takes 20 ms to observe each verification."""
+
+    def __init__(self) -> None:
+        super().__init__("costly", [[1, 2], [3]])
+        self.observed = 0
+
+    def observe(self, state, scored) -> None:
+        self.observed += 1
+        time.sleep(0.02)
+
+
+def test_a_member_that_does_not_pay_its_keep_is_benched_and_retried_later():
+    costly = Costly()
+    dec = auto_decoder(drafter=Auto(members=["pld", costly]))
+    prompt = PROMPTS[1]
+    out = dec.generate(prompt, max_new_tokens=16)
+    assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 16)
+    assert out.stats.drafter["benched"] == ["costly"] and costly.observed < 4
+    for generation in range(RETRY_GENERATIONS + 1):  # benched from the start for a while, then on trial
+        out = dec.generate(prompt, max_new_tokens=4)
+        assert out.stats.drafter["ran"]["costly"] == (generation == RETRY_GENERATIONS)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling
 
@@ -330,7 +365,9 @@ def test_stats_report_the_choices_tree_size_and_cost_fit(caplog):
     assert report["cost_model"]["sizes"] == [1, 64] and len(report["cost_model"]["current_ms"]) == 2
     assert "eagle" in report["left_out"]  # no head for this model
     assert json.loads(json.dumps(s.to_dict()))["drafter"] == report
-    steps = [r.getMessage() for r in caplog.records if r.name == "specdec.auto"]
+    steps = [
+        r.getMessage() for r in caplog.records if r.name == "specdec.auto" and ": ran " in r.getMessage()
+    ]
     assert len(steps) == s.target_forwards and steps[0].startswith("step 1: ran ")
 
 

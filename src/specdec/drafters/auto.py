@@ -56,6 +56,7 @@ PRIOR_TRIALS = 2.0  # pseudo-trials behind a cell's prior (see `Acceptance.table
 PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned; a later sibling r: / (r + 1)
 GATE_EMA = 0.2  # weight of the newest step in a member's lift
 TIME_EMA = 0.1  # weight of the newest step in measured times
+RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again after this many generations
 CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
 CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
 
@@ -262,6 +263,7 @@ class MemberTrack:
     values: list[float] = field(default_factory=list)
     cell: int = 0  # the cells (see `Acceptance`) its proposal this step was valued with
     idle: int = 1 << 30  # steps since it last ran
+    active: bool = True  # False: benched for this generation (not run, not observing; its state released)
     # 1 when the first token of its last proposal was right: acceptance comes in runs (a copied block), so each
     # member has two sets of cells, one for each case
     streak: int = 0
@@ -324,6 +326,8 @@ class Auto(Drafter):
         # sampling along a path), which a tree must also pay for
         self.overhead = 0.0  # plain steps
         self.tree_overhead = 0.0  # steps with drafts
+        self.keep: list[float] = []  # per member: moving average of its observe time, paid every step
+        self.benched: dict[float, list[int]] = {}  # per temperature, per member: generations since tried
 
     @classmethod
     def create(cls, draft_model=None, **options) -> Auto:
@@ -342,7 +346,8 @@ class Auto(Drafter):
         self.model, self.cost = model, None  # measured at the first start, once the engine checked the model
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
-        self.lifts = {}
+        self.lifts, self.benched = {}, {}
+        self.keep = [0.0] * len(self.members)
 
     def hidden_layers(self) -> tuple[int, ...]:
         layers = {i for m in self.members if m.needs_hidden_states for i in m.hidden_layers()}
@@ -355,16 +360,21 @@ class Auto(Drafter):
         key = 0.0 if params.greedy else round(float(params.temperature), 1)
         shared = self.shared.setdefault(key, Acceptance(2 * len(self.members)))
         lifts = self.lifts.setdefault(key, [None] * len(self.members))
-        # a member measured before waits for its next probe; a new one is tried at once
-        tracks = [
-            MemberTrack(m.start(request), lift, idle=0 if lift is not None else 1 << 30)
-            for m, lift in zip(self.members, lifts, strict=True)
-        ]
+        benched = self.benched.setdefault(key, [0] * len(self.members))
+        tracks = []
+        for i, (m, lift) in enumerate(zip(self.members, lifts, strict=True)):
+            trial = lift is None or benched[i] >= RETRY_GENERATIONS
+            active = trial or self.pays_its_keep(i, lift)
+            benched[i] = 0 if active else benched[i] + 1
+            # a member measured before waits for its next probe; a new one (or one on trial) is tried at once
+            idle = 1 << 30 if trial else 0
+            tracks.append(MemberTrack(m.start(request) if active else None, lift, idle=idle, active=active))
         return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared, key)
 
     def prefilled(self, state: AutoState, hidden) -> None:
         for m, track in zip(self.members, state.members, strict=True):
-            m.prefilled(track.state, hidden)
+            if track.active:
+                m.prefilled(track.state, hidden)
 
     def release(self, state: AutoState) -> None:
         lifts = self.lifts[state.key]
@@ -372,7 +382,24 @@ class Auto(Drafter):
             t.lift if t.ran else lift for t, lift in zip(state.members, lifts, strict=True)
         ]
         for m, track in zip(self.members, state.members, strict=True):
-            m.release(track.state)
+            if track.active:
+                m.release(track.state)
+
+    def pays_its_keep(self, i: int, lift: float | None) -> bool:
+        """A member whose observing costs more per step than a probe may (eagle's head runs over every
+        verified token; recycle writes rows) stays only while running it pays for its drafting and its
+        observing; the others stay anyway (they cost nothing while they sit out)."""
+        plain = self._plain_seconds()
+        if self.keep[i] <= self.config.probe_overhead * plain:
+            return True
+        return lift is None or lift > 1.0 + (self.seconds[i] + self.keep[i]) / plain
+
+    def _bench(self, state: AutoState, i: int) -> None:
+        """Out for the rest of the generation: not run, not observing (so not drafting stale), state freed."""
+        track = state.members[i]
+        track.active = False
+        self.members[i].release(track.state)
+        LOG.debug("step %d: %s benched for this generation", state.steps + 1, self.members[i].name)
 
     # -- choosing ------------------------------------------------------------------------------------------
 
@@ -420,6 +447,8 @@ class Auto(Drafter):
         alone: int | None = None  # the member whose tree carries q: it is verified, whole and alone
         for i in sorted(range(len(self.members)), key=self.seconds.__getitem__):  # cheapest first
             track = state.members[i]
+            if not track.active:
+                continue
             if alone is not None or not self.should_run(state, i):
                 track.idle += 1
                 continue
@@ -437,6 +466,8 @@ class Auto(Drafter):
             lift = (rate if alone == i else max(rate, best_rate)) / best_rate
             track.lift = lift if track.lift is None else track.lift + GATE_EMA * (lift - track.lift)
             best_rate = max(best_rate, rate)
+            if not self.pays_its_keep(i, track.lift):
+                self._bench(state, i)
         if alone is not None:
             track = state.members[alone]
             assert track.tree is not None  # it ran this step
@@ -519,8 +550,11 @@ class Auto(Drafter):
         # a bad stretch cannot keep auto from drafting (and from measuring it again) for ever
         state.shared.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.shared_memory)
         cfg = self.config
-        for m, track in zip(self.members, state.members, strict=True):
-            m.observe(track.state, scored)  # chosen or not: some members learn from every verification
+        for i, (m, track) in enumerate(zip(self.members, state.members, strict=True)):
+            if track.active:  # chosen or not: some members learn from every verification
+                t0 = time.perf_counter()
+                m.observe(track.state, scored)
+                self.keep[i] += TIME_EMA * (time.perf_counter() - t0 - self.keep[i])
             if track.tree is not None:
                 for depth, rank, hit in trials(track.tree, emitted):
                     state.acceptance.record(track.cell, depth, rank, hit, cfg.memory)
@@ -550,6 +584,7 @@ class Auto(Drafter):
                 "drafted": round(self.tree_overhead * 1e3, 3),
             },
             "left_out": dict(self.left_out),
+            "benched": [m.name for m, t in zip(self.members, state.members, strict=True) if not t.active],
         }
 
 
