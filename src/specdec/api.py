@@ -26,8 +26,10 @@ def sampling_params(**kwargs) -> SamplingParams:
 
 
 def default_method(has_draft: bool) -> str:
-    """The method used when none is named: the draft model when one was given, else prompt lookup."""
-    return "draft" if has_draft else "pld"
+    """The method used when none is named (API, CLI, server): `auto`, which picks its members and tree size
+    every step from measurements and decodes plainly when no tree pays; a given draft model is one of its
+    members (`has_draft` no longer changes the method, and stays for the callers that pass it)."""
+    return "auto"
 
 
 class Stream:
@@ -48,18 +50,22 @@ class Stream:
 class SpecDecoder:
     """Lossless speculative decoding for one causal LM.
 
-    >>> dec = SpecDecoder(model, tokenizer, method="pld")          # a model you loaded with from_pretrained
+    >>> dec = SpecDecoder(model, tokenizer)                          # method "auto"; or method="pld", ...
     >>> out = dec.generate("def fibonacci(n):", max_new_tokens=64)  # greedy: exactly model.generate()'s tokens
     >>> out.text, out.token_ids, out.stats.mean_accepted_tokens
     """
 
-    def __init__(self, model, tokenizer, method: str | Drafter = "pld", draft_model=None, **options) -> None:
+    def __init__(
+        self, model, tokenizer, method: str | Drafter | None = None, draft_model=None, **options
+    ) -> None:
         if tokenizer is None:
             raise InputError("a tokenizer is required (the model directory has none)")
         if draft_model is not None:
             from specdec.models.loading import check_same_vocabulary
 
             check_same_vocabulary(model, tokenizer, draft_model, None)
+        if method is None:
+            method = default_method(draft_model is not None)
         drafter = method if isinstance(method, Drafter) else make_drafter(method, draft_model, **options)
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.engine = Engine(model, tokenizer, drafter)
