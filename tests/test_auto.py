@@ -389,6 +389,8 @@ def test_members_follow_what_was_given():
     ]
     with pytest.raises(ValueError, match="unknown member"):
         Auto(members="pld,nonsense")
+    with pytest.raises(ValueError, match="lookahead"):  # its window must be verified whole
+        Auto(members="pld,lookahead")
 
 
 def test_warm_start_carries_at_most_warm_weight_trials_per_cell():

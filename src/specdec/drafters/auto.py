@@ -303,14 +303,20 @@ class Auto(Drafter):
         self.candidates: list[Drafter] = []
         for m in names:
             if isinstance(m, Drafter):
-                self.candidates.append(m)
-                continue
-            cls = REGISTRY.get(str(m).strip())
-            if cls is None or cls is Auto:
-                raise ValueError(f"unknown member {m!r}")
-            if cls.needs_draft_model and draft_model is None:
-                continue  # no draft model given: not a candidate
-            self.candidates.append(cls.create(draft_model=draft_model, **member_options(cls.name, cfg)))
+                drafter = m
+            else:
+                cls = REGISTRY.get(str(m).strip())
+                if cls is None or cls is Auto:
+                    raise ValueError(f"unknown member {m!r}")
+                if cls.needs_draft_model and draft_model is None:
+                    continue  # no draft model given: not a candidate
+                drafter = cls.create(draft_model=draft_model, **member_options(cls.name, cfg))
+            # A member must cope with observing trees that are not its own (merged, cut, or another's): point
+            # masses that learn from any tree, a draft model (it syncs on the emitted tokens), or a head that
+            # reads the accepted path's hidden states. `lookahead` needs its own window verified whole.
+            if not (drafter.mergeable or drafter.samples_drafts or drafter.needs_hidden_states):
+                raise ValueError(f"member {drafter.name!r} cannot observe trees other than its own")
+            self.candidates.append(drafter)
         self.members: list[Drafter] = []
         self.left_out: dict[str, str] = {}  # member -> why it refused the model
         self.model = None  # the target, once bound
