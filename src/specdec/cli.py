@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--method",
         default=None,
-        help=f"one of: {', '.join(methods())} (default: draft with --draft, else pld)",
+        help=f"one of: {', '.join(methods())} (default: auto, which picks among them every step)",
     )
     add_sampling_arguments(g)
     g.add_argument("--stop", action="append", help="stop string (repeatable); the text is cut before it")

@@ -48,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--method",
         default=None,
-        help=f"default method, one of: {', '.join(methods())} (default: draft with --draft, else pld)",
+        help=f"default method, one of: {', '.join(methods())} (default: auto, which picks among them every step)",
     )
     p.add_argument(
         "--methods",
