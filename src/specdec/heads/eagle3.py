@@ -24,7 +24,6 @@ load here. Matched against (read with the search tool; not copied):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.errors import InputError
+from specdec.heads.checkpoint import WEIGHTS_FILE, read_config, write_checkpoint
 
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")  # SGLang's name first; vLLM takes both
-WEIGHTS_FILE = "model.safetensors"
 
 
 def default_aux_layer_ids(num_layers: int) -> tuple[int, int, int]:
@@ -413,36 +412,13 @@ class Eagle3Head(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def save_head(
-    head: Eagle3Head, out_dir: Path, dtype: torch.dtype = torch.bfloat16, extra_files: dict | None = None
-) -> None:
+def save_head(head: Eagle3Head, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> None:
     """config.json + model.safetensors (float weights in `dtype`, d2t int64, t2d bool); no embedding."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
-        for k, v in head.state_dict().items()
-    }
-    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / WEIGHTS_FILE)
-    (out_dir / "config.json").write_text(json.dumps(head.config.to_json(), indent=2) + "\n")
+    write_checkpoint(head, head.config.to_json(), out_dir, dtype)
 
 
 def load_config(path: Path) -> Eagle3Config:
-    path = Path(path)
-    cfg_path = path / "config.json"
-    try:
-        data = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{str(path)!r} is not a head directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {cfg_path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{cfg_path}: not a JSON object")
-    return Eagle3Config.from_json(data, str(cfg_path))
+    return Eagle3Config.from_json(read_config(path), str(Path(path) / "config.json"))
 
 
 def load_head(path: str | Path, target=None, dtype: torch.dtype = torch.float32) -> Eagle3Head:

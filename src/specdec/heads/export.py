@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from specdec.errors import InputError
+from specdec.heads.checkpoint import read_config
 
 FORMATS = ("vllm", "sglang")
 # The architecture each engine registers for EAGLE-3 (vLLM registers both names; SGLang the first).
@@ -29,13 +30,7 @@ def head_kind(path: Path) -> str:
     from specdec.heads.eagle3 import ARCHITECTURES
     from specdec.heads.medusa import ARCHITECTURE as MEDUSA
 
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise InputError(f"{str(path)!r} is not a head directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
-    archs = config.get("architectures") or [] if isinstance(config, dict) else []
+    archs = read_config(path).get("architectures") or []
     if any(a in ARCHITECTURES for a in archs):
         return "eagle"
     if MEDUSA in archs:

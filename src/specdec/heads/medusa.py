@@ -13,7 +13,6 @@ tool; not copied): config `architectures: ["MedusaModel"]`, `hidden_size`, `voca
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.errors import InputError
+from specdec.heads.checkpoint import WEIGHTS_FILE, read_config, write_checkpoint
 
 ARCHITECTURE = "MedusaModel"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -112,18 +111,7 @@ class MedusaHeads(nn.Module):
 
 
 def save_medusa(heads: MedusaHeads, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> None:
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous()
-        for k, v in heads.state_dict().items()
-    }
-    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / WEIGHTS_FILE)
-    (out_dir / "config.json").write_text(json.dumps(heads.config.to_json(), indent=2) + "\n")
+    write_checkpoint(heads, heads.config.to_json(), out_dir, dtype)
 
 
 def load_medusa(path: Path, target=None, dtype: torch.dtype = torch.float32) -> MedusaHeads:
@@ -132,13 +120,7 @@ def load_medusa(path: Path, target=None, dtype: torch.dtype = torch.float32) -> 
     from safetensors.torch import load_file
 
     path = Path(path)
-    try:
-        data = json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        raise InputError(f"{str(path)!r} is not a head directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path / 'config.json'}: {str(e).splitlines()[0]}") from None
-    config = MedusaConfig.from_json(data, str(path / "config.json"))
+    config = MedusaConfig.from_json(read_config(path), str(path / "config.json"))
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except FileNotFoundError:
