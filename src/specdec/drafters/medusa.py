@@ -134,11 +134,12 @@ class Medusa(Drafter):
         root = context[-1]
         tpl, heads = self.template, self.heads
         assert tpl is not None and heads is not None
-        if state.hidden is None or len(tpl) == 1 or max_depth < 1:
+        if state.hidden is None or max_depth < 1:
             state.candidates = None
             return DraftTree.root_only(root)
         width = self.hits.shape[1] if self.hits is not None else self.config.width
         logits = torch.stack(heads(state.hidden))  # [K, draft_vocab]
+        # ranked even when the template is empty: the rank statistics keep learning, so it can grow again
         state.candidates = heads.draft_to_target[logits.topk(width, dim=-1).indices]  # [K, width]
         ranked = state.candidates.tolist()
         trie = Trie(root)
