@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from specdec import Drafter, DraftTree, SpecDecoder
 from specdec.runner import ModelRunner
+from specdec.runtime.native import NativeModel, NativeRunner
 
 import tiny
 
@@ -134,32 +135,44 @@ def test_eos_inside_accepted_draft_stops_there(tok):
     assert out.stats.finish_reason == "eos"
 
 
+def _kv(runtime, length: int) -> list[torch.Tensor]:
+    """Every layer's committed keys and values, whatever the runtime's cache layout."""
+    if isinstance(runtime, NativeRunner):
+        return [runtime.cache.k[:, :length], runtime.cache.v[:, :length]]
+    return [
+        t[..., :length, :] for layer in range(len(runtime.cache.layers)) for t in runtime.cache.tensors(layer)
+    ]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cache_holds_exactly_the_accepted_path(tok, arch, monkeypatch):
+@pytest.mark.parametrize("runtime", ["native", "transformers"])
+def test_cache_holds_exactly_the_accepted_path(tok, arch, runtime, monkeypatch):
     """After every commit the target's cache equals a fresh prefill of the emitted sequence (all but the
     last emitted token, which is the next tree's root)."""
+    if runtime == "native" and not NativeModel.supports(MODELS[arch]):
+        runtime = "transformers"  # gemma: the native runtime does not run it (test_native.py)
     m = MODELS[arch]
     prompt = [7, 3, 11, 19, 2]
     truth = reference(arch, tuple(prompt), 40)
     fresh = tiny.model(arch, seed=ARCHS.index(arch))
     checks = []
+    runtime_cls = NativeRunner if runtime == "native" else ModelRunner
+    commit = runtime_cls.commit
 
-    class CheckedRunner(ModelRunner):
-        def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
-            super().commit(tree_start, accepted_nodes)
-            seq = (prompt + truth)[: self.cache.length]
-            ref = ModelRunner(fresh)
-            ref.start(seq, len(seq) + 4)
-            for layer in range(m.config.num_hidden_layers):
-                k, v = self.cache.tensors(layer)
-                rk, rv = ref.cache.tensors(layer)
-                torch.testing.assert_close(k, rk, rtol=1e-9, atol=1e-9)
-                torch.testing.assert_close(v, rv, rtol=1e-9, atol=1e-9)
-            checks.append(self.cache.length)
+    def checked_commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+        commit(self, tree_start, accepted_nodes)
+        seq = (prompt + truth)[: self.length]
+        ref = NativeRunner(NativeModel(fresh)) if runtime == "native" else ModelRunner(fresh)
+        ref.start(seq, len(seq) + 4)
+        for got, want in zip(_kv(self, len(seq)), _kv(ref, len(seq)), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        checks.append(self.length)
 
-    monkeypatch.setattr("specdec.engine.ModelRunner", CheckedRunner)
     drafter = ScriptedDrafter(truth, prompt, 3, 0.8, m.config.vocab_size)
-    out = SpecDecoder(m, tok, method=drafter).generate(prompt, max_new_tokens=30)
+    dec = SpecDecoder(m, tok, method=drafter, runtime=runtime)  # its load-time check commits unchecked
+    monkeypatch.setattr(runtime_cls, "commit", checked_commit)
+    out = dec.generate(prompt, max_new_tokens=30)
+    assert out.stats.runtime == runtime
     assert out.token_ids == truth[:30]
     assert len(checks) == out.stats.target_forwards  # checked after every verification step
     # each commit keeps the prompt and every emitted token but the newest (the next root)

@@ -144,7 +144,8 @@ def test_drafters_that_need_no_hidden_states_do_not_ask_the_model_for_them(monke
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(MODEL), "forward", spy)
-    SpecDecoder(MODEL, TOKENIZER, "pld").generate(list(PROMPTS[0]), max_new_tokens=8)
+    # the transformers runtime: it is the one whose forward takes that flag
+    SpecDecoder(MODEL, TOKENIZER, "pld", runtime="transformers").generate(list(PROMPTS[0]), max_new_tokens=8)
     assert calls and not any(calls)
 
 

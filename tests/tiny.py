@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 # The tokenizer's training text must not change when specdec's code does (it once was specdec's own sources,
@@ -40,6 +42,7 @@ CORPUS = (
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "gemma": (GemmaConfig, GemmaForCausalLM),
 }

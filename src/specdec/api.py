@@ -56,8 +56,16 @@ class SpecDecoder:
     """
 
     def __init__(
-        self, model, tokenizer, method: str | Drafter | None = None, draft_model=None, **options
+        self,
+        model,
+        tokenizer,
+        method: str | Drafter | None = None,
+        draft_model=None,
+        runtime: str = "auto",
+        **options,
     ) -> None:
+        """`runtime`: "auto" (the native forward where it supports and reproduces the model, else
+        transformers'), "native" or "transformers" (see `specdec.runtime`)."""
         if tokenizer is None:
             raise InputError("a tokenizer is required (the model directory has none)")
         if draft_model is not None:
@@ -68,7 +76,7 @@ class SpecDecoder:
             method = default_method(draft_model is not None)
         drafter = method if isinstance(method, Drafter) else make_drafter(method, draft_model, **options)
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
-        self.engine = Engine(model, tokenizer, drafter)
+        self.engine = Engine(model, tokenizer, drafter, runtime)
 
     @classmethod
     def from_pretrained(
@@ -77,6 +85,7 @@ class SpecDecoder:
         draft: str | None = None,
         method: str | None = None,
         dtype: str = "float32",
+        runtime: str = "auto",
         **options,
     ) -> SpecDecoder:
         """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft)."""
@@ -91,7 +100,7 @@ class SpecDecoder:
         require_draft([method], loaded.draft)
         if loaded.head is not None:
             options.setdefault("head", loaded.head)
-        return cls(loaded.target, loaded.tokenizer, method, loaded.draft, **options)
+        return cls(loaded.target, loaded.tokenizer, method, loaded.draft, runtime, **options)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt, or a list of token ids checked against the model's vocabulary (an id

@@ -43,6 +43,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=["auto", "native", "transformers"],
+        help="what runs the target's forwards: 'native' = specdec's own fused forward (Llama, Mistral, Qwen2, "
+        "Qwen3; checked against transformers at load), 'transformers' = the model's own code; 'auto' "
+        "(default) = native where it applies, else transformers with a one-line notice",
+    )
+    p.add_argument(
         "--threads", type=positive_int, default=None, help="torch threads, >= 1 (default: torch's choice)"
     )
 
@@ -122,7 +130,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
             raise InputError(f"{where}{e}") from None
 
-    decoder = SpecDecoder.from_pretrained(args.model, draft=args.draft, method=args.method, dtype=args.dtype)
+    decoder = SpecDecoder.from_pretrained(
+        args.model, draft=args.draft, method=args.method, dtype=args.dtype, runtime=args.runtime
+    )
     as_json = args.json or args.prompts_file is not None
     for row in rows:
         where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""

@@ -18,7 +18,7 @@ import statistics
 import time
 import weakref
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from specdec.tree import DraftTree
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> CostModel
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {runtime name: CostModel}
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,15 @@ class CostModel:
 
     @classmethod
     def measure(
-        cls, model, sizes: Sequence[int] = DEFAULT_SIZES, past: int = 64, repeats: int = 3
+        cls,
+        model,
+        sizes: Sequence[int] = DEFAULT_SIZES,
+        past: int = 64,
+        repeats: int = 3,
+        runtime: Callable | None = None,
     ) -> CostModel:
-        """Time `repeats` forwards per tree size after a `past`-token prefill; the median per size is fitted."""
+        """Time `repeats` forwards per tree size after a `past`-token prefill; the median per size is fitted.
+        `runtime` makes the target runtime to time (default: transformers')."""
         from specdec.models.support import attention_window
         from specdec.runner import ModelRunner
 
@@ -74,7 +80,7 @@ class CostModel:
         limit = min(limit, window[1]) if window else limit
         past = max(1, min(past, limit - max(sizes) - 1))
         vocab = config.vocab_size
-        runner = ModelRunner(model)
+        runner = ModelRunner(model) if runtime is None else runtime()
         with torch.inference_mode():
             runner.start([(7 * i + 1) % vocab for i in range(past)], past + max(sizes) + 1)
             cache = runner.cache
@@ -95,9 +101,13 @@ class CostModel:
     @classmethod
     def for_model(cls, model) -> CostModel:
         """`measure(model)` once per model object (kept while the model lives)."""
-        if model not in _MEASURED:
-            _MEASURED[model] = cls.measure(model)
-        return _MEASURED[model]
+        from specdec.runtime import runtime_for
+
+        runtime = runtime_for(model)
+        measured = _MEASURED.setdefault(model, {})
+        if runtime.name not in measured:
+            measured[runtime.name] = cls.measure(model, runtime=runtime.new)
+        return measured[runtime.name]
 
     def __call__(self, n: float) -> float:
         """Linear between measured sizes; beyond them, the nearest segment's slope (flat below the first)."""

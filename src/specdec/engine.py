@@ -24,6 +24,7 @@ from specdec.drafters.base import Drafter, Request, Scored
 from specdec.errors import ContextLengthError, InputError
 from specdec.models.support import check_tree_attention
 from specdec.runner import ModelRunner
+from specdec.runtime import select_runtime
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
 from specdec.tree import DraftTree
@@ -44,6 +45,7 @@ class Stats:
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
     finish_reason: str = ""  # "length", "eos" or "stop"
+    runtime: str = ""  # the target runtime that ran the forwards ("native" or "transformers")
     drafter: dict[str, Any] = field(default_factory=dict)  # `Drafter.report` at the end of a generation
 
     @property
@@ -152,11 +154,13 @@ def eos_token_ids(model, tokenizer) -> set[int]:
 class Engine:
     """Target model + tokenizer + drafter. Holds no per-generation state: `run` owns all of it."""
 
-    def __init__(self, model, tokenizer, drafter: Drafter) -> None:
+    def __init__(self, model, tokenizer, drafter: Drafter, runtime: str = "auto") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.eos_ids = eos_token_ids(model, tokenizer)
+        # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards
+        self.runtime = select_runtime(model, runtime)
         drafter.bind(model)
         self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
 
@@ -198,12 +202,12 @@ class Decoding:
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
         self.t_start = time.perf_counter()
         self.drafter, self.layers = engine.drafter, engine.layers
-        self.stats = Stats(prompt_tokens=len(prompt_ids))
+        self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=engine.runtime.name)
         self.params = params
         self.generator = make_generator(params.seed)
         self.dist = None if params.greedy else TargetDistribution(params)
         self.out = Output(engine.tokenizer, prompt_ids, params, engine.eos_ids)
-        self.target = ModelRunner(engine.model)  # this generation's cache
+        self.target = engine.runtime.new()  # this generation's cache
         self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator))
         self.context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
 

@@ -36,7 +36,10 @@ class Scores:
 
 
 class ModelRunner:
-    """A causal LM plus its preallocated cache, for one generation at a time (the target, or a draft model)."""
+    """A causal LM plus its preallocated cache, for one generation at a time (the target, or a draft model).
+    As the target it is the `transformers` runtime (`specdec.runtime`)."""
+
+    name = "transformers"
 
     def __init__(self, model) -> None:
         self.model = model

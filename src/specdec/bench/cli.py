@@ -142,7 +142,9 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
     names = select_methods(args.methods, draft_model is not None)
     counter = ForwardCounter(model)
     try:
-        methods, skipped = build_methods(names, model, tokenizer, draft_model, counter, explicit)
+        methods, skipped = build_methods(
+            names, model, tokenizer, draft_model, counter, explicit, args.runtime
+        )
         if not explicit:  # say why the draft-model methods are missing
             skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
         for name, reason in skipped.items():
@@ -200,6 +202,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "top_p": params.top_p,
         "seed": params.seed,
         "dtype": args.dtype,
+        "runtime": args.runtime,
+        # what ran each method's target forwards (hf-* methods: transformers' own generate())
+        "method_runtimes": {m.name: getattr(m, "runtime", "generate()") for m in result.methods},
         "warmup_rounds": args.warmup,
         "quick": args.quick,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
@@ -209,6 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     }
     env = report.environment(model, args.model, draft_model, draft_name)
     data = report.report(result, env, settings, skipped, sampled=not params.greedy)
+    runtimes = ", ".join(f"{name}: {rt}" for name, rt in settings["method_runtimes"].items())
+    print(f"target runtime per method: {runtimes}")
     print(report.table(data["results"], data["overall"]))
     for m in result.mismatches:
         print(report.describe_mismatch(m, tokenizer), file=sys.stderr)

@@ -91,11 +91,15 @@ class SpecdecMethod(Method):
 
     family = "specdec"
 
-    def __init__(self, name: str, model, tokenizer, draft_model=None) -> None:
+    def __init__(self, name: str, model, tokenizer, draft_model=None, runtime: str = "auto") -> None:
         from specdec.api import SpecDecoder
 
         self.name = name
-        self.decoder = SpecDecoder(model, tokenizer, method=name, draft_model=draft_model)
+        method, forced = split_runtime(name)
+        self.decoder = SpecDecoder(
+            model, tokenizer, method=method, draft_model=draft_model, runtime=forced or runtime
+        )
+        self.runtime = self.decoder.engine.runtime.name
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
         start = time.perf_counter()
@@ -111,16 +115,37 @@ class SpecdecMethod(Method):
         return Run(result.token_ids, seconds, result.stats.target_forwards)
 
 
+RUNTIME_SUFFIXES = (
+    "native",
+    "transformers",
+)  # `pld@transformers`: pld on that runtime, whatever --runtime says
+
+
+def split_runtime(name: str) -> tuple[str, str | None]:
+    """'pld@transformers' -> ('pld', 'transformers'); 'pld' -> ('pld', None)."""
+    method, _, runtime = name.partition("@")
+    return method, runtime or None
+
+
 def needs_draft(name: str) -> bool:
     from specdec.drafters import REGISTRY
 
+    name = split_runtime(name)[0]
     return name == "hf-assisted" or (name in REGISTRY and REGISTRY[name].needs_draft_model)
 
 
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("llama_cpp", "gguf"))
+
+
 def all_methods() -> list[str]:
+    """Every method name the bench knows (llama.cpp's two only when its extra is installed)."""
+    from specdec.bench.llamacpp import LLAMACPP_METHODS
     from specdec.drafters import methods
 
-    return [*HF_METHODS, *methods()]
+    return [*HF_METHODS, *methods(), *(LLAMACPP_METHODS if llamacpp_available() else ())]
 
 
 def select_methods(requested: list[str] | None, has_draft: bool) -> list[str]:
@@ -129,9 +154,16 @@ def select_methods(requested: list[str] | None, has_draft: bool) -> list[str]:
     if requested is None:
         chosen = [m for m in known if has_draft or not needs_draft(m)]
     else:
-        unknown = [m for m in requested if m not in known]
+        from specdec.bench.llamacpp import LLAMACPP_METHODS, require_llamacpp
+
+        if any(m in LLAMACPP_METHODS for m in requested):
+            require_llamacpp()  # the install hint, rather than "unknown method"
+        unknown = [m for m in requested if not _known(m, known)]
         if unknown:
-            raise InputError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(known)})")
+            raise InputError(
+                f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(known)}; a specdec method may "
+                f"name its runtime: NAME@{'|'.join(RUNTIME_SUFFIXES)})"
+            )
         missing = [m for m in requested if needs_draft(m)] if not has_draft else []
         if missing:
             raise InputError(f"{', '.join(missing)} need(s) a draft model (--draft PATH, or --draft default)")
@@ -139,11 +171,29 @@ def select_methods(requested: list[str] | None, has_draft: bool) -> list[str]:
     return [BASELINE, *[m for m in chosen if m != BASELINE]]
 
 
+def _known(name: str, known: list[str]) -> bool:
+    from specdec.bench.llamacpp import LLAMACPP_METHODS
+
+    method, runtime = split_runtime(name)
+    if runtime is None:
+        return method in known
+    specdec_method = method not in HF_METHODS and method not in LLAMACPP_METHODS
+    return method in known and specdec_method and runtime in RUNTIME_SUFFIXES
+
+
 def build_methods(
-    names: list[str], model, tokenizer, draft_model, counter: ForwardCounter, explicit: bool
+    names: list[str],
+    model,
+    tokenizer,
+    draft_model,
+    counter: ForwardCounter,
+    explicit: bool,
+    runtime: str = "auto",
 ) -> tuple[list[Method], dict[str, str]]:
     """Method objects; a specdec method that cannot be built for this model is skipped (with the reason)
     when it was picked by default, and an error when the user asked for it."""
+    from specdec.bench.llamacpp import LLAMACPP_METHODS, LlamaCppMethod
+
     methods: list[Method] = []
     skipped: dict[str, str] = {}
     for name in names:
@@ -153,9 +203,16 @@ def build_methods(
             methods.append(HFMethod(name, model, counter, prompt_lookup_num_tokens=HF_PROMPT_LOOKUP_TOKENS))
         elif name == "hf-assisted":
             methods.append(HFMethod(name, model, counter, assistant_model=draft_model))
+        elif name in LLAMACPP_METHODS:
+            try:
+                methods.append(LlamaCppMethod(name, model, tokenizer, torch.get_num_threads()))
+            except InputError as e:
+                if explicit:
+                    raise
+                skipped[name] = str(e)
         else:
             try:
-                methods.append(SpecdecMethod(name, model, tokenizer, draft_model))
+                methods.append(SpecdecMethod(name, model, tokenizer, draft_model, runtime))
             except InputError as e:
                 if explicit:
                     raise

@@ -27,8 +27,8 @@ import torch
 
 from specdec.costmodel import CostModel
 from specdec.drafters.base import Drafter, Request, Scored, register
-from specdec.models.lean import LeanRunner
 from specdec.runner import ModelRunner
+from specdec.runtime.native import NativeModel, NativeRunner
 from specdec.sampling import TargetDistribution
 from specdec.tree import DraftTree
 
@@ -42,13 +42,13 @@ class DraftModelConfig:
     # stop where one more draft stops paying by the measured costs (module docstring; the first is always
     # drafted); the length is then up to max_tokens and `num_tokens`/`adaptive` are unused
     break_even: bool = True
-    lean: bool = True  # Llama drafts run `specdec.models.lean` (same weights, far less per-call overhead)
+    lean: bool = True  # Llama-family drafts run the native forward (same weights, far less per-call overhead)
 
 
-def make_runner(model, layers: list[int] | None, lean: bool) -> ModelRunner | LeanRunner:
-    """The lean forward when it supports the model, else transformers' (`layers`: a subset, for layerskip)."""
-    if lean and LeanRunner.supports(model):
-        return LeanRunner(model, layers)
+def make_runner(model, layers: list[int] | None, lean: bool) -> ModelRunner | NativeRunner:
+    """The native forward when it supports the model, else transformers' (`layers`: a subset, for layerskip)."""
+    if lean and NativeModel.supports(model):
+        return NativeRunner(NativeModel(model, layers))
     if layers is not None:
         from specdec.drafters.layerskip import ViewRunner
 
@@ -110,7 +110,7 @@ class BreakEven:
         self.n += 1
 
 
-def feed_seconds(runner: ModelRunner | LeanRunner, model) -> float:
+def feed_seconds(runner: ModelRunner | NativeRunner, model) -> float:
     """Median time of a one-token draft forward after a 32-token context, measured once per draft model."""
     if model not in _FEED_SECONDS:
         probe = copy.copy(runner)
@@ -130,7 +130,7 @@ def feed_seconds(runner: ModelRunner | LeanRunner, model) -> float:
 class DraftState:
     """One generation's draft-side state: its own runner view (shared weights, private cache)."""
 
-    runner: ModelRunner | LeanRunner
+    runner: ModelRunner | NativeRunner
     request: Request
     dist: TargetDistribution | None  # None: greedy drafts
     num_tokens: int  # current draft length (adapted within the generation only)

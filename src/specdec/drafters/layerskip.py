@@ -8,7 +8,7 @@ attention modules write their keys and values with `past_key_values.update(k, v,
 their ORIGINAL index, so the view's cache (one preallocated slot per kept layer, `specdec.cache.KVCache`)
 maps original indices to its slots. The cache is kept in sync the way `draft_model.py` keeps a draft
 model's: committed context plus accepted drafts, each step feeding only what it has not seen.
-For plain Llama targets the kept layers instead run through `specdec.models.lean` (fused copies of their
+For plain Llama targets the kept layers instead run through `specdec.runtime.native` (fused copies of their
 weights, built when the skipped set changes): the view's per-call overhead would eat most of what skipping
 saves on a CPU. The view still scores the search's trials, and drafts for every other architecture.
 
@@ -47,8 +47,8 @@ from specdec.cache import KVCache
 from specdec.drafters.base import Request, Scored, register
 from specdec.drafters.draft_model import DraftModel, DraftModelConfig, DraftState, make_runner
 from specdec.errors import InputError, UnsupportedModelError
-from specdec.models.lean import LeanRunner
 from specdec.runner import ModelRunner
+from specdec.runtime.native import NativeRunner
 from specdec.sampling import TargetDistribution
 from specdec.tree import DraftTree
 
@@ -182,7 +182,7 @@ class LayerSkip(DraftModel):
     def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:
         self.config = config or LayerSkipConfig(**options)
         self.model = None
-        self.runners: dict[tuple[int, ...], ModelRunner | LeanRunner] = {}  # by skipped set, newest last
+        self.runners: dict[tuple[int, ...], ModelRunner | NativeRunner] = {}  # by skipped set, newest last
         # with `persist`: (skipped set, still adapting, trials, search RNG) carried to the next generation
         self.learned: tuple[tuple[int, ...], bool, int, random.Random] | None = None
 
@@ -202,7 +202,7 @@ class LayerSkip(DraftModel):
     def kept(self, skip: tuple[int, ...]) -> list[int]:
         return [i for i in range(self.num_layers) if i not in skip]
 
-    def _runner(self, skip: tuple[int, ...]) -> ModelRunner | LeanRunner:
+    def _runner(self, skip: tuple[int, ...]) -> ModelRunner | NativeRunner:
         """A private view (own cache) of the shared runner for `skip`; the lean runner's fused weight copies
         are built once per set and a few sets are kept."""
         shared = self.runners.pop(skip, None) or make_runner(self.model, self.kept(skip), self.config.lean)

@@ -118,7 +118,9 @@ def resolve_methods(method: str | None, methods_csv: str | None, draft: str | No
     return list(dict.fromkeys([default, *listed]))
 
 
-def load_decoders(model: str, draft: str | None, methods: list[str], dtype: str) -> dict:
+def load_decoders(
+    model: str, draft: str | None, methods: list[str], dtype: str, runtime: str = "auto"
+) -> dict:
     """One SpecDecoder per method, all over one loaded target (and one draft model, if any method needs it)."""
     from specdec.api import SpecDecoder
     from specdec.drafters import REGISTRY
@@ -134,7 +136,12 @@ def load_decoders(model: str, draft: str | None, methods: list[str], dtype: str)
     head = {"head": loaded.head} if loaded.head else {}
     return {
         m: SpecDecoder(
-            loaded.target, loaded.tokenizer, m, loaded.draft, **(head if REGISTRY[m].uses_head else {})
+            loaded.target,
+            loaded.tokenizer,
+            m,
+            loaded.draft,
+            runtime,
+            **(head if REGISTRY[m].uses_head else {}),
         )
         for m in methods
     }
@@ -161,7 +168,7 @@ def build_server(args: argparse.Namespace):
     check_api_key(args.api_key)  # before the models load: a mistake here should cost nothing
 
     methods = resolve_methods(args.method, args.methods, args.draft)
-    decoders = load_decoders(args.model, args.draft, methods, args.dtype)
+    decoders = load_decoders(args.model, args.draft, methods, args.dtype, args.runtime)
     name = args.served_model_name or (args.model if args.model == "default" else Path(args.model).name)
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_queued)
     app = create_app(

@@ -1,0 +1,333 @@
+"""specdec's own forward for Llama-family decoders (Llama, Mistral, Qwen2, Qwen3): the fast runtime.
+
+On a CPU a small model's transformers forward is mostly framework work around the arithmetic: mask and
+position objects, cache classes, module hooks and dispatch through ~20 modules per layer. This forward runs
+the same weights, in the same dtype, with a handful of tensor ops per layer:
+
+- weights packed once: q/k/v in one matrix and gate/up in another, so a layer is 4 matrix products;
+- the residual adds fused into those products (`addmm`), RMSNorm as one op (`F.rms_norm`);
+- rotary embeddings as one complex multiply on q and k together: the q and k rows of each head are stored
+  with their rotary pairs (i, i + d/2) side by side, a fixed permutation of the head dimension that changes
+  no dot product q.k (both sides are permuted alike) and lets `view_as_complex` rotate each pair;
+- its own preallocated cache, token-major [layers, capacity, kv_heads, head_dim], so writing a forward's
+  keys is one contiguous copy and keeping an accepted tree path is one gather for all layers.
+
+It computes the function transformers computes, differing only in float rounding; `specdec.runtime.check`
+compares both on the real model before this forward is trusted as a target (`NativeModel.supports` only
+admits configurations it reproduces). Draft models use it without that check: a draft's numbers never reach
+the output unverified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specdec.models.support import check_layer_types
+from specdec.runner import Scores
+from specdec.tree import DraftTree
+
+FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+_STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq fixed at load time (no per-length update)
+
+
+def _rope_type(config) -> str | None:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def unsupported_reason(model) -> str:
+    """Why this forward does not reproduce `model`, or "" when it does."""
+    config = getattr(model, "config", None)
+    decoder = getattr(model, "model", None)
+    family = getattr(config, "model_type", None)
+    if family not in FAMILIES:
+        return f"model type {family!r} is not one of {', '.join(sorted(FAMILIES))}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r} (only silu)"
+    if getattr(config, "mlp_bias", False):
+        return "MLP biases"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    if _rope_type(config) not in _STATIC_ROPE:
+        return f"rope type {_rope_type(config)!r}"
+    if not hasattr(getattr(decoder, "rotary_emb", None), "inv_freq") or not hasattr(model, "lm_head"):
+        return "an unfamiliar module layout"
+    return ""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer's weights, packed (the q and k rows in rotary-pair order, module docstring)."""
+
+    ln1: torch.Tensor  # [H]
+    wqkv: torch.Tensor  # [(heads + 2 kv_heads) * D, H]
+    bqkv: torch.Tensor | None  # [(heads + 2 kv_heads) * D] (Qwen2, Llama with attention_bias)
+    q_norm: torch.Tensor | None  # [D] per-head RMSNorm of q and k (Qwen3), pair order
+    k_norm: torch.Tensor | None
+    wo_t: torch.Tensor  # [heads * D, H], transposed for addmm
+    bo: torch.Tensor | None  # [H]
+    ln2: torch.Tensor  # [H]
+    wgu: torch.Tensor  # [2 I, H]: gate rows, then up rows
+    wdown_t: torch.Tensor  # [I, H]
+
+
+class NativeCache:
+    """Keys/values [layers, capacity, kv_heads, head_dim]; `length` positions are valid. Grows on demand."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
+        shape = (layers, capacity, kv_heads, head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reserve(self, needed: int) -> None:
+        capacity = self.k.shape[1]
+        if needed > capacity:
+            grow = max(needed, 2 * capacity) - capacity
+            pad = (0, 0, 0, 0, 0, grow)
+            self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
+
+    def keep(self, start: int, offsets: list[int]) -> None:
+        """After a forward written at `start`: keep the slots start+offsets (ascending), drop the rest."""
+        n = len(offsets)
+        if offsets != list(range(n)):  # a contiguous prefix needs no copy: rolling back is moving the length
+            src = torch.tensor(offsets, dtype=torch.long, device=self.k.device) + start
+            # gather first (index_select copies), so overlapping source and destination slots are safe
+            self.k[:, start : start + n] = self.k.index_select(1, src)
+            self.v[:, start : start + n] = self.v.index_select(1, src)
+        self.length = start + n
+
+
+def _pair_order(head_dim: int) -> torch.Tensor:
+    """[0, d/2, 1, d/2 + 1, ...]: HF's rotate-half partners side by side."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+
+
+class NativeModel:
+    """A Llama-family model's weights packed for the fast forward (shared by every generation using it).
+
+    `layers` selects decoder layers by index (layer-skipping drafts run a subset of the target's layers).
+    """
+
+    def __init__(self, model, layers: Sequence[int] | None = None) -> None:
+        config = model.config
+        decoder = model.model
+        self.model = model
+        self.layer_ids = list(range(config.num_hidden_layers)) if layers is None else list(layers)
+        attn0 = decoder.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(attn0, "head_dim", None) or config.hidden_size // self.heads
+        self.hidden_size = config.hidden_size
+        self.num_layers = config.num_hidden_layers
+        self.eps = config.rms_norm_eps
+        self.scale = float(getattr(attn0, "scaling", self.head_dim**-0.5))
+        self.embed = decoder.embed_tokens.weight
+        self.norm = decoder.norm.weight
+        self.lm_head = model.lm_head.weight
+        rotary = decoder.rotary_emb
+        self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        self._rotary_table = torch.empty(0)
+        with torch.no_grad():
+            self.layers = [self._pack(decoder.layers[i]) for i in self.layer_ids]
+
+    @staticmethod
+    def supports(model) -> bool:
+        return not unsupported_reason(model)
+
+    def _pack(self, layer) -> Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        d = self.head_dim
+        pair = _pair_order(d).to(self.device)
+        # q and k rows head by head in pair order; v rows unchanged
+        order = torch.cat(
+            [h * d + pair for h in range(self.heads + self.kv_heads)]
+            + [torch.arange((self.heads + self.kv_heads) * d, (self.heads + 2 * self.kv_heads) * d)]
+        )
+        wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[order].contiguous()
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        bqkv = torch.cat(biases)[order].contiguous() if all(b is not None for b in biases) else None
+        q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        return Layer(
+            ln1=layer.input_layernorm.weight,
+            wqkv=wqkv,
+            bqkv=bqkv,
+            q_norm=None if q_norm is None else q_norm.weight[pair].contiguous(),
+            k_norm=None if k_norm is None else k_norm.weight[pair].contiguous(),
+            wo_t=attn.o_proj.weight.T.contiguous(),
+            bo=attn.o_proj.bias,
+            ln2=layer.post_attention_layernorm.weight,
+            wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+            wdown_t=mlp.down_proj.weight.T.contiguous(),
+        )
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """HF's RMSNorm: normalise over the last dim in float32 (so float64 models round there too), scale."""
+        if x.dtype == torch.float64:
+            return weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
+        return F.rms_norm(x, x.shape[-1:], weight, self.eps)
+
+    def new_cache(self, capacity: int) -> NativeCache:
+        return NativeCache(len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+
+    def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T, 1, D/2] complex rotations for the positions (computed in float32 as HF does, then rounded
+        to the model's dtype as HF's cos/sin are; float64 models keep float64)."""
+        end = int(positions.max()) + 1
+        if self._rotary_table.shape[0] < end:
+            n = max(end, 2 * self._rotary_table.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.device), self.inv_freq)
+            cos = (freqs.cos() * self.rope_scaling).to(self.dtype)
+            sin = (freqs.sin() * self.rope_scaling).to(self.dtype)
+            real = torch.float64 if self.dtype == torch.float64 else torch.float32
+            self._rotary_table = torch.complex(cos.to(real), sin.to(real))
+        return self._rotary_table[positions][:, None]
+
+    def forward(
+        self,
+        cache: NativeCache,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        layers: Sequence[int] = (),
+        logits: str = "all",
+    ) -> Scores:
+        """Run tokens ids [T] at `positions` [T] after the cache, attending by `mask` [T, past + T] (True =
+        visible; None = causal for T = 1). Writes their keys/values at slots past..past+T-1 and advances the
+        cache length by T. `logits`: "all" rows, "last" row, or "none"; `layers`: HF hidden_states ids."""
+        past, t = cache.length, ids.shape[0]
+        cache.reserve(past + t)
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        rot = self._rotary(positions)  # [T, 1, D/2]
+        wanted = set(layers)
+        hidden: dict[int, torch.Tensor] = {}
+        x = self.embed[ids]  # [T, H]
+        for slot, w in enumerate(self.layers):
+            if slot in wanted:
+                hidden[slot] = x
+            qkv = F.linear(self._norm(x, w.ln1), w.wqkv, w.bqkv)
+            qk = qkv[:, : (h + kv) * d].view(t, h + kv, d)  # [T, heads + kv_heads, D]
+            if w.q_norm is not None and w.k_norm is not None:
+                qk = torch.cat(
+                    [
+                        self._norm(qk[:, :h], w.q_norm),
+                        self._norm(qk[:, h:], w.k_norm),
+                    ],
+                    dim=1,
+                )
+            pairs = qk.to(rot.real.dtype).reshape(t, h + kv, d // 2, 2)
+            qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(t, h + kv, d).to(self.dtype)
+            cache.k[slot, past : past + t] = qk[:, h:]
+            cache.v[slot, past : past + t] = qkv[:, (h + kv) * d :].view(t, kv, d)
+            keys = cache.k[slot, : past + t].transpose(0, 1)  # [kv_heads, past + T, D]
+            values = cache.v[slot, : past + t].transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                qk[:, :h].transpose(0, 1), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h
+            )  # [heads, T, D]
+            x = torch.addmm(x, out.transpose(0, 1).reshape(t, h * d), w.wo_t)
+            if w.bo is not None:
+                x = x + w.bo
+            gate, up = F.linear(self._norm(x, w.ln2), w.wgu).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, w.wdown_t)
+        cache.length = past + t
+        out_layer = len(self.layers) if len(self.layers) == self.num_layers else None
+        if logits == "none" and out_layer not in wanted:
+            return Scores(torch.empty(0), hidden)
+        if logits == "last" and out_layer not in wanted:
+            x = x[-1:]
+        normed = self._norm(x, self.norm)
+        if out_layer in wanted:
+            hidden[self.num_layers] = normed
+        if logits == "none":
+            return Scores(torch.empty(0), hidden)
+        rows = normed[-1:] if logits == "last" else normed
+        return Scores(F.linear(rows, self.lm_head), hidden)
+
+
+def _causal_mask(past: int, t: int, device) -> torch.Tensor | None:
+    """[T, past + T] bool, True = visible: the past fully, the chunk causally (None for one token)."""
+    if t == 1:
+        return None
+    return torch.ones(t, past + t, dtype=torch.bool, device=device).tril_(diagonal=past)
+
+
+class NativeRunner:
+    """One generation's cache over a shared `NativeModel`: the target runtime surface (reset, prefill, score,
+    commit, free) and the draft-model surface (start, extend, cache.crop, forwards)."""
+
+    name = "native"
+
+    def __init__(self, native: NativeModel) -> None:
+        self.native = native
+        self.cache: NativeCache | None = None
+        self.forwards = 0
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.native.model.config, "max_position_embeddings", None)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.cache is None else self.cache.length
+
+    def reset(self, positions: int, slack: int = 0) -> None:
+        # a sliding window wider than the request is full attention; a narrower one is refused, as by
+        # transformers' runtime
+        check_layer_types(self.native.model, positions)
+        self.cache = self.native.new_cache(positions + slack)
+        self.forwards = 0
+
+    def _run(self, token_ids: list[int], positions=None, mask=None, layers=(), logits="all") -> Scores:
+        cache = self.cache
+        assert cache is not None, "reset() or start() comes first"
+        device = self.native.device
+        past, t = cache.length, len(token_ids)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=device)
+        if positions is None:
+            positions = torch.arange(past, past + t, device=device)
+            mask = _causal_mask(past, t, device)
+        self.forwards += 1
+        return self.native.forward(cache, ids, positions, mask, layers, logits)
+
+    def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
+        """Run the tokens causally into the cache; only the requested hidden states are computed fully."""
+        if not token_ids:
+            return Scores(torch.empty(0), {})
+        return self._run(token_ids, layers=layers, logits="last")
+
+    def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
+        """One forward over the tree nodes after the committed cache; logits [N, V], row i for node i."""
+        past = self.length
+        device = self.native.device
+        positions = torch.tensor([past + depth for depth in tree.depths], dtype=torch.long, device=device)
+        mask = None
+        if len(tree) > 1:
+            mask = torch.ones(len(tree), past + len(tree), dtype=torch.bool, device=device)
+            mask[:, past:] = tree.ancestor_mask().to(device)
+        return self._run(tree.tokens, positions, mask, layers)
+
+    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+        assert self.cache is not None, "commit() follows score()"
+        self.cache.keep(tree_start, accepted_nodes)
+
+    def free(self) -> None:
+        self.cache = None
+
+    def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
+        """Prefill into a fresh cache; returns the logits [V] for the token after the prompt (drafts)."""
+        self.reset(positions, slack)
+        return self._run(prompt_ids, logits="last").logits[-1]
+
+    def extend(self, token_ids: list[int]) -> torch.Tensor:
+        """Append tokens causally after the cache; returns their logits [T, V]."""
+        return self._run(token_ids).logits

@@ -1,0 +1,147 @@
+"""The native runtime computes transformers' function: logits for chains and branching trees, after cache
+commits, for every family it runs; greedy output through it equals generate() for every drafter; models it
+cannot run fall back to transformers with a notice; a runtime that disagrees is refused at load."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from specdec import SpecDecoder
+from specdec.drafters import REGISTRY, methods
+from specdec.drafters.layerskip import skipping_view
+from specdec.errors import UnsupportedModelError
+from specdec.runner import ModelRunner
+from specdec.runtime import select_runtime
+from specdec.runtime.check import check_runtime
+from specdec.runtime.native import NativeModel, NativeRunner, unsupported_reason
+from specdec.tree import DraftTree
+
+import tiny
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+# transformers normalises in float32 even in float64 models; Qwen3's per-head q/k norms sum their squares in
+# another order here (rotary-pair order), which float32 rounding shows at ~1e-7
+ATOL = {"qwen3": 1e-6}
+
+
+def _model(arch: str, seed: int = 3, layers: int = 3, dtype=torch.float64):
+    """A tiny model whose norm weights are random too (all-ones norms would hide a wrongly ordered q/k norm)."""
+    m = tiny.model(arch, seed=seed, layers=layers, dtype=dtype)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    return m
+
+
+def _steps(runner, tokens: list[int]) -> list[torch.Tensor]:
+    """Prefill 5, extend by 3 and 1, crop back 2 and extend by 4 (capacity 6: the cache must grow)."""
+    with torch.inference_mode():
+        out = [runner.start(tokens[:5], 6)[None], runner.extend(tokens[5:8]), runner.extend(tokens[8:9])]
+        runner.cache.crop(7)
+        out.append(runner.extend(tokens[9:13]))
+    return out
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_chains_match_transformers(arch):
+    model = _model(arch)  # 4 query heads over 2 kv heads: grouped-query attention
+    assert NativeModel.supports(model), unsupported_reason(model)
+    tokens = [(11 * i + 5) % model.config.vocab_size for i in range(13)]
+    native = _steps(NativeRunner(NativeModel(model)), tokens)
+    for got, want in zip(native, _steps(ModelRunner(model), tokens), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL.get(arch, 1e-9))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_trees_after_commits_match_transformers(arch):
+    """Score a branching tree, keep a non-contiguous path, score another tree: every node's logits and the
+    requested hidden states equal transformers' over the same tree (its 4D-mask forward)."""
+    model = _model(arch, seed=5)
+    vocab = model.config.vocab_size
+    prompt = [(7 * i + 2) % vocab for i in range(10)]
+    trees = [
+        DraftTree([5, 6, 7, 8, 9, 6], [-1, 0, 0, 1, 3, 2]),  # keep nodes 0, 1, 3: slots move on commit
+        DraftTree([4, 3, 2, 1], [-1, 0, 1, 0]),
+    ]
+    layers = (0, 2, 3)  # an input of a layer, and the final normed output (id = num_hidden_layers)
+    runtimes = [NativeRunner(NativeModel(model)), ModelRunner(model)]
+    results = []
+    with torch.inference_mode():
+        for runtime in runtimes:
+            runtime.reset(32, slack=8)
+            out = [runtime.prefill(prompt, layers).hidden[0]]
+            for tree, keep in zip(trees, ([0, 1, 3], [0, 1]), strict=True):
+                start = runtime.length
+                scores = runtime.score(tree, layers)
+                out += [scores.logits, *(scores.hidden[i] for i in layers)]
+                runtime.commit(start, keep)
+            results.append(out)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL.get(arch, 1e-9))
+
+
+def test_layer_subset_matches_a_skipping_view():
+    model = tiny.model("llama", seed=4, layers=4)
+    tokens = [(7 * i + 2) % model.config.vocab_size for i in range(13)]
+    native = _steps(NativeRunner(NativeModel(model, layers=[0, 3])), tokens)
+    view = skipping_view(model, [0, 3])
+    with torch.inference_mode():
+        full = view(torch.tensor([tokens[:9]]), use_cache=False).logits[0]
+    torch.testing.assert_close(torch.cat(native[:3]), full[[4, 5, 6, 7, 8]], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_load_check_accepts_float32_and_bfloat16(dtype):
+    model = _model("llama", dtype=dtype)
+    assert select_runtime(model, "native").name == "native"
+
+
+def test_a_runtime_that_disagrees_is_refused():
+    """One packed weight off by 1%: the load check sees it and auto keeps transformers."""
+    model = _model("qwen2", seed=6)
+    native = NativeModel(model)
+    native.layers[1].wgu.mul_(1.01)
+    with pytest.raises(UnsupportedModelError, match="differ from transformers"):
+        check_runtime(model, lambda: NativeRunner(native))
+    check_runtime(model, lambda: NativeRunner(NativeModel(model)))  # the unperturbed one passes
+
+
+def test_unsupported_models_fall_back_with_a_notice(tok, caplog):
+    gemma = tiny.model("gemma")
+    with pytest.raises(UnsupportedModelError, match="native runtime does not run GemmaForCausalLM"):
+        select_runtime(gemma, "native")
+    with caplog.at_level(logging.WARNING, logger="specdec.runtime"):
+        dec = SpecDecoder(gemma, tok, method="pld")
+    assert dec.engine.runtime.name == "transformers"
+    assert [r.getMessage() for r in caplog.records] == [
+        "the native runtime does not run GemmaForCausalLM: model type 'gemma' is not one of llama, mistral, "
+        "qwen2, qwen3; using the transformers runtime"
+    ]
+    assert dec.generate([5, 6, 7], max_new_tokens=4).stats.runtime == "transformers"
+    llama = tiny.model("llama")
+    llama.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    assert "rope type 'dynamic'" in unsupported_reason(llama)
+
+
+def _decoder(method: str, model, tok, runtime: str) -> SpecDecoder:
+    if method == "draft":
+        return SpecDecoder(model, tok, "draft", draft_model=tiny.model("llama", seed=9), runtime=runtime)
+    if REGISTRY[method].needs_hidden_states:
+        return SpecDecoder(model, tok, method, head=tiny.untrained_head(method, model), runtime=runtime)
+    return SpecDecoder(model, tok, method, runtime=runtime)
+
+
+@pytest.mark.parametrize("runtime", ["native", "transformers"])
+@pytest.mark.parametrize("method", methods())
+def test_every_drafter_is_lossless_on_either_runtime(tok, method, runtime):
+    model = tiny.model("llama", seed=1)
+    prompt = tok("def add(a, b):\n    return a + b\n\ndef add(a, b):\n")["input_ids"]
+    dec = _decoder(method, model, tok, runtime)
+    assert dec.engine.runtime.name == runtime
+    out = dec.generate(prompt, max_new_tokens=24)
+    assert out.token_ids == tiny.hf_greedy(model, prompt, 24)
+    assert out.stats.runtime == runtime
