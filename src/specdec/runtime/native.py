@@ -9,8 +9,10 @@ the same weights, in the same dtype, with a handful of tensor ops per layer:
 - rotary embeddings as one complex multiply on q and k together: the q and k rows of each head are stored
   with their rotary pairs (i, i + d/2) side by side, a fixed permutation of the head dimension that changes
   no dot product q.k (both sides are permuted alike) and lets `view_as_complex` rotate each pair;
-- its own preallocated cache, token-major [layers, capacity, kv_heads, head_dim], so writing a forward's
-  keys is one contiguous copy and keeping an accepted tree path is one gather for all layers.
+- attention through `F.scaled_dot_product_attention` on 4D inputs over its own preallocated cache
+  [layers, kv_heads, capacity, head_dim], each layer's keys contiguous: the layout for which PyTorch's CPU
+  flash-attention kernel applies (a token-major cache sends it to the unfused math path, 7x slower for one
+  token after 600); keeping an accepted tree path is one gather for all layers.
 
 It computes the function transformers computes, differing only in float rounding; `specdec.runtime.check`
 compares both on the real model before this forward is trusted as a target (`NativeModel.supports` only
@@ -76,10 +78,10 @@ class Layer:
 
 
 class NativeCache:
-    """Keys/values [layers, capacity, kv_heads, head_dim]; `length` positions are valid. Grows on demand."""
+    """Keys/values [layers, kv_heads, capacity, head_dim]; `length` positions are valid. Grows on demand."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
-        shape = (layers, capacity, kv_heads, head_dim)
+        shape = (layers, kv_heads, capacity, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0
@@ -88,10 +90,10 @@ class NativeCache:
         self.length = min(self.length, length)
 
     def reserve(self, needed: int) -> None:
-        capacity = self.k.shape[1]
+        capacity = self.k.shape[2]
         if needed > capacity:
             grow = max(needed, 2 * capacity) - capacity
-            pad = (0, 0, 0, 0, 0, grow)
+            pad = (0, 0, 0, grow)
             self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
 
     def keep(self, start: int, offsets: list[int]) -> None:
@@ -100,8 +102,8 @@ class NativeCache:
         if offsets != list(range(n)):  # a contiguous prefix needs no copy: rolling back is moving the length
             src = torch.tensor(offsets, dtype=torch.long, device=self.k.device) + start
             # gather first (index_select copies), so overlapping source and destination slots are safe
-            self.k[:, start : start + n] = self.k.index_select(1, src)
-            self.v[:, start : start + n] = self.v.index_select(1, src)
+            self.k[:, :, start : start + n] = self.k.index_select(2, src)
+            self.v[:, :, start : start + n] = self.v.index_select(2, src)
         self.length = start + n
 
 
@@ -227,14 +229,15 @@ class NativeModel:
                 )
             pairs = qk.to(rot.real.dtype).reshape(t, h + kv, d // 2, 2)
             qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(t, h + kv, d).to(self.dtype)
-            cache.k[slot, past : past + t] = qk[:, h:]
-            cache.v[slot, past : past + t] = qkv[:, (h + kv) * d :].view(t, kv, d)
-            keys = cache.k[slot, : past + t].transpose(0, 1)  # [kv_heads, past + T, D]
-            values = cache.v[slot, : past + t].transpose(0, 1)
+            cache.k[slot, :, past : past + t] = qk[:, h:].transpose(0, 1)
+            cache.v[slot, :, past : past + t] = qkv[:, (h + kv) * d :].view(t, kv, d).transpose(0, 1)
+            keys = cache.k[slot : slot + 1, :, : past + t]  # [1, kv_heads, past + T, D]
+            values = cache.v[slot : slot + 1, :, : past + t]
+            q = qk[:, :h].transpose(0, 1)[None]  # [1, heads, T, D]
             out = F.scaled_dot_product_attention(
-                qk[:, :h].transpose(0, 1), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h
-            )  # [heads, T, D]
-            x = torch.addmm(x, out.transpose(0, 1).reshape(t, h * d), w.wo_t)
+                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h
+            )  # [1, heads, T, D]
+            x = torch.addmm(x, out[0].transpose(0, 1).reshape(t, h * d), w.wo_t)
             if w.bo is not None:
                 x = x + w.bo
             gate, up = F.linear(self._norm(x, w.ln2), w.wgu).chunk(2, dim=-1)
