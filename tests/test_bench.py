@@ -74,8 +74,11 @@ def test_bench_report_schema_and_plot(capsys, dirs, tmp_path):
         "hf-prompt-lookup",
         "hf-assisted",
         *methods(),
+        "llamacpp",
+        "llamacpp-lookup",
     }
     assert {"draft", "pld", "vanilla"} <= set(ran)
+    assert "float64" in data["skipped_methods"]["llamacpp"]  # no GGUF type: skipped, and says why
 
     rows = data["results"]
     assert [(r["task"], r["method"]) for r in rows] == [(t, m) for t in ("code", "custom") for m in ran]

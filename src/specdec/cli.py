@@ -45,10 +45,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--runtime",
         default="auto",
-        choices=["auto", "native", "transformers"],
-        help="what runs the target's forwards: 'native' = specdec's own fused forward (Llama, Mistral, Qwen2, "
-        "Qwen3; checked against transformers at load), 'transformers' = the model's own code; 'auto' "
-        "(default) = native where it applies, else transformers with a one-line notice",
+        choices=["auto", "llamacpp", "native", "transformers"],
+        help="what runs the target's forwards: 'llamacpp' = llama.cpp over a GGUF conversion (Llama models, the "
+        "llamacpp extra; logits only), 'native' = specdec's own fused forward (Llama, Mistral, Qwen2, Qwen3), "
+        "'transformers' = the model's own code. Each is checked against transformers at load. 'auto' "
+        "(default): the first of those that runs the model (llamacpp only for methods that read no hidden "
+        "states), saying in one line why it fell back",
     )
     p.add_argument(
         "--threads", type=positive_int, default=None, help="torch threads, >= 1 (default: torch's choice)"

@@ -159,8 +159,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.eos_ids = eos_token_ids(model, tokenizer)
-        # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards
-        self.runtime = select_runtime(model, runtime)
+        # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards, and a
+        # drafter whose hidden-state readers are optional (auto's eagle member) leaves them out without them
+        needs_hidden = drafter.needs_hidden_states and not drafter.hidden_states_optional
+        self.runtime = select_runtime(model, runtime, hidden_states=needs_hidden)
         drafter.bind(model)
         self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
 

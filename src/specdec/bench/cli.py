@@ -50,7 +50,9 @@ def register(subparsers) -> None:
         default=None,
         help=f"comma-separated, from: {', '.join(all_methods())} (hf-prompt-lookup uses "
         f"prompt_lookup_num_tokens={HF_PROMPT_LOOKUP_TOKENS}); default: every one that applies (those "
-        "needing a draft model run when one is given). hf-vanilla always runs: it is the baseline",
+        "needing a draft model run when one is given). hf-vanilla always runs: it is the baseline. A specdec "
+        "method may name its target runtime, e.g. pld@transformers beside pld (which runs on --runtime); "
+        "llamacpp* run when the llamacpp extra is installed (greedy only)",
     )
     b.add_argument(
         "--prompts-file",

@@ -296,6 +296,7 @@ class AutoState:
 class Auto(Drafter):
     name = "auto"
     needs_hidden_states = True  # when a member reads them (eagle); `hidden_layers` is empty otherwise: free
+    hidden_states_optional = True  # on a runtime without them (llamacpp) those members are left out
 
     def __init__(self, config: AutoConfig | None = None, draft_model=None, **options) -> None:
         self.config = cfg = config or AutoConfig(**options)
@@ -340,9 +341,14 @@ class Auto(Drafter):
         return cls(draft_model=draft_model, **options)
 
     def bind(self, model) -> None:
+        from specdec.runtime import runtime_for
+
         self.members, self.left_out = [], {}
+        runtime = runtime_for(model)
         for m in self.candidates:
             try:
+                if m.needs_hidden_states and not runtime.hidden_states:
+                    raise InputError(f"the {runtime.name} runtime returns no hidden states")
                 m.bind(model)
             except InputError as e:
                 self.left_out[m.name] = str(e)

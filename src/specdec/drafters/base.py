@@ -55,6 +55,8 @@ class Drafter(ABC):
     # Capabilities, declared here rather than discovered by introspection:
     needs_draft_model: ClassVar[bool] = False  # built with a second causal LM of the same vocabulary
     needs_hidden_states: ClassVar[bool] = False  # reads the target's hidden states (see `hidden_layers`)
+    # ...but can do without them (auto: its members that read them are left out on a runtime without them)
+    hidden_states_optional: ClassVar[bool] = False
     samples_drafts: ClassVar[bool] = False  # under sampling its nodes carry the q they were drawn from
     mergeable: ClassVar[bool] = False  # drafts point masses and learns from any scored tree: can join `merge`
     uses_head: ClassVar[bool] = (

@@ -2,15 +2,18 @@
 
     reset(positions, slack) -> prefill(prompt) -> [ score(tree) -> commit(accepted path) ]* -> free()
 
-Two runtimes implement it:
+Three runtimes implement it:
 
 - `transformers` (`specdec.runner.ModelRunner`): the unmodified Hugging Face model with a 4D tree mask; runs
   any causal LM specdec accepts, and is the reference every other runtime is checked against;
 - `native` (`specdec.runtime.native`): specdec's own forward over the same weights for Llama, Mistral, Qwen2
-  and Qwen3, with far less per-call overhead (docs/runtime.md says why this design and what it measures).
+  and Qwen3, with far less per-call overhead; returns hidden states;
+- `llamacpp` (`specdec.runtime.llamacpp`, with the `llamacpp` extra): llama.cpp's forward over a GGUF
+  conversion of a Llama model, the fastest one-token forward on a CPU; returns logits only.
 
-`select_runtime(model, "auto")` picks `native` when it supports the model and agrees with transformers on
-sample inputs (`specdec.runtime.check`), else `transformers` with a one-line notice saying why.
+`select_runtime(model, "auto")` takes the first of llamacpp (unless the drafter reads hidden states), native,
+transformers that runs the model and agrees with transformers on sample inputs (`specdec.runtime.check`);
+falling back says why in one line. docs/runtime.md has the measurements behind this order.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from specdec.tree import DraftTree
 
 log = logging.getLogger("specdec.runtime")
 
-RUNTIMES = ("auto", "native", "transformers")
+RUNTIMES = ("auto", "llamacpp", "native", "transformers")
 
 
 class Runtime(Protocol):
@@ -51,19 +54,36 @@ class Runtime(Protocol):
 
 @dataclass(frozen=True)
 class RuntimeChoice:
-    """The runtime chosen for a model: its name, why `auto` fell back (""), and a per-generation factory."""
+    """The runtime chosen for a model: its name, a per-generation factory, whether its forwards return hidden
+    states, and why `auto` fell back ("" when it did not)."""
 
     name: str
     new: Callable[[], Runtime]
+    hidden_states: bool = True
     notice: str = ""
 
 
-_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {requested name: RuntimeChoice}
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(name, hidden): RuntimeChoice}
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the RuntimeChoice made last
 
 
 def _transformers(model, notice: str = "") -> RuntimeChoice:
-    return RuntimeChoice("transformers", lambda: ModelRunner(model), notice)
+    return RuntimeChoice("transformers", lambda: ModelRunner(model), notice=notice)
+
+
+def _llamacpp(model) -> RuntimeChoice:
+    """llama.cpp over a GGUF conversion, checked against transformers; UnsupportedModelError otherwise."""
+    from specdec.runtime.check import check_runtime
+    from specdec.runtime.gguf import gguf_reason, llamacpp_reason
+
+    reason = llamacpp_reason() or gguf_reason(model)
+    if reason:
+        raise UnsupportedModelError(f"the llamacpp runtime does not run {type(model).__name__}: {reason}")
+    from specdec.runtime.llamacpp import LlamaCppModel, LlamaCppRunner
+
+    shared = LlamaCppModel(model)
+    check_runtime(model, lambda: LlamaCppRunner(shared), "llamacpp")
+    return RuntimeChoice("llamacpp", lambda: LlamaCppRunner(shared), hidden_states=False)
 
 
 def _native(model) -> RuntimeChoice:
@@ -79,30 +99,57 @@ def _native(model) -> RuntimeChoice:
     return RuntimeChoice("native", lambda: NativeRunner(native))
 
 
-def select_runtime(model, name: str = "auto") -> RuntimeChoice:
-    """The runtime `name` for `model` ("auto": native when it supports and reproduces the model, else
-    transformers with a notice). Decided once per model and name; the check runs at the first choice."""
+def _auto(model, hidden_states: bool) -> RuntimeChoice:
+    """llamacpp, native, transformers: the first that runs the model; one line when it falls back (none when
+    llamacpp is not installed or the drafter needs hidden states: native is then the first choice)."""
+    from specdec.runtime.gguf import llamacpp_reason
+    from specdec.runtime.native import unsupported_reason
+
+    # a model native cannot run is no llama.cpp model either: its reason alone is said, below
+    if not hidden_states and not llamacpp_reason() and not unsupported_reason(model):
+        try:
+            return _llamacpp(model)
+        except UnsupportedModelError as err:
+            fallback = _native(model)
+            log.warning("%s; using the native runtime", err)
+            return RuntimeChoice(fallback.name, fallback.new, fallback.hidden_states, f"{err}; using native")
+    try:
+        return _native(model)
+    except UnsupportedModelError as err:
+        choice = _transformers(model, notice=f"{err}; using the transformers runtime")
+        log.warning("%s", choice.notice)
+        return choice
+
+
+def select_runtime(model, name: str = "auto", hidden_states: bool = False) -> RuntimeChoice:
+    """The runtime `name` for `model` ("auto": see the module docstring); `hidden_states`: the drafter reads
+    the target's hidden states, which the llamacpp runtime does not return. Decided once per model, name
+    and need; the load-time check runs at the first choice."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
     chosen = _CHOSEN.setdefault(model, {})
-    if name not in chosen:
+    key = (name, hidden_states)
+    if key not in chosen:
         if name == "transformers":
-            chosen[name] = _transformers(model)
+            chosen[key] = _transformers(model)
         elif name == "native":
-            chosen[name] = _native(model)
+            chosen[key] = _native(model)
+        elif name == "llamacpp":
+            if hidden_states:
+                raise InputError(
+                    "this method reads the target's hidden states, which the llamacpp runtime does not return "
+                    "(use --runtime native or auto)"
+                )
+            chosen[key] = _llamacpp(model)
         else:
-            try:
-                chosen[name] = _native(model)
-            except UnsupportedModelError as err:
-                chosen[name] = _transformers(model, notice=f"{err}; using the transformers runtime")
-                log.warning("%s", chosen[name].notice)
-    _LAST[model] = chosen[name]
-    return chosen[name]
+            chosen[key] = _auto(model, hidden_states)
+    _LAST[model] = chosen[key]
+    return chosen[key]
 
 
 def runtime_for(model) -> RuntimeChoice:
-    """The runtime last chosen for `model` (what its engine decodes with), else the `auto` choice: what
-    cost models must time."""
+    """The runtime last chosen for `model` (what its engine decodes with, chosen before the drafter binds),
+    else the `auto` choice: what cost models must time."""
     return _LAST.get(model) or select_runtime(model, "auto")
 
 

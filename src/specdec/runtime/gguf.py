@@ -1,0 +1,132 @@
+"""A Hugging Face Llama model written as GGUF, for llama.cpp (the `llamacpp` runtime and bench methods).
+
+The model is written in its own dtype (float32 -> F32, 16-bit -> F16/BF16), so llama.cpp computes the same
+function at the same precision. The conversion reuses the native runtime's packing: its q/k rows are
+already in the rotary-pair order that GGUF's Llama layout uses (`specdec.runtime.native`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from specdec.errors import InputError
+from specdec.runtime.native import NativeModel, unsupported_reason
+
+_FILE_TYPES = {torch.float32: "ALL_F32", torch.float16: "MOSTLY_F16", torch.bfloat16: "MOSTLY_BF16"}
+
+
+def llamacpp_reason() -> str:
+    """Why llama.cpp cannot be used here ("" when llama-cpp-python and gguf import)."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ModuleNotFoundError as e:
+        return f"the llamacpp extra is not installed ({e.name}): pip install 'specdec[llamacpp]'"
+    return ""
+
+
+def gguf_reason(model) -> str:
+    """Why `to_gguf` cannot write `model` ("" when it can)."""
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    reason = unsupported_reason(model)
+    if reason:
+        return reason
+    if getattr(config, "model_type", None) != "llama":
+        return f"model type {config.model_type!r} (the GGUF conversion writes Llama models)"
+    if getattr(config, "attention_bias", False):
+        return "attention biases"
+    if rope.get("rope_type", "default") != "default":
+        return f"rope type {rope['rope_type']!r}"
+    if next(model.parameters()).dtype not in _FILE_TYPES:
+        return f"dtype {next(model.parameters()).dtype} (no GGUF type)"
+    if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
+        return "a head_dim other than hidden_size / num_attention_heads"
+    return ""
+
+
+def _tokenizer_vocab(tokenizer) -> tuple[list[str], list[str]]:
+    """Token strings in id order and the BPE merges, from a fast tokenizer's JSON."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = tokenizer.get_vocab()
+    tokens = [""] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    merges = data["model"].get("merges", [])
+    return tokens, [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def to_gguf(model, tokenizer, path: Path) -> None:
+    """Write a Llama-family `model` (the families the native runtime runs) as a GGUF llama.cpp loads."""
+    import gguf
+
+    reason = gguf_reason(model)
+    if reason:
+        raise InputError(f"cannot convert {type(model).__name__} to GGUF: {reason}")
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    dtype = next(model.parameters()).dtype
+    native = NativeModel(model)
+    h, kv, d = native.heads, native.kv_heads, native.head_dim
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(h)
+    writer.add_head_count_kv(kv)
+    writer.add_key_length(d)
+    writer.add_value_length(d)
+    writer.add_rope_dimension_count(d)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[dtype]))
+    writer.add_vocab_size(config.vocab_size)
+    if tokenizer is None:  # token ids in, logits out: llama.cpp needs no vocabulary ("none")
+        writer.add_tokenizer_model("none")
+    else:
+        tokens, merges = _tokenizer_vocab(tokenizer)
+        special = set(tokenizer.all_special_ids)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types(
+            [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+        )
+        writer.add_token_merges(merges)
+    eos = model.generation_config.eos_token_id
+    writer.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
+
+    def add(name: str, t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        array = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        raw = gguf.GGMLQuantizationType.BF16 if t.dtype == torch.bfloat16 else None
+        if raw is not None:  # numpy has no bfloat16: hand over the raw 16-bit patterns
+            array = t.view(torch.int16).numpy()
+        writer.add_tensor(name, array, raw_dtype=raw)
+
+    add("token_embd.weight", native.embed)
+    add("output_norm.weight", native.norm)
+    if native.lm_head.data_ptr() != native.embed.data_ptr():
+        add("output.weight", native.lm_head)
+    for i, w in enumerate(native.layers):
+        q, k, v = w.wqkv.split([h * d, kv * d, kv * d])
+        for name, t in (
+            ("attn_norm", w.ln1),
+            ("attn_q", q),
+            ("attn_k", k),
+            ("attn_v", v),
+            ("attn_output", w.wo_t.T),
+            ("ffn_norm", w.ln2),
+            ("ffn_gate", w.wgu[: w.wgu.shape[0] // 2]),
+            ("ffn_up", w.wgu[w.wgu.shape[0] // 2 :]),
+            ("ffn_down", w.wdown_t.T),
+        ):
+            add(f"blk.{i}.{name}.weight", t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

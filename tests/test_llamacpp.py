@@ -1,0 +1,70 @@
+"""The llamacpp runtime (llama.cpp over a GGUF conversion) and the bench's llama.cpp methods: same logits as
+transformers for trees after commits, greedy output equal to generate() for every drafter it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import SpecDecoder
+from specdec.bench.llamacpp import LlamaCppMethod
+from specdec.drafters import REGISTRY, methods
+from specdec.errors import InputError
+from specdec.runner import ModelRunner
+from specdec.runtime.llamacpp import LlamaCppModel, LlamaCppRunner
+from specdec.sampling import SamplingParams
+from specdec.tree import DraftTree
+
+import tiny
+
+MODEL = tiny.model("llama", seed=1, dtype=torch.float32)
+
+
+def test_trees_after_commits_match_transformers():
+    vocab = MODEL.config.vocab_size
+    prompt = [(7 * i + 2) % vocab for i in range(10)]
+    trees = [DraftTree([5, 6, 7, 8, 9, 6], [-1, 0, 0, 1, 3, 2]), DraftTree([4, 3, 2, 1], [-1, 0, 1, 0])]
+    results = []
+    with torch.inference_mode():
+        for runtime in (LlamaCppRunner(LlamaCppModel(MODEL)), ModelRunner(MODEL)):
+            runtime.reset(32, slack=8)
+            runtime.prefill(prompt)
+            out = []
+            for tree, keep in zip(trees, ([0, 1, 3], [0, 2]), strict=True):
+                start = runtime.length
+                out.append(runtime.score(tree).logits)
+                runtime.commit(start, keep)
+            results.append(out)
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+
+
+def test_auto_picks_llamacpp_unless_the_drafter_reads_hidden_states(tok):
+    assert SpecDecoder(MODEL, tok, "pld").engine.runtime.name == "llamacpp"
+    head = tiny.untrained_head("eagle", MODEL)
+    assert SpecDecoder(MODEL, tok, "eagle", head=head).engine.runtime.name == "native"
+    with pytest.raises(InputError, match="hidden states"):
+        SpecDecoder(MODEL, tok, "eagle", head=head, runtime="llamacpp")
+    auto = SpecDecoder(MODEL, tok, "auto")
+    assert auto.engine.runtime.name == "llamacpp"
+    assert "eagle" not in [m.name for m in auto.drafter.members]
+
+
+@pytest.mark.parametrize(
+    "method", [m for m in methods() if not REGISTRY[m].needs_hidden_states or m == "auto"]
+)
+def test_every_drafter_is_lossless_on_llamacpp(tok, method):
+    prompt = tok("def add(a, b):\n    return a + b\n\ndef add(a, b):\n")["input_ids"]
+    draft = {"draft_model": tiny.model("llama", seed=9)} if REGISTRY[method].needs_draft_model else {}
+    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp", **draft)
+    out = dec.generate(prompt, max_new_tokens=24)
+    assert out.stats.runtime == "llamacpp"
+    assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 24)
+
+
+@pytest.mark.parametrize("name", ["llamacpp", "llamacpp-lookup"])
+def test_bench_methods_reproduce_generate(tok, name):
+    prompt = tok("x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n")["input_ids"]
+    run = LlamaCppMethod(name, MODEL, tok, threads=1).run(prompt, SamplingParams(max_new_tokens=20))
+    assert run.token_ids == tiny.hf_greedy(MODEL, prompt, 20)
+    assert 1 <= run.target_forwards <= 20
