@@ -20,13 +20,19 @@ import tiny
 MODEL = tiny.model("llama", seed=1, dtype=torch.float32)
 
 
-def test_trees_after_commits_match_transformers():
+@pytest.mark.parametrize("handover", [True, False], ids=["native-prefill", "llamacpp-prefill"])
+def test_trees_after_commits_match_transformers(handover):
+    """With the prompt prefilled by llama.cpp, or by the native runtime and handed over as a sequence state."""
+    shared = LlamaCppModel(MODEL)
+    if handover:
+        shared.probe_state_layout()
+        assert shared.state_header  # the layout llama.cpp writes is the one specdec writes
     vocab = MODEL.config.vocab_size
     prompt = [(7 * i + 2) % vocab for i in range(10)]
     trees = [DraftTree([5, 6, 7, 8, 9, 6], [-1, 0, 0, 1, 3, 2]), DraftTree([4, 3, 2, 1], [-1, 0, 1, 0])]
     results = []
     with torch.inference_mode():
-        for runtime in (LlamaCppRunner(LlamaCppModel(MODEL)), ModelRunner(MODEL)):
+        for runtime in (LlamaCppRunner(shared), ModelRunner(MODEL)):
             runtime.reset(32, slack=8)
             runtime.prefill(prompt)
             out = []

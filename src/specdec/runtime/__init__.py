@@ -82,6 +82,7 @@ def _llamacpp(model) -> RuntimeChoice:
     from specdec.runtime.llamacpp import LlamaCppModel, LlamaCppRunner
 
     shared = LlamaCppModel(model)
+    shared.probe_state_layout()
     check_runtime(model, lambda: LlamaCppRunner(shared), "llamacpp")
     return RuntimeChoice("llamacpp", lambda: LlamaCppRunner(shared), hidden_states=False)
 

@@ -195,6 +195,7 @@ class NativeModel:
             self._rotary_table = torch.complex(cos.to(real), sin.to(real))
         return self._rotary_table[positions][:, None]
 
+    @torch.inference_mode()
     def forward(
         self,
         cache: NativeCache,
@@ -205,9 +206,11 @@ class NativeModel:
         logits: str = "all",
     ) -> Scores:
         """Run tokens ids [T] at `positions` [T] after the cache, attending by `mask` [T, past + T] (True =
-        visible; None = causal for T = 1). Writes their keys/values at slots past..past+T-1 and advances the
+        visible; None = causal: for T = 1, or T tokens into an empty cache). Writes their keys/values at slots past..past+T-1 and advances the
         cache length by T. `logits`: "all" rows, "last" row, or "none"; `layers`: HF hidden_states ids."""
         past, t = cache.length, ids.shape[0]
+        causal = mask is None and t > 1  # a chunk into an empty cache: the kernel's own causal masking
+        assert not causal or past == 0, "a chunk after the cache needs an explicit mask"
         cache.reserve(past + t)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         rot = self._rotary(positions)  # [T, 1, D/2]
@@ -235,7 +238,7 @@ class NativeModel:
             values = cache.v[slot : slot + 1, :, : past + t]
             q = qk[:, :h].transpose(0, 1)[None]  # [1, heads, T, D]
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h
+                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h, is_causal=causal
             )  # [1, heads, T, D]
             x = torch.addmm(x, out[0].transpose(0, 1).reshape(t, h * d), w.wo_t)
             if w.bo is not None:
@@ -258,8 +261,9 @@ class NativeModel:
 
 
 def _causal_mask(past: int, t: int, device) -> torch.Tensor | None:
-    """[T, past + T] bool, True = visible: the past fully, the chunk causally (None for one token)."""
-    if t == 1:
+    """[T, past + T] bool, True = visible: the past fully, the chunk causally (None for one token, or for a
+    chunk into an empty cache, which SDPA masks causally itself, faster)."""
+    if t == 1 or past == 0:
         return None
     return torch.ones(t, past + t, dtype=torch.bool, device=device).tril_(diagonal=past)
 
