@@ -45,13 +45,13 @@ def test_trees_after_commits_match_transformers(handover):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
-def test_auto_picks_llamacpp_unless_the_drafter_reads_hidden_states(tok):
-    assert SpecDecoder(MODEL, tok, "pld").engine.runtime.name == "llamacpp"
+def test_auto_picks_llamacpp_for_plain_decoding_only(tok):
+    assert SpecDecoder(MODEL, tok, "vanilla").engine.runtime.name == "llamacpp"
+    assert SpecDecoder(MODEL, tok, "pld").engine.runtime.name == "native"
     head = tiny.untrained_head("eagle", MODEL)
-    assert SpecDecoder(MODEL, tok, "eagle", head=head).engine.runtime.name == "native"
     with pytest.raises(InputError, match="hidden states"):
         SpecDecoder(MODEL, tok, "eagle", head=head, runtime="llamacpp")
-    auto = SpecDecoder(MODEL, tok, "auto")
+    auto = SpecDecoder(MODEL, tok, "auto", runtime="llamacpp")  # auto runs without its eagle member there
     assert auto.engine.runtime.name == "llamacpp"
     assert "eagle" not in [m.name for m in auto.drafter.members]
 

@@ -162,7 +162,7 @@ class Engine:
         # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards, and a
         # drafter whose hidden-state readers are optional (auto's eagle member) leaves them out without them
         needs_hidden = drafter.needs_hidden_states and not drafter.hidden_states_optional
-        self.runtime = select_runtime(model, runtime, hidden_states=needs_hidden)
+        self.runtime = select_runtime(model, runtime, hidden_states=needs_hidden, drafts=drafter.drafts)
         drafter.bind(model)
         self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
 

@@ -57,6 +57,9 @@ class Drafter(ABC):
     needs_hidden_states: ClassVar[bool] = False  # reads the target's hidden states (see `hidden_layers`)
     # ...but can do without them (auto: its members that read them are left out on a runtime without them)
     hidden_states_optional: ClassVar[bool] = False
+    # proposes drafts (False: every tree is the root alone, so the target runtime with the cheapest one-token
+    # forward is the fastest; see specdec.runtime)
+    drafts: ClassVar[bool] = True
     samples_drafts: ClassVar[bool] = False  # under sampling its nodes carry the q they were drawn from
     mergeable: ClassVar[bool] = False  # drafts point masses and learns from any scored tree: can join `merge`
     uses_head: ClassVar[bool] = (

@@ -9,6 +9,7 @@ from specdec.tree import DraftTree
 @register
 class Vanilla(Drafter):
     name = "vanilla"
+    drafts = False
 
     def propose(self, state: None, context: list[int], max_depth: int) -> DraftTree:
         return DraftTree.root_only(context[-1])

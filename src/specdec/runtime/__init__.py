@@ -11,9 +11,11 @@ Three runtimes implement it:
 - `llamacpp` (`specdec.runtime.llamacpp`, with the `llamacpp` extra): llama.cpp's forward over a GGUF
   conversion of a Llama model, the fastest one-token forward on a CPU; returns logits only.
 
-`select_runtime(model, "auto")` takes the first of llamacpp (unless the drafter reads hidden states), native,
-transformers that runs the model and agrees with transformers on sample inputs (`specdec.runtime.check`);
-falling back says why in one line. docs/runtime.md has the measurements behind this order.
+`select_runtime(model, "auto")` takes the first that runs the model and agrees with transformers on sample
+inputs (`specdec.runtime.check`) of: llamacpp (only for plain decoding: one-token forwards, where it is
+fastest), native, transformers; falling back says why in one line. Measured on the shipped model
+(docs/runtime.md): llama.cpp's one-token forward is ~1.5x faster than native's, but from ~8 tree tokens on
+native's is the faster, so speculative methods decode faster on native.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class RuntimeChoice:
     notice: str = ""
 
 
-_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(name, hidden): RuntimeChoice}
+_CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(name, ...): RuntimeChoice}
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the RuntimeChoice made last
 
 
@@ -100,14 +102,14 @@ def _native(model) -> RuntimeChoice:
     return RuntimeChoice("native", lambda: NativeRunner(native))
 
 
-def _auto(model, hidden_states: bool) -> RuntimeChoice:
-    """llamacpp, native, transformers: the first that runs the model; one line when it falls back (none when
-    llamacpp is not installed or the drafter needs hidden states: native is then the first choice)."""
+def _auto(model, hidden_states: bool, drafts: bool) -> RuntimeChoice:
+    """llamacpp (plain decoding only), native, transformers: the first that runs the model; one line when it
+    falls back (none when llamacpp is not a candidate: native is then the first choice)."""
     from specdec.runtime.gguf import llamacpp_reason
     from specdec.runtime.native import unsupported_reason
 
     # a model native cannot run is no llama.cpp model either: its reason alone is said, below
-    if not hidden_states and not llamacpp_reason() and not unsupported_reason(model):
+    if not drafts and not hidden_states and not llamacpp_reason() and not unsupported_reason(model):
         try:
             return _llamacpp(model)
         except UnsupportedModelError as err:
@@ -122,14 +124,17 @@ def _auto(model, hidden_states: bool) -> RuntimeChoice:
         return choice
 
 
-def select_runtime(model, name: str = "auto", hidden_states: bool = False) -> RuntimeChoice:
+def select_runtime(
+    model, name: str = "auto", hidden_states: bool = False, drafts: bool = True
+) -> RuntimeChoice:
     """The runtime `name` for `model` ("auto": see the module docstring); `hidden_states`: the drafter reads
-    the target's hidden states, which the llamacpp runtime does not return. Decided once per model, name
-    and need; the load-time check runs at the first choice."""
+    the target's hidden states, which the llamacpp runtime does not return; `drafts`: the drafter proposes
+    drafts (else every forward is one token). Decided once per model and arguments; the load-time check
+    runs at the first choice."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
     chosen = _CHOSEN.setdefault(model, {})
-    key = (name, hidden_states)
+    key = (name, hidden_states, drafts)
     if key not in chosen:
         if name == "transformers":
             chosen[key] = _transformers(model)
@@ -143,7 +148,7 @@ def select_runtime(model, name: str = "auto", hidden_states: bool = False) -> Ru
                 )
             chosen[key] = _llamacpp(model)
         else:
-            chosen[key] = _auto(model, hidden_states)
+            chosen[key] = _auto(model, hidden_states, drafts)
     _LAST[model] = chosen[key]
     return chosen[key]
 
