@@ -115,10 +115,8 @@ class SpecdecMethod(Method):
         return Run(result.token_ids, seconds, result.stats.target_forwards)
 
 
-RUNTIME_SUFFIXES = (
-    "native",
-    "transformers",
-)  # `pld@transformers`: pld on that runtime, whatever --runtime says
+# `pld@transformers`: pld on that runtime, whatever --runtime says
+RUNTIME_SUFFIXES = ("llamacpp", "native", "transformers")
 
 
 def split_runtime(name: str) -> tuple[str, str | None]:
