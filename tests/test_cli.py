@@ -188,3 +188,15 @@ def test_model_ignoring_4d_masks_is_refused(tok):
     m.__class__ = IgnoresMask
     with pytest.raises(UnsupportedModelError, match="IgnoresMask"):
         SpecDecoder(m, tok, method="pld").generate("def f():", max_new_tokens=4)
+
+
+def test_auto_takes_a_head_directory_and_verbose_shows_each_step(capsys):
+    """--draft HEAD_DIR with auto hands the head to its eagle member (it once tried to load it as a draft
+    model); --verbose prints the runtime and every step's choice."""
+    from specdec.drafters.eagle import shipped_head_dir
+
+    argv = ["generate", "def add(a, b):", "--method", "auto", "--draft", shipped_head_dir(), "--verbose"]
+    code, out, err = run(capsys, *argv, "--max-new-tokens", 8)
+    assert code == 0, err
+    assert "specdec: target runtime native" in err
+    assert "specdec.auto: step 1: ran" in err

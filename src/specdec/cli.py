@@ -132,9 +132,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
             raise InputError(f"{where}{e}") from None
 
+    if args.verbose:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        for name in ("specdec.auto", "specdec.runtime"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.DEBUG)
     decoder = SpecDecoder.from_pretrained(
         args.model, draft=args.draft, method=args.method, dtype=args.dtype, runtime=args.runtime
     )
+    if args.verbose:
+        print(f"specdec: target runtime {decoder.engine.runtime.name}", file=sys.stderr)
     as_json = args.json or args.prompts_file is not None
     for row in rows:
         where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
@@ -196,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object per prompt instead of streaming"
     )
     g.add_argument("--prompts-file", type=Path, default=None, help='JSONL, one {"prompt": ...} per line')
+    g.add_argument(
+        "--verbose",
+        action="store_true",
+        help="on stderr: the target runtime chosen and, for --method auto, every step's choice (which members "
+        "ran, how many nodes were verified, from whom, the expected acceptance)",
+    )
     g.set_defaults(func=cmd_generate)
 
     from specdec.train.cli import add_arguments as add_train_arguments

@@ -297,6 +297,7 @@ class Auto(Drafter):
     name = "auto"
     needs_hidden_states = True  # when a member reads them (eagle); `hidden_layers` is empty otherwise: free
     hidden_states_optional = True  # on a runtime without them (llamacpp) those members are left out
+    uses_head = True  # --draft HEAD_DIR: its eagle member drafts with that head
 
     def __init__(self, config: AutoConfig | None = None, draft_model=None, **options) -> None:
         self.config = cfg = config or AutoConfig(**options)

@@ -122,6 +122,8 @@ def load_models(
     target, tokenizer = load_causal_lm(model, "target", dtype)
     if tokenizer is None:
         raise InputError(f"{model!r} has no tokenizer (specdec needs one to encode prompts and decode text)")
+    if draft is not None and is_head_dir(draft):  # a head, whatever the method (auto hands it to its eagle)
+        return LoadedModels(target, tokenizer, None, None, head=draft)
     if draft is not None and draft_is_head and not with_draft:
         return LoadedModels(target, tokenizer, None, None, head=draft)
     if draft is None and with_draft and model in (None, "default") and (SHIPPED_DIR / "draft").is_dir():
@@ -131,6 +133,20 @@ def load_models(
         draft_model, draft_tokenizer = load_causal_lm(draft, "draft", dtype)
         check_same_vocabulary(target, tokenizer, draft_model, draft_tokenizer)
     return LoadedModels(target, tokenizer, draft_model, draft)
+
+
+def is_head_dir(path: str) -> bool:
+    """A trained head's directory (its config.json names a head architecture), not a causal LM."""
+    import json
+
+    from specdec.heads import eagle3, medusa
+
+    config = Path(path) / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(a in (*eagle3.ARCHITECTURES, medusa.ARCHITECTURE) for a in architectures)
 
 
 def draft_roles(methods: list[str]) -> tuple[bool, bool]:
