@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -200,3 +201,4 @@ def test_auto_takes_a_head_directory_and_verbose_shows_each_step(capsys):
     assert code == 0, err
     assert "specdec: target runtime native" in err
     assert "specdec.auto: step 1: ran" in err
+    assert not logging.getLogger("specdec.auto").handlers  # for this command only: nothing left behind

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -114,7 +116,7 @@ def _row_params(args: argparse.Namespace, row: dict) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from specdec.api import SpecDecoder, sampling_params
+    from specdec.api import sampling_params
 
     if args.prompts_file is None and args.prompt is None:
         raise InputError("give a prompt (argument, or '-' to read stdin) or --prompts-file")
@@ -132,14 +134,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
             where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
             raise InputError(f"{where}{e}") from None
 
-    if args.verbose:
-        import logging
+    with verbose_logging(args.verbose):
+        return _generate(args, rows)
 
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        for name in ("specdec.auto", "specdec.runtime"):
-            logging.getLogger(name).addHandler(handler)
-            logging.getLogger(name).setLevel(logging.DEBUG)
+
+@contextlib.contextmanager
+def verbose_logging(enabled: bool):
+    """--verbose: specdec's runtime and auto loggers at DEBUG on stderr, for this command only."""
+    if not enabled:
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("specdec.auto", "specdec.runtime")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+
+def _generate(args: argparse.Namespace, rows: list[dict]) -> int:
+    from specdec.api import SpecDecoder
+
     decoder = SpecDecoder.from_pretrained(
         args.model, draft=args.draft, method=args.method, dtype=args.dtype, runtime=args.runtime
     )
