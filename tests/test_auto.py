@@ -78,7 +78,7 @@ def test_auto_equals_generate(arch, draft):
 def test_auto_with_an_eagle_member_equals_generate():
     model = tiny.model("llama", seed=1, layers=4)
     dec = auto_decoder(model, head=tiny.random_head(model))
-    assert [m.name for m in dec.drafter.members] == ["pld", "suffix", "recycle", "eagle"]
+    assert [m.name for m in dec.drafter.members] == ["suffix", "pld", "recycle", "eagle"]
     assert dec.drafter.hidden_layers() == tuple(sorted(dec.drafter.members[-1].hidden_layers()))
     ran = 0
     for prompt in PROMPTS:
@@ -379,10 +379,10 @@ def test_other_drafters_report_nothing():
 def test_members_follow_what_was_given():
     names = [m.name for m in Auto().members]  # not bound yet: candidates only
     assert names == []
-    assert [m.name for m in Auto().candidates] == ["pld", "suffix", "recycle", "eagle"]  # no draft model
+    assert [m.name for m in Auto().candidates] == ["suffix", "pld", "recycle", "eagle"]  # no draft model
     assert [m.name for m in Auto(draft_model=OTHER).candidates] == [
-        "pld",
         "suffix",
+        "pld",
         "recycle",
         "draft",
         "eagle",
