@@ -46,8 +46,9 @@ STEEP = CostModel.fit([1, 2, 64], [1e-3, 1.0, 63.0])  # each drafted node costs 
 
 
 def with_cost(drafter, cost: CostModel):
-    """Fix the cost model: no measuring, no online refinement."""
-    drafter.cost = OnlineCost(cost, rate=0.0)
+    """Fix the cost model: no measuring, no online refinement (for every runtime)."""
+    drafter.config.cost = cost
+    drafter.timings = {}
     return drafter
 
 
@@ -466,3 +467,25 @@ def test_draft_model_observes_a_tree_that_was_not_its_own():
     drafter.observe(state, Scored(other, Verdict([0, 1], chain[:2]), torch.zeros(2, 8)))
     context = prompt + chain[:2]
     assert drafter.propose(state, context, 8).tokens[1:] == tiny.hf_greedy(OTHER, context, 3)
+
+
+def test_auto_picks_the_runtime_its_usage_makes_fastest():
+    """One runtime with a cheap one-token forward and dear trees (llama.cpp's shape), one the other way: mostly
+    plain decoding picks the first, mostly large trees the second, nothing known yet the engine's default."""
+    from specdec.drafters.auto import Timing, Usage
+    from specdec.runtime import RuntimeChoice
+
+    auto = Auto(members="pld")
+    auto.bind(MODEL)
+    trees, plain = RuntimeChoice("trees", lambda: None), RuntimeChoice("plain", lambda: None)
+    auto.timings = {
+        "trees": Timing(OnlineCost(CostModel.fit([1, 16], [2.5e-3, 6.0e-3]), rate=0.0)),
+        "plain": Timing(OnlineCost(CostModel.fit([1, 16], [1.6e-3, 7.5e-3]), rate=0.0)),
+    }
+    greedy = SamplingParams()
+    assert auto.choose_runtime(greedy, [trees, plain]) == 0
+    auto.usage[0.0] = Usage(plain_share=0.9, tree_nodes=8)
+    assert auto.choose_runtime(greedy, [trees, plain]) == 1
+    auto.usage[0.0] = Usage(plain_share=0.1, tree_nodes=12)
+    assert auto.choose_runtime(greedy, [trees, plain]) == 0
+    assert auto.choose_runtime(SamplingParams(temperature=1.0), [trees, plain]) == 0  # per temperature

@@ -103,7 +103,11 @@ class CostModel:
         """`measure(model)` once per model object (kept while the model lives)."""
         from specdec.runtime import runtime_for
 
-        runtime = runtime_for(model)
+        return cls.for_runtime(model, runtime_for(model))
+
+    @classmethod
+    def for_runtime(cls, model, runtime) -> CostModel:
+        """`measure(model)` on a runtime (a `RuntimeChoice`) once per model object and runtime."""
         measured = _MEASURED.setdefault(model, {})
         if runtime.name not in measured:
             measured[runtime.name] = cls.measure(model, runtime=runtime.new)

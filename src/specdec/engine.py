@@ -165,6 +165,13 @@ class Engine:
         self.runtime = select_runtime(model, runtime, hidden_states=needs_hidden, drafts=drafter.drafts)
         drafter.bind(model)
         self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
+        # a drafter that picks the runtime per request (auto) may also use plain decoding's fastest one
+        self.runtimes = [self.runtime]
+        if runtime == "auto" and drafter.chooses_runtime:
+            plain = select_runtime(model, "auto", drafts=False)
+            select_runtime(model, runtime, hidden_states=needs_hidden, drafts=drafter.drafts)  # the default
+            if plain.name != self.runtime.name:
+                self.runtimes.append(plain)
 
     @property
     def max_positions(self) -> int | None:
@@ -203,14 +210,16 @@ class Decoding:
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
         self.t_start = time.perf_counter()
-        self.drafter, self.layers = engine.drafter, engine.layers
-        self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=engine.runtime.name)
+        self.drafter = engine.drafter
+        runtime = engine.runtimes[engine.drafter.choose_runtime(params, engine.runtimes)]
+        self.layers = engine.layers if runtime.hidden_states else ()
+        self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params
         self.generator = make_generator(params.seed)
         self.dist = None if params.greedy else TargetDistribution(params)
         self.out = Output(engine.tokenizer, prompt_ids, params, engine.eos_ids)
-        self.target = engine.runtime.new()  # this generation's cache
-        self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator))
+        self.target = runtime.new()  # this generation's cache
+        self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator, runtime))
         self.context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
 
     def prefill(self) -> None:

@@ -56,6 +56,7 @@ PRIOR_TRIALS = 2.0  # pseudo-trials behind a cell's prior (see `Acceptance.table
 PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned; a later sibling r: / (r + 1)
 GATE_EMA = 0.2  # weight of the newest step in a member's lift
 TIME_EMA = 0.1  # weight of the newest step in measured times
+USAGE_EMA = 0.3  # weight of the newest generation in `Usage`
 RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again after this many generations
 CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
 CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
@@ -79,6 +80,9 @@ class AutoConfig:
     shared_memory: float = 0.99  # the same for the counts carried across requests
     warm_weight: float = 8.0  # most pseudo-trials per cell a generation starts with from the shared counts
     probe_overhead: float = 0.002  # share of plain decoding's time a member not worth running may still cost
+    # a fixed forward cost per tree size for every runtime (no measuring, no online refinement): for tests, or
+    # where measuring at the first generation is unwanted; None: measured per runtime (the default)
+    cost: Any = None
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_depth", "member_nodes"):
@@ -275,11 +279,41 @@ class MemberTrack:
 
 
 @dataclass
+class Timing:
+    """What a step costs on one target runtime: the forward per tree size, and a step's time besides drafting
+    and verification (the engine's bookkeeping, the members' observe, choosing), apart for plain steps and
+    steps with drafts (learning from a tree, sampling along a path: a tree must pay for that too)."""
+
+    cost: OnlineCost
+    overhead: float = 0.0  # plain steps (moving average)
+    tree_overhead: float = 0.0  # steps with drafts
+
+    def plain_seconds(self) -> float:
+        """A plain step's time: what running a member is weighed against."""
+        return self.overhead + self.cost(1)
+
+
+@dataclass
+class Usage:
+    """How auto's generations at one temperature went, for choosing the runtime of the next: the share of
+    plain steps and the mean verified tree when drafting (moving averages over generations)."""
+
+    plain_share: float
+    tree_nodes: float  # drafted nodes + the root, over drafted steps
+
+    def step_seconds(self, timing: Timing) -> float:
+        """Expected time of a step on a runtime, at this usage."""
+        drafted = timing.tree_overhead + timing.cost(self.tree_nodes)
+        return self.plain_share * timing.plain_seconds() + (1 - self.plain_share) * drafted
+
+
+@dataclass
 class AutoState:
     members: list[MemberTrack]
     acceptance: Acceptance  # this generation's estimates, warm-started from the drafter's
     shared: Acceptance  # the drafter's, for this generation's temperature
     key: float  # that temperature (tenths; greedy 0)
+    timing: Timing  # of the runtime this generation runs on
     steps: int = 0
     plain: int = 0  # steps that verified the root alone
     expected: float = 0.0  # accepted drafts the chosen trees were expected to give, summed (calibration)
@@ -301,6 +335,7 @@ class Auto(Drafter):
     needs_hidden_states = True  # when a member reads them (eagle); `hidden_layers` is empty otherwise: free
     hidden_states_optional = True  # on a runtime without them (llamacpp) those members are left out
     uses_head = True  # --draft HEAD_DIR: its eagle member drafts with that head
+    chooses_runtime = True  # per request: llamacpp where it mostly decodes plainly (`choose_runtime`)
 
     def __init__(self, config: AutoConfig | None = None, draft_model=None, **options) -> None:
         self.config = cfg = config or AutoConfig(**options)
@@ -325,18 +360,14 @@ class Auto(Drafter):
         self.members: list[Drafter] = []
         self.left_out: dict[str, str] = {}  # member -> why it refused the model
         self.model = None  # the target, once bound
-        self.cost: OnlineCost | None = None
+        self.timings: dict[str, Timing] = {}  # per target runtime (name), measured at its first generation
+        self.usage: dict[float, Usage] = {}  # per temperature as `shared`
         # counts carried across requests, one set per temperature (tenths; greedy 0): what is accepted at T = 1
         # says little about T = 0
         self.shared: dict[float, Acceptance] = {}
         self.seconds: list[float] = []  # per member: moving average of its propose time (the machine's)
         # per temperature as `shared`, per member: the lift a generation starts from (None: never ran)
         self.lifts: dict[float, list[float | None]] = {}
-        # moving averages of a step's time besides drafting and verification (the engine's bookkeeping, the
-        # members' observe, choosing): a step that verifies drafts costs more here too (learning from a tree,
-        # sampling along a path), which a tree must also pay for
-        self.overhead = 0.0  # plain steps
-        self.tree_overhead = 0.0  # steps with drafts
         self.keep: list[float] = []  # per member: moving average of its observe time, paid every step
         self.benched: dict[float, list[int]] = {}  # per temperature, per member: generations since tried
 
@@ -359,7 +390,9 @@ class Auto(Drafter):
                 LOG.info("auto: %s left out: %s", m.name, e)
                 continue
             self.members.append(m)
-        self.model, self.cost = model, None  # measured at the first start, once the engine checked the model
+        self.model = model
+        self.timings = {}  # each measured at the first start on it, once the engine checked the model
+        self.usage = {}
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
         self.lifts, self.benched = {}, {}
@@ -369,9 +402,34 @@ class Auto(Drafter):
         layers = {i for m in self.members if m.needs_hidden_states for i in m.hidden_layers()}
         return tuple(sorted(layers))
 
+    def _timing(self, runtime) -> Timing:
+        """The timing of a runtime (a `RuntimeChoice`; None: the one the model was last given)."""
+        from specdec.runtime import runtime_for
+
+        runtime = runtime or runtime_for(self.model)
+        if runtime.name not in self.timings:
+            fixed = self.config.cost
+            cost = (
+                OnlineCost(fixed, rate=0.0)
+                if fixed
+                else OnlineCost(CostModel.for_runtime(self.model, runtime))
+            )
+            self.timings[runtime.name] = Timing(cost)
+        return self.timings[runtime.name]
+
+    def choose_runtime(self, params, runtimes: list) -> int:
+        """Index of the runtime (`RuntimeChoice`s, the engine's default first) whose expected step time is the
+        least at the usage auto had at this temperature (none yet: the default). A runtime without hidden
+        states takes no member that reads them."""
+        usage = self.usage.get(0.0 if params.greedy else round(float(params.temperature), 1))
+        if usage is None or len(runtimes) < 2:
+            return 0
+        times = [usage.step_seconds(self._timing(r)) for r in runtimes]
+        return min(range(len(runtimes)), key=times.__getitem__)
+
     def start(self, request: Request) -> AutoState:
-        if self.cost is None:
-            self.cost = OnlineCost(CostModel.for_model(self.model))
+        timing = self._timing(request.runtime)
+        no_hidden = request.runtime is not None and not request.runtime.hidden_states
         params = request.params
         key = 0.0 if params.greedy else round(float(params.temperature), 1)
         shared = self.shared.setdefault(key, Acceptance(2 * len(self.members)))
@@ -379,13 +437,16 @@ class Auto(Drafter):
         benched = self.benched.setdefault(key, [0] * len(self.members))
         tracks = []
         for i, (m, lift) in enumerate(zip(self.members, lifts, strict=True)):
+            if no_hidden and m.needs_hidden_states:  # this generation's runtime returns none: sits out
+                tracks.append(MemberTrack(None, lift, active=False))
+                continue
             trial = lift is None or benched[i] >= RETRY_GENERATIONS
-            active = trial or self.pays_its_keep(i, lift)
+            active = trial or self.pays_its_keep(i, lift, timing)
             benched[i] = 0 if active else benched[i] + 1
             # a member measured before waits for its next probe; a new one (or one on trial) is tried at once
             idle = 1 << 30 if trial else 0
             tracks.append(MemberTrack(m.start(request) if active else None, lift, idle=idle, active=active))
-        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared, key)
+        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared, key, timing)
 
     def prefilled(self, state: AutoState, hidden) -> None:
         for m, track in zip(self.members, state.members, strict=True):
@@ -393,6 +454,17 @@ class Auto(Drafter):
                 m.prefilled(track.state, hidden)
 
     def release(self, state: AutoState) -> None:
+        if state.steps:
+            drafted = state.steps - state.plain
+            share = state.plain / state.steps
+            nodes = 1 + state.nodes / drafted if drafted else 1.0
+            usage = self.usage.get(state.key)
+            if usage is None:
+                self.usage[state.key] = Usage(share, nodes)
+            else:
+                usage.plain_share += USAGE_EMA * (share - usage.plain_share)
+                if drafted:
+                    usage.tree_nodes += USAGE_EMA * (nodes - usage.tree_nodes)
         lifts = self.lifts[state.key]
         self.lifts[state.key] = [
             t.lift if t.ran else lift for t, lift in zip(state.members, lifts, strict=True)
@@ -401,11 +473,11 @@ class Auto(Drafter):
             if track.active:
                 m.release(track.state)
 
-    def pays_its_keep(self, i: int, lift: float | None) -> bool:
+    def pays_its_keep(self, i: int, lift: float | None, timing: Timing) -> bool:
         """A member whose observing costs more per step than a probe may (eagle's head runs over every
         verified token; recycle writes rows) stays only while running it pays for its drafting and its
         observing; the others stay anyway (they cost nothing while they sit out)."""
-        plain = self._plain_seconds()
+        plain = timing.plain_seconds()
         if self.keep[i] <= self.config.probe_overhead * plain:
             return True
         return lift is None or lift > 1.0 + (self.seconds[i] + self.keep[i]) / plain
@@ -419,26 +491,20 @@ class Auto(Drafter):
 
     # -- choosing ------------------------------------------------------------------------------------------
 
-    def _plain_seconds(self) -> float:
-        """A plain step's time: what running a member is weighed against."""
-        assert self.cost is not None, "bind first"
-        return self.overhead + self.cost(1)
-
     def probe_due(self, state: AutoState, i: int) -> bool:
         """Running member i now costs at most `probe_overhead` of plain decoding's time, spread over the steps
         since it last ran."""
-        interval = self.seconds[i] / (self.config.probe_overhead * self._plain_seconds())
+        interval = self.seconds[i] / (self.config.probe_overhead * state.timing.plain_seconds())
         return state.members[i].idle + 1 >= interval
 
     def should_run(self, state: AutoState, i: int) -> bool:
         """The gate of step 1: a probe is due, or running member i is expected to raise the step's tokens per
         second by more than its drafting time adds to the step (its lift exceeds 1 + seconds / step)."""
         lift = state.members[i].lift
-        worth = lift is not None and lift > 1.0 + self.seconds[i] / self._plain_seconds()
+        worth = lift is not None and lift > 1.0 + self.seconds[i] / state.timing.plain_seconds()
         return worth or self.probe_due(state, i)
 
     def propose(self, state: AutoState, context: list[int], max_depth: int) -> DraftTree:
-        assert self.cost is not None, "bind first"
         now = time.perf_counter()
         self._time_overhead(state, now)
         state.step_start, state.drafting = now, 0.0
@@ -454,12 +520,12 @@ class Auto(Drafter):
 
     def _choose(self, state: AutoState, context: list[int], depth: int) -> Choice:
         """Steps 1-3."""
-        assert self.cost is not None
-        overhead, tree_overhead, cap = self.overhead, self.tree_overhead, self.config.max_nodes
-        cost = StepCost(self.cost)
+        timing = state.timing
+        overhead, tree_overhead, cap = timing.overhead, timing.tree_overhead, self.config.max_nodes
+        cost = StepCost(timing.cost)
         union = Union(context[-1])
         picked: list[int] = []
-        best_rate = 1.0 / (overhead + self.cost(1))  # plain decoding's
+        best_rate = 1.0 / (overhead + timing.cost(1))  # plain decoding's
         alone: int | None = None  # the member whose tree carries q: it is verified, whole and alone
         for i in range(
             len(self.members)
@@ -478,13 +544,13 @@ class Auto(Drafter):
                 picked, rate = union.plan(cap, cost, overhead, tree_overhead)
             else:  # it cannot share a trie, and drawn once it is verified (what it learns must come from its
                 # own verification: another tree's emitted token is a draw from p, not the acceptance test)
-                alone, rate = i, (1.0 + sum(values[1:])) / (tree_overhead + self.cost(len(tree)))
+                alone, rate = i, (1.0 + sum(values[1:])) / (tree_overhead + timing.cost(len(tree)))
             # what running it did to this step's tokens per second (a tree with q replaces the others': < 1 when
             # they were better)
             lift = (rate if alone == i else max(rate, best_rate)) / best_rate
             track.lift = lift if track.lift is None else track.lift + GATE_EMA * (lift - track.lift)
             best_rate = max(best_rate, rate)
-            if not self.pays_its_keep(i, track.lift):
+            if not self.pays_its_keep(i, track.lift, timing):
                 self._bench(state, i)
         if alone is not None:
             track = state.members[alone]
@@ -543,25 +609,25 @@ class Auto(Drafter):
         capped at one plain forward so that a consumer pausing the stream does not count."""
         if state.step_start is None:
             return
-        assert self.cost is not None
+        timing = state.timing
         sample = (now - state.step_start) - state.drafting - state.verify
-        sample = min(max(sample, 0.0), self.cost(1))
+        sample = min(max(sample, 0.0), timing.cost(1))
         if state.drafted:
-            self.tree_overhead += TIME_EMA * (sample - self.tree_overhead)
+            timing.tree_overhead += TIME_EMA * (sample - timing.tree_overhead)
         else:
-            self.overhead += TIME_EMA * (sample - self.overhead)
+            timing.overhead += TIME_EMA * (sample - timing.overhead)
 
     # -- learning ------------------------------------------------------------------------------------------
 
     def observe(self, state: AutoState, scored: Scored) -> None:
-        assert self.cost is not None
+        cost = state.timing.cost
         verify = time.perf_counter() - state.proposed
         n = len(scored.tree)
-        predicted = self.cost(n)
+        predicted = cost(n)
         state.cost_error += abs(verify - predicted) / predicted
         state.timed += 1
         state.verify = verify
-        self.cost.update(n, verify)
+        cost.update(n, verify)
         emitted = scored.verdict.tokens
         state.accepted += scored.verdict.accepted_drafts
         # every step, drafted or not: without new evidence the factor drifts back to 1, so a low factor from
@@ -582,7 +648,7 @@ class Auto(Drafter):
                 track.tree = None
 
     def report(self, state: AutoState) -> dict[str, Any]:
-        assert self.cost is not None
+        timing = state.timing
         steps = max(1, state.steps)
         return {
             "steps": state.steps,
@@ -595,11 +661,11 @@ class Auto(Drafter):
             ),  # vs accepted: how well the estimates are calibrated
             "accepted": state.accepted,
             "calibration": round(state.shared.factor, 3),
-            "cost_model": self.cost.report()
+            "cost_model": timing.cost.report()
             | {"mean_relative_error": state.cost_error / max(1, state.timed)},
             "step_overhead_ms": {
-                "plain": round(self.overhead * 1e3, 3),
-                "drafted": round(self.tree_overhead * 1e3, 3),
+                "plain": round(timing.overhead * 1e3, 3),
+                "drafted": round(timing.tree_overhead * 1e3, 3),
             },
             "left_out": dict(self.left_out),
             "benched": [m.name for m, t in zip(self.members, state.members, strict=True) if not t.active],

@@ -34,6 +34,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator  # the call's private RNG; sampled drafts must draw from it for seeded runs
+    runtime: Any = None  # the `RuntimeChoice` this generation's target runs on (None: outside an engine)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Drafter(ABC):
     # proposes drafts (False: every tree is the root alone, so the target runtime with the cheapest one-token
     # forward is the fastest; see specdec.runtime)
     drafts: ClassVar[bool] = True
+    # picks the target runtime per request among the engine's candidates (`choose_runtime`; auto)
+    chooses_runtime: ClassVar[bool] = False
     samples_drafts: ClassVar[bool] = False  # under sampling its nodes carry the q they were drawn from
     mergeable: ClassVar[bool] = False  # drafts point masses and learns from any scored tree: can join `merge`
     uses_head: ClassVar[bool] = (
@@ -72,6 +75,11 @@ class Drafter(ABC):
         if cls.needs_draft_model:
             return cls(draft_model, **options)  # type: ignore[call-arg]
         return cls(**options)
+
+    def choose_runtime(self, params: SamplingParams, runtimes: list) -> int:
+        """For `chooses_runtime` drafters: the index of the runtime (`RuntimeChoice`, the engine's default
+        first) a request with these parameters should run on."""
+        return 0
 
     def bind(self, model) -> None:  # noqa: B027 - optional hook
         """Called once by the engine with the target model (for drafters that run or measure it)."""
