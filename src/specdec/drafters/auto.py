@@ -57,6 +57,11 @@ PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned
 GATE_EMA = 0.2  # weight of the newest step in a member's lift
 TIME_EMA = 0.1  # weight of the newest step in measured times
 USAGE_EMA = 0.3  # weight of the newest generation in `Usage`
+# another runtime must promise steps this much cheaper than the engine's default to be taken: the estimate
+# holds auto's behaviour fixed, but on a runtime with dearer trees auto verifies smaller ones (fewer tokens a
+# step), and cost curves measured after 64 tokens understate llama.cpp's attention at long contexts (greedy
+# bench: switching at no margin cost auto 14% on completion and long prompts)
+RUNTIME_MARGIN = 0.15
 RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again after this many generations
 CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
 CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
@@ -425,7 +430,8 @@ class Auto(Drafter):
         if usage is None or len(runtimes) < 2:
             return 0
         times = [usage.step_seconds(self._timing(r)) for r in runtimes]
-        return min(range(len(runtimes)), key=times.__getitem__)
+        best = min(range(len(runtimes)), key=times.__getitem__)
+        return best if times[best] < (1 - RUNTIME_MARGIN) * times[0] else 0
 
     def start(self, request: Request) -> AutoState:
         timing = self._timing(request.runtime)
