@@ -138,7 +138,7 @@ def test_eos_inside_accepted_draft_stops_there(tok):
 def _kv(runtime, length: int) -> list[torch.Tensor]:
     """Every layer's committed keys and values, whatever the runtime's cache layout."""
     if isinstance(runtime, NativeRunner):
-        return [runtime.cache.k[:, :, :length], runtime.cache.v[:, :, :length]]
+        return [runtime.cache.k[:, 0, :, :length], runtime.cache.v[:, 0, :, :length]]
     return [
         t[..., :length, :] for layer in range(len(runtime.cache.layers)) for t in runtime.cache.tensors(layer)
     ]

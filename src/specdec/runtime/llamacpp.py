@@ -140,8 +140,8 @@ def state_bytes(header: bytes, cache: NativeCache, n: int) -> np.ndarray:
     * D] and, after all keys, per layer the values transposed [kv_heads * D, n] (llama.cpp's float32 V
     layout without flash attention). Native keys are already in GGUF's rotary-pair order. Written in place
     into one buffer: for a 2,000-token prompt it is ~37 MB."""
-    k = cache.k[:, :, :n].detach()  # [L, kv_heads, n, D]
-    v = cache.v[:, :, :n].detach()
+    k = cache.k[:, 0, :, :n].detach()  # [L, kv_heads, n, D]
+    v = cache.v[:, 0, :, :n].detach()
     layers, kv, _, d = k.shape
     row = kv * d
     meta = np.zeros((n, 3), dtype=np.uint32)

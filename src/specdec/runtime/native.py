@@ -78,33 +78,53 @@ class Layer:
 
 
 class NativeCache:
-    """Keys/values [layers, kv_heads, capacity, head_dim]; `length` positions are valid. Grows on demand."""
+    """Keys/values [layers, rows, kv_heads, capacity, head_dim]: one row per sequence decoded together (one for
+    a single generation); `lengths[r]` positions of row r are valid. Grows on demand."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device) -> None:
-        shape = (layers, kv_heads, capacity, head_dim)
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device, rows: int = 1
+    ) -> None:
+        shape = (layers, rows, kv_heads, capacity, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.length = 0
+        self.lengths = [0] * rows
 
-    def crop(self, length: int) -> None:
-        self.length = min(self.length, length)
+    @property
+    def length(self) -> int:
+        """Row 0's length: the single generation's."""
+        return self.lengths[0]
+
+    @length.setter
+    def length(self, value: int) -> None:
+        self.lengths[0] = value
+
+    def crop(self, length: int, row: int = 0) -> None:
+        self.lengths[row] = min(self.lengths[row], length)
 
     def reserve(self, needed: int) -> None:
-        capacity = self.k.shape[2]
+        capacity = self.k.shape[3]
         if needed > capacity:
             grow = max(needed, 2 * capacity) - capacity
             pad = (0, 0, 0, grow)
             self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
 
-    def keep(self, start: int, offsets: list[int]) -> None:
-        """After a forward written at `start`: keep the slots start+offsets (ascending), drop the rest."""
+    def keep(self, start: int, offsets: list[int], row: int = 0) -> None:
+        """After a forward written at `start` in `row`: keep the slots start+offsets (ascending), drop the
+        rest."""
         n = len(offsets)
         if offsets != list(range(n)):  # a contiguous prefix needs no copy: rolling back is moving the length
             src = torch.tensor(offsets, dtype=torch.long, device=self.k.device) + start
             # gather first (index_select copies), so overlapping source and destination slots are safe
-            self.k[:, :, start : start + n] = self.k.index_select(2, src)
-            self.v[:, :, start : start + n] = self.v.index_select(2, src)
-        self.length = start + n
+            self.k[:, row, :, start : start + n] = self.k[:, row].index_select(2, src)
+            self.v[:, row, :, start : start + n] = self.v[:, row].index_select(2, src)
+        self.lengths[row] = start + n
+
+    def move(self, source: int, target: int) -> None:
+        """Row `source`'s contents into row `target` (keeping a batch's live rows first)."""
+        n = self.lengths[source]
+        self.k[:, target, :, :n] = self.k[:, source, :, :n]
+        self.v[:, target, :, :n] = self.v[:, source, :, :n]
+        self.lengths[target] = n
 
 
 def _pair_order(head_dim: int) -> torch.Tensor:
@@ -179,8 +199,10 @@ class NativeModel:
             return weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
         return F.rms_norm(x, x.shape[-1:], weight, self.eps)
 
-    def new_cache(self, capacity: int) -> NativeCache:
-        return NativeCache(len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device)
+    def new_cache(self, capacity: int, rows: int = 1) -> NativeCache:
+        return NativeCache(
+            len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device, rows
+        )
 
     def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
         """[T, 1, D/2] complex rotations for the positions (computed in float32 as HF does, then rounded
@@ -205,14 +227,37 @@ class NativeModel:
         layers: Sequence[int] = (),
         logits: str = "all",
     ) -> Scores:
-        """Run tokens ids [T] at `positions` [T] after the cache, attending by `mask` [T, past + T] (True =
-        visible; None = causal: for T = 1, or T tokens into an empty cache). Writes their keys/values at slots past..past+T-1 and advances the
-        cache length by T. `logits`: "all" rows, "last" row, or "none"; `layers`: HF hidden_states ids."""
+        """Run tokens ids [T] at `positions` [T] after row 0 of the cache, attending by `mask` [T, past + T]
+        (True = visible; None = causal: for T = 1, or T tokens into an empty cache). Writes their keys/values
+        at slots past..past+T-1 and advances the row's length by T. `logits`: "all" rows, "last" row, or
+        "none"; `layers`: HF hidden_states ids."""
         past, t = cache.length, ids.shape[0]
         causal = mask is None and t > 1  # a chunk into an empty cache: the kernel's own causal masking
         assert not causal or past == 0, "a chunk after the cache needs an explicit mask"
-        cache.reserve(past + t)
+        scores = self._run(cache, ids[None], positions[None], mask, [past], causal, layers, logits)
+        cache.length = past + t
+        return scores
+
+    @torch.inference_mode()
+    def forward_rows(
+        self, cache: NativeCache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One forward over rows 0..B-1 of the cache, N tokens each (a row's tree padded to N): ids and
+        positions [B, N], `mask` [B, N, S] with S = max(lengths) + N (True = visible). Each row's tokens are
+        written after its own length, which is left as it is (the caller commits). Returns logits [B, N, V]."""
+        b, n = ids.shape
+        scores = self._run(cache, ids, positions, mask[:, None], cache.lengths[:b], False, (), "all")
+        return scores.logits.view(b, n, -1)
+
+    def _run(self, cache, ids, positions, mask, pasts, causal, layers, logits) -> Scores:
+        """The layers over ids [B, N] (one generation: B = 1), flattened to T = B * N tokens for all but
+        attention; row r's keys/values go to cache row r after its length pasts[r]."""
+        b, n = ids.shape
+        t = b * n
+        end = max(pasts) + n
+        cache.reserve(end)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
+        ids, positions = ids.reshape(t), positions.reshape(t)
         rot = self._rotary(positions)  # [T, 1, D/2]
         wanted = set(layers)
         hidden: dict[int, torch.Tensor] = {}
@@ -232,20 +277,22 @@ class NativeModel:
                 )
             pairs = qk.to(rot.real.dtype).reshape(t, h + kv, d // 2, 2)
             qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(t, h + kv, d).to(self.dtype)
-            cache.k[slot, :, past : past + t] = qk[:, h:].transpose(0, 1)
-            cache.v[slot, :, past : past + t] = qkv[:, (h + kv) * d :].view(t, kv, d).transpose(0, 1)
-            keys = cache.k[slot : slot + 1, :, : past + t]  # [1, kv_heads, past + T, D]
-            values = cache.v[slot : slot + 1, :, : past + t]
-            q = qk[:, :h].transpose(0, 1)[None]  # [1, heads, T, D]
+            new_k = qk[:, h:].view(b, n, kv, d).transpose(1, 2)  # [B, kv_heads, N, D]
+            new_v = qkv[:, (h + kv) * d :].view(b, n, kv, d).transpose(1, 2)
+            for row, past in enumerate(pasts):
+                cache.k[slot, row, :, past : past + n] = new_k[row]
+                cache.v[slot, row, :, past : past + n] = new_v[row]
+            keys = cache.k[slot, :b, :, :end]  # [B, kv_heads, S, D]
+            values = cache.v[slot, :b, :, :end]
+            q = qk[:, :h].view(b, n, h, d).transpose(1, 2)  # [B, heads, N, D]
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h, is_causal=causal
-            )  # [1, heads, T, D]
-            x = torch.addmm(x, out[0].transpose(0, 1).reshape(t, h * d), w.wo_t)
+            )  # [B, heads, N, D]
+            x = torch.addmm(x, out.transpose(1, 2).reshape(t, h * d), w.wo_t)
             if w.bo is not None:
                 x = x + w.bo
             gate, up = F.linear(self._norm(x, w.ln2), w.wgu).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, w.wdown_t)
-        cache.length = past + t
         out_layer = len(self.layers) if len(self.layers) == self.num_layers else None
         if logits == "none" and out_layer not in wanted:
             return Scores(torch.empty(0), hidden)
