@@ -125,6 +125,24 @@ class SpecDecoder:
         """Text deltas as they are accepted; never half a multi-byte character."""
         return Stream(self.engine.run(self.encode(prompt), sampling_params(**params)))
 
+    def generate_batch(self, prompts: list, **params) -> list[Generation]:
+        """Decode the prompts together (one target forward per step scores every row's tree; see
+        `specdec.batch`): each result is what `generate(prompt, **params)` gives for that prompt alone (a
+        seed seeds every row's own generator). Needs the native runtime and a drafter that reads no hidden
+        states."""
+        from specdec.batch import run_batch
+
+        if not isinstance(prompts, list | tuple) or not prompts:
+            raise InputError("prompts must be a non-empty list of prompts")
+        ids = [self.encode(p) for p in prompts]
+        params_list = [sampling_params(**params) for _ in ids]
+        results: list[Generation | None] = [None] * len(ids)
+        for i, step in run_batch(self.engine, ids, params_list):
+            if step.result is not None:
+                results[i] = step.result
+        assert all(r is not None for r in results)  # every row runs until its last step
+        return [r for r in results if r is not None]
+
     def generate(self, prompt: str | list[int], **params) -> Generation:
         """Params: max_new_tokens, temperature, top_k, top_p, seed, stop, ignore_eos (see SamplingParams)."""
         stream = self.stream(prompt, **params)

@@ -23,7 +23,7 @@ from specdec.acceptance import verify_greedy, verify_sampled
 from specdec.drafters.base import Drafter, Request, Scored
 from specdec.errors import ContextLengthError, InputError
 from specdec.models.support import check_tree_attention
-from specdec.runner import ModelRunner
+from specdec.runner import ModelRunner, Scores
 from specdec.runtime import select_runtime
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
@@ -208,17 +208,21 @@ class Engine:
 class Decoding:
     """One generation's state and its steps: the target's cache, the drafter's state, the RNG, the output."""
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, target=None) -> None:
+        """`target`: this generation's runtime (a row of a batch, `specdec.batch`); default: a new one of
+        the runtime chosen for the request."""
         self.t_start = time.perf_counter()
         self.drafter = engine.drafter
         runtime = engine.runtimes[engine.drafter.choose_runtime(params, engine.runtimes)]
+        if target is not None:
+            runtime = engine.runtime
         self.layers = engine.layers if runtime.hidden_states else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params
         self.generator = make_generator(params.seed)
         self.dist = None if params.greedy else TargetDistribution(params)
         self.out = Output(engine.tokenizer, prompt_ids, params, engine.eos_ids)
-        self.target = runtime.new()  # this generation's cache
+        self.target = runtime.new() if target is None else target  # this generation's cache
         self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator, runtime))
         self.context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
 
@@ -232,13 +236,23 @@ class Decoding:
 
     def step(self) -> Step:
         """propose -> one target forward -> accept -> commit -> observe -> emit."""
-        stats, target, drafter, out = self.stats, self.target, self.drafter, self.out
-        remaining = self.params.max_new_tokens - len(out.token_ids)  # >= 1: the bonus token fits
+        tree = self.propose()
+        return self.finish(tree, self.target.score(tree, self.layers))
+
+    def propose(self) -> DraftTree:
+        """The drafter's tree for this step (cut to the tokens still allowed)."""
+        remaining = self.params.max_new_tokens - len(self.out.token_ids)  # >= 1: the bonus token fits
         t0 = time.perf_counter()
-        tree = drafter.propose(self.state, self.context, remaining - 1).truncate_depth(remaining - 1)
-        t1 = time.perf_counter()
-        tree_start = target.length
-        scores = target.score(tree, self.layers)
+        tree = self.drafter.propose(self.state, self.context, remaining - 1).truncate_depth(remaining - 1)
+        self._proposed = time.perf_counter()
+        self._tree_start = self.target.length  # before scoring: a runtime's score may advance its length
+        self.stats.draft_seconds += self._proposed - t0
+        return tree
+
+    def finish(self, tree: DraftTree, scores: Scores) -> Step:
+        """accept -> commit -> observe -> emit, for the tree `propose` returned, scored."""
+        stats, target, drafter, out = self.stats, self.target, self.drafter, self.out
+        t1, tree_start = self._proposed, self._tree_start
         verdict = (
             verify_greedy(tree, scores.logits)
             if self.dist is None
@@ -248,7 +262,7 @@ class Decoding:
         t2 = time.perf_counter()
         drafter.observe(self.state, Scored(tree, verdict, scores.logits, scores.hidden))
         t3 = time.perf_counter()
-        stats.draft_seconds += (t1 - t0) + (t3 - t2)
+        stats.draft_seconds += t3 - t2
         stats.verify_seconds += t2 - t1
         stats.target_forwards += 1
         self._count_depths(tree, verdict.accepted_drafts)

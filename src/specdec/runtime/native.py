@@ -85,8 +85,11 @@ class NativeCache:
         self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype, device, rows: int = 1
     ) -> None:
         shape = (layers, rows, kv_heads, capacity, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # several rows: a row's attention spans the longest row's slots, masked past its own length, and a
+        # masked slot must still hold a finite number (NaN * weight 0 is NaN): zeros, not leftover memory
+        make = torch.zeros if rows > 1 else torch.empty
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
         self.lengths = [0] * rows
 
     @property

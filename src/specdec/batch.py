@@ -1,0 +1,181 @@
+"""Several generations decoded together: one target forward per step scores every live row's tree.
+
+    prompts -> each prefilled into its own cache row -> [ every row's drafter proposes -> ONE forward over all
+    rows' trees (padded to the largest) -> per row: acceptance, commit, observe, emit ] -> rows leave as they end
+
+On a CPU a small model's forward is mostly fixed cost (weights streamed once whatever the batch), so B rows
+scored together cost far less than B forwards. Each row is an ordinary `Decoding` (its own drafter state,
+RNG, output and stopping): only its target is a row of the shared cache (`BatchRows`), so a row's tokens are
+what the same request gives decoded alone (greedy: generate()'s; sampled: the same draws from its own seeded
+generator). Rows are kept in cache order 0..B-1: a finished row's slot is filled by moving the last live row
+into it.
+
+The batch runs on the native runtime (its forward takes rows, `NativeModel.forward_rows`) and for drafters
+that read no hidden states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from specdec.errors import InputError
+from specdec.runner import Scores
+from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
+from specdec.tree import DraftTree
+
+if TYPE_CHECKING:
+    from specdec.engine import Step
+
+
+@dataclass
+class Slot:
+    """A generation's row in the batch cache; the batch renumbers it when rows move."""
+
+    row: int
+
+
+class BatchRows:
+    """The batch's target: a native cache with one row per live generation, scored in one forward."""
+
+    def __init__(self, native: NativeModel, rows: int, capacity: int) -> None:
+        self.native = native
+        self.cache: NativeCache = native.new_cache(capacity, rows)
+        self.slots: list[Slot] = []  # live rows in cache order
+
+    def add(self) -> Slot:
+        slot = Slot(len(self.slots))
+        self.slots.append(slot)
+        self.cache.lengths[slot.row] = 0
+        return slot
+
+    def remove(self, slot: Slot) -> None:
+        """Free a row: the last live row moves into it, so live rows stay 0..B-1."""
+        last = self.slots.pop()
+        if last is not slot:
+            self.cache.move(last.row, slot.row)
+            last.row = slot.row
+            self.slots[slot.row] = last
+
+    def prefill(self, slot: Slot, token_ids: list[int]) -> None:
+        """The row's prompt, run alone (a one-row forward into a scratch cache), then copied into its row."""
+        if not token_ids:
+            self.cache.lengths[slot.row] = 0
+            return
+        single = NativeRunner(self.native)
+        single.reset(len(token_ids))
+        single.prefill(token_ids)
+        assert single.cache is not None  # reset() made it
+        n = len(token_ids)
+        self.cache.reserve(n)
+        self.cache.k[:, slot.row, :, :n] = single.cache.k[:, 0, :, :n]
+        self.cache.v[:, slot.row, :, :n] = single.cache.v[:, 0, :, :n]
+        self.cache.lengths[slot.row] = n
+
+    def score(self, trees: Sequence[DraftTree]) -> list[torch.Tensor]:
+        """One forward over the trees of rows 0..B-1 (in that order): logits [len(tree), V] per row."""
+        b, n = len(trees), max(len(t) for t in trees)
+        pasts = self.cache.lengths[:b]
+        width = max(pasts) + n
+        device = self.native.device
+        ids = torch.zeros(b, n, dtype=torch.long, device=device)
+        positions = torch.zeros(b, n, dtype=torch.long, device=device)
+        mask = torch.zeros(b, n, width, dtype=torch.bool, device=device)  # True = visible
+        for r, (tree, past) in enumerate(zip(trees, pasts, strict=True)):
+            m = len(tree)
+            ids[r, :m] = torch.tensor(tree.tokens)
+            positions[r, :m] = torch.tensor(tree.depths) + past
+            positions[r, m:] = past
+            mask[r, :m, :past] = True
+            mask[r, :m, past : past + m] = tree.ancestor_mask().to(device)
+            mask[r, m:, 0] = True  # padding queries see one key (an all-masked row would give NaN); unused
+        logits = self.native.forward_rows(self.cache, ids, positions, mask)  # [B, N, V]
+        return [logits[r, : len(tree)] for r, tree in enumerate(trees)]
+
+
+class RowTarget:
+    """One generation's view of the batch: the target runtime surface `Decoding` uses (scoring is the
+    batch's, one forward for all rows)."""
+
+    def __init__(self, rows: BatchRows, slot: Slot) -> None:
+        self.rows, self.slot = rows, slot
+
+    @property
+    def length(self) -> int:
+        return self.rows.cache.lengths[self.slot.row]
+
+    def reset(self, positions: int, slack: int = 0) -> None:
+        self.rows.cache.reserve(positions + slack)
+
+    def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
+        self.rows.prefill(self.slot, token_ids)
+        return Scores(torch.empty(0), {})
+
+    def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
+        raise RuntimeError("a row of a batch is scored with the others (BatchRows.score)")
+
+    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+        self.rows.cache.keep(tree_start, accepted_nodes, self.slot.row)
+
+    def free(self) -> None:
+        pass  # the batch frees the row when the generation ends
+
+
+def check_batchable(engine) -> NativeModel:
+    """The native model under the engine, or InputError saying why this engine cannot batch."""
+    if engine.runtime.name != "native":
+        raise InputError(
+            f"batched decoding runs on the native runtime (Llama, Mistral, Qwen2, Qwen3); this engine uses "
+            f"{engine.runtime.name}"
+        )
+    if engine.layers:
+        raise InputError(
+            f"batched decoding does not yet serve {engine.drafter.name}, which reads hidden states"
+        )
+    runner = engine.runtime.new()
+    assert isinstance(runner, NativeRunner)  # the native runtime's factory
+    return runner.native
+
+
+def run_batch(engine, prompts: list[list[int]], params_list: list) -> Generator[tuple[int, Step], None, None]:
+    """Decode the prompts together; yields (prompt index, `Step`) after every shared forward, for each row
+    still live, until all are done. Rows end independently (their own max_new_tokens, EOS, stop strings)."""
+    from specdec.engine import Decoding
+
+    native = check_batchable(engine)
+    for params in params_list:
+        params.validate()
+    capacity = (
+        max(len(p) + params.max_new_tokens for p, params in zip(prompts, params_list, strict=True)) + 64
+    )
+    rows = BatchRows(native, len(prompts), capacity)
+    runs: dict[int, Decoding] = {}
+    slots: dict[int, Slot] = {}
+    try:
+        with torch.inference_mode():
+            for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+                if not prompt:
+                    raise InputError(f"prompt {i} is empty (it must contain at least one token)")
+                slots[i] = rows.add()
+                runs[i] = Decoding(engine, prompt, params, target=RowTarget(rows, slots[i]))
+                runs[i].prefill()
+        while runs:
+            with torch.inference_mode():
+                order = sorted(runs, key=lambda i: slots[i].row)  # cache order: row r is order[r]
+                trees = [runs[i].propose() for i in order]
+                logits = rows.score(trees)  # each row's verify time spans the shared forward
+                steps = [
+                    (i, runs[i].finish(tree, Scores(row_logits, {})))
+                    for i, tree, row_logits in zip(order, trees, logits, strict=True)
+                ]
+            for i, step in steps:
+                yield i, step
+                if step.done:
+                    runs.pop(i).close()
+                    rows.remove(slots.pop(i))
+    finally:
+        for run in runs.values():
+            run.close()
