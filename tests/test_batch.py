@@ -75,3 +75,8 @@ def test_what_cannot_batch_says_why():
         eagle.generate_batch(TEXTS, max_new_tokens=4)
     with pytest.raises(InputError, match="non-empty list"):
         eagle.generate_batch([], max_new_tokens=4)
+    pld = SpecDecoder(model, tiny.tokenizer(), "pld")
+    with pytest.raises(InputError, match="prompt 1 .* exceeds the model's context"):
+        pld.generate_batch([[5], [5, 6, 7, 8]], max_new_tokens=510)
+    with pytest.raises(InputError, match="prompt 0 is empty"):
+        pld.generate_batch([[]], max_new_tokens=4)

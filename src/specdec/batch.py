@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from specdec.errors import InputError
+from specdec.errors import ContextLengthError, InputError
 from specdec.runner import Scores
 from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
 from specdec.tree import DraftTree
@@ -159,6 +159,12 @@ def run_batch(engine, prompts: list[list[int]], params_list: list) -> Generator[
             for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
                 if not prompt:
                     raise InputError(f"prompt {i} is empty (it must contain at least one token)")
+                limit = engine.max_positions
+                if limit is not None and len(prompt) + params.max_new_tokens > limit:
+                    raise ContextLengthError(
+                        f"prompt {i} ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                        f"exceeds the model's context of {limit} positions"
+                    )
                 slots[i] = rows.add()
                 runs[i] = Decoding(engine, prompt, params, target=RowTarget(rows, slots[i]))
                 runs[i].prefill()

@@ -45,7 +45,7 @@ class Stats:
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
     finish_reason: str = ""  # "length", "eos" or "stop"
-    runtime: str = ""  # the target runtime that ran the forwards ("native" or "transformers")
+    runtime: str = ""  # the target runtime that ran the forwards ("llamacpp", "native" or "transformers")
     drafter: dict[str, Any] = field(default_factory=dict)  # `Drafter.report` at the end of a generation
 
     @property
@@ -213,8 +213,9 @@ class Decoding:
         the runtime chosen for the request."""
         self.t_start = time.perf_counter()
         self.drafter = engine.drafter
-        runtime = engine.runtimes[engine.drafter.choose_runtime(params, engine.runtimes)]
-        if target is not None:
+        if target is None:
+            runtime = engine.runtimes[engine.drafter.choose_runtime(params, engine.runtimes)]
+        else:  # a batch row: the batch runs on the engine's runtime
             runtime = engine.runtime
         self.layers = engine.layers if runtime.hidden_states else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)

@@ -99,7 +99,8 @@ class SpecdecMethod(Method):
         self.decoder = SpecDecoder(
             model, tokenizer, method=method, draft_model=draft_model, runtime=forced or runtime
         )
-        self.runtime = self.decoder.engine.runtime.name
+        # auto may run a request on either of two runtimes (docs/runtime.md)
+        self.runtime = " or ".join(r.name for r in self.decoder.engine.runtimes)
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
         start = time.perf_counter()
