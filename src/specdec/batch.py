@@ -92,8 +92,12 @@ class BatchRows:
             mask[r, :m, :past] = True
             mask[r, :m, past : past + m] = tree.ancestor_mask().to(device)
             mask[r, m:, 0] = True  # padding queries see one key (an all-masked row would give NaN); unused
-        logits = self.native.forward_rows(self.cache, ids, positions, mask)  # [B, N, V]
-        return [logits[r, : len(tree)] for r, tree in enumerate(trees)]
+        sizes = [len(tree) for tree in trees]
+        real = None  # no padding (every tree the same size, plain decoding say): no gathering either
+        if sum(sizes) < b * n:
+            real = torch.cat([torch.arange(m, device=device) + r * n for r, m in enumerate(sizes)])
+        logits = self.native.forward_rows(self.cache, ids, positions, mask, real)  # [sum(sizes), V]
+        return list(logits.split(sizes))
 
 
 class RowTarget:

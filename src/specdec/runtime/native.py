@@ -243,24 +243,35 @@ class NativeModel:
 
     @torch.inference_mode()
     def forward_rows(
-        self, cache: NativeCache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        cache: NativeCache,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        real: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One forward over rows 0..B-1 of the cache, N tokens each (a row's tree padded to N): ids and
-        positions [B, N], `mask` [B, N, S] with S = max(lengths) + N (True = visible). Each row's tokens are
-        written after its own length, which is left as it is (the caller commits). Returns logits [B, N, V]."""
-        b, n = ids.shape
-        scores = self._run(cache, ids, positions, mask[:, None], cache.lengths[:b], False, (), "all")
-        return scores.logits.view(b, n, -1)
+        positions [B, N], `mask` [B, N, S] with S = max(lengths) + N (True = visible), `real` [R] the flat
+        indices (row * N + i) of the real tokens: only they go through the matrix products (padding costs
+        only attention; None: every token is real). Each row's tokens are written after its own length, which is left as it is (the
+        caller commits). Returns logits [R, V], in `real`'s order."""
+        b = ids.shape[0]
+        scores = self._run(cache, ids, positions, mask[:, None], cache.lengths[:b], False, (), "all", real)
+        return scores.logits
 
-    def _run(self, cache, ids, positions, mask, pasts, causal, layers, logits) -> Scores:
-        """The layers over ids [B, N] (one generation: B = 1), flattened to T = B * N tokens for all but
-        attention; row r's keys/values go to cache row r after its length pasts[r]."""
+    def _run(self, cache, ids, positions, mask, pasts, causal, layers, logits, real=None) -> Scores:
+        """The layers over ids [B, N] (one generation: B = 1), flattened to T tokens for all but attention
+        (T = B * N, or the `real` ones: attention alone sees the [B, N] grid, padding as zero keys); row r's
+        keys/values go to cache row r after its length pasts[r]."""
         b, n = ids.shape
-        t = b * n
+        grid = b * n
         end = max(pasts) + n
         cache.reserve(end)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
-        ids, positions = ids.reshape(t), positions.reshape(t)
+        ids, positions = ids.reshape(grid), positions.reshape(grid)
+        if real is not None:
+            ids, positions = ids[real], positions[real]
+        t = ids.shape[0]
         rot = self._rotary(positions)  # [T, 1, D/2]
         wanted = set(layers)
         hidden: dict[int, torch.Tensor] = {}
@@ -280,8 +291,12 @@ class NativeModel:
                 )
             pairs = qk.to(rot.real.dtype).reshape(t, h + kv, d // 2, 2)
             qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(t, h + kv, d).to(self.dtype)
+            v_flat = qkv[:, (h + kv) * d :]
+            if real is not None:  # onto the [B, N] grid attention works on
+                qk = qk.new_zeros(grid, h + kv, d).index_copy_(0, real, qk)
+                v_flat = v_flat.new_zeros(grid, kv * d).index_copy_(0, real, v_flat)
             new_k = qk[:, h:].view(b, n, kv, d).transpose(1, 2)  # [B, kv_heads, N, D]
-            new_v = qkv[:, (h + kv) * d :].view(b, n, kv, d).transpose(1, 2)
+            new_v = v_flat.view(b, n, kv, d).transpose(1, 2)
             for row, past in enumerate(pasts):
                 cache.k[slot, row, :, past : past + n] = new_k[row]
                 cache.v[slot, row, :, past : past + n] = new_v[row]
@@ -291,7 +306,10 @@ class NativeModel:
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h, is_causal=causal
             )  # [B, heads, N, D]
-            x = torch.addmm(x, out.transpose(1, 2).reshape(t, h * d), w.wo_t)
+            attended = out.transpose(1, 2).reshape(grid, h * d)
+            if real is not None:
+                attended = attended.index_select(0, real)
+            x = torch.addmm(x, attended, w.wo_t)
             if w.bo is not None:
                 x = x + w.bo
             gate, up = F.linear(self._norm(x, w.ln2), w.wgu).chunk(2, dim=-1)
