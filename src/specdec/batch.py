@@ -1,7 +1,10 @@
 """Several generations decoded together: one target forward per step scores every live row's tree.
 
     prompts -> each prefilled into its own cache row -> [ every row's drafter proposes -> ONE forward over all
-    rows' trees (padded to the largest) -> per row: acceptance, commit, observe, emit ] -> rows leave as they end
+    rows' trees -> per row: acceptance, commit, observe, emit ] -> rows leave as they end
+
+In that forward only the rows' real tokens go through the matrix products and the output layer; attention
+works on a [rows, largest tree] grid with per-row positions and a mask of the row's own past and tree.
 
 On a CPU a small model's forward is mostly fixed cost (weights streamed once whatever the batch), so B rows
 scored together cost far less than B forwards. Each row is an ordinary `Decoding` (its own drafter state,
