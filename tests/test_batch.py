@@ -76,7 +76,35 @@ def test_what_cannot_batch_says_why():
     with pytest.raises(InputError, match="non-empty list"):
         eagle.generate_batch([], max_new_tokens=4)
     pld = SpecDecoder(model, tiny.tokenizer(), "pld")
-    with pytest.raises(InputError, match="prompt 1 .* exceeds the model's context"):
+    with pytest.raises(InputError, match="prompt 1: .* exceeds the model's context"):
         pld.generate_batch([[5], [5, 6, 7, 8]], max_new_tokens=510)
-    with pytest.raises(InputError, match="prompt 0 is empty"):
+    with pytest.raises(InputError, match="prompt 0: the prompt is empty"):
         pld.generate_batch([[]], max_new_tokens=4)
+
+
+def test_rows_join_and_leave_between_steps():
+    """A row joins after others have run steps, one is abandoned mid-way (its row freed at once and reused),
+    and every finished row still equals generate()."""
+    from specdec.batch import Batch
+
+    dec = _decoder("llama", "pld")
+    tok = tiny.tokenizer()
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    batch = Batch(dec.engine, rows=2, capacity=64)
+    first = batch.join(prompts[0], sampling_params(max_new_tokens=20))
+    abandoned = batch.join(prompts[1], sampling_params(max_new_tokens=20))
+    assert batch.full
+    results = {}
+    for _ in range(2):
+        for member, step in batch.step():
+            if step.done:
+                results[id(member)] = step.result
+    batch.leave(abandoned)
+    late = batch.join(prompts[2], sampling_params(max_new_tokens=12))
+    while batch.members:
+        for member, step in batch.step():
+            if step.done:
+                results[id(member)] = step.result
+    assert results[id(first)].token_ids == tiny.hf_greedy(dec.model, prompts[0], 20)
+    assert results[id(late)].token_ids == tiny.hf_greedy(dec.model, prompts[2], 12)
+    assert id(abandoned) not in results

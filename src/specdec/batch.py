@@ -31,7 +31,7 @@ from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
 from specdec.tree import DraftTree
 
 if TYPE_CHECKING:
-    from specdec.engine import Step
+    from specdec.engine import Decoding, Step
 
 
 @dataclass
@@ -147,48 +147,100 @@ def check_batchable(engine) -> NativeModel:
     return runner.native
 
 
+@dataclass(eq=False)
+class Member:
+    """A generation in a batch: its `Decoding` and its row."""
+
+    run: Decoding
+    slot: Slot
+
+
+class Batch:
+    """Generations that join, step together and leave: one target forward per `step` for all live rows.
+    `rows` is the most live at once (the cache is allocated for that many)."""
+
+    def __init__(self, engine, rows: int, capacity: int = 256) -> None:
+        self.engine = engine
+        self.rows = BatchRows(check_batchable(engine), rows, capacity)
+        self.members: list[Member] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.members) >= self.rows.cache.k.shape[1]
+
+    def join(self, prompt_ids: list[int], params) -> Member:
+        """Prefill a new row (InputError / ContextLengthError for a request that cannot run; the batch is
+        unchanged then)."""
+        from specdec.engine import Decoding
+
+        params.validate()
+        if not prompt_ids:
+            raise InputError("the prompt is empty (it must contain at least one token)")
+        limit = self.engine.max_positions
+        if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                f"model's context of {limit} positions"
+            )
+        if self.full:
+            raise InputError("the batch is full")
+        slot = self.rows.add()
+        try:
+            with torch.inference_mode():
+                run = Decoding(self.engine, prompt_ids, params, target=RowTarget(self.rows, slot))
+                run.prefill()
+        except BaseException:
+            self.rows.remove(slot)
+            raise
+        member = Member(run, slot)
+        self.members.append(member)
+        return member
+
+    def leave(self, member: Member) -> None:
+        """End a generation (finished or abandoned) and free its row."""
+        self.members.remove(member)
+        member.run.close()
+        self.rows.remove(member.slot)
+
+    def step(self) -> list[tuple[Member, Step]]:
+        """One shared forward: every live row proposes, is scored, accepts and emits; rows whose generation
+        ended leave. Returns each row's `Step`."""
+        if not self.members:
+            return []
+        with torch.inference_mode():
+            members = sorted(self.members, key=lambda m: m.slot.row)  # cache order: row r is members[r]
+            trees = [m.run.propose() for m in members]
+            logits = self.rows.score(trees)  # each row's verify time spans the shared forward
+            steps = [
+                (m, m.run.finish(tree, Scores(row_logits, {})))
+                for m, tree, row_logits in zip(members, trees, logits, strict=True)
+            ]
+        for member, step in steps:
+            if step.done:
+                self.leave(member)
+        return steps
+
+    def close(self) -> None:
+        for member in list(self.members):
+            self.leave(member)
+
+
 def run_batch(engine, prompts: list[list[int]], params_list: list) -> Generator[tuple[int, Step], None, None]:
     """Decode the prompts together; yields (prompt index, `Step`) after every shared forward, for each row
     still live, until all are done. Rows end independently (their own max_new_tokens, EOS, stop strings)."""
-    from specdec.engine import Decoding
-
-    native = check_batchable(engine)
-    for params in params_list:
-        params.validate()
     capacity = (
         max(len(p) + params.max_new_tokens for p, params in zip(prompts, params_list, strict=True)) + 64
     )
-    rows = BatchRows(native, len(prompts), capacity)
-    runs: dict[int, Decoding] = {}
-    slots: dict[int, Slot] = {}
+    batch = Batch(engine, len(prompts), capacity)
+    index: dict[int, int] = {}  # id(member) -> prompt index
     try:
-        with torch.inference_mode():
-            for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
-                if not prompt:
-                    raise InputError(f"prompt {i} is empty (it must contain at least one token)")
-                limit = engine.max_positions
-                if limit is not None and len(prompt) + params.max_new_tokens > limit:
-                    raise ContextLengthError(
-                        f"prompt {i} ({len(prompt)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                        f"exceeds the model's context of {limit} positions"
-                    )
-                slots[i] = rows.add()
-                runs[i] = Decoding(engine, prompt, params, target=RowTarget(rows, slots[i]))
-                runs[i].prefill()
-        while runs:
-            with torch.inference_mode():
-                order = sorted(runs, key=lambda i: slots[i].row)  # cache order: row r is order[r]
-                trees = [runs[i].propose() for i in order]
-                logits = rows.score(trees)  # each row's verify time spans the shared forward
-                steps = [
-                    (i, runs[i].finish(tree, Scores(row_logits, {})))
-                    for i, tree, row_logits in zip(order, trees, logits, strict=True)
-                ]
-            for i, step in steps:
-                yield i, step
-                if step.done:
-                    runs.pop(i).close()
-                    rows.remove(slots.pop(i))
+        for i, (prompt, params) in enumerate(zip(prompts, params_list, strict=True)):
+            try:
+                index[id(batch.join(prompt, params))] = i
+            except InputError as e:
+                raise type(e)(f"prompt {i}: {e}") from None
+        while batch.members:
+            for member, step in batch.step():
+                yield index[id(member)], step
     finally:
-        for run in runs.values():
-            run.close()
+        batch.close()
