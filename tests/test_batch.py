@@ -108,3 +108,23 @@ def test_rows_join_and_leave_between_steps():
     assert results[id(first)].token_ids == tiny.hf_greedy(dec.model, prompts[0], 20)
     assert results[id(late)].token_ids == tiny.hf_greedy(dec.model, prompts[2], 12)
     assert id(abandoned) not in results
+
+
+def test_a_row_leaves_after_the_cache_grew():
+    """A cache that grew inside a forward (inference mode) can still move rows when one leaves outside it."""
+    from specdec.batch import Batch
+
+    dec = _decoder("llama", "pld")
+    tok = tiny.tokenizer()
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    batch = Batch(dec.engine, rows=3, capacity=8)  # far too small: every join and step grows it
+    members = [
+        batch.join(p, sampling_params(max_new_tokens=n)) for p, n in zip(prompts, (4, 30, 9), strict=False)
+    ]
+    results = {}
+    while batch.members:
+        for member, step in batch.step():
+            if step.done:
+                results[id(member)] = step.result.token_ids
+    for member, prompt, n in zip(members, prompts, (4, 30, 9), strict=False):
+        assert results[id(member)] == tiny.hf_greedy(dec.model, prompt, n)

@@ -190,7 +190,8 @@ class Batch:
                 run = Decoding(self.engine, prompt_ids, params, target=RowTarget(self.rows, slot))
                 run.prefill()
         except BaseException:
-            self.rows.remove(slot)
+            with torch.inference_mode():
+                self.rows.remove(slot)
             raise
         member = Member(run, slot)
         self.members.append(member)
@@ -200,7 +201,9 @@ class Batch:
         """End a generation (finished or abandoned) and free its row."""
         self.members.remove(member)
         member.run.close()
-        self.rows.remove(member.slot)
+        # the cache may have been (re)allocated inside inference mode (a forward that grew it): only touched there
+        with torch.inference_mode():
+            self.rows.remove(member.slot)
 
     def step(self) -> list[tuple[Member, Step]]:
         """One shared forward: every live row proposes, is scored, accepts and emits; rows whose generation

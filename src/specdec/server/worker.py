@@ -171,16 +171,26 @@ class EngineWorker:
                     return
                 room = self.max_batch - len(self._live)
                 starting = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-            for job in starting:
-                self._start(job, batches)
-            for live in list(self._live):
-                if live.job.cancelled.is_set():
-                    self._end(live, "cancelled")
-            for batch in [b for b in batches.by_decoder.values() if b is not None and b.members]:
-                concerned = [x for x in self._live if x.batch is batch]
-                self._guarded(lambda batch=batch: self._route(batch.step()), concerned)
-            for live in [x for x in self._live if x.steps is not None]:
-                self._guarded(lambda live=live: self._route([(live, next(live.steps))]), [live])
+            try:
+                self._advance(starting, batches)
+            except Exception:  # noqa: BLE001 - the engine thread must outlive any one step's failure
+                log.exception("engine step failed")
+                for live in list(self._live):
+                    self._fail(live.job, RuntimeError("engine step failed"))
+                    self._end(live, "failed")
+
+    def _advance(self, starting: list[Job], batches: _Batches) -> None:
+        """Start the new jobs, drop the cancelled ones, then one step for every live generation."""
+        for job in starting:
+            self._start(job, batches)
+        for live in list(self._live):
+            if live.job.cancelled.is_set():
+                self._end(live, "cancelled")
+        for batch in [b for b in batches.by_decoder.values() if b is not None and b.members]:
+            concerned = [x for x in self._live if x.batch is batch]
+            self._guarded(lambda batch=batch: self._route(batch.step()), concerned)
+        for live in [x for x in self._live if x.steps is not None]:
+            self._guarded(lambda live=live: self._route([(live, next(live.steps))]), [live])
 
     def _start(self, job: Job, batches: _Batches) -> None:
         """Validate and prefill a job (joining a batch where its decoder can batch); a job that cannot run
@@ -275,8 +285,11 @@ class EngineWorker:
 
     def _end(self, live: Live, outcome: str) -> None:
         """A live generation is over: free its row or close its generator, count it."""
-        if live.member is not None and live.batch is not None and live.member in live.batch.members:
-            live.batch.leave(live.member)
+        try:
+            if live.member is not None and live.batch is not None and live.member in live.batch.members:
+                live.batch.leave(live.member)
+        except Exception:  # noqa: BLE001 - the generation is over either way
+            log.exception("freeing a batch row failed")
         live.member = None
         if live.steps is not None:
             live.steps.close()  # ends the engine's generator (and frees its cache) here
