@@ -581,13 +581,12 @@ def test_eos_ends_with_finish_reason_stop(tok):
 
 
 def test_queue_limit_and_cancel_before_start(tok):
-    """With max_batch 1, max_queued requests may wait behind the running one; more get 503; a cancelled waiting
-    job never runs."""
+    """max_queued requests may wait behind the running one; more get 503; a cancelled waiting job never runs."""
     dec = SpecDecoder(tiny.model("llama"), tok, GatedDrafter())
     params = {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": []}
 
     async def scenario():
-        worker = EngineWorker(max_queued=1, max_batch=1)
+        worker = EngineWorker(max_queued=1)
         jobs = [Job(dec, "gated", Prompt(lambda: [5, 6, 7], "prompt", None, 8), params) for _ in range(3)]
         GATE.clear()
         try:
