@@ -88,3 +88,20 @@ def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok):
     dec.drafter.usage[0.0] = Usage(plain_share=1.0, tree_nodes=2.0)
     second = dec.generate(prompt, max_new_tokens=16)
     assert second.stats.runtime == "llamacpp" and second.token_ids == first.token_ids
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pld"])
+def test_sampled_tokens_are_what_generate_samples_on_llamacpp(tok, method):
+    """Seeded sampling through the llamacpp runtime: one draw per emitted token from the target's own p, so
+    the same tokens as transformers' sampler with the same seed (as test_sampling checks for the others)."""
+    prompt = tok("x = 1\ny = 2\nx = 1\ny = 2\n")["input_ids"]
+    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp")
+    ids = torch.tensor([prompt])
+    for seed in range(6):
+        torch.manual_seed(seed)
+        hf = MODEL.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=20, top_k=0,
+            eos_token_id=None, pad_token_id=0,
+        )[0, len(prompt) :].tolist()  # fmt: skip
+        out = dec.generate(prompt, max_new_tokens=20, temperature=1.0, seed=seed, ignore_eos=True)
+        assert out.token_ids == hf, seed

@@ -168,8 +168,7 @@ class Engine:
         # a drafter that picks the runtime per request (auto) may also use plain decoding's fastest one
         self.runtimes = [self.runtime]
         if runtime == "auto" and drafter.chooses_runtime:
-            plain = select_runtime(model, "auto", drafts=False)
-            select_runtime(model, runtime, hidden_states=needs_hidden, drafts=drafter.drafts)  # the default
+            plain = select_runtime(model, "auto", drafts=False, remember=False)
             if plain.name != self.runtime.name:
                 self.runtimes.append(plain)
 

@@ -125,11 +125,12 @@ def _auto(model, hidden_states: bool, drafts: bool) -> RuntimeChoice:
 
 
 def select_runtime(
-    model, name: str = "auto", hidden_states: bool = False, drafts: bool = True
+    model, name: str = "auto", hidden_states: bool = False, drafts: bool = True, remember: bool = True
 ) -> RuntimeChoice:
     """The runtime `name` for `model` ("auto": see the module docstring); `hidden_states`: the drafter reads
     the target's hidden states, which the llamacpp runtime does not return; `drafts`: the drafter proposes
-    drafts (else every forward is one token). Decided once per model and arguments; the load-time check
+    drafts (else every forward is one token); `remember`: this is the model's runtime from now on
+    (`runtime_for`), False for an alternative. Decided once per model and arguments; the load-time check
     runs at the first choice."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
@@ -149,7 +150,8 @@ def select_runtime(
             chosen[key] = _llamacpp(model)
         else:
             chosen[key] = _auto(model, hidden_states, drafts)
-    _LAST[model] = chosen[key]
+    if remember:
+        _LAST[model] = chosen[key]
     return chosen[key]
 
 

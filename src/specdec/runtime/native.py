@@ -207,10 +207,9 @@ class NativeModel:
             len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device, rows
         )
 
-    def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
+    def _rotary(self, positions: torch.Tensor, end: int) -> torch.Tensor:
         """[T, 1, D/2] complex rotations for the positions (computed in float32 as HF does, then rounded
         to the model's dtype as HF's cos/sin are; float64 models keep float64)."""
-        end = int(positions.max()) + 1
         if self._rotary_table.shape[0] < end:
             n = max(end, 2 * self._rotary_table.shape[0], 256)
             freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.device), self.inv_freq)
@@ -272,7 +271,7 @@ class NativeModel:
         if real is not None:
             ids, positions = ids[real], positions[real]
         t = ids.shape[0]
-        rot = self._rotary(positions)  # [T, 1, D/2]
+        rot = self._rotary(positions, end)  # [T, 1, D/2]; every position is below `end`
         wanted = set(layers)
         hidden: dict[int, torch.Tensor] = {}
         x = self.embed[ids]  # [T, H]
