@@ -113,6 +113,35 @@ def test_tree_mask_step_sees_only_ancestors(target):
         torch.testing.assert_close(both[i], alone[0], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm_before_residual", [False, True])
+def test_packed_head_step_equals_the_reference_step(target, norm_before_residual):
+    """Drafting's packed kernel computes Eagle3Head.step: prefill, a tree level with a sibling mask, a chain;
+    float64, so any difference beyond rounding is a bug (a wrong rotary pairing, norm or residual)."""
+    from specdec.heads.eagle3 import PackedHead
+
+    head = make_head(target)
+    head.config.norm_before_residual = norm_before_residual
+    packed = PackedHead(head)
+    aux, tokens = inputs(12)
+    ref_cache, cache = head.new_cache(32, torch.float64), head.new_cache(32, torch.float64)
+    calls = [
+        (aux[0, :7], tokens[0, 1:8], torch.arange(7), None),
+        (torch.randn(3, HIDDEN, dtype=torch.float64), tokens[0, 8:11], torch.tensor([7, 7, 8]), None),
+        (
+            aux[0, 7:9],
+            tokens[0, 9:11],
+            torch.tensor([7, 8]),
+            torch.tensor([[1] * 7 + [1, 0, 1, 1, 0], [1] * 12]).bool(),
+        ),
+    ]
+    for features, toks, positions, visible in calls:
+        want = head.step(ref_cache, features, toks, positions, visible)
+        got = packed.step(cache, features, toks, positions, visible)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert cache.length == ref_cache.length == 12
+
+
 def test_save_load_round_trip_in_the_engines_layout(target, tmp_path):
     head = make_head(target, dtype=torch.float32)
     save_head(head, tmp_path / "h", dtype=torch.float32)

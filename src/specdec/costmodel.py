@@ -192,6 +192,8 @@ class OnlineCost:
             self.anchors[j] *= math.exp(self.rate * REFINE_LOCAL * w * surprise)
         self.shape = CostModel.fit(xs, self.anchors)
 
+    best_size = CostModel.best_size  # the same rule on the refined curve
+
     def report(self) -> dict[str, list]:
         """The fit, for stats: the measured and the current milliseconds per size."""
         return {

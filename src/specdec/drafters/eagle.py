@@ -9,12 +9,17 @@ path, which the engine hands over at every step: see `hidden_layers`).
 Per step (see docs/methods.md, EAGLE):
   1. The root's children are the top-k of the head's last prediction (made when the previous step's accepted
      tokens were appended, so it costs nothing here).
-  2. For `depth - 1` more levels, the `beam` frontier nodes with the highest cumulative draft log-probability
-     are expanded in one head call (tree attention over their ancestors' entries), each adding its top-k.
+  2. For up to `depth - 1` more levels, the `beam` frontier nodes with the highest cumulative draft
+     log-probability are expanded in one head call (tree attention over their ancestors' entries), each adding
+     its top-k. With the cost model (`max_nodes="auto"`) drafting stops early (SpecDec++'s rule, on a tree):
+     a level is drafted only while what it is expected to add pays for its own time and the larger forward
+     (`_worth_expanding`), and only frontier nodes whose children could earn their verification are expanded.
   3. All drafted nodes are reranked by cumulative log-probability and the best N are kept: a child never
-     scores above its parent, so they form a tree. N maximises expected tokens per second, with the
-     cumulative draft probability as each node's chance of acceptance and the target's measured cost per tree
-     size (`CostModel.for_model`), or is fixed by `max_nodes`.
+     scores above its parent, so they form a tree. N maximises expected tokens per second, with each node's
+     calibrated chance of acceptance (`Calibration`: the head's cumulative probability, corrected by how
+     often nodes like it were accepted) and the target's measured cost per tree size
+     (`CostModel.for_model`), or is fixed by `max_nodes`.
+The head runs through `PackedHead` (packed weights, one op per step of the layer).
 The tree's nodes are deterministic top-k guesses (point masses), so greedy and sampled verification are the
 engine's usual lossless rules.
 """
@@ -28,14 +33,15 @@ from pathlib import Path
 
 import torch
 
-from specdec.costmodel import CostModel
+from specdec.costmodel import CostModel, OnlineCost
 from specdec.drafters.base import Drafter, Request, Scored, register
 from specdec.errors import InputError
-from specdec.heads.eagle3 import Eagle3Head, HeadCache, check_target, load_head
+from specdec.heads.eagle3 import Eagle3Head, HeadCache, PackedHead, check_target, load_head
 from specdec.tree import DraftTree
 
 SHIPPED_HEAD = "heads/eagle"  # under models/shipped/: the head trained for the shipped target
 DRAFT_TIME_EMA = 0.1  # weight of the newest step in the measured drafting time
+LEVEL_TIME_EMA = 0.1  # weight of the newest level in the measured time of one drafting level
 CALIBRATION_PRIOR = 4.0  # pseudo-observations behind the head's own probability in each calibration bucket
 
 
@@ -70,6 +76,8 @@ class EagleState:
     prompt: list[int]
     draft_seconds: float = 0.0  # moving average of propose() time (reported; the tree size ignores it: sunk)
     tree_scores: list[float] = field(default_factory=list)  # cumulative draft log-prob of each drafted node
+    proposed: float = 0.0  # when the last propose returned: verification started
+    tree_size: int = 0  # nodes (root included) of the last proposed tree
 
 
 class Calibration:
@@ -116,8 +124,10 @@ class Eagle(Drafter):
     def __init__(self, config: EagleConfig | None = None, **options) -> None:
         self.config = config or EagleConfig(**options)
         self.head: Eagle3Head | None = None
-        self.cost: CostModel | None = None
+        self.packed: PackedHead | None = None
+        self.cost: OnlineCost | None = None  # the target's forward time per tree size, refined as it decodes
         self.calibration = Calibration()
+        self.level_seconds = 0.0  # moving average of one expansion level's time (0: not measured yet)
 
     def bind(self, model) -> None:
         source = self.config.head
@@ -134,7 +144,9 @@ class Eagle(Drafter):
                 )
             head = load_head(path, model, dtype=next(model.parameters()).dtype)
         self.head = head.eval()
-        self.cost = CostModel.for_model(model) if self.config.max_nodes == "auto" else None
+        self.packed = PackedHead(self.head)
+        self.cost = OnlineCost(CostModel.for_model(model)) if self.config.max_nodes == "auto" else None
+        self.level_seconds = 0.0
 
     def hidden_layers(self) -> tuple[int, ...]:
         assert self.head is not None, "bind first"
@@ -154,7 +166,8 @@ class Eagle(Drafter):
             return
         features = torch.cat([hidden[i][rows] for i in self.head.config.aux_layer_ids], dim=-1)  # [m, 3H]
         positions = torch.arange(state.committed, state.committed + len(tokens))
-        logits, out = self.head.step(state.cache, features, torch.tensor(tokens), positions)
+        assert self.packed is not None
+        logits, out = self.packed.step(state.cache, features, torch.tensor(tokens), positions)
         state.committed = state.cache.length
         state.logits, state.feature = logits[-1], out[-1]
 
@@ -178,22 +191,28 @@ class Eagle(Drafter):
         tree = DraftTree([root] + [tokens[i] for i in order], [-1] + [new[parents[i]] for i in order])
         state.tree_scores = [scores[i] for i in order]
         state.cache.crop(state.committed)  # drafting entries are replaced by verified ones in observe
-        elapsed = time.perf_counter() - t0
-        state.draft_seconds += DRAFT_TIME_EMA * (elapsed - state.draft_seconds)
+        state.proposed = time.perf_counter()
+        state.tree_size = len(tree)
+        state.draft_seconds += DRAFT_TIME_EMA * (state.proposed - t0 - state.draft_seconds)
         return tree
 
     def _grow(self, state: EagleState, depth: int):
         """EAGLE-2 expansion. Node 0 is the root; returns per node: target token, parent, cumulative draft
         log-probability, depth."""
-        head, cfg = self.head, self.config
-        assert head is not None and state.logits is not None and state.feature is not None
-        to_target = head.draft_to_target
+        packed, cfg = self.packed, self.config
+        assert packed is not None and state.logits is not None and state.feature is not None
         tokens, parents, scores, depths = [-1], [-1], [0.0], [0]
         entry = [-1]  # per node: its head cache entry once expanded (-1: not expanded)
         out_feature: dict[int, torch.Tensor] = {0: state.feature}
-        frontier = self._children(0, state.logits, 0.0, 1, tokens, parents, scores, depths, entry, to_target)
+        frontier = self._children([0], state.logits[None], 1, tokens, parents, scores, depths, entry)
+        expanded = [0]
         for d in range(1, depth):
             expand = sorted(frontier, key=lambda i: -scores[i])[: cfg.beam]
+            if self.cost is not None:
+                expand = self._worth_expanding(expand, expanded, parents, scores)
+                if not expand:
+                    break
+            t0 = time.perf_counter()
             start = state.cache.length
             visible = torch.zeros(len(expand), start + len(expand), dtype=torch.bool)  # [m, L + m]
             visible[:, : state.committed] = True
@@ -207,28 +226,67 @@ class Eagle(Drafter):
             features = torch.stack([out_feature[parents[i]] for i in expand])  # [m, H]
             node_tokens = torch.tensor([tokens[i] for i in expand])
             positions = torch.full((len(expand),), state.root_pos + d - 1)
-            logits, out = head.step(state.cache, features, node_tokens, positions, visible)
-            frontier = []
+            logits, out = packed.step(state.cache, features, node_tokens, positions, visible)
             for row, node in enumerate(expand):
                 out_feature[node] = out[row]
-                frontier += self._children(
-                    node, logits[row], scores[node], d + 1, tokens, parents, scores, depths, entry, to_target
-                )
+            frontier = self._children(expand, logits, d + 1, tokens, parents, scores, depths, entry)
+            expanded += expand
+            seconds = time.perf_counter() - t0
+            old = self.level_seconds
+            self.level_seconds = old + LEVEL_TIME_EMA * (seconds - old) if old else seconds
         return tokens, parents, scores, depths
 
-    def _children(self, node, logits, base, depth, tokens, parents, scores, depths, entry, to_target):
-        """Add the top-k of `logits` [draft_vocab] under `node`; returns the new node indices."""
+    def _children(self, nodes, logits, depth, tokens, parents, scores, depths, entry) -> list[int]:
+        """Add the top-k of each row of `logits` [len(nodes), draft_vocab] under that node; returns the new
+        node indices."""
         logp = torch.log_softmax(logits.float(), dim=-1)
-        top = logp.topk(min(self.config.top_k, logp.numel()))
+        top = logp.topk(min(self.config.top_k, logp.shape[-1]), dim=-1)
+        assert self.head is not None
+        ids = self.head.draft_to_target[top.indices].tolist()
         new = []
-        for lp, idx in zip(top.values.tolist(), to_target[top.indices].tolist(), strict=True):
-            new.append(len(tokens))
-            tokens.append(idx)
-            parents.append(node)
-            scores.append(base + lp)
-            depths.append(depth)
-            entry.append(-1)
+        for node, lps, row in zip(nodes, top.values.tolist(), ids, strict=True):
+            base = scores[node]
+            for lp, idx in zip(lps, row, strict=True):
+                new.append(len(tokens))
+                tokens.append(idx)
+                parents.append(node)
+                scores.append(base + lp)
+                depths.append(depth)
+                entry.append(-1)
         return new
+
+    def _worth_expanding(
+        self, candidates: list[int], expanded: list[int], parents: list[int], scores: list[float]
+    ) -> list[int]:
+        """The candidates worth expanding now (SpecDec++'s stop rule, on a tree; [] = stop drafting).
+
+        An expanded node is expected to add about rho times its own value in accepted children, rho being what
+        the nodes expanded so far this step got from their children (sum of the children's calibrated values
+        over the parent's). A candidate is kept when that exceeds what its child would cost to verify (the
+        current best tree's tokens per second times the forward's marginal cost of one node); the level is
+        drafted when the tree it may give, (1 + gain + rho * their values) / (level time + forward of the
+        larger tree), beats the best tree without it."""
+        assert self.cost is not None
+        cost, value = self.cost, self.calibration.value
+        children: dict[int, float] = {}
+        for i in range(1, len(scores)):
+            children[parents[i]] = children.get(parents[i], 0.0) + value(scores[i])
+        rho = sum(children.get(p, 0.0) for p in expanded) / sum(
+            value(scores[p]) if p else 1.0 for p in expanded
+        )
+        ranked = sorted((value(scores[i]) for i in range(1, len(scores))), reverse=True)
+        gains = [0.0]
+        for v in ranked:
+            gains.append(gains[-1] + v)
+        n = cost.best_size(gains)
+        rate = (1.0 + gains[n]) / cost(n + 1)
+        marginal = cost(n + 2) - cost(n + 1)
+        keep = [c for c in candidates if rho * value(scores[c]) > rate * marginal]
+        if not keep:
+            return []
+        gain = rho * sum(value(scores[c]) for c in keep)
+        level = self.level_seconds
+        return keep if (1.0 + gains[n] + gain) / (level + cost(n + 1 + len(keep))) > rate else []
 
     def _select(self, state: EagleState, scores: list[float], depths: list[int]) -> list[int]:
         """The drafted nodes to verify: the best N by cumulative log-probability."""
@@ -242,7 +300,11 @@ class Eagle(Drafter):
         return ranked[: self.cost.best_size(gains)]  # the drafting time is spent already: not counted
 
     def observe(self, state: EagleState, scored: Scored) -> None:
-        """Calibrate on this step's nodes; replace its drafting entries by the verified path's true features."""
+        """Time the verification (the cost model learns this context's forwards), calibrate on this step's
+        nodes, and replace its drafting entries by the verified path's true features."""
+        if self.cost is not None and state.tree_size:
+            self.cost.update(state.tree_size, time.perf_counter() - state.proposed)
+            state.tree_size = 0
         accepted = set(scored.verdict.accepted_nodes)
         for node, score in enumerate(state.tree_scores, start=1):  # tree node i >= 1 <-> tree_scores[i - 1]
             self.calibration.record(score, node in accepted)

@@ -407,6 +407,104 @@ class Eagle3Head(nn.Module):
         return self.logits(out), out
 
 
+class PackedHead:
+    """The head's weights packed for drafting, the way `specdec.runtime.native` packs a target layer: q/k/v in
+    one matrix with the q and k rows of each head in rotary-pair order (rotary as one complex multiply; a fixed
+    permutation of the head dimension on both sides changes no q.k), gate/up in one, residual adds fused into
+    `addmm`, RMSNorm as one op, rotations from a table. `Eagle3Head.step` computes the same function (the
+    reference: training and tests use it); this one is what drafting calls every level, so its ~30 small ops
+    per call are what it saves. A cache written by one must not be read by the other (key layouts differ).
+    """
+
+    def __init__(self, head: Eagle3Head) -> None:
+        from specdec.runtime.native import _pair_order
+
+        c, layer = head.config, head.midlayer
+        attn, mlp = layer.self_attn, layer.mlp
+        self.head, self.config = head, c
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        d = c.head_dim
+        pair = _pair_order(d)
+        order = torch.cat(
+            [h * d + pair for h in range(self.heads + self.kv_heads)]
+            + [torch.arange((self.heads + self.kv_heads) * d, (self.heads + 2 * self.kv_heads) * d)]
+        )
+        with torch.no_grad():
+            self.fc = head.fc.weight
+            self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[
+                order
+            ].contiguous()
+            self.wo_t = attn.o_proj.weight.T.contiguous()
+            self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+            self.wdown_t = mlp.down_proj.weight.T.contiguous()
+        self.ln_in, self.ln_hidden = layer.input_layernorm.weight, layer.hidden_norm.weight
+        self.ln_post, self.ln_final = layer.post_attention_layernorm.weight, head.norm.weight
+        self.lm_head = head.lm_head.weight
+        self.dtype = self.lm_head.dtype
+        self._rotary_table = torch.empty(0)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], weight, self.config.rms_norm_eps)
+
+    def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
+        """[m, 1, D/2] complex rotations: the reference's cos/sin (in inv_freq's dtype, rounded to the head's)."""
+        end = int(positions.max()) + 1
+        if self._rotary_table.shape[0] < end:
+            n = max(end, 2 * self._rotary_table.shape[0], 256)
+            inv_freq = self.head.inv_freq
+            freqs = torch.outer(torch.arange(n, dtype=inv_freq.dtype), inv_freq)  # [n, D/2]
+            real = torch.float64 if self.dtype == torch.float64 else torch.float32
+            cos, sin = (f.to(self.dtype).to(real) for f in (freqs.cos(), freqs.sin()))
+            self._rotary_table = torch.complex(cos, sin)
+        return self._rotary_table[positions][:, None]
+
+    @torch.inference_mode()
+    def step(
+        self,
+        cache: HeadCache,
+        features: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        visible: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Eagle3Head.step`, the same arguments and results."""
+        c = self.config
+        m = tokens.shape[0]
+        h, kv, d = self.heads, self.kv_heads, self.head_dim
+        width = features.shape[-1]
+        if width == self.fc.shape[1] and width != c.hidden_size:
+            features = F.linear(features, self.fc)
+        elif width != c.hidden_size:
+            raise ValueError(f"features of width {width}: expected {self.fc.shape[1]} or {c.hidden_size}")
+        start = cache.length
+        if start + m > cache.capacity:
+            raise ValueError(f"head cache full: {start} + {m} entries > capacity {cache.capacity}")
+        normed = self._norm(features, self.ln_hidden)
+        residual = normed if c.norm_before_residual else features
+        emb = self.head.embed_tokens[tokens].to(features.dtype)
+        qkv = F.linear(torch.cat([self._norm(emb, self.ln_in), normed], dim=-1), self.wqkv)  # [m, (h+2kv)*D]
+        rot = self._rotary(positions)
+        pairs = qkv[:, : (h + kv) * d].to(rot.real.dtype).reshape(m, h + kv, d // 2, 2)
+        qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(m, h + kv, d).to(self.dtype)
+        cache.k[:, start : start + m] = qk[:, h:].transpose(0, 1)
+        cache.v[:, start : start + m] = qkv[:, (h + kv) * d :].view(m, kv, d).transpose(0, 1)
+        cache.length = end = start + m
+        if visible is None and m > 1:
+            col = torch.arange(end)
+            visible = col[None, :] <= (start + torch.arange(m))[:, None]
+        attn = F.scaled_dot_product_attention(
+            qk[:, :h].transpose(0, 1)[None],  # [1, heads, m, D]
+            cache.k[None, :, :end],
+            cache.v[None, :, :end],
+            attn_mask=None if visible is None else visible[None, None],
+            enable_gqa=kv != h,
+        )  # [1, heads, m, D]
+        x = torch.addmm(residual, attn[0].transpose(0, 1).reshape(m, h * d), self.wo_t)
+        gate, up = F.linear(self._norm(x, self.ln_post), self.wgu).chunk(2, dim=-1)
+        out = torch.addmm(x, F.silu(gate) * up, self.wdown_t)  # [m, H]: the next features (pre-norm)
+        return F.linear(self._norm(out, self.ln_final), self.lm_head), out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints (safetensors, the vLLM/SGLang layout)
 # ----------------------------------------------------------------------------------------------------------
