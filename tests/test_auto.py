@@ -27,6 +27,7 @@ from specdec.drafters.auto import (
     RETRY_GENERATIONS,
     Acceptance,
     Auto,
+    Realized,
     plan,
     trials,
 )
@@ -112,6 +113,31 @@ def test_plan_takes_every_node_that_pays_and_none_that_does_not():
     assert plan([0.9, 0.5, 0.25, 0.05, 0.01], cost, overhead=0.0)[0] == 3
     # a fixed cost per step (overhead) makes the same node worth more: the forward is a smaller share
     assert plan([0.09], cost, overhead=0.0)[0] == 0 and plan([0.09], cost, overhead=10e-3)[0] == 1
+
+
+def test_a_tree_that_promised_more_than_it_delivered_raises_the_bar():
+    """Steps with drafts that realize half the tokens per second they promised, while plain steps go as
+    predicted: a tree must then promise about twice plain decoding's rate; steps that deliver what they
+    promise bring the bar back to 1, and a machine slowing every step alike leaves it there."""
+    cost = CostModel.fit([1, 2, 64], [10e-3, 11e-3, 73e-3])
+    realized = Realized()
+    assert realized.bar == 1.0  # nothing seen: no correction
+    for _ in range(200):
+        realized.record(False, 1.0, 10e-3, 1, 10e-3)
+        realized.record(True, 2.0, 12e-3, 1, 12e-3)  # promised 2 tokens, got 1
+    assert realized.bar == pytest.approx(2.0, rel=0.05)
+    values = [0.9, 0.3]  # 2.2 tokens in 13 ms: 1.7x plain decoding's rate on paper
+    assert plan(values, cost, overhead=0.0)[0] == 2
+    n, _, rate = plan(values, cost, overhead=0.0, bar=realized.bar)
+    assert n == 0 and rate == pytest.approx(1 / 10e-3)  # plain decoding, at its own rate
+    for _ in range(300):
+        realized.record(False, 1.0, 10e-3, 1, 10e-3)
+        realized.record(True, 2.0, 12e-3, 2, 12e-3)
+    assert realized.bar == pytest.approx(1.0, abs=0.01)
+    for _ in range(300):  # every step 1.5x slower than predicted, drafted or not
+        realized.record(False, 1.0, 10e-3, 1, 15e-3)
+        realized.record(True, 2.0, 12e-3, 2, 18e-3)
+    assert realized.bar == pytest.approx(1.0, abs=0.01)
 
 
 class Fixed(Drafter):

@@ -65,12 +65,14 @@ class CostModel:
         cls,
         model,
         sizes: Sequence[int] = DEFAULT_SIZES,
-        past: int = 64,
-        repeats: int = 3,
+        past: int = 512,
+        repeats: int = 5,
         runtime: Callable | None = None,
     ) -> CostModel:
         """Time `repeats` forwards per tree size after a `past`-token prefill; the median per size is fitted.
-        `runtime` makes the target runtime to time (default: transformers')."""
+        `runtime` makes the target runtime to time (default: transformers'). `past`: a typical request's
+        context (attention's share of a forward grows with it, and differently per runtime: llama.cpp's trees
+        cost 1.5x more after 900 tokens than after 64, native's 1.3x), capped by the model's positions."""
         from specdec.models.support import attention_window
         from specdec.runner import ModelRunner
 
@@ -89,11 +91,16 @@ class CostModel:
             runner.score(trees[min(sizes)])  # warm-up (first-call allocations)
             cache.crop(past)
             samples: dict[int, list[float]] = {n: [] for n in sizes}
-            for _ in range(repeats):  # round robin: a burst of other load hits one sample of each size, not
-                for n in sizes:  # every sample of one size (which the median could not undo)
+            # one size at a time, as decoding uses them (tree sizes change slowly), each after two untimed
+            # forwards of its size: a forward right after a much larger one costs more for a few calls
+            # (allocator, caches: 1 token after a 64-node tree ~1.2x on native, more on llama.cpp), which made
+            # small trees look dear and large ones cheap beside them when sizes were timed round robin
+            for n in sizes:
+                for timed in [False, False] + [True] * repeats:
                     start = time.perf_counter()
                     runner.score(trees[n])
-                    samples[n].append(time.perf_counter() - start)
+                    if timed:
+                        samples[n].append(time.perf_counter() - start)
                     cache.crop(past)
             times = [statistics.median(samples[n]) for n in sizes]
         return cls.fit(sizes, times)

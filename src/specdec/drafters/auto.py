@@ -59,12 +59,15 @@ TIME_EMA = 0.1  # weight of the newest step in measured times
 USAGE_EMA = 0.3  # weight of the newest generation in `Usage`
 # another runtime must promise steps this much cheaper than the engine's default to be taken: the estimate
 # holds auto's behaviour fixed, but on a runtime with dearer trees auto verifies smaller ones (fewer tokens a
-# step), and cost curves measured after 64 tokens understate llama.cpp's attention at long contexts (greedy
-# bench: switching at no margin cost auto 14% on completion and long prompts)
+# step), and llama.cpp's attention grows dearer with the context than the curve's (greedy bench: switching at
+# no margin cost auto 14% on completion and long prompts)
 RUNTIME_MARGIN = 0.15
 RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again after this many generations
 CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
 CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
+REALIZED_MEMORY = 0.97  # discount per step of `Realized`'s sums: about the last 30 steps of each kind
+REALIZED_PRIOR = 4.0  # steps' worth of "as predicted" behind `Realized`'s sums
+BAR_RANGE = (0.8, 3.0)  # `Realized.bar`'s bounds
 
 
 @dataclass
@@ -190,19 +193,21 @@ def node_values(tree: DraftTree, member: int, acceptance: Acceptance) -> list[fl
 
 
 def plan(
-    values: list[float], cost, overhead: float, tree_overhead: float | None = None
+    values: list[float], cost, overhead: float, tree_overhead: float | None = None, bar: float = 1.0
 ) -> tuple[int, float, float]:
     """The choice rule. `values` are node values in descending order (a prefix is always a tree); returns
-    (n, expected accepted drafts, expected tokens per second) for the best n, n = 0 being plain decoding."""
+    (n, expected accepted drafts, expected tokens per second) for the best n, n = 0 being plain decoding. A
+    tree is taken only when its rate exceeds `bar` times plain decoding's (`Realized.bar`)."""
     tree_overhead = overhead if tree_overhead is None else tree_overhead
-    best, best_gain, best_rate = 0, 0.0, 1.0 / (overhead + cost(1))
+    plain = 1.0 / (overhead + cost(1))
+    best, best_gain, best_rate = 0, 0.0, bar * plain
     gain = 0.0
     for n, value in enumerate(values, start=1):
         gain += value
         rate = (1.0 + gain) / (tree_overhead + cost(n + 1))
         if rate > best_rate:
             best, best_gain, best_rate = n, gain, rate
-    return best, best_gain, best_rate
+    return best, best_gain, best_rate if best else plain
 
 
 class Union:
@@ -234,10 +239,12 @@ class Union:
         values = self.values
         return sorted(range(1, len(values)), key=lambda i: (-values[i], depth[i], i))[:cap]
 
-    def plan(self, cap: int, cost, overhead: float, tree_overhead: float) -> tuple[list[int], float]:
+    def plan(
+        self, cap: int, cost, overhead: float, tree_overhead: float, bar: float = 1.0
+    ) -> tuple[list[int], float]:
         """(the nodes to verify, expected tokens per second)."""
         order = self.order(cap)
-        n, _, rate = plan([self.values[i] for i in order], cost, overhead, tree_overhead)
+        n, _, rate = plan([self.values[i] for i in order], cost, overhead, tree_overhead, bar)
         return order[:n], rate
 
 
@@ -307,9 +314,50 @@ class Usage:
     tree_nodes: float  # drafted nodes + the root, over drafted steps
 
     def step_seconds(self, timing: Timing) -> float:
-        """Expected time of a step on a runtime, at this usage."""
-        drafted = timing.tree_overhead + timing.cost(self.tree_nodes)
-        return self.plain_share * timing.plain_seconds() + (1 - self.plain_share) * drafted
+        """Expected time of a step on a runtime, at this usage. From the measured curves, not the refined
+        ones: every runtime's was measured alike (same context, same moment), while a refined curve follows
+        the contexts its runtime happened to serve (llama.cpp's after long prompts looked dearer than
+        native's after short ones, and auto moved plain decoding onto the slower forward)."""
+        cost = timing.cost.base
+        drafted = timing.tree_overhead + cost(self.tree_nodes)
+        plain = timing.overhead + cost(1)
+        return self.plain_share * plain + (1 - self.plain_share) * drafted
+
+
+@dataclass
+class Realized:
+    """Predicted against realized tokens per second, apart for steps with drafts and plain steps (discounted
+    sums over recent steps at one temperature, carried across requests), and the bar they set.
+
+    The plan's rates leave out what it cannot see coming: the members' drafting time (spent before the plan),
+    a forward slower than its curve at this context, a tree's sampling walk. Whatever it is, it shows in the
+    step's wall time. If steps with drafts fall short of their predicted rate by more than plain steps fall
+    short of theirs, a tree must promise that much more than plain decoding before it is taken (`bar`), so
+    drafting that does not pay in wall time stops; if they do better than predicted, the bar drops below 1.
+    Both kinds are compared, not drafted steps against a fixed plain rate, so a machine or context that slows
+    every forward alike leaves the bar at 1."""
+
+    # per kind (0: plain, 1: drafted): discounted predicted tokens, predicted seconds, tokens, seconds
+    sums: list[list[float]] = field(default_factory=lambda: [[0.0] * 4, [0.0] * 4])
+
+    def record(
+        self, drafted: bool, tokens_expected: float, seconds_expected: float, tokens: int, seconds: float
+    ) -> None:
+        sums = self.sums[drafted]
+        if not sums[1]:  # a prior of REALIZED_PRIOR steps that went as predicted
+            sums[:] = [REALIZED_PRIOR * tokens_expected, REALIZED_PRIOR * seconds_expected] * 2
+        new = (tokens_expected, seconds_expected, float(tokens), seconds)
+        sums[:] = [REALIZED_MEMORY * old + x for old, x in zip(sums, new, strict=True)]
+
+    def shortfall(self, drafted: bool) -> float:
+        """Predicted over realized tokens per second (1: as predicted)."""
+        pt, ps, t, s = self.sums[drafted]
+        return (pt / ps) / (t / s) if ps and t else 1.0
+
+    @property
+    def bar(self) -> float:
+        low, high = BAR_RANGE
+        return min(high, max(low, self.shortfall(True) / self.shortfall(False)))
 
 
 @dataclass
@@ -319,6 +367,7 @@ class AutoState:
     shared: Acceptance  # the drafter's, for this generation's temperature
     key: float  # that temperature (tenths; greedy 0)
     timing: Timing  # of the runtime this generation runs on
+    realized: Realized  # the drafter's, for this generation's temperature
     steps: int = 0
     plain: int = 0  # steps that verified the root alone
     expected: float = 0.0  # accepted drafts the chosen trees were expected to give, summed (calibration)
@@ -330,6 +379,8 @@ class AutoState:
     proposed: float = 0.0  # when the last propose ended (verification starts)
     verify: float = 0.0  # the last verification's time
     drafted: bool = False  # the last step verified drafts
+    promised: tuple[float, float] = (0.0, 0.0)  # the last choice's predicted (tokens, seconds) (`Realized`)
+    emitted: int = 0  # tokens the last verification emitted
     cost_error: float = 0.0  # sum over steps of |measured - predicted| / predicted verification time
     timed: int = 0
 
@@ -375,6 +426,7 @@ class Auto(Drafter):
         self.lifts: dict[float, list[float | None]] = {}
         self.keep: list[float] = []  # per member: moving average of its observe time, paid every step
         self.benched: dict[float, list[int]] = {}  # per temperature, per member: generations since tried
+        self.realized: dict[float, Realized] = {}  # per temperature as `shared`
 
     @classmethod
     def create(cls, draft_model=None, **options) -> Auto:
@@ -400,7 +452,7 @@ class Auto(Drafter):
         self.usage = {}
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
-        self.lifts, self.benched = {}, {}
+        self.lifts, self.benched, self.realized = {}, {}, {}
         self.keep = [0.0] * len(self.members)
 
     def hidden_layers(self) -> tuple[int, ...]:
@@ -426,10 +478,13 @@ class Auto(Drafter):
         """Index of the runtime (`RuntimeChoice`s, the engine's default first) whose expected step time is the
         least at the usage auto had at this temperature (none yet: the default). A runtime without hidden
         states takes no member that reads them."""
+        # every runtime's cost curve is measured at the first generation, whichever runs it: measuring one later
+        # (~0.1 s) would land in the first request that switches to it
+        timings = [self._timing(r) for r in runtimes]
         usage = self.usage.get(0.0 if params.greedy else round(float(params.temperature), 1))
         if usage is None or len(runtimes) < 2:
             return 0
-        times = [usage.step_seconds(self._timing(r)) for r in runtimes]
+        times = [usage.step_seconds(t) for t in timings]
         best = min(range(len(runtimes)), key=times.__getitem__)
         return best if times[best] < (1 - RUNTIME_MARGIN) * times[0] else 0
 
@@ -452,7 +507,8 @@ class Auto(Drafter):
             # a member measured before waits for its next probe; a new one (or one on trial) is tried at once
             idle = 1 << 30 if trial else 0
             tracks.append(MemberTrack(m.start(request) if active else None, lift, idle=idle, active=active))
-        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared, key, timing)
+        realized = self.realized.setdefault(key, Realized())
+        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared, key, timing, realized)
 
     def prefilled(self, state: AutoState, hidden) -> None:
         for m, track in zip(self.members, state.members, strict=True):
@@ -532,6 +588,7 @@ class Auto(Drafter):
         union = Union(context[-1])
         picked: list[int] = []
         best_rate = 1.0 / (overhead + timing.cost(1))  # plain decoding's
+        bar = state.realized.bar
         alone: int | None = None  # the member whose tree carries q: it is verified, whole and alone
         for i in range(
             len(self.members)
@@ -547,7 +604,7 @@ class Auto(Drafter):
                 rate = best_rate
             elif tree.probs is None:
                 union.add(i, tree, values)
-                picked, rate = union.plan(cap, cost, overhead, tree_overhead)
+                picked, rate = union.plan(cap, cost, overhead, tree_overhead, bar)
             else:  # it cannot share a trie, and drawn once it is verified (what it learns must come from its
                 # own verification: another tree's emitted token is a draw from p, not the acceptance test)
                 alone, rate = i, (1.0 + sum(values[1:])) / (tree_overhead + timing.cost(len(tree)))
@@ -590,6 +647,9 @@ class Auto(Drafter):
         return tree, track.values
 
     def _count(self, state: AutoState, choice: Choice) -> None:
+        timing, n = state.timing, len(choice.tree)
+        seconds = (timing.tree_overhead if n > 1 else timing.overhead) + timing.cost(n)
+        state.promised = (1.0 + choice.expected, seconds)
         state.steps += 1
         state.nodes += len(choice.tree) - 1
         state.drafted = len(choice.tree) > 1
@@ -618,6 +678,11 @@ class Auto(Drafter):
         timing = state.timing
         sample = (now - state.step_start) - state.drafting - state.verify
         sample = min(max(sample, 0.0), timing.cost(1))
+        if state.emitted:
+            tokens, seconds = state.promised
+            state.realized.record(
+                state.drafted, tokens, seconds, state.emitted, state.drafting + state.verify + sample
+            )
         if state.drafted:
             timing.tree_overhead += TIME_EMA * (sample - timing.tree_overhead)
         else:
@@ -635,6 +700,7 @@ class Auto(Drafter):
         state.verify = verify
         cost.update(n, verify)
         emitted = scored.verdict.tokens
+        state.emitted = len(emitted)
         state.accepted += scored.verdict.accepted_drafts
         # every step, drafted or not: without new evidence the factor drifts back to 1, so a low factor from
         # a bad stretch cannot keep auto from drafting (and from measuring it again) for ever
@@ -667,6 +733,7 @@ class Auto(Drafter):
             ),  # vs accepted: how well the estimates are calibrated
             "accepted": state.accepted,
             "calibration": round(state.shared.factor, 3),
+            "bar": round(state.realized.bar, 3),  # how much more than plain decoding a tree must promise
             "cost_model": timing.cost.report()
             | {"mean_relative_error": state.cost_error / max(1, state.timed)},
             "step_overhead_ms": {
