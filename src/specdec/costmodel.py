@@ -137,12 +137,7 @@ class CostModel:
         gains[n] = expected accepted drafted tokens when n nodes are drafted (gains[0] = 0: no draft). Drafting
         nothing skips the drafter entirely, so n = 0 costs only cost(1).
         """
-        best, best_rate = 0, 1.0 / self(1)
-        for n in range(1, len(gains)):
-            rate = (1.0 + gains[n]) / (draft_seconds + draft_seconds_per_node * n + self(n + 1))
-            if rate > best_rate:
-                best, best_rate = n, rate
-        return best
+        return best_size(self, gains, draft_seconds, draft_seconds_per_node)
 
 
 REFINE_RATE = 0.1  # weight of one timed forward (in log space): about 10 steps of memory
@@ -199,7 +194,11 @@ class OnlineCost:
             self.anchors[j] *= math.exp(self.rate * REFINE_LOCAL * w * surprise)
         self.shape = CostModel.fit(xs, self.anchors)
 
-    best_size = CostModel.best_size  # the same rule on the refined curve
+    def best_size(
+        self, gains: Sequence[float], draft_seconds: float = 0.0, draft_seconds_per_node: float = 0.0
+    ) -> int:
+        """`CostModel.best_size` on the refined curve."""
+        return best_size(self, gains, draft_seconds, draft_seconds_per_node)
 
     def report(self) -> dict[str, list]:
         """The fit, for stats: the measured and the current milliseconds per size."""
@@ -208,6 +207,21 @@ class OnlineCost:
             "measured_ms": [round(t * 1e3, 3) for t in self.base.seconds],
             "current_ms": [round(t * 1e3, 3) for t in self.model.seconds],
         }
+
+
+def best_size(
+    cost: Callable[[float], float],
+    gains: Sequence[float],
+    draft_seconds: float = 0.0,
+    draft_seconds_per_node: float = 0.0,
+) -> int:
+    """`CostModel.best_size` for any curve."""
+    best, best_rate = 0, 1.0 / cost(1)
+    for n in range(1, len(gains)):
+        rate = (1.0 + gains[n]) / (draft_seconds + draft_seconds_per_node * n + cost(n + 1))
+        if rate > best_rate:
+            best, best_rate = n, rate
+    return best
 
 
 def chain_gains(acceptance: Sequence[float]) -> list[float]:
