@@ -81,3 +81,22 @@ def test_a_head_directory_is_the_draft_of_from_pretrained(tmp_path):
     )
     with pytest.raises(InputError, match="not a head directory|no config.json|head"):
         SpecDecoder.from_pretrained(str(tmp_path / "model"), draft=str(tmp_path / "nowhere"), method="eagle")
+
+
+def test_drafting_stops_where_another_level_cannot_pay():
+    """SpecDec++'s stop rule on the tree: a likely frontier node is expanded while a level is cheap beside the
+    forward; an unlikely one never is (its children could not earn their verification), and a level costing
+    more than it could add stops drafting."""
+    import math
+
+    from specdec.costmodel import CostModel, OnlineCost
+
+    model = tiny.model("llama", seed=1, layers=4)
+    drafter = Eagle(head=random_head(model))
+    drafter.bind(model)
+    drafter.cost = OnlineCost(CostModel.fit([1, 2, 64], [10e-3, 11e-3, 73e-3]), rate=0.0)  # 10 ms + 1 ms/node
+    parents, scores = [-1, 0, 0], [0.0, math.log(0.9), math.log(0.05)]  # the root's two children
+    drafter.level_seconds = 0.5e-3
+    assert drafter._worth_expanding([1, 2], [0], parents, scores) == [1]
+    drafter.level_seconds = 50e-3  # a level dearer than the forward it could shorten
+    assert drafter._worth_expanding([1, 2], [0], parents, scores) == []

@@ -78,14 +78,14 @@ def test_bench_methods_reproduce_generate(tok, name):
 
 def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok):
     """auto has both runtimes; where its generations decode plainly it takes llama.cpp's, and stays lossless."""
-    from specdec.drafters.auto import Usage
+    from specdec.drafters.auto import USAGE_STEPS, Usage
 
     dec = SpecDecoder(MODEL, tok, "auto")
     assert [r.name for r in dec.engine.runtimes] == ["native", "llamacpp"]
     prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
     first = dec.generate(prompt, max_new_tokens=16)
     assert first.stats.runtime == "native" and first.token_ids == tiny.hf_greedy(MODEL, prompt, 16)
-    dec.drafter.usage[0.0] = Usage(plain_share=1.0, tree_nodes=2.0)
+    dec.drafter.usage[0.0] = Usage(plain_share=1.0, tree_nodes=2.0, steps=USAGE_STEPS)
     second = dec.generate(prompt, max_new_tokens=16)
     assert second.stats.runtime == "llamacpp" and second.token_ids == first.token_ids
 

@@ -150,9 +150,9 @@ class OnlineCost:
     """A measured `CostModel`, refined by the forward times seen while decoding.
 
     The measurement can be wrong for the rest of the run: taken while another job was busy, the machine's load
-    changed since (docs/methods.md, The cost model), or the requests' contexts are longer than the 64 tokens it
-    was measured after (every forward then costs more: 1.7x for 1 token and 1.5x for 16 at 1500 tokens on the
-    shipped target). Such changes move every size alike, while decoding times only the sizes it uses (mostly
+    changed since (docs/methods.md, The cost model), or the requests' contexts differ from the 512 tokens it was
+    measured after (a forward after 1500 tokens costs 1.7x one after 64 for 1 token, 1.5x for 16, on the shipped
+    target). Such changes move every size alike, while decoding times only the sizes it uses (mostly
     small ones): so most of each surprise (log of measured / predicted, times `rate`) scales the whole curve,
     and for a tree (n > 1) a `REFINE_LOCAL` share moves the measured sizes around n, which fixes a shape the
     measurement got wrong without letting the sizes in use drift away from the ones not in use. (A root alone,

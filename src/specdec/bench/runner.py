@@ -363,8 +363,11 @@ def run_bench(
     check_lengths(prompts, static_ids, params, limit)
 
     first = next(ids for ids in static_ids + [tokenizer("def f(x):\n")["input_ids"]] if ids)
+    # a warm-up generation long enough for the one-time costs of every method to land in it: first-call
+    # allocations, the cost-model measurement, and auto's first generation at this temperature, which it
+    # spends on its default runtime learning what pays (docs/methods.md, auto)
     warm = SamplingParams(
-        max_new_tokens=8,
+        max_new_tokens=min(64, params.max_new_tokens),
         temperature=params.temperature,
         top_k=params.top_k,
         top_p=params.top_p,
@@ -374,7 +377,7 @@ def run_bench(
     for _ in range(warmup):
         for method in list(methods):
             try:
-                method.run(first[:32], warm)
+                method.run(first[:256], warm)
             except InputError as e:
                 if method.name not in optional or method.name == BASELINE:
                     raise

@@ -56,13 +56,15 @@ PRIOR_TRIALS = 2.0  # pseudo-trials behind a cell's prior (see `Acceptance.table
 PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned; a later sibling r: / (r + 1)
 GATE_EMA = 0.2  # weight of the newest step in a member's lift
 TIME_EMA = 0.1  # weight of the newest step in measured times
-USAGE_EMA = 0.3  # weight of the newest generation in `Usage`
+USAGE_EMA = 0.3  # weight of the newest generation in `Usage` (a full one: shorter ones weigh less)
+USAGE_STEPS = 64  # steps a generation needs to count fully in `Usage`, and that `Usage` needs to be used
 # another runtime must promise steps this much cheaper than the engine's default to be taken: the estimate
 # holds auto's behaviour fixed, but on a runtime with dearer trees auto verifies smaller ones (fewer tokens a
 # step), and llama.cpp's attention grows dearer with the context than the curve's (greedy bench: switching at
 # no margin cost auto 14% on completion and long prompts)
 RUNTIME_MARGIN = 0.15
 RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again after this many generations
+MAX_AWAY_GENERATIONS = 64  # most generations in a row on another runtime than the default (`choose_runtime`)
 CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
 CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
 REALIZED_MEMORY = 0.97  # discount per step of `Realized`'s sums: about the last 30 steps of each kind
@@ -312,6 +314,7 @@ class Usage:
 
     plain_share: float
     tree_nodes: float  # drafted nodes + the root, over drafted steps
+    steps: int  # steps behind it
 
     def step_seconds(self, timing: Timing) -> float:
         """Expected time of a step on a runtime, at this usage. From the measured curves, not the refined
@@ -368,6 +371,7 @@ class AutoState:
     key: float  # that temperature (tenths; greedy 0)
     timing: Timing  # of the runtime this generation runs on
     realized: Realized  # the drafter's, for this generation's temperature
+    on_default: bool  # it runs on the engine's default runtime (its usage counts: `choose_runtime`)
     steps: int = 0
     plain: int = 0  # steps that verified the root alone
     expected: float = 0.0  # accepted drafts the chosen trees were expected to give, summed (calibration)
@@ -427,6 +431,10 @@ class Auto(Drafter):
         self.keep: list[float] = []  # per member: moving average of its observe time, paid every step
         self.benched: dict[float, list[int]] = {}  # per temperature, per member: generations since tried
         self.realized: dict[float, Realized] = {}  # per temperature as `shared`
+        # per temperature: generations on another runtime since the default's last one, the interval between
+        # the default's generations, and whether the last generation was the default's refresh
+        self.away: dict[float, tuple[int, int, bool]] = {}
+        self.default_runtime: str | None = None  # the engine's default runtime, once it offered a choice
 
     @classmethod
     def create(cls, draft_model=None, **options) -> Auto:
@@ -452,7 +460,7 @@ class Auto(Drafter):
         self.usage = {}
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
-        self.lifts, self.benched, self.realized = {}, {}, {}
+        self.lifts, self.benched, self.realized, self.away = {}, {}, {}, {}
         self.keep = [0.0] * len(self.members)
 
     def hidden_layers(self) -> tuple[int, ...]:
@@ -476,17 +484,33 @@ class Auto(Drafter):
 
     def choose_runtime(self, params, runtimes: list) -> int:
         """Index of the runtime (`RuntimeChoice`s, the engine's default first) whose expected step time is the
-        least at the usage auto had at this temperature (none yet: the default). A runtime without hidden
-        states takes no member that reads them."""
+        least at the usage auto had on the default runtime at this temperature. The default runs until that
+        usage rests on USAGE_STEPS steps, and again after RETRY_GENERATIONS generations spent elsewhere, so the
+        usage is refreshed; each refresh that confirms the choice doubles that interval (to at most
+        MAX_AWAY_GENERATIONS), one that reverses it resets it. (Usage measured on another runtime would feed
+        back: on llama.cpp, where trees cost more, auto drafts less, and that usage then argues for
+        llama.cpp.) A runtime without hidden states takes no member that reads them."""
         # every runtime's cost curve is measured at the first generation, whichever runs it: measuring one later
         # (~0.1 s) would land in the first request that switches to it
         timings = [self._timing(r) for r in runtimes]
-        usage = self.usage.get(0.0 if params.greedy else round(float(params.temperature), 1))
-        if usage is None or len(runtimes) < 2:
+        self.default_runtime = runtimes[0].name
+        key = 0.0 if params.greedy else round(float(params.temperature), 1)
+        usage = self.usage.get(key)
+        if usage is None or usage.steps < USAGE_STEPS or len(runtimes) < 2:
+            return 0
+        away, interval, refreshed = self.away.get(key, (0, RETRY_GENERATIONS, False))
+        if away >= interval:
+            self.away[key] = (0, interval, True)
             return 0
         times = [usage.step_seconds(t) for t in timings]
         best = min(range(len(runtimes)), key=times.__getitem__)
-        return best if times[best] < (1 - RUNTIME_MARGIN) * times[0] else 0
+        if times[best] < (1 - RUNTIME_MARGIN) * times[0]:
+            if refreshed:  # the refresh confirmed it
+                interval = min(2 * interval, MAX_AWAY_GENERATIONS)
+            self.away[key] = (away + 1, interval, False)
+            return best
+        self.away[key] = (0, RETRY_GENERATIONS, False)
+        return 0
 
     def start(self, request: Request) -> AutoState:
         timing = self._timing(request.runtime)
@@ -508,7 +532,11 @@ class Auto(Drafter):
             idle = 1 << 30 if trial else 0
             tracks.append(MemberTrack(m.start(request) if active else None, lift, idle=idle, active=active))
         realized = self.realized.setdefault(key, Realized())
-        return AutoState(tracks, shared.warm_copy(self.config.warm_weight), shared, key, timing, realized)
+        runtime = request.runtime
+        default = runtime is None or runtime.name == (self.default_runtime or runtime.name)
+        return AutoState(
+            tracks, shared.warm_copy(self.config.warm_weight), shared, key, timing, realized, default
+        )
 
     def prefilled(self, state: AutoState, hidden) -> None:
         for m, track in zip(self.members, state.members, strict=True):
@@ -516,17 +544,19 @@ class Auto(Drafter):
                 m.prefilled(track.state, hidden)
 
     def release(self, state: AutoState) -> None:
-        if state.steps:
+        if state.steps and state.on_default:
             drafted = state.steps - state.plain
             share = state.plain / state.steps
             nodes = 1 + state.nodes / drafted if drafted else 1.0
             usage = self.usage.get(state.key)
             if usage is None:
-                self.usage[state.key] = Usage(share, nodes)
-            else:
-                usage.plain_share += USAGE_EMA * (share - usage.plain_share)
+                self.usage[state.key] = Usage(share, nodes, state.steps)
+            else:  # a short generation moves the averages less
+                weight = USAGE_EMA * min(1.0, state.steps / USAGE_STEPS)
+                usage.plain_share += weight * (share - usage.plain_share)
                 if drafted:
-                    usage.tree_nodes += USAGE_EMA * (nodes - usage.tree_nodes)
+                    usage.tree_nodes += weight * (nodes - usage.tree_nodes)
+                usage.steps += state.steps
         lifts = self.lifts[state.key]
         self.lifts[state.key] = [
             t.lift if t.ran else lift for t, lift in zip(state.members, lifts, strict=True)
