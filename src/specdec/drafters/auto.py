@@ -371,7 +371,12 @@ class AutoState:
     key: float  # that temperature (tenths; greedy 0)
     timing: Timing  # of the runtime this generation runs on
     realized: Realized  # the drafter's, for this generation's temperature
-    on_default: bool  # it runs on the engine's default runtime (its usage counts: `choose_runtime`)
+    # the engine's default runtime's timing when this generation runs on another (None: it runs on the
+    # default): each step also plans for it, and those plans are the usage this generation reports
+    default: Timing | None
+    default_plain: int = 0  # steps whose plan for the default runtime verified the root alone
+    default_nodes: int = 0  # drafted nodes those plans verified
+    there: int = 0  # this step's plan for the default runtime: drafted nodes
     steps: int = 0
     plain: int = 0  # steps that verified the root alone
     expected: float = 0.0  # accepted drafts the chosen trees were expected to give, summed (calibration)
@@ -431,9 +436,6 @@ class Auto(Drafter):
         self.keep: list[float] = []  # per member: moving average of its observe time, paid every step
         self.benched: dict[float, list[int]] = {}  # per temperature, per member: generations since tried
         self.realized: dict[float, Realized] = {}  # per temperature as `shared`
-        # per temperature: generations on another runtime since the default's last one, the interval between
-        # the default's generations, and whether the last generation was the default's refresh
-        self.away: dict[float, tuple[int, int, bool]] = {}
         self.default_runtime: str | None = None  # the engine's default runtime, once it offered a choice
 
     @classmethod
@@ -460,7 +462,7 @@ class Auto(Drafter):
         self.usage = {}
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
-        self.lifts, self.benched, self.realized, self.away = {}, {}, {}, {}
+        self.lifts, self.benched, self.realized = {}, {}, {}
         self.keep = [0.0] * len(self.members)
 
     def hidden_layers(self) -> tuple[int, ...]:
@@ -484,33 +486,21 @@ class Auto(Drafter):
 
     def choose_runtime(self, params, runtimes: list) -> int:
         """Index of the runtime (`RuntimeChoice`s, the engine's default first) whose expected step time is the
-        least at the usage auto had on the default runtime at this temperature. The default runs until that
-        usage rests on USAGE_STEPS steps, and again after RETRY_GENERATIONS generations spent elsewhere, so the
-        usage is refreshed; each refresh that confirms the choice doubles that interval (to at most
-        MAX_AWAY_GENERATIONS), one that reverses it resets it. (Usage measured on another runtime would feed
-        back: on llama.cpp, where trees cost more, auto drafts less, and that usage then argues for
-        llama.cpp.) A runtime without hidden states takes no member that reads them."""
+        least at the usage auto has for the default runtime at this temperature: measured on it, or, in
+        generations elsewhere, what its plan would have verified there (`AutoState.default`). (The usage on
+        another runtime would feed back: on llama.cpp, where trees cost more, auto drafts less, and that usage
+        then argues for llama.cpp.) The default runs until the usage rests on USAGE_STEPS steps. A runtime
+        without hidden states takes no member that reads them."""
         # every runtime's cost curve is measured at the first generation, whichever runs it: measuring one later
         # (~0.1 s) would land in the first request that switches to it
         timings = [self._timing(r) for r in runtimes]
         self.default_runtime = runtimes[0].name
-        key = 0.0 if params.greedy else round(float(params.temperature), 1)
-        usage = self.usage.get(key)
+        usage = self.usage.get(0.0 if params.greedy else round(float(params.temperature), 1))
         if usage is None or usage.steps < USAGE_STEPS or len(runtimes) < 2:
-            return 0
-        away, interval, refreshed = self.away.get(key, (0, RETRY_GENERATIONS, False))
-        if away >= interval:
-            self.away[key] = (0, interval, True)
             return 0
         times = [usage.step_seconds(t) for t in timings]
         best = min(range(len(runtimes)), key=times.__getitem__)
-        if times[best] < (1 - RUNTIME_MARGIN) * times[0]:
-            if refreshed:  # the refresh confirmed it
-                interval = min(2 * interval, MAX_AWAY_GENERATIONS)
-            self.away[key] = (away + 1, interval, False)
-            return best
-        self.away[key] = (0, RETRY_GENERATIONS, False)
-        return 0
+        return best if times[best] < (1 - RUNTIME_MARGIN) * times[0] else 0
 
     def start(self, request: Request) -> AutoState:
         timing = self._timing(request.runtime)
@@ -532,8 +522,9 @@ class Auto(Drafter):
             idle = 1 << 30 if trial else 0
             tracks.append(MemberTrack(m.start(request) if active else None, lift, idle=idle, active=active))
         realized = self.realized.setdefault(key, Realized())
-        runtime = request.runtime
-        default = runtime is None or runtime.name == (self.default_runtime or runtime.name)
+        runtime, default = request.runtime, None
+        if runtime is not None and self.default_runtime not in (None, runtime.name):
+            default = self.timings[self.default_runtime]
         return AutoState(
             tracks, shared.warm_copy(self.config.warm_weight), shared, key, timing, realized, default
         )
@@ -544,10 +535,15 @@ class Auto(Drafter):
                 m.prefilled(track.state, hidden)
 
     def release(self, state: AutoState) -> None:
-        if state.steps and state.on_default:
-            drafted = state.steps - state.plain
-            share = state.plain / state.steps
-            nodes = 1 + state.nodes / drafted if drafted else 1.0
+        if state.steps:
+            plain, verified = (
+                (state.plain, state.nodes)
+                if state.default is None
+                else (state.default_plain, state.default_nodes)
+            )
+            drafted = state.steps - plain
+            share = plain / state.steps
+            nodes = 1 + verified / drafted if drafted else 1.0
             usage = self.usage.get(state.key)
             if usage is None:
                 self.usage[state.key] = Usage(share, nodes, state.steps)
@@ -645,6 +641,12 @@ class Auto(Drafter):
             best_rate = max(best_rate, rate)
             if not self.pays_its_keep(i, track.lift, timing):
                 self._bench(state, i)
+        if state.default is not None:  # what the plan would verify on the default runtime (its usage)
+            if alone is not None:
+                state.there = len(state.members[alone].tree or ()) - 1
+            else:
+                d = state.default
+                state.there = len(union.plan(cap, StepCost(d.cost), d.overhead, d.tree_overhead, bar)[0])
         if alone is not None:
             track = state.members[alone]
             assert track.tree is not None  # it ran this step
@@ -680,6 +682,10 @@ class Auto(Drafter):
         timing, n = state.timing, len(choice.tree)
         seconds = (timing.tree_overhead if n > 1 else timing.overhead) + timing.cost(n)
         state.promised = (1.0 + choice.expected, seconds)
+        if state.default is not None:
+            state.default_plain += state.there == 0
+            state.default_nodes += state.there
+            state.there = 0
         state.steps += 1
         state.nodes += len(choice.tree) - 1
         state.drafted = len(choice.tree) > 1
