@@ -57,7 +57,7 @@ PRIOR_RATE = 0.3  # the prior of the root's first child when nothing was learned
 GATE_EMA = 0.2  # weight of the newest step in a member's lift
 TIME_EMA = 0.1  # weight of the newest step in measured times
 USAGE_EMA = 0.3  # weight of the newest generation in `Usage` (a full one: shorter ones weigh less)
-USAGE_STEPS = 64  # steps a generation needs to count fully in `Usage`, and that `Usage` needs to be used
+USAGE_STEPS = 32  # steps a generation needs to count fully in `Usage`, and that `Usage` needs to be used
 # another runtime must promise steps this much cheaper than the engine's default to be taken: the estimate
 # holds auto's behaviour fixed, but on a runtime with dearer trees auto verifies smaller ones (fewer tokens a
 # step), and llama.cpp's attention grows dearer with the context than the curve's (greedy bench: switching at
