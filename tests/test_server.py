@@ -511,6 +511,48 @@ def test_concurrent_clients_get_their_solo_results(client, server, ref):
     assert snapshot["running"] == 0 and snapshot["queued"] == 0
 
 
+def test_a_client_leaving_mid_stream_does_not_disturb_the_batch(server, client, ref):
+    """Clients streaming at once share steps (several generations live together); one leaves after its first
+    text chunk: its row is freed (or it finished first), and the others still get their solo results."""
+    worker = server.config.app.state.worker
+    before = worker.snapshot()
+    n = 60  # long enough that the leaver is usually still running when it leaves
+    want = {p: solo(ref, "pld", p, max_new_tokens=n).text for p in PROMPTS}
+    barrier = threading.Barrier(len(PROMPTS) + 1)
+
+    def stay(prompt: str) -> str:
+        kw = {"model": "tiny", "max_tokens": n, "temperature": 0, "extra_body": {"specdec_method": "pld"}}
+        barrier.wait(timeout=TIMEOUT)
+        return "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, stream=True, **kw))
+
+    def leave() -> None:
+        body = {
+            "prompt": PROMPTS[0],
+            "max_tokens": n,
+            "temperature": 0,
+            "stream": True,
+            "specdec_method": "pld",
+        }
+        barrier.wait(timeout=TIMEOUT)
+        with (
+            httpx.Client(base_url=server.base_url, headers=AUTH, timeout=TIMEOUT) as c,
+            c.stream("POST", "/v1/completions", json=body) as r,
+        ):
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))  # then the connection closes
+
+    with ThreadPoolExecutor(max_workers=len(PROMPTS) + 1) as pool:
+        staying = [pool.submit(stay, p) for p in PROMPTS]
+        pool.submit(leave).result(timeout=5 * TIMEOUT)
+        texts = [f.result(timeout=5 * TIMEOUT) for f in staying]
+    assert texts == [want[p] for p in PROMPTS]
+    assert wait_until(lambda: worker.snapshot()["running"] == 0)
+    after = worker.snapshot()
+    ended = sum(after[k] - before[k] for k in ("completed", "cancelled", "failed"))
+    assert ended == len(PROMPTS) + 1 and after["failed"] == before["failed"]
+    assert after["peak_running"] > 1  # they were live together
+
+
 def test_disconnect_mid_stream_cancels_and_server_stays_correct(server, client, ref):
     worker = server.config.app.state.worker
     before = worker.snapshot()
@@ -528,7 +570,10 @@ def test_disconnect_mid_stream_cancels_and_server_stays_correct(server, client, 
             c.stream("POST", "/v1/chat/completions", json=body) as r,
         ):
             assert r.status_code == 200
-            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            # the line iterator is held: a generator over it that is dropped closes it, and with it the
+            # connection (httpx closes a response whose stream iteration stops early)
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
             # the engine thread is mid-generation (held at the gate): the event loop still answers
             assert httpx.get(f"{server.base_url}/health", timeout=TIMEOUT).json()["running"] == 1
@@ -581,12 +626,13 @@ def test_eos_ends_with_finish_reason_stop(tok):
 
 
 def test_queue_limit_and_cancel_before_start(tok):
-    """max_queued requests may wait behind the running one; more get 503; a cancelled waiting job never runs."""
+    """With max_batch 1, max_queued requests may wait behind the running one; more get 503; a cancelled waiting
+    job never runs."""
     dec = SpecDecoder(tiny.model("llama"), tok, GatedDrafter())
     params = {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None, "stop": []}
 
     async def scenario():
-        worker = EngineWorker(max_queued=1)
+        worker = EngineWorker(max_queued=1, max_batch=1)
         jobs = [Job(dec, "gated", Prompt(lambda: [5, 6, 7], "prompt", None, 8), params) for _ in range(3)]
         GATE.clear()
         try:
@@ -606,7 +652,14 @@ def test_queue_limit_and_cancel_before_start(tok):
         assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
         await asyncio.to_thread(wait_until, lambda: worker.snapshot()["cancelled"] == 1)
         assert jobs[1].events.empty()
-        assert worker.snapshot() == {"running": 0, "queued": 0, "completed": 1, "cancelled": 1, "failed": 0}
+        assert worker.snapshot() == {
+            "running": 0,
+            "queued": 0,
+            "peak_running": 1,  # max_batch 1: one at a time
+            "completed": 1,
+            "cancelled": 1,
+            "failed": 0,
+        }
         worker.shutdown()
 
     asyncio.run(scenario())

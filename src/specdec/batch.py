@@ -14,7 +14,7 @@ generator). Rows are kept in cache order 0..B-1: a finished row's slot is filled
 into it.
 
 The batch runs on the native runtime (its forward takes rows, `NativeModel.forward_rows`) and for drafters
-that read no hidden states.
+that read no hidden states (`auto` batches without its members that do).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def check_batchable(engine) -> NativeModel:
             f"batched decoding runs on the native runtime (Llama, Mistral, Qwen2, Qwen3); this engine uses "
             f"{engine.runtime.name}"
         )
-    if engine.layers:
+    if engine.layers and not engine.drafter.hidden_states_optional:  # auto leaves its eagle member out
         raise InputError(
             f"batched decoding does not yet serve {engine.drafter.name}, which reads hidden states"
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -214,8 +214,8 @@ class Decoding:
         self.drafter = engine.drafter
         if target is None:
             runtime = engine.runtimes[engine.drafter.choose_runtime(params, engine.runtimes)]
-        else:  # a batch row: the batch runs on the engine's runtime
-            runtime = engine.runtime
+        else:  # a batch row: the batch runs on the engine's runtime and scores no hidden states
+            runtime = replace(engine.runtime, hidden_states=False)
         self.layers = engine.layers if runtime.hidden_states else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params

@@ -44,7 +44,10 @@ class Limits:
     max_prompt_tokens: int | None = None  # None: only the model's context limits the prompt
     max_tokens: int = 1024  # the largest max_tokens a request may ask for (and chat's default)
     max_body_bytes: int = 1 << 20
-    max_queued: int = 64  # requests waiting behind the running one; more get 503
+    max_queued: int = 64  # requests waiting behind the running ones; more get 503
+    # generations advancing together (continuous batching; one shared forward per step where the method and
+    # runtime can batch: specdec.batch); 1 = one at a time
+    max_batch: int = 8
 
 
 def check_api_key(api_key: str | None) -> None:
@@ -82,7 +85,7 @@ def create_app(
     if default_method not in decoders:
         raise InputError(f"default method {default_method!r} is not among the loaded: {', '.join(decoders)}")
     limits = limits or Limits()
-    worker = EngineWorker(limits.max_queued)
+    worker = EngineWorker(limits.max_queued, limits.max_batch)
     created = int(time.time())
 
     @asynccontextmanager

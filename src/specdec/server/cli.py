@@ -81,7 +81,15 @@ def register(subparsers) -> None:
         "--max-queued",
         type=_non_negative,
         default=64,
-        help="requests that may wait behind the running one; more get 503 (default: 64)",
+        help="requests that may wait behind the running ones; more get 503 (default: 64)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=8,
+        help="generations that advance together: each step scores all of a method's live generations in one "
+        "forward where it can (native runtime, methods reading no hidden states; others step one by one); "
+        "1 = one at a time (default: 8)",
     )
     p.add_argument(
         "--timeout-request-start",
@@ -170,7 +178,9 @@ def build_server(args: argparse.Namespace):
     methods = resolve_methods(args.method, args.methods, args.draft)
     decoders = load_decoders(args.model, args.draft, methods, args.dtype, args.runtime)
     name = args.served_model_name or (args.model if args.model == "default" else Path(args.model).name)
-    limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_queued)
+    limits = Limits(
+        args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_queued, args.max_batch
+    )
     app = create_app(
         decoders, model_name=name, default_method=methods[0], api_key=args.api_key, limits=limits
     )
