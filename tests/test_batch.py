@@ -42,6 +42,20 @@ def test_each_row_equals_generate(arch, method):
         assert results[i].token_ids == tiny.hf_greedy(dec.model, prompt, lengths[i])
 
 
+def test_auto_with_a_head_batches_without_it():
+    """auto's eagle member reads hidden states, which a batch does not score: the rows run without it (it sits
+    out, as on llama.cpp), and each still equals generate()."""
+    model = tiny.model("llama", seed=2)
+    dec = SpecDecoder(model, tiny.tokenizer(), "auto", head=tiny.untrained_head("eagle", model))
+    assert dec.engine.layers  # alone, auto reads hidden states for its eagle member
+    tok = tiny.tokenizer()
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    results = dec.generate_batch(prompts, max_new_tokens=12, ignore_eos=True)
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids == tiny.hf_greedy(model, prompt, 12)
+        assert "eagle" in result.stats.drafter["benched"]  # sat out: it cannot read this runtime's states
+
+
 def test_generate_batch_matches_generate_one_by_one():
     dec = _decoder("llama", "pld")
     batch = dec.generate_batch(TEXTS, max_new_tokens=16)
