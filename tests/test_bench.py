@@ -386,3 +386,48 @@ def test_default_methods_that_refuse_are_skipped_with_the_reason(capsys, dirs, t
     )
     code, _, err = bench(capsys, dirs, "--methods", "refuses")  # asked for by name: an error
     assert code == 2 and "trained heads" in err
+
+
+def test_bench_serve_drives_real_servers(capsys, dirs, tmp_path):
+    """`specdec bench-serve` end to end on the tiny model: servers started, driven at two concurrencies,
+    transformers' batched generate() beside them; the batched server's greedy answers equal the one-at-a-time
+    server's."""
+    out = tmp_path / "serve.json"
+    argv = [
+        "bench-serve",
+        "--model",
+        dirs["target"],
+        "--prompts-file",
+        dirs["prompts"],
+        "--concurrency",
+        "1,2",
+    ]
+    argv += ["--requests", 3, "--max-tokens", 6, "--configs", "speculative,one-at-a-time,hf-batched"]
+    code = main([str(a) for a in [*argv, "--json", out, "--threads", 1]])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["config"], r["concurrency"]) for r in rows] == [
+        (c, n) for c in ("speculative", "one-at-a-time", "hf-batched") for n in (1, 2)
+    ]
+    for r in rows:
+        assert r["requests"] == 4  # the same requests at every N: at least 2 x the largest N
+        assert r["tokens"] > 0 and r["tokens_per_second"] > 0 and r["latency_p95"] >= r["latency_p50"] > 0
+        if r["config"] != "hf-batched":  # transformers' float32 batch may differ at a float near-tie
+            assert r["mismatches"] == 0 and r["ttft_p50"] is not None
+    assert "speculative" in stdout and "hf-batched" in stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--concurrency", "0,2"], "--concurrency must be integers >= 1"),
+        (["--concurrency", "two"], "comma-separated integers"),
+        (["--configs", "fast"], "unknown config 'fast'"),
+        (["--json", "/nonexistent-dir/x.json"], "no such directory"),
+    ],
+)
+def test_bench_serve_user_errors(capsys, dirs, extra, message):
+    code = main(["bench-serve", "--model", str(dirs["target"]), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

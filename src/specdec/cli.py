@@ -245,9 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Both register without their extras (FastAPI/uvicorn, matplotlib): the base install must build this
     # parser. `serve` and `bench --plot` check for their extra when run and name it in one line.
     from specdec.bench.cli import register as register_bench
+    from specdec.bench.serving import register as register_bench_serve
     from specdec.server.cli import register as register_serve
 
     register_bench(sub)
+    register_bench_serve(sub)
     register_serve(sub)
     from specdec.heads.export import register as register_export_drafter
     from specdec.train.drafter import register as register_train_drafter

@@ -73,8 +73,11 @@ def create_app(
     default_method: str | None = None,
     api_key: str | None = None,
     limits: Limits | None = None,
+    engine_thread: bool = True,
 ) -> FastAPI:
-    """`decoders`: one SpecDecoder, or method name -> SpecDecoder (all over the same target model)."""
+    """`decoders`: one SpecDecoder, or method name -> SpecDecoder (all over the same target model).
+    `engine_thread`: the engine loop runs on a thread of its own; False: the caller runs
+    `app.state.worker.run()` (`specdec serve` does, on the thread that loaded the models)."""
     check_api_key(api_key)
     if isinstance(decoders, SpecDecoder):
         decoders = {decoders.drafter.name: decoders}
@@ -85,7 +88,7 @@ def create_app(
     if default_method not in decoders:
         raise InputError(f"default method {default_method!r} is not among the loaded: {', '.join(decoders)}")
     limits = limits or Limits()
-    worker = EngineWorker(limits.max_queued, limits.max_batch)
+    worker = EngineWorker(limits.max_queued, limits.max_batch, own_thread=engine_thread)
     created = int(time.time())
 
     @asynccontextmanager

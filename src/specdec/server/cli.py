@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from specdec.cli import add_model_arguments
@@ -163,8 +165,9 @@ def listen(host: str, port: int) -> socket.socket:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def build_server(args: argparse.Namespace):
-    """The uvicorn server for parsed `serve` arguments (models loaded, not yet listening)."""
+def build_server(args: argparse.Namespace, engine_thread: bool = True):
+    """The uvicorn server for parsed `serve` arguments (models loaded, not yet listening); `engine_thread`
+    as in `create_app`."""
     try:
         import uvicorn
 
@@ -182,7 +185,12 @@ def build_server(args: argparse.Namespace):
         args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_queued, args.max_batch
     )
     app = create_app(
-        decoders, model_name=name, default_method=methods[0], api_key=args.api_key, limits=limits
+        decoders,
+        model_name=name,
+        default_method=methods[0],
+        api_key=args.api_key,
+        limits=limits,
+        engine_thread=engine_thread,
     )
     config = uvicorn_config(
         app,
@@ -213,7 +221,9 @@ def uvicorn_config(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    server = build_server(args)
+    # the engine loop runs here, on the thread that loaded the models, and HTTP on another (EngineWorker.run
+    # says why); uvicorn off the main thread installs no signal handlers, so Ctrl-C reaches this thread
+    server = build_server(args, engine_thread=False)
     sock = listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     state = server.config.app.state
@@ -230,5 +240,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    server.run(sockets=[sock])
+    worker = server.config.app.state.worker
+
+    def serve_http() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:  # stopped or failed: the engine loop ends with it
+            worker.shutdown()
+
+    signals = []
+
+    def stop(signum, frame) -> None:
+        """Ctrl-C or SIGTERM: stop serving (in-flight generations are cancelled); a second one: at once."""
+        signals.append(signum)
+        if len(signals) > 1:
+            raise KeyboardInterrupt
+        server.should_exit = True
+        worker.shutdown()
+
+    # set even where SIGINT was inherited ignored (a background job), as uvicorn does on the main thread
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    http = threading.Thread(target=serve_http, name="specdec-http", daemon=True)
+    http.start()
+    try:
+        worker.run()  # returns when the server shuts down (its lifespan or a signal stops the worker)
+    finally:
+        server.should_exit = True
+        worker.shutdown()
+        http.join(timeout=30)
     return 0
