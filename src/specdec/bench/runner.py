@@ -362,10 +362,16 @@ def run_bench(
     static_ids = [None if p.text is None else p.render(tokenizer, []) for p in prompts]
     check_lengths(prompts, static_ids, params, limit)
 
-    first = next(ids for ids in static_ids + [tokenizer("def f(x):\n")["input_ids"]] if ids)
-    # a warm-up generation long enough for the one-time costs of every method to land in it: first-call
-    # allocations, the cost-model measurement, and auto's first generation at this temperature, which it
-    # spends on its default runtime learning what pays (docs/methods.md, auto)
+    # warm-up: the first prompt of every task (its first 256 tokens), each generation long enough for the
+    # one-time costs to land there and not in whichever method runs first on a new shape: first-call
+    # allocations and kernel selection for new sizes (the first method on the first short edit prompt paid
+    # ~0.18 s more than the next one), the cost-model measurement, and auto's first generation at this
+    # temperature, which it spends on its default runtime learning what pays (docs/methods.md, auto)
+    firsts: dict[str, list[int]] = {}
+    for prompt, ids in zip(prompts, static_ids, strict=True):
+        if ids:
+            firsts.setdefault(prompt.task, ids[:256])
+    warm_prompts = list(firsts.values()) or [tokenizer("def f(x):\n")["input_ids"]]
     warm = SamplingParams(
         max_new_tokens=min(64, params.max_new_tokens),
         temperature=params.temperature,
@@ -377,7 +383,8 @@ def run_bench(
     for _ in range(warmup):
         for method in list(methods):
             try:
-                method.run(first[:256], warm)
+                for ids in warm_prompts:
+                    method.run(ids, warm)
             except InputError as e:
                 if method.name not in optional or method.name == BASELINE:
                     raise
