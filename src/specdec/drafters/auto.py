@@ -21,7 +21,9 @@ its own per-generation state inside auto's. A step (docs/methods.md, auto):
    where cost is the target's forward time per tree size (`CostModel.for_model`, measured at the first
    generation, refined by every timed verification: `OnlineCost`), and the step overhead is what a step costs
    besides drafting and verification, measured separately for plain steps and steps with drafts. Drafting
-   time is spent by then and does not count. n = 0 is plain decoding through the same engine.
+   time is spent by then and does not count. n = 0 is plain decoding through the same engine. A tree is taken
+   only when its rate beats plain decoding's by the bar (`Realized`: how much more steps with drafts fell
+   short of their predicted rate, in wall time, than plain steps did).
 4. Every member observes every verification, chosen or not (recycle's table, eagle's feature cache, the draft
    model's cache sync need each one); the estimates learn from each member's own tree against the emitted
    tokens (`would_accept`'s walk): at each depth the truth is known for, each child of the node on the true
