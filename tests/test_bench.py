@@ -424,6 +424,7 @@ def test_bench_serve_drives_real_servers(capsys, dirs, tmp_path):
         (["--concurrency", "0,2"], "--concurrency must be integers >= 1"),
         (["--concurrency", "two"], "comma-separated integers"),
         (["--configs", "fast"], "unknown config 'fast'"),
+        (["--threads", "0"], "--threads: must be >= 1"),
         (["--json", "/nonexistent-dir/x.json"], "no such directory"),
     ],
 )

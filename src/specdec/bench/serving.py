@@ -251,6 +251,7 @@ def plot(rows: list[Row], out: Path) -> None:
 
 def register(subparsers) -> None:
     from specdec.bench.tasks import suites
+    from specdec.cli import positive_int
 
     p = subparsers.add_parser(
         "bench-serve",
@@ -290,7 +291,9 @@ def register(subparsers) -> None:
         help="requests sent at every N, the same prompts for each (at least 2 x the largest N; default 32)",
     )
     p.add_argument("--max-tokens", type=int, default=96, help="max_tokens of every request (default 96)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the servers and transformers")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads of the servers and transformers"
+    )
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every row and the settings")
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="throughput against N")
     p.set_defaults(func=run)
