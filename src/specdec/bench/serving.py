@@ -329,9 +329,13 @@ def run(args) -> int:
         except ModuleNotFoundError:
             raise InputError("--plot needs matplotlib (pip install 'specdec[bench]')") from None
     try:
-        import httpx  # noqa: F401
-    except ModuleNotFoundError:
-        raise InputError("bench-serve needs the server extra (pip install 'specdec[server]')") from None
+        import fastapi  # noqa: F401  (the servers it starts)
+        import httpx  # noqa: F401  (its clients)
+        import uvicorn  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise InputError(
+            f"bench-serve needs the server extra ({e.name} is not installed): pip install 'specdec[server]'"
+        ) from None
     if args.json is not None and not args.json.parent.is_dir():
         raise InputError(f"--json {args.json}: no such directory {str(args.json.parent)!r}")
     if args.prompts_file is not None:
