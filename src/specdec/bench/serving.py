@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from specdec.errors import InputError
@@ -56,8 +56,7 @@ class Row:
     latency_p95: float
     ttft_p50: float | None
     ttft_p95: float | None
-    mismatches: int
-    extra: dict = field(default_factory=dict)
+    mismatches: int | None  # None: no one-at-a-time answers to check against (that config did not run)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -199,7 +198,11 @@ def summarize(config: str, n: int, requests: list[Request], seconds: float, refe
     tokens = sum(r.tokens for r in requests)
     latencies = [r.latency for r in requests]
     firsts = [r.first_chunk for r in requests if r.first_chunk is not None]
-    mismatches = sum(1 for r in requests if r.prompt in reference and r.text != reference[r.prompt])
+    mismatches = (
+        sum(1 for r in requests if r.prompt in reference and r.text != reference[r.prompt])
+        if reference
+        else None
+    )
     return Row(
         config,
         n,
@@ -224,7 +227,7 @@ def table(rows: list[Row]) -> str:
         ttft = f"{r.ttft_p50:>9.3f} {r.ttft_p95:>9.3f}" if r.ttft_p50 is not None else f"{'-':>9} {'-':>9}"
         lines.append(
             f"{r.config:<14} {r.concurrency:>3} {r.requests:>4} {r.tokens_per_second:>7.1f} "
-            f"{r.latency_p50:>8.3f} {r.latency_p95:>8.3f} {ttft} {r.mismatches:>8}"
+            f"{r.latency_p50:>8.3f} {r.latency_p95:>8.3f} {ttft} {'-' if r.mismatches is None else r.mismatches:>8}"
         )
     return "\n".join(lines)
 
