@@ -646,7 +646,7 @@ class Auto(Drafter):
         if state.default is not None:  # what the plan would verify on the default runtime (its usage)
             if alone is not None:
                 state.there = len(state.members[alone].tree or ()) - 1
-            else:
+            elif len(union.values) > 1:  # something was proposed (otherwise: plain there too, state.there 0)
                 d = state.default
                 state.there = len(union.plan(cap, StepCost(d.cost), d.overhead, d.tree_overhead, bar)[0])
         if alone is not None:

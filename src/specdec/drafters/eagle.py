@@ -77,7 +77,7 @@ class EagleState:
     draft_seconds: float = 0.0  # moving average of propose() time (reported; the tree size ignores it: sunk)
     tree_scores: list[float] = field(default_factory=list)  # cumulative draft log-prob of each drafted node
     proposed: float = 0.0  # when the last propose returned: verification started
-    tree_size: int = 0  # nodes (root included) of the last proposed tree
+    tree_size: int = 0  # nodes (root included) of the last proposed tree (0: none since the last observe)
 
 
 class Calibration:
@@ -302,8 +302,9 @@ class Eagle(Drafter):
     def observe(self, state: EagleState, scored: Scored) -> None:
         """Time the verification (the cost model learns this context's forwards), calibrate on this step's
         nodes, and replace its drafting entries by the verified path's true features."""
-        if self.cost is not None and state.tree_size:
-            self.cost.update(state.tree_size, time.perf_counter() - state.proposed)
+        if self.cost is not None and state.tree_size:  # it proposed this step (as auto's member, the tree
+            # verified may be another's: its size is the scored tree's)
+            self.cost.update(len(scored.tree), time.perf_counter() - state.proposed)
             state.tree_size = 0
         accepted = set(scored.verdict.accepted_nodes)
         for node, score in enumerate(state.tree_scores, start=1):  # tree node i >= 1 <-> tree_scores[i - 1]

@@ -417,18 +417,13 @@ class PackedHead:
     """
 
     def __init__(self, head: Eagle3Head) -> None:
-        from specdec.runtime.native import _pair_order
+        from specdec.runtime.native import RotaryTable, qkv_row_order
 
         c, layer = head.config, head.midlayer
         attn, mlp = layer.self_attn, layer.mlp
         self.head, self.config = head, c
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        d = c.head_dim
-        pair = _pair_order(d)
-        order = torch.cat(
-            [h * d + pair for h in range(self.heads + self.kv_heads)]
-            + [torch.arange((self.heads + self.kv_heads) * d, (self.heads + 2 * self.kv_heads) * d)]
-        )
+        order = qkv_row_order(self.heads, self.kv_heads, c.head_dim)
         with torch.no_grad():
             self.fc = head.fc.weight
             self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[
@@ -441,22 +436,10 @@ class PackedHead:
         self.ln_post, self.ln_final = layer.post_attention_layernorm.weight, head.norm.weight
         self.lm_head = head.lm_head.weight
         self.dtype = self.lm_head.dtype
-        self._rotary_table = torch.empty(0)
+        self._rotary = RotaryTable(head.inv_freq, self.dtype)  # the reference's cos/sin, in inv_freq's dtype
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, x.shape[-1:], weight, self.config.rms_norm_eps)
-
-    def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
-        """[m, 1, D/2] complex rotations: the reference's cos/sin (in inv_freq's dtype, rounded to the head's)."""
-        end = int(positions.max()) + 1
-        if self._rotary_table.shape[0] < end:
-            n = max(end, 2 * self._rotary_table.shape[0], 256)
-            inv_freq = self.head.inv_freq
-            freqs = torch.outer(torch.arange(n, dtype=inv_freq.dtype), inv_freq)  # [n, D/2]
-            real = torch.float64 if self.dtype == torch.float64 else torch.float32
-            cos, sin = (f.to(self.dtype).to(real) for f in (freqs.cos(), freqs.sin()))
-            self._rotary_table = torch.complex(cos, sin)
-        return self._rotary_table[positions][:, None]
 
     @torch.inference_mode()
     def step(
@@ -483,7 +466,7 @@ class PackedHead:
         residual = normed if c.norm_before_residual else features
         emb = self.head.embed_tokens[tokens].to(features.dtype)
         qkv = F.linear(torch.cat([self._norm(emb, self.ln_in), normed], dim=-1), self.wqkv)  # [m, (h+2kv)*D]
-        rot = self._rotary(positions)
+        rot = self._rotary(positions, int(positions.max()) + 1)
         pairs = qkv[:, : (h + kv) * d].to(rot.real.dtype).reshape(m, h + kv, d // 2, 2)
         qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(m, h + kv, d).to(self.dtype)
         cache.k[:, start : start + m] = qk[:, h:].transpose(0, 1)

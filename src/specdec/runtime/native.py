@@ -136,6 +136,38 @@ def _pair_order(head_dim: int) -> torch.Tensor:
     return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
 
 
+def qkv_row_order(heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order of a packed [q; k; v] weight for the fast forward: the q and k rows of each head in rotary-pair
+    order (`_pair_order`), the v rows unchanged. Index a `cat([q, k, v])` weight (or bias) with it."""
+    pair = _pair_order(head_dim)
+    return torch.cat(
+        [h * head_dim + pair for h in range(heads + kv_heads)]
+        + [torch.arange((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)]
+    )
+
+
+class RotaryTable:
+    """Complex rotations per position for pair-ordered q/k rows, grown on demand: cos/sin computed in
+    `inv_freq`'s dtype (float32 for HF targets, as HF does), scaled, rounded to the model's dtype as HF's
+    cos/sin are, held in float32 (float64 for float64 models)."""
+
+    def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0) -> None:
+        self.inv_freq, self.dtype, self.scaling = inv_freq, dtype, scaling
+        self.table = torch.empty(0)
+
+    def __call__(self, positions: torch.Tensor, end: int) -> torch.Tensor:
+        """[T, 1, D/2] for positions [T], all below `end`."""
+        if self.table.shape[0] < end:
+            n = max(end, 2 * self.table.shape[0], 256)
+            inv = self.inv_freq
+            freqs = torch.outer(torch.arange(n, dtype=inv.dtype, device=inv.device), inv)  # [n, D/2]
+            cos = (freqs.cos() * self.scaling).to(self.dtype)
+            sin = (freqs.sin() * self.scaling).to(self.dtype)
+            real = torch.float64 if self.dtype == torch.float64 else torch.float32
+            self.table = torch.complex(cos.to(real), sin.to(real))
+        return self.table[positions][:, None]
+
+
 class NativeModel:
     """A Llama-family model's weights packed for the fast forward (shared by every generation using it).
 
@@ -162,7 +194,7 @@ class NativeModel:
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         self.dtype, self.device = self.embed.dtype, self.embed.device
-        self._rotary_table = torch.empty(0)
+        self._rotary = RotaryTable(self.inv_freq, self.dtype, self.rope_scaling)
         with torch.no_grad():
             self.layers = [self._pack(decoder.layers[i]) for i in self.layer_ids]
 
@@ -174,11 +206,7 @@ class NativeModel:
         attn, mlp = layer.self_attn, layer.mlp
         d = self.head_dim
         pair = _pair_order(d).to(self.device)
-        # q and k rows head by head in pair order; v rows unchanged
-        order = torch.cat(
-            [h * d + pair for h in range(self.heads + self.kv_heads)]
-            + [torch.arange((self.heads + self.kv_heads) * d, (self.heads + 2 * self.kv_heads) * d)]
-        )
+        order = qkv_row_order(self.heads, self.kv_heads, d).to(self.device)
         wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[order].contiguous()
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         bqkv = torch.cat(biases)[order].contiguous() if all(b is not None for b in biases) else None
@@ -206,18 +234,6 @@ class NativeModel:
         return NativeCache(
             len(self.layers), self.kv_heads, self.head_dim, capacity, self.dtype, self.device, rows
         )
-
-    def _rotary(self, positions: torch.Tensor, end: int) -> torch.Tensor:
-        """[T, 1, D/2] complex rotations for the positions (computed in float32 as HF does, then rounded
-        to the model's dtype as HF's cos/sin are; float64 models keep float64)."""
-        if self._rotary_table.shape[0] < end:
-            n = max(end, 2 * self._rotary_table.shape[0], 256)
-            freqs = torch.outer(torch.arange(n, dtype=torch.float32, device=self.device), self.inv_freq)
-            cos = (freqs.cos() * self.rope_scaling).to(self.dtype)
-            sin = (freqs.sin() * self.rope_scaling).to(self.dtype)
-            real = torch.float64 if self.dtype == torch.float64 else torch.float32
-            self._rotary_table = torch.complex(cos.to(real), sin.to(real))
-        return self._rotary_table[positions][:, None]
 
     @torch.inference_mode()
     def forward(
