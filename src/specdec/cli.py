@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     from specdec.train.drafter import register as register_train_drafter
 
     register_train_drafter(sub)
+    from specdec.train.dllm import register as register_train_dllm
+
+    register_train_dllm(sub)
     register_export_drafter(sub)
     return parser
 

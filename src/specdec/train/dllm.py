@@ -1,0 +1,277 @@
+"""Resumable CPU fine-tuning of an AR causal LM into a block-diffusion LM (the Fast-dLLM v2 recipe).
+
+Each step takes windows of the training stream and builds one input of three streams per window: the clean
+window (causal, trained with the ordinary next-token loss so the committed-token path stays the AR model), and
+two noisy copies of it in which every block is masked with a ratio drawn per block: the second copy masks
+exactly the positions the first leaves visible (complementary masks), so every token is a masked target once.
+A noisy block sees the clean tokens before it and its own stream's block (`specdec.dllm.model.training_mask`),
+which is what it sees when decoding. The masked token at j is predicted from the noisy output at j - 1 (token
+shift); a block's first token is the clean stream's next-token prediction.
+
+Block sizes are drawn per step from `block_sizes` so that decoding with another block length (adablock) stays
+in distribution. Same working-directory discipline as `specdec.train.lm`: the tokenized corpus, an atomic
+checkpoint every few minutes, and batches that are a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from specdec.dllm.model import DllmSpec, convert_from_ar, training_mask
+from specdec.train.lm import _batch, _lr, heldout_loss
+
+
+@dataclass
+class DllmTrainConfig:
+    total_tokens: int = 2_000_000  # clean tokens; each is also a masked target once (complementary masks)
+    batch_tokens: int = 4096  # clean tokens per optimizer step
+    seq_len: int = 512  # windows of 512: 3 streams make 1536-token inputs, still cheap attention on 2 cores
+    block_size: int = 32  # recorded in the checkpoint as the model's default decoding block
+    block_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
+    lr: float = 5e-4  # a third of the AR run's peak: adaptation, not pretraining
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.03
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    ar_weight: float = 1.0  # keeps the clean stream (the cache and the block's first token) the AR model
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    threads: int = 2
+
+
+def noisy_inputs(
+    x0: torch.Tensor, block: int, mask_id: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 [B, L] -> (noisy [B, 2, L] token ids, masked [B, 2, L] bool): per block a ratio t ~ U(0, 1), the
+    first copy masks each position with probability t, the second copy masks the rest."""
+    b, n = x0.shape
+    blocks = (n + block - 1) // block
+    ratio = torch.rand(b, blocks, generator=gen).repeat_interleave(block, dim=1)[:, :n]
+    first = torch.rand(b, n, generator=gen) < ratio
+    masked = torch.stack([first, ~first], dim=1)
+    noisy = torch.where(masked, torch.full_like(x0, mask_id)[:, None], x0[:, None])
+    return noisy, masked
+
+
+def dllm_loss(model, x: torch.Tensor, spec: DllmSpec, block: int, gen: torch.Generator, ar_weight: float):
+    """x [B, L + 1] token windows -> (total loss, {"ar": ..., "masked": ...}) as floats for logging."""
+    x0, target = x[:, :-1], x[:, 1:]
+    b, n = x0.shape
+    noisy, masked = noisy_inputs(x0, block, spec.mask_id, gen)
+    ids = torch.cat([x0, noisy.flatten(1)], dim=1)  # [B, 3L]
+    positions = torch.arange(n).repeat(3)[None].expand(b, -1)
+    visible = training_mask(n, block, streams=2)
+    bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, torch.finfo(torch.float32).min)
+    hidden = model.model(input_ids=ids, attention_mask=bias[None, None], position_ids=positions).last_hidden_state
+    head = model.get_output_embeddings()
+    ar = F.cross_entropy(head(hidden[:, :n]).flatten(0, 1), target.flatten())
+    # masked position j (not a block start) is read from the same stream's output at j - 1
+    j = torch.arange(n)
+    inside = (j % block != 0)[None, None]  # [1, 1, L]
+    take = masked & inside  # [B, 2, L]
+    bi, si, ji = take.nonzero(as_tuple=True)
+    rows = hidden[bi, n * (1 + si) + ji - 1]  # [M, H]
+    masked_loss = F.cross_entropy(head(rows), x0[bi, ji])
+    total = ar_weight * ar + masked_loss
+    return total, {"ar": ar.item(), "masked": masked_loss.item()}
+
+
+@torch.no_grad()
+def heldout_masked_loss(model, spec: DllmSpec, data: np.ndarray, block: int, max_tokens: int = 100_000) -> float:
+    """Mean masked-token cross-entropy (nats) over windows of the held-out stream, masks from a fixed seed."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)
+    total, count = 0.0, 0
+    seq = 512
+    n = min(data.size - 1, max_tokens)
+    for start in range(0, n - seq - 1, seq):
+        x = torch.from_numpy(data[start : start + seq + 1].astype(np.int64))[None]
+        _, parts = dllm_loss(model, x, spec, block, gen, ar_weight=0.0)
+        total += parts["masked"]
+        count += 1
+    model.train()
+    return total / max(1, count)
+
+
+def _load_start(base_model: str):
+    from specdec.models.loading import load_causal_lm
+
+    model, tokenizer = load_causal_lm(base_model, "target", "float32")
+    return model, tokenizer
+
+
+def train_dllm(workdir: Path, base_model: str, cfg: DllmTrainConfig, name: str = "dllm") -> Path:
+    """Fine-tune (or resume fine-tuning) `base_model` into a block-diffusion LM; returns the checkpoint path."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    data = np.memmap(workdir / "train.bin", dtype=np.uint16, mode="r")
+    model, tokenizer = _load_start(base_model)
+    ckpt_path = workdir / f"{name}.ckpt"
+    log_path = workdir / f"{name}.log.jsonl"
+    step, tokens_seen, elapsed = 0, 0, 0.0
+    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    if state is not None:  # the run keeps the schedule it started with; only how it runs may change
+        cfg = DllmTrainConfig(
+            **{**state["config"], "threads": cfg.threads, "checkpoint_minutes": cfg.checkpoint_minutes}
+        )
+    spec = convert_from_ar(model, tokenizer, cfg.block_size)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
+    total_steps = max(1, cfg.total_tokens // cfg.batch_tokens)
+
+    def save() -> None:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "elapsed": elapsed,
+            "config": asdict(cfg),
+            "base_model": base_model,
+        }
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, ckpt_path)
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="train-dllm", unit="step")
+    last_save = time.monotonic()
+    while step < total_steps:
+        t0 = time.monotonic()
+        rng = np.random.default_rng([cfg.seed, step, 7])
+        block = int(rng.choice(cfg.block_sizes))
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        batch = _batch(data, cfg.seed, step, cfg.seq_len, max(1, cfg.batch_tokens // cfg.seq_len))
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step, total_steps)  # type: ignore[arg-type]
+        loss, parts = dllm_loss(model, batch, spec, block, gen, cfg.ar_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += batch[:, 1:].numel()
+        dt = time.monotonic() - t0
+        elapsed += dt
+        bar.update(1)
+        bar.set_postfix(ar=f"{parts['ar']:.3f}", masked=f"{parts['masked']:.3f}", block=block, s_step=f"{dt:.1f}")
+        if step % 10 == 0 or step == total_steps:
+            record = {"step": step, **parts, "block": block, "tokens_seen": tokens_seen, "elapsed": elapsed}
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
+            save()
+            last_save = time.monotonic()
+    bar.close()
+    return ckpt_path
+
+
+def export_dllm(workdir: Path, out_dir: Path, name: str = "dllm", dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Write the HF directory (16-bit safetensors, tokenizer with the mask token, the spec in config.json) and
+    training_metrics.json; returns the metrics."""
+    state = torch.load(workdir / f"{name}.ckpt", weights_only=False)
+    cfg = DllmTrainConfig(**state["config"])
+    model, tokenizer = _load_start(state["base_model"])
+    spec = convert_from_ar(model, tokenizer, cfg.block_size)
+    model.load_state_dict(state["model"])
+    held = np.asarray(np.memmap(workdir / "heldout.bin", dtype=np.uint16, mode="r"))
+    held_info = json.loads((workdir / "heldout.json").read_text())
+    tokens_per_byte = held_info["tokens"] / held_info["bytes"]
+    ar_nats = heldout_loss(model, held)
+    masked = {str(b): heldout_masked_loss(model, spec, held, b) for b in cfg.block_sizes}
+    metrics = {
+        "heldout_ar_nats_per_token": ar_nats,
+        "heldout_ar_bits_per_byte": ar_nats / math.log(2) * tokens_per_byte,
+        "heldout_masked_nats_per_token_by_block": masked,
+        "tokens_seen": state["tokens_seen"],
+        "train_seconds": state["elapsed"],
+        "steps": state["step"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "base_model": "default" if "shipped" in str(state["base_model"]) else state["base_model"],
+        "train_config": state["config"],
+        "mask_token_id": spec.mask_id,
+    }
+    model.to(dtype)  # type: ignore[arg-type]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train-dllm",
+        help="fine-tune the shipped AR model into a block-diffusion LM (resumable), or --filter: train learn2pd's",
+        description="Stages: prepare (corpus and token files in --workdir, as train-lm), train (resumable: run "
+        "the same command again after an interruption), export (a HF directory with MODEL_CARD.md). --filter "
+        "instead trains the learn2pd policy's small filter on decoding traces of an exported model.",
+    )
+    p.add_argument("--workdir", type=Path, default=Path("runs/dllm"), help="resumable working directory")
+    p.add_argument("--stage", choices=["prepare", "train", "export", "all"], default="all")
+    p.add_argument("--base", default="default", help="the AR model to convert (default: the shipped target)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=DllmTrainConfig.total_tokens,
+        help="clean training tokens (default %(default)s); a resumed run keeps the budget it started with",
+    )
+    p.add_argument("--block-size", type=int, default=DllmTrainConfig.block_size, help="default decoding block")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export-dir", type=Path, default=None, help="default: the shipped dllm directory")
+    p.add_argument(
+        "--filter",
+        action="store_true",
+        help="train the learn2pd filter for the model in --export-dir (default: the shipped dllm) instead",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from specdec.errors import InputError
+    from specdec.models.shipped import SHIPPED_DIR
+
+    out_dir = args.export_dir or SHIPPED_DIR / "dllm"
+    if args.filter:
+        from specdec.dllm.policies.learn2pd import train_filter
+
+        train_filter(out_dir, args.workdir, threads=args.threads)
+        return 0
+    if args.tokens < 1 or args.block_size < 2:
+        raise InputError("--tokens must be >= 1 and --block-size >= 2")
+    if args.stage in ("prepare", "all"):
+        from specdec.train.lm import prepare
+
+        tok_dir = args.workdir / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists():  # the base model's tokenizer, not a new one
+            from specdec.models.loading import load_causal_lm
+
+            _, tokenizer = load_causal_lm(args.base, "target")
+            tokenizer.save_pretrained(tok_dir)
+        prepare(args.workdir)
+    if args.stage in ("train", "all"):
+        cfg = DllmTrainConfig(total_tokens=args.tokens, block_size=args.block_size, threads=args.threads)
+        train_dllm(args.workdir, args.base, cfg)
+    if args.stage in ("export", "all"):
+        metrics = export_dllm(args.workdir, out_dir)
+        print(json.dumps({k: v for k, v in metrics.items() if k != "train_config"}))
+    return 0
