@@ -32,6 +32,24 @@ def default_method(has_draft: bool) -> str:
     return "auto"
 
 
+def encode_prompt(model, tokenizer, prompt: str | list[int]) -> list[int]:
+    """Token ids of a text prompt, or a list of token ids checked against the model's vocabulary (an id
+    outside it would fail deep in the embedding lookup instead of as the caller's InputError)."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    if hasattr(prompt, "tolist"):  # a 1-D tensor or array of ids
+        prompt = prompt.tolist()
+    if not isinstance(prompt, list | tuple):
+        raise InputError(f"the prompt must be a string or a list of token ids (got {type(prompt).__name__})")
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    for t in prompt:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise InputError(f"prompt token ids must be integers (got {t!r})")
+        if not 0 <= t < vocab:
+            raise InputError(f"prompt token id {t} is outside the model's vocabulary [0, {vocab})")
+    return [int(t) for t in prompt]
+
+
 class Stream:
     """Iterate for text deltas; `result` holds the full Generation once the iteration is over."""
 
@@ -103,23 +121,7 @@ class SpecDecoder:
         return cls(loaded.target, loaded.tokenizer, method, loaded.draft, runtime, **options)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a text prompt, or a list of token ids checked against the model's vocabulary (an id
-        outside it would fail deep in the embedding lookup instead of as the caller's InputError)."""
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt)["input_ids"]
-        if hasattr(prompt, "tolist"):  # a 1-D tensor or array of ids
-            prompt = prompt.tolist()
-        if not isinstance(prompt, list | tuple):
-            raise InputError(
-                f"the prompt must be a string or a list of token ids (got {type(prompt).__name__})"
-            )
-        vocab = self.model.config.get_text_config(decoder=True).vocab_size
-        for t in prompt:
-            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                raise InputError(f"prompt token ids must be integers (got {t!r})")
-            if not 0 <= t < vocab:
-                raise InputError(f"prompt token id {t} is outside the model's vocabulary [0, {vocab})")
-        return [int(t) for t in prompt]
+        return encode_prompt(self.model, self.tokenizer, prompt)
 
     def stream(self, prompt: str | list[int], **params) -> Stream:
         """Text deltas as they are accepted; never half a multi-byte character."""

@@ -159,14 +159,40 @@ def verbose_logging(enabled: bool):
             lg.setLevel(level)
 
 
-def _generate(args: argparse.Namespace, rows: list[dict]) -> int:
+def _decoder(args: argparse.Namespace):
+    """A SpecDecoder, or for a block-diffusion model (or a --policy) a DllmDecoder."""
     from specdec.api import SpecDecoder
+    from specdec.dllm.cli import engine_options, policy_options, wants_dllm
 
+    if wants_dllm(args.model, args.policy):
+        from specdec.dllm.api import DEFAULT_POLICY, DllmDecoder
+
+        if args.method is not None or args.draft is not None:
+            raise InputError(
+                "--method and --draft are for autoregressive models; a diffusion LM decodes with --policy"
+            )
+        return DllmDecoder.from_pretrained(
+            args.model,
+            policy=args.policy or DEFAULT_POLICY,
+            dtype=args.dtype,
+            **engine_options(args),
+            **policy_options(args),
+        )
+    given = sorted(policy_options(args))
+    if given:
+        raise InputError(
+            f"--{given[0].replace('_', '-')} is a diffusion-LM policy setting (use it with --policy)"
+        )
     decoder = SpecDecoder.from_pretrained(
         args.model, draft=args.draft, method=args.method, dtype=args.dtype, runtime=args.runtime
     )
     if args.verbose:
         print(f"specdec: target runtime {decoder.engine.runtime.name}", file=sys.stderr)
+    return decoder
+
+
+def _generate(args: argparse.Namespace, rows: list[dict]) -> int:
+    decoder = _decoder(args)
     as_json = args.json or args.prompts_file is not None
     for row in rows:
         where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
@@ -192,12 +218,18 @@ def _generate(args: argparse.Namespace, rows: list[dict]) -> int:
             sys.stdout.write("\n")
             s = result.stats
             print(
-                f"[{args.method or decoder.drafter.name}] {s.new_tokens} tokens in {s.wall_seconds:.2f}s "
+                f"[{_label(args, decoder)}] {s.new_tokens} tokens in {s.wall_seconds:.2f}s "
                 f"({s.tokens_per_second:.1f} tok/s), {s.target_forwards} target forwards, "
-                f"tau {s.mean_accepted_tokens:.2f}, finish: {s.finish_reason}",
+                f"{'tokens/forward' if hasattr(decoder, 'policy') else 'tau'} {s.mean_accepted_tokens:.2f}, "
+                f"finish: {s.finish_reason}",
                 file=sys.stderr,
             )
     return 0
+
+
+def _label(args: argparse.Namespace, decoder) -> str:
+    policy = getattr(decoder, "policy", None)
+    return f"dllm {policy.name}" if policy is not None else args.method or decoder.drafter.name
 
 
 def cmd_train_lm(args: argparse.Namespace) -> int:
@@ -234,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on stderr: the target runtime chosen and, for --method auto, every step's choice (which members "
         "ran, how many nodes were verified, from whom, the expected acceptance)",
     )
+    from specdec.dllm.cli import add_policy_arguments
+
+    add_policy_arguments(g)
     g.set_defaults(func=cmd_generate)
 
     from specdec.train.cli import add_arguments as add_train_arguments

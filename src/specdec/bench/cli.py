@@ -82,6 +82,9 @@ def register(subparsers) -> None:
     b.add_argument(
         "--plot", type=Path, default=None, metavar="OUT.png", help="bar chart of speedup, tau annotated"
     )
+    from specdec.dllm.cli import add_policy_arguments
+
+    add_policy_arguments(b, several=True)
     b.set_defaults(func=cmd_bench)
 
 
@@ -176,6 +179,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specdec.bench.tasks import load_prompts_file, load_spec_bench, load_suite, suites
 
     params = _params(args)
+    from specdec.dllm.cli import wants_dllm
+
+    if wants_dllm(args.model, args.policies):  # a diffusion LM: the speed/quality bench
+        from specdec.bench import dllm
+
+        return dllm.run(args)
     per_task = args.prompts or (QUICK_PROMPTS if args.quick else None)
     tasks = args.tasks
     if tasks is None and args.prompts_file is None and args.spec_bench is None:

@@ -21,7 +21,12 @@ DTYPES = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
-SHIPPED_NAMES = {"default": "target", "default-target": "target", "default-draft": "draft"}
+SHIPPED_NAMES = {
+    "default": "target",
+    "default-target": "target",
+    "default-draft": "draft",
+    "default-dllm": "dllm",  # the block-diffusion conversion of the target (specdec.dllm)
+}
 
 
 def resolve(name: str | None, role: str = "target") -> str:

@@ -244,15 +244,19 @@ class NativeModel:
         mask: torch.Tensor | None,
         layers: Sequence[int] = (),
         logits: str = "all",
+        keys_end: int = 0,
     ) -> Scores:
         """Run tokens ids [T] at `positions` [T] after row 0 of the cache, attending by `mask` [T, past + T]
         (True = visible; None = causal: for T = 1, or T tokens into an empty cache). Writes their keys/values
         at slots past..past+T-1 and advances the row's length by T. `logits`: "all" rows, "last" row, or
-        "none"; `layers`: HF hidden_states ids."""
+        "none"; `layers`: HF hidden_states ids. `keys_end`: attend to cache slots up to this one even past the
+        new tokens (the mask is then [T, keys_end]): a diffusion block's cached suffix (`specdec.dllm`)."""
         past, t = cache.length, ids.shape[0]
         causal = mask is None and t > 1  # a chunk into an empty cache: the kernel's own causal masking
         assert not causal or past == 0, "a chunk after the cache needs an explicit mask"
-        scores = self._run(cache, ids[None], positions[None], mask, [past], causal, layers, logits)
+        scores = self._run(
+            cache, ids[None], positions[None], mask, [past], causal, layers, logits, keys_end=keys_end
+        )
         cache.length = past + t
         return scores
 
@@ -274,13 +278,15 @@ class NativeModel:
         scores = self._run(cache, ids, positions, mask[:, None], cache.lengths[:b], False, (), "all", real)
         return scores.logits
 
-    def _run(self, cache, ids, positions, mask, pasts, causal, layers, logits, real=None) -> Scores:
+    def _run(
+        self, cache, ids, positions, mask, pasts, causal, layers, logits, real=None, keys_end=0
+    ) -> Scores:
         """The layers over ids [B, N] (one generation: B = 1), flattened to T tokens for all but attention
         (T = B * N, or the `real` ones: attention alone sees the [B, N] grid, padding as zero keys); row r's
         keys/values go to cache row r after its length pasts[r]."""
         b, n = ids.shape
         grid = b * n
-        end = max(pasts) + n
+        end = max(max(pasts) + n, keys_end)
         cache.reserve(end)
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         ids, positions = ids.reshape(grid), positions.reshape(grid)

@@ -116,6 +116,9 @@ def register(subparsers) -> None:
         help="close a connection that sends nothing for this long after a response (default: 5)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from specdec.dllm.cli import add_policy_arguments
+
+    add_policy_arguments(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -157,6 +160,30 @@ def load_decoders(
     }
 
 
+def _diffusion_decoders(args: argparse.Namespace) -> dict | None:
+    """{policy: DllmDecoder} for a block-diffusion model (or a --policy); None for an autoregressive one."""
+    from specdec.dllm.cli import engine_options, policy_options, wants_dllm
+
+    if not wants_dllm(args.model, args.policy):
+        given = sorted(policy_options(args))
+        if given:
+            raise InputError(
+                f"--{given[0].replace('_', '-')} is a diffusion-LM policy setting (use it with --policy)"
+            )
+        return None
+    if args.method is not None or args.methods is not None or args.draft is not None:
+        raise InputError(
+            "--method, --methods and --draft are for autoregressive models; a diffusion LM serves --policy"
+        )
+    from specdec.dllm.api import DEFAULT_POLICY, DllmDecoder
+
+    policy = args.policy or DEFAULT_POLICY
+    decoder = DllmDecoder.from_pretrained(
+        args.model, policy=policy, dtype=args.dtype, **engine_options(args), **policy_options(args)
+    )
+    return {policy: decoder}
+
+
 def listen(host: str, port: int) -> socket.socket:
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
@@ -178,8 +205,12 @@ def build_server(args: argparse.Namespace, engine_thread: bool = True):
         ) from None
     check_api_key(args.api_key)  # before the models load: a mistake here should cost nothing
 
-    methods = resolve_methods(args.method, args.methods, args.draft)
-    decoders = load_decoders(args.model, args.draft, methods, args.dtype, args.runtime)
+    decoders = _diffusion_decoders(args)
+    if decoders is None:
+        methods = resolve_methods(args.method, args.methods, args.draft)
+        decoders = load_decoders(args.model, args.draft, methods, args.dtype, args.runtime)
+    else:  # a request's "specdec_method" names the policy; the one loaded
+        methods = list(decoders)
     name = args.served_model_name or (args.model if args.model == "default" else Path(args.model).name)
     limits = Limits(
         args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_queued, args.max_batch

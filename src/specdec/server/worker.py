@@ -107,6 +107,10 @@ class _Batches:
     def get(self, decoder: SpecDecoder):
         from specdec.batch import Batch
 
+        if decoder not in self.by_decoder and not hasattr(
+            decoder, "drafter"
+        ):  # a diffusion LM: one at a time
+            self.by_decoder[decoder] = None
         if decoder not in self.by_decoder:
             try:
                 self.by_decoder[decoder] = (

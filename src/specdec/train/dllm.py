@@ -71,8 +71,12 @@ def dllm_loss(model, x: torch.Tensor, spec: DllmSpec, block: int, gen: torch.Gen
     ids = torch.cat([x0, noisy.flatten(1)], dim=1)  # [B, 3L]
     positions = torch.arange(n).repeat(3)[None].expand(b, -1)
     visible = training_mask(n, block, streams=2)
-    bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, torch.finfo(torch.float32).min)
-    hidden = model.model(input_ids=ids, attention_mask=bias[None, None], position_ids=positions).last_hidden_state
+    bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(
+        ~visible, torch.finfo(torch.float32).min
+    )
+    hidden = model.model(
+        input_ids=ids, attention_mask=bias[None, None], position_ids=positions
+    ).last_hidden_state
     head = model.get_output_embeddings()
     ar = F.cross_entropy(head(hidden[:, :n]).flatten(0, 1), target.flatten())
     # masked position j (not a block start) is read from the same stream's output at j - 1
@@ -87,7 +91,9 @@ def dllm_loss(model, x: torch.Tensor, spec: DllmSpec, block: int, gen: torch.Gen
 
 
 @torch.no_grad()
-def heldout_masked_loss(model, spec: DllmSpec, data: np.ndarray, block: int, max_tokens: int = 100_000) -> float:
+def heldout_masked_loss(
+    model, spec: DllmSpec, data: np.ndarray, block: int, max_tokens: int = 100_000
+) -> float:
     """Mean masked-token cross-entropy (nats) over windows of the held-out stream, masks from a fixed seed."""
     model.eval()
     gen = torch.Generator().manual_seed(1234)
@@ -173,7 +179,9 @@ def train_dllm(workdir: Path, base_model: str, cfg: DllmTrainConfig, name: str =
         dt = time.monotonic() - t0
         elapsed += dt
         bar.update(1)
-        bar.set_postfix(ar=f"{parts['ar']:.3f}", masked=f"{parts['masked']:.3f}", block=block, s_step=f"{dt:.1f}")
+        bar.set_postfix(
+            ar=f"{parts['ar']:.3f}", masked=f"{parts['masked']:.3f}", block=block, s_step=f"{dt:.1f}"
+        )
         if step % 10 == 0 or step == total_steps:
             record = {"step": step, **parts, "block": block, "tokens_seen": tokens_seen, "elapsed": elapsed}
             with log_path.open("a") as f:
@@ -185,7 +193,9 @@ def train_dllm(workdir: Path, base_model: str, cfg: DllmTrainConfig, name: str =
     return ckpt_path
 
 
-def export_dllm(workdir: Path, out_dir: Path, name: str = "dllm", dtype: torch.dtype = torch.bfloat16) -> dict:
+def export_dllm(
+    workdir: Path, out_dir: Path, name: str = "dllm", dtype: torch.dtype = torch.bfloat16
+) -> dict:
     """Write the HF directory (16-bit safetensors, tokenizer with the mask token, the spec in config.json) and
     training_metrics.json; returns the metrics."""
     state = torch.load(workdir / f"{name}.ckpt", weights_only=False)
@@ -210,7 +220,7 @@ def export_dllm(workdir: Path, out_dir: Path, name: str = "dllm", dtype: torch.d
         "train_config": state["config"],
         "mask_token_id": spec.mask_id,
     }
-    model.to(dtype)  # type: ignore[arg-type]
+    model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -235,7 +245,9 @@ def register(sub) -> None:
         default=DllmTrainConfig.total_tokens,
         help="clean training tokens (default %(default)s); a resumed run keeps the budget it started with",
     )
-    p.add_argument("--block-size", type=int, default=DllmTrainConfig.block_size, help="default decoding block")
+    p.add_argument(
+        "--block-size", type=int, default=DllmTrainConfig.block_size, help="default decoding block"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--export-dir", type=Path, default=None, help="default: the shipped dllm directory")
     p.add_argument(

@@ -1,0 +1,105 @@
+"""The seam between the diffusion engine and a parallel-decoding policy.
+
+After every forward over a block the engine shows the policy a `BlockView`: for each position of the block its
+candidate token and that token's probability (the confidence), which positions are still masked and which may
+be decoded now (`eligible`: masked, in the current sub-block, before an end-of-text already decided). The policy
+answers with a `Selection`: the positions to commit (at least one, all eligible) and, if it re-ranked the
+candidates, the tokens to commit there. Committed tokens are final: the engine never asks again about them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from specdec.errors import InputError
+
+# Picks a candidate per row of logits [n, V]: (tokens [n], their probabilities [n]) under the request's
+# sampling settings (the argmax when greedy, else a draw from the temperature/top-k/top-p distribution).
+Picker = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class BlockView:
+    logits: torch.Tensor  # [n, V] float32: row j is the model's prediction for block position j
+    tokens: torch.Tensor  # [n] long: the candidate at each position (picked from `logits`)
+    confidence: torch.Tensor  # [n] float32: the candidate's probability
+    masked: torch.Tensor  # [n] bool: not yet decoded
+    eligible: torch.Tensor  # [n] bool: masked and decodable now (current sub-block, before a decided EOS)
+    forward: int  # forwards over this block so far, this one included (1 = the block's first)
+    pick: Picker  # the request's token choice, for policies that re-rank logits (credit)
+    delimiters: torch.Tensor | None = None  # [V] bool: tokens that end a line (adablock), from the engine
+
+
+@dataclass(frozen=True)
+class Selection:
+    commit: torch.Tensor  # [n] bool, a non-empty subset of `eligible`
+    tokens: torch.Tensor | None = None  # [n] long: what to commit there (None: the view's candidates)
+
+
+def most_confident(view: BlockView, confidence: torch.Tensor | None = None) -> torch.Tensor:
+    """[n] bool with only the most confident eligible position set: every policy's floor of one per forward."""
+    conf = view.confidence if confidence is None else confidence
+    best = torch.where(view.eligible, conf, torch.full_like(conf, -1.0)).argmax()
+    out = torch.zeros_like(view.eligible)
+    out[best] = True
+    return out
+
+
+def at_least_one(
+    view: BlockView, chosen: torch.Tensor, confidence: torch.Tensor | None = None
+) -> torch.Tensor:
+    chosen = chosen & view.eligible
+    return chosen if bool(chosen.any()) else most_confident(view, confidence)
+
+
+class Policy:
+    """One parallel-decoding rule. Subclasses set `name`, their parameters (dataclass-style class attributes
+    listed in `params`, each checked by `check`), and `select`. A policy object serves one generation at a
+    time (the engine makes a fresh one per generation with `fresh`)."""
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, str]] = {}  # parameter -> what it means (the CLI help and the errors say it)
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.params))
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise InputError(f"policy {self.name!r} takes no option {unknown[0]!r} (its options: {known})")
+        for key, value in options.items():
+            if value is not None:
+                setattr(self, key, value)
+        self.check()
+
+    def check(self) -> None:
+        """Range checks of the parameters: InputError in one line."""
+
+    def settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.params}
+
+    def fresh(self) -> Policy:
+        return type(self)(**self.settings())
+
+    def start_block(self, length: int) -> None:
+        """A new block of `length` positions begins."""
+
+    def block_length(self, view: BlockView) -> int | None:
+        """After the first forward over a block: a shorter length to end the block at (adablock), or None."""
+        return None
+
+    def select(self, view: BlockView) -> Selection:
+        raise NotImplementedError
+
+    def end_block(self, tokens: list[int]) -> None:
+        """The block is over: `tokens` is what it committed (learn2pd's trace collection labels with it)."""
+
+
+def unit_interval(name: str, value: float, open_low: bool = True) -> None:
+    """(0, 1] check (or [0, 1] with open_low=False)."""
+    ok = (0 < value <= 1) if open_low else (0 <= value <= 1)
+    if not isinstance(value, int | float) or isinstance(value, bool) or not ok:
+        interval = "(0, 1]" if open_low else "[0, 1]"
+        raise InputError(f"{name} must be in {interval} (got {value!r})")
