@@ -128,6 +128,10 @@ def test_train_dllm_smoke_resumes_and_exports(tmp_path):
     metrics = export_dllm(work, out)
     assert metrics["steps"] == 3 and set(metrics["heldout_masked_nats_per_token_by_block"]) == {"4", "8"}
     assert is_dllm_dir(out)
+    from specdec.train.dllm import write_card
+
+    card = write_card(out, metrics, {"files": 2, "bytes": 100, "held_out_files": ["a"]})
+    assert "| 3 |" in card and (out / "MODEL_CARD.md").exists()
     model, tok = load_causal_lm(str(out))
     spec = dllm_spec(model)
     assert spec is not None and tok.convert_tokens_to_ids(MASK_TOKEN) == spec.mask_id

@@ -34,7 +34,8 @@ def add_policy_arguments(p: argparse.ArgumentParser, several: bool = False) -> N
             default=None,
             help=f"comma-separated policies to compare, each optionally with settings after ':' joined by ';', "
             f"as in one,threshold:threshold=0.7,localleap:radius=3;relaxed_threshold=0.5 (of: "
-            f"{', '.join(POLICIES)}; default: every policy at its defaults)",
+            f"{', '.join(POLICIES)}; default: one, a threshold sweep 0.9-0.3 and every other policy; with "
+            f"--tasks, 'parallel' names the synthetic suite)",
         )
     else:
         g.add_argument("--policy", default=None, help=f"one of: {', '.join(POLICIES)} (default: threshold)")

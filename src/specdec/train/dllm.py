@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from specdec.dllm.model import DllmSpec, convert_from_ar, training_mask
-from specdec.train.lm import _batch, _lr, heldout_loss
+from specdec.dllm.model import MASK_TOKEN, DllmSpec, convert_from_ar, training_mask
+from specdec.train.lm import _batch, _lr, budget_changes, heldout_loss
 
 
 @dataclass
@@ -116,8 +116,12 @@ def _load_start(base_model: str):
     return model, tokenizer
 
 
-def train_dllm(workdir: Path, base_model: str, cfg: DllmTrainConfig, name: str = "dllm") -> Path:
-    """Fine-tune (or resume fine-tuning) `base_model` into a block-diffusion LM; returns the checkpoint path."""
+def train_dllm(
+    workdir: Path, base_model: str, cfg: DllmTrainConfig, name: str = "dllm", new_budget: int | None = None
+) -> Path:
+    """Fine-tune (or resume fine-tuning) `base_model` into a block-diffusion LM; returns the checkpoint path.
+    A resumed run keeps its recorded schedule, except that `new_budget` (clean tokens) may move its end (the
+    cosine decay then follows the new end from the current step; the change is logged for the card)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = np.memmap(workdir / "train.bin", dtype=np.uint16, mode="r")
@@ -130,6 +134,18 @@ def train_dllm(workdir: Path, base_model: str, cfg: DllmTrainConfig, name: str =
         cfg = DllmTrainConfig(
             **{**state["config"], "threads": cfg.threads, "checkpoint_minutes": cfg.checkpoint_minutes}
         )
+        if new_budget is not None and new_budget != cfg.total_tokens:
+            with log_path.open("a") as f:
+                f.write(
+                    json.dumps(
+                        {
+                            "step": state["step"],
+                            "budget_changed": {"from": cfg.total_tokens, "to": new_budget},
+                        }
+                    )
+                    + "\n"
+                )
+            cfg = replace(cfg, total_tokens=new_budget)
     spec = convert_from_ar(model, tokenizer, cfg.block_size)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -219,6 +235,7 @@ def export_dllm(
         "base_model": "default" if "shipped" in str(state["base_model"]) else state["base_model"],
         "train_config": state["config"],
         "mask_token_id": spec.mask_id,
+        "budget_changes": budget_changes(workdir / f"{name}.log.jsonl"),
     }
     model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +243,56 @@ def export_dllm(
     tokenizer.save_pretrained(out_dir)
     (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def write_card(out_dir: Path, metrics: dict, manifest: dict) -> str:
+    """MODEL_CARD.md for an exported block-diffusion model, from its training_metrics.json and corpus manifest."""
+    cfg = metrics["train_config"]
+    masked = ", ".join(
+        f"block {b}: {v:.3f}" for b, v in metrics["heldout_masked_nats_per_token_by_block"].items()
+    )
+    changes = "".join(
+        f" The token budget was changed from {c['budget_changed']['from']:,} to {c['budget_changed']['to']:,} "
+        f"when resumed at step {c['step']} (the cosine decay then followed the new end)."
+        for c in metrics.get("budget_changes", [])
+    )
+    text = f"""# default-dllm: the shipped target, converted to a block-diffusion LM
+
+A Llama-architecture model of {metrics["parameters"] / 1e6:.2f}M parameters: the shipped AR target (`default`)
+fine-tuned with `specdec train-dllm` into a block-diffusion LM that fills a block of masked positions in
+parallel. NOT lossless: how many tokens it commits per forward, and what that costs in quality, depends on the
+decoding policy (`docs/dllm.md`). Standard Hugging Face directory (bf16 safetensors, loaded as float32); the
+tokenizer is the target's plus `{MASK_TOKEN}` (id {metrics["mask_token_id"]}); config.json records
+`dllm_mask_token_id` and `dllm_block_size` ({cfg["block_size"]}).
+
+## Recipe (Fast-dLLM v2 style)
+Every training window (of {cfg["seq_len"]} tokens) is fed as three streams in one forward: the clean window,
+causal, with the ordinary next-token loss (weight {cfg["ar_weight"]}), and two noisy copies in which each block
+is masked with a ratio drawn per block, the second copy masking exactly what the first leaves (complementary
+masks). A noisy block sees the clean tokens before it and itself (bidirectionally); the masked token at j is
+predicted from the output at j - 1 (token shift). Block sizes drawn per step from {cfg["block_sizes"]}.
+AdamW (betas 0.9/0.95, weight decay {cfg["weight_decay"]}), peak lr {cfg["lr"]}, {cfg["warmup_fraction"]:.0%}
+warm-up, cosine to {cfg["min_lr_ratio"]:.0%}, {cfg["batch_tokens"]} clean tokens per step, fp32 on
+{cfg["threads"]} CPU threads.{changes}
+
+## Data
+The corpus rule of the shipped pair (`../MODEL_CARD.md`): Python sources visible to the training interpreter,
+files held out by a hash of their name. Rebuilt on the training machine: {manifest["files"]} files,
+{manifest["bytes"] / 1e6:.1f} MB ({len(manifest["held_out_files"])} held out; the bench tasks come from held-out
+files, which no model here has trained on).
+
+## Training and held-out results
+| steps | clean tokens | wall time | held-out AR nats/token (bits/byte) | held-out masked-token nats/token |
+|---|---|---|---|---|
+| {metrics["steps"]} | {metrics["tokens_seen"] / 1e6:.2f}M | {metrics["train_seconds"] / 3600:.2f} h | \
+{metrics["heldout_ar_nats_per_token"]:.3f} ({metrics["heldout_ar_bits_per_byte"]:.3f}) | {masked} |
+
+The held-out AR loss is the clean stream's (the path committed tokens take); the masked-token loss is over
+held-out windows masked as in training (fixed seed), per block size. Decoding speed and output quality per
+policy: `docs/dllm.md` (measured with `specdec bench --model default-dllm`).
+"""
+    (out_dir / "MODEL_CARD.md").write_text(text)
+    return text
 
 
 def register(sub) -> None:
@@ -242,8 +309,9 @@ def register(sub) -> None:
     p.add_argument(
         "--tokens",
         type=int,
-        default=DllmTrainConfig.total_tokens,
-        help="clean training tokens (default %(default)s); a resumed run keeps the budget it started with",
+        default=None,
+        help=f"clean training tokens (default {DllmTrainConfig.total_tokens:,}); given when resuming, it moves "
+        "the end of the recorded schedule",
     )
     p.add_argument(
         "--block-size", type=int, default=DllmTrainConfig.block_size, help="default decoding block"
@@ -268,7 +336,7 @@ def run(args) -> int:
 
         train_filter(out_dir, args.workdir, threads=args.threads)
         return 0
-    if args.tokens < 1 or args.block_size < 2:
+    if (args.tokens is not None and args.tokens < 1) or args.block_size < 2:
         raise InputError("--tokens must be >= 1 and --block-size >= 2")
     if args.stage in ("prepare", "all"):
         from specdec.train.lm import prepare
@@ -281,9 +349,11 @@ def run(args) -> int:
             tokenizer.save_pretrained(tok_dir)
         prepare(args.workdir)
     if args.stage in ("train", "all"):
-        cfg = DllmTrainConfig(total_tokens=args.tokens, block_size=args.block_size, threads=args.threads)
-        train_dllm(args.workdir, args.base, cfg)
+        tokens = args.tokens or DllmTrainConfig.total_tokens
+        cfg = DllmTrainConfig(total_tokens=tokens, block_size=args.block_size, threads=args.threads)
+        train_dllm(args.workdir, args.base, cfg, new_budget=args.tokens)
     if args.stage in ("export", "all"):
         metrics = export_dllm(args.workdir, out_dir)
+        write_card(out_dir, metrics, json.loads((args.workdir / "manifest.json").read_text()))
         print(json.dumps({k: v for k, v in metrics.items() if k != "train_config"}))
     return 0
