@@ -82,6 +82,13 @@ def register(subparsers) -> None:
     b.add_argument(
         "--plot", type=Path, default=None, metavar="OUT.png", help="bar chart of speedup, tau annotated"
     )
+    b.add_argument(
+        "--yardstick",
+        action="store_true",
+        help="instead of timing: the token-only drafters (pld, suffix) teacher-forced on each prompt's real "
+        "continuation (held-out file text, or an edit's known answer) beside the model's own greedy output, "
+        "tau per task (no target forwards in the drafting; see docs/bench.md)",
+    )
     from specdec.dllm.cli import add_policy_arguments
 
     add_policy_arguments(b, several=True)
@@ -171,6 +178,26 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
     return result, {**skipped, **result.skipped}
 
 
+def _yardstick(args, prompts, model, tokenizer, max_new_tokens: int) -> int:
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from specdec.bench.yardstick import run_yardstick, table
+
+    bar = tqdm(total=len(prompts), desc="yardstick", unit="prompt", file=sys.stderr, disable=None)
+    with bar:
+        rows = run_yardstick(prompts, model, tokenizer, max_new_tokens, progress=lambda _task: bar.update(1))
+    if not rows:
+        raise InputError("no prompt has a known real continuation (tasks complete, long and edit have)")
+    print(table(rows))
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps({"max_new_tokens": max_new_tokens, "rows": [asdict(r) for r in rows]}, indent=1)
+        )
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -200,6 +227,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts += _limit(from_file, per_task)
     if not prompts:
         raise InputError("no prompts to run")
+    if args.yardstick:
+        return _yardstick(args, prompts, model, tokenizer, params.max_new_tokens)
     result, skipped = _run(args, prompts, model, tokenizer, draft_model, params)
 
     settings = {

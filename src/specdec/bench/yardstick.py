@@ -1,0 +1,154 @@
+"""`specdec bench --yardstick`: how much a copy drafter's τ owes to the shipped model repeating itself.
+
+The shipped target is small and repetitive, which flatters drafters that copy the context. This mode runs the
+drafters that read only tokens (no target logits or hidden states) teacher-forced, with no target at all: each
+step the drafter proposes a tree, the reference text decides how deep it is accepted (greedy acceptance against
+the reference instead of the target's argmax), and the reference's next token is the bonus, so τ = tokens per
+step is what speculative decoding would get on a target that wrote exactly the reference. Two references per
+prompt, side by side:
+
+- the real continuation: what the held-out file actually says after the prompt (for `complete` and `long`),
+  or the known answer of an `edit` request (the function again, renamed as asked); `multiturn` has none;
+- the model's own greedy output (what `specdec bench` decodes and verifies).
+
+A stronger model writes text closer to the real continuation than to the shipped model's output, so the first
+column is the better guide to what a copy drafter gives it.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specdec.acceptance import _descend
+from specdec.drafters import make_drafter
+from specdec.drafters.base import Drafter, Request, Scored
+from specdec.sampling import SamplingParams
+
+TOKEN_ONLY = (
+    "pld",
+    "suffix",
+)  # drafters whose proposals depend on tokens alone (no logits, no hidden states)
+
+_RENAMED = re.compile(r"\n\n# The function above again, unchanged except that it is renamed to (\w+):\n")
+_PARAM = re.compile(r"\n\n# The function above again, with the parameter `(\w+)` renamed to `(\w+)`:\n")
+
+
+def real_continuation(task: str, prompt: str, source: str, roots: dict[str, str] | None = None) -> str | None:
+    """The text that really follows `prompt`: the held-out file's next text (complete, long), the known answer
+    of an edit request, or None (multiturn, or the file is not on this machine)."""
+    if task == "edit":
+        return _edit_answer(prompt)
+    if task not in ("complete", "long"):
+        return None
+    from specdec.train.corpus import default_roots
+
+    label, _, rel = source.partition("/")
+    base = (roots or default_roots()).get(label)
+    if base is None:
+        return None
+    try:
+        text = (Path(base) / rel).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text[len(prompt) :] if text.startswith(prompt) else None
+
+
+def _edit_answer(prompt: str) -> str | None:
+    """The function in the prompt written again with the requested change, after the prompt's `def name(`."""
+    for pattern in (_RENAMED, _PARAM):
+        found = pattern.search(prompt)
+        if found is None:
+            continue
+        code = prompt[: found.start()]
+        if pattern is _PARAM:
+            old, new = found.group(1), found.group(2)
+            code = re.sub(rf"\b{re.escape(old)}\b", new, code)
+        opened = code.find("(")
+        return code[opened + 1 :] if opened >= 0 else None
+    return None
+
+
+def teacher_forced_tau(drafter: Drafter, prompt_ids: list[int], reference: list[int]) -> float:
+    """Tokens per step of `drafter` when the reference decides acceptance (module docstring)."""
+    if not reference:
+        return 0.0
+    params = SamplingParams(max_new_tokens=len(reference))
+    state = drafter.start(Request(list(prompt_ids), params, torch.Generator().manual_seed(0)))
+    drafter.prefilled(state, {})
+    context, emitted, steps = list(prompt_ids), 0, 0
+    try:
+        while emitted < len(reference):
+            room = len(reference) - emitted - 1  # the bonus token always fits
+            tree = drafter.propose(state, context, room).truncate_depth(room)
+            verdict = _descend(tree, lambda node, at=emitted, t=tree: reference[at + t.depths[node]])
+            drafter.observe(state, Scored(tree, verdict, torch.empty(0)))
+            context += verdict.tokens
+            emitted += len(verdict.tokens)
+            steps += 1
+    finally:
+        drafter.release(state)
+    return emitted / steps
+
+
+@dataclass
+class YardstickRow:
+    task: str
+    drafter: str
+    prompts: int  # prompts with a real continuation
+    tau_real: float  # mean over prompts, teacher-forced on the real continuation
+    tau_model: float  # the same prompts, on the model's own greedy output
+
+
+def run_yardstick(prompts, model, tokenizer, max_new_tokens: int, drafters=TOKEN_ONLY, progress=None):
+    """Rows per task and drafter over `prompts` (BenchPrompt with text) that have a real continuation."""
+    from specdec.api import SpecDecoder
+
+    greedy = SpecDecoder(model, tokenizer, method="suffix")  # lossless: the model's greedy output, faster
+    per: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for p in prompts:
+        if progress is not None:
+            progress(p.task)
+        text = p.text
+        real = real_continuation(p.task, text, p.source) if text is not None else None
+        if text is None or real is None:
+            continue
+        real = real[: 16 * max_new_tokens]  # plenty of characters for max_new_tokens tokens
+        prompt_ids = tokenizer(text)["input_ids"]
+        joint = tokenizer(text + real)["input_ids"]
+        if joint[: len(prompt_ids)] == prompt_ids:
+            real_ids = joint[len(prompt_ids) :]
+        else:  # the boundary merged two tokens: the continuation on its own
+            real_ids = tokenizer(real, add_special_tokens=False)["input_ids"]
+        real_ids = real_ids[:max_new_tokens]
+        own = greedy.generate(prompt_ids, max_new_tokens=len(real_ids)).token_ids
+        for name in drafters:
+            d = make_drafter(name)
+            pair = (teacher_forced_tau(d, prompt_ids, real_ids), teacher_forced_tau(d, prompt_ids, own))
+            per.setdefault((p.task, name), []).append(pair)
+    rows = []
+    for (task, name), pairs in per.items():
+        rows.append(
+            YardstickRow(
+                task,
+                name,
+                len(pairs),
+                statistics.fmean(a for a, _ in pairs),
+                statistics.fmean(b for _, b in pairs),
+            )
+        )
+    return rows
+
+
+def table(rows: list[YardstickRow]) -> str:
+    lines = [
+        "| task | drafter | prompts | τ on the real continuation | τ on the model's own output |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.task} | {r.drafter} | {r.prompts} | {r.tau_real:.2f} | {r.tau_model:.2f} |")
+    return "\n".join(lines)

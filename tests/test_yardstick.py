@@ -1,0 +1,53 @@
+"""The teacher-forced yardstick (`specdec bench --yardstick`): reference continuations and tau without a target."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from specdec.bench.yardstick import _edit_answer, real_continuation, teacher_forced_tau
+from specdec.drafters import make_drafter
+
+
+def test_tau_counts_reference_tokens_per_step():
+    prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
+    repeat = [7, 8, 9, 5, 6, 7, 8, 9]  # continues the repetition: pld drafts it
+    novel = [40, 41, 42, 43, 44, 45]  # never seen: nothing drafted matches, one token per step
+    tau_repeat = teacher_forced_tau(make_drafter("pld"), prompt, repeat)
+    assert tau_repeat >= 2.5
+    assert teacher_forced_tau(make_drafter("pld"), prompt, novel) == 1.0
+    assert teacher_forced_tau(make_drafter("suffix"), prompt, repeat) >= 2.5
+
+
+def test_edit_answers_follow_the_request():
+    fn = "def area(width, height):\n    return width * height\n"
+    renamed = (
+        fn + "\n\n# The function above again, unchanged except that it is renamed to area_v2:\ndef area_v2("
+    )
+    assert _edit_answer(renamed) == "width, height):\n    return width * height\n"
+    param = (
+        fn + "\n\n# The function above again, with the parameter `width` renamed to `width_value`:\ndef area("
+    )
+    assert _edit_answer(param) == "width_value, height):\n    return width_value * height\n"
+    assert _edit_answer("def f():\n    pass\n") is None
+
+
+def test_shipped_edit_prompts_all_have_an_answer_and_multiturn_none():
+    text = (resources.files("specdec.bench") / "tasks" / "edit.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for row in rows:
+        answer = real_continuation("edit", row["prompt"], row["source"])
+        assert answer and answer.rstrip().count("\n") >= 4  # the whole function body
+    assert real_continuation("multiturn", "x", "stdlib/json/encoder.py") is None
+
+
+def test_a_file_continuation_is_what_follows_the_prefix(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("import os\n\n\ndef f():\n    return 1\n")
+    roots = {"stdlib": str(tmp_path)}
+    assert (
+        real_continuation("complete", "import os\n", "stdlib/pkg/m.py", roots)
+        == "\n\ndef f():\n    return 1\n"
+    )
+    assert real_continuation("complete", "import sys\n", "stdlib/pkg/m.py", roots) is None
+    assert real_continuation("long", "x", "stdlib/pkg/missing.py", roots) is None
