@@ -85,7 +85,12 @@ def teacher_forced_tau(drafter: Drafter, prompt_ids: list[int], reference: list[
         while emitted < len(reference):
             room = len(reference) - emitted - 1  # the bonus token always fits
             tree = drafter.propose(state, context, room).truncate_depth(room)
-            verdict = _descend(tree, lambda node, at=emitted, t=tree: reference[at + t.depths[node]])
+            depths, at = tree.depths, emitted
+
+            def truth(node: int) -> int:  # the reference token the node at this depth must equal
+                return reference[at + depths[node]]
+
+            verdict = _descend(tree, truth)
             drafter.observe(state, Scored(tree, verdict, torch.empty(0)))
             context += verdict.tokens
             emitted += len(verdict.tokens)
