@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,11 @@ def _edit_answer(prompt: str) -> str | None:
     return None
 
 
+def _truth(reference: list[int], at: int, depths: list[int]) -> Callable[[int], int]:
+    """node -> the reference token a node at its depth must equal, `at` tokens into the reference."""
+    return lambda node: reference[at + depths[node]]
+
+
 def teacher_forced_tau(drafter: Drafter, prompt_ids: list[int], reference: list[int]) -> float:
     """Tokens per step of `drafter` when the reference decides acceptance (module docstring)."""
     if not reference:
@@ -85,12 +91,7 @@ def teacher_forced_tau(drafter: Drafter, prompt_ids: list[int], reference: list[
         while emitted < len(reference):
             room = len(reference) - emitted - 1  # the bonus token always fits
             tree = drafter.propose(state, context, room).truncate_depth(room)
-            depths, at = tree.depths, emitted
-
-            def truth(node: int) -> int:  # the reference token the node at this depth must equal
-                return reference[at + depths[node]]
-
-            verdict = _descend(tree, truth)
+            verdict = _descend(tree, _truth(reference, emitted, tree.depths))
             drafter.observe(state, Scored(tree, verdict, torch.empty(0)))
             context += verdict.tokens
             emitted += len(verdict.tokens)
