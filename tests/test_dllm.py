@@ -427,3 +427,12 @@ def test_parallel_suite_answers_are_right_and_scoring_works():
     assert rows["threshold"].tokens_per_forward == pytest.approx(2.5)
     assert rows["threshold"].bpb_vs_one == pytest.approx(1.2)
     assert rows["threshold"].python_ok == 0.0
+
+
+@pytest.mark.parametrize("floor", ["left", "confidence"])
+def test_the_floor_decides_when_the_rule_picks_nothing(dllm, floor):
+    """A threshold no candidate reaches leaves every forward to the floor: `one` in that order."""
+    model, tok = dllm
+    never = make_policy("threshold", threshold=1.0)
+    got = decode(model, tok, never, PROMPTS[0], floor=floor, block_size=8)
+    assert got == decode(model, tok, make_policy("one", order=floor), PROMPTS[0], block_size=8)

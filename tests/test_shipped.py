@@ -90,3 +90,21 @@ def test_greedy_decode_is_deterministic_and_lossless(shipped):
     # By name, as the CLI does: no model means the shipped target, and the draft method pairs it with its draft.
     dec = SpecDecoder.from_pretrained(method="draft")
     assert dec.generate(prompt, max_new_tokens=40).token_ids == reference
+
+
+def test_shipped_diffusion_lm_loads_by_name_and_decodes(monkeypatch_module):
+    """default-dllm: the target converted to a block-diffusion LM; its committed-token path is still a good
+    AR model of held-out code, and its policies decode."""
+    from specdec.dllm.api import DllmDecoder
+    from specdec.dllm.model import MASK_TOKEN, dllm_spec
+
+    model, tok = load_causal_lm("default-dllm")
+    spec = dllm_spec(model)
+    assert spec is not None and tok.convert_tokens_to_ids(MASK_TOKEN) == spec.mask_id
+    loss = _loss(model, _sample_ids(tok))
+    assert math.isfinite(loss) and loss < TARGET_BOUND + 0.3, loss  # fine-tuning kept it close to the target
+    prompt = "import os\n\n\ndef read_lines(path):\n    "
+    for policy in ("one", "threshold", "learn2pd"):
+        out = DllmDecoder(model, tok, policy).generate(prompt, max_new_tokens=32)
+        assert len(out.token_ids) >= 1 and out.text.strip()
+        assert spec.mask_id not in out.token_ids

@@ -30,11 +30,12 @@ class DllmDecoder:
         block_size: int | None = None,
         sub_block: int | None = 8,
         cache: str = "dual",
+        floor: str = "left",
         name: str = "model",
         **policy_options,
     ) -> None:
         chosen = policy if isinstance(policy, Policy) else make_policy(policy, **policy_options)
-        settings = DllmSettings(block_size=block_size, sub_block=sub_block, cache=cache)
+        settings = DllmSettings(block_size=block_size, sub_block=sub_block, cache=cache, floor=floor)
         self.model, self.tokenizer, self.policy = model, tokenizer, chosen
         self.engine = DllmEngine(model, tokenizer, chosen, settings, name=name)
 
@@ -63,4 +64,4 @@ class DllmDecoder:
         return stream.result
 
 
-_ENGINE_KEYS = {"block_size", "sub_block", "cache", "name"}
+_ENGINE_KEYS = {"block_size", "sub_block", "cache", "floor", "name"}

@@ -48,6 +48,13 @@ def add_policy_arguments(p: argparse.ArgumentParser, several: bool = False) -> N
         help="prefix: committed tokens cached (exact); dual (default): also the block's undecoded rest "
         "(approximate, Fast-dLLM); none: recompute everything every forward",
     )
+    g.add_argument(
+        "--floor",
+        default="left",
+        choices=["left", "confidence"],
+        help="what a forward commits when the policy picks nothing: the leftmost decodable position (default) or "
+        "the most confident one (Fast-dLLM's rule)",
+    )
     if several:
         g.add_argument(
             "--ar-model",
@@ -79,7 +86,12 @@ def policy_options(args: argparse.Namespace) -> dict:
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    return {"block_size": args.block_size, "sub_block": args.sub_block, "cache": args.cache}
+    return {
+        "block_size": args.block_size,
+        "sub_block": args.sub_block,
+        "cache": args.cache,
+        "floor": args.floor,
+    }
 
 
 def parse_policy_list(text: str) -> list[tuple[str, str, dict]]:

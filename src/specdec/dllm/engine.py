@@ -41,6 +41,10 @@ class DllmSettings:
     block_size: int | None = None  # tokens decoded together; None = the block the model was trained with
     sub_block: int | None = 8  # positions decodable at a time inside a block (Fast-dLLM v2's sub-blocks)
     cache: str = "dual"  # "dual", "prefix" or "none" (module docstring)
+    # what a forward commits when a policy's rule picks no position: the leftmost decodable one ("left", the AR
+    # order: measured far closer to the AR model's output on the shipped model) or the most confident one
+    # ("confidence", Fast-dLLM's rule)
+    floor: str = "left"
 
     def check(self) -> None:
         for name in ("block_size", "sub_block"):
@@ -49,6 +53,8 @@ class DllmSettings:
                 raise InputError(f"{name} must be an integer >= 1 (got {value!r})")
         if self.cache not in CACHES:
             raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
+        if self.floor not in ("left", "confidence"):
+            raise InputError(f"floor must be 'left' or 'confidence' (got {self.floor!r})")
 
 
 class DllmEngine:
@@ -202,6 +208,7 @@ class BlockDecoding:
         masked = torch.ones(n, dtype=torch.bool)
         alive = torch.ones(n, dtype=torch.bool)  # False after a committed end-of-text
         sub = self.settings.sub_block or n
+        floor = self.settings.floor
         self.policy.start_block(n)
         emitted: list[int] = []
         done = False
@@ -228,7 +235,15 @@ class BlockDecoding:
             eligible[:lo] = False
             eligible[hi:] = False
             view = BlockView(
-                logits, cand, conf, masked & alive, eligible, forwards, self.pick, self.engine.delimiters
+                logits,
+                cand,
+                conf,
+                masked & alive,
+                eligible,
+                forwards,
+                self.pick,
+                self.engine.delimiters,
+                floor,
             )
             if forwards == 1:
                 cut = self.policy.block_length(view)
@@ -239,7 +254,15 @@ class BlockDecoding:
                     logits, cand, conf = logits[:n], cand[:n], conf[:n]
                     eligible = eligible[:n]
                     view = BlockView(
-                        logits, cand, conf, masked & alive, eligible, 1, self.pick, self.engine.delimiters
+                        logits,
+                        cand,
+                        conf,
+                        masked & alive,
+                        eligible,
+                        1,
+                        self.pick,
+                        self.engine.delimiters,
+                        floor,
                     )
             selection = self.policy.select(view)
             chosen = self._checked(selection, eligible)
@@ -278,6 +301,7 @@ class BlockDecoding:
                 "block_size": self.engine.block_size,
                 "sub_block": self.settings.sub_block,
                 "cache": self.settings.cache,
+                "floor": self.settings.floor,
                 "blocks": self.blocks,
                 "mean_block_tokens": self.block_tokens / max(1, self.blocks),
             }

@@ -32,6 +32,7 @@ class BlockView:
     forward: int  # forwards over this block so far, this one included (1 = the block's first)
     pick: Picker  # the request's token choice, for policies that re-rank logits (credit)
     delimiters: torch.Tensor | None = None  # [V] bool: tokens that end a line (adablock), from the engine
+    floor: str = "confidence"  # what a forward commits when the rule picks nothing: "left" or "confidence"
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,22 @@ def most_confident(view: BlockView, confidence: torch.Tensor | None = None) -> t
     return out
 
 
+def leftmost(view: BlockView) -> torch.Tensor:
+    """[n] bool with only the leftmost eligible position set (the AR order)."""
+    out = torch.zeros_like(view.eligible)
+    out[view.eligible.nonzero()[0, 0]] = True
+    return out
+
+
 def at_least_one(
     view: BlockView, chosen: torch.Tensor, confidence: torch.Tensor | None = None
 ) -> torch.Tensor:
+    """`chosen` among the eligible positions, or when that is none the engine's floor: the leftmost eligible
+    position ("left") or the most confident one ("confidence", Fast-dLLM's rule)."""
     chosen = chosen & view.eligible
-    return chosen if bool(chosen.any()) else most_confident(view, confidence)
+    if bool(chosen.any()):
+        return chosen
+    return leftmost(view) if view.floor == "left" else most_confident(view, confidence)
 
 
 class Policy:

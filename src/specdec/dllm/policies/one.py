@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, most_confident
+from specdec.dllm.policies.base import BlockView, Policy, Selection, leftmost, most_confident
 from specdec.errors import InputError
 
 
 class One(Policy):
     name = "one"
     params = {
-        "order": "which masked position each forward decodes: 'confidence' (the most confident one, as LLaDA's "
-        "low-confidence remasking) or 'left' (the leftmost, the AR order)",
+        "order": "which masked position each forward decodes: 'left' (the leftmost, the AR order; default) or "
+        "'confidence' (the most confident one, LLaDA's low-confidence remasking)",
     }
-    order = "confidence"
+    order = "left"
 
     def check(self) -> None:
         if self.order not in ("confidence", "left"):
             raise InputError(f"order must be 'confidence' or 'left' (got {self.order!r})")
 
     def select(self, view: BlockView) -> Selection:
-        if self.order == "confidence":
-            return Selection(most_confident(view))
-        first = view.eligible.nonzero()[0, 0]
-        commit = view.eligible.new_zeros(view.eligible.shape)
-        commit[first] = True
-        return Selection(commit)
+        return Selection(most_confident(view) if self.order == "confidence" else leftmost(view))
