@@ -153,13 +153,14 @@ class BlockDecoding:
         visible[:c, past:] = torch.ones(
             c, c + n, dtype=torch.bool
         ).tril_()  # the carry: causal, not the block
-        logits = self.native.forward(cache, ids, positions, visible).logits  # [c + n, V]
+        # rows from the carry's last on: [n + 1, V] with a carry ([n, V] without)
+        logits = self.native.forward(cache, ids, positions, visible, logits_from=max(c - 1, 0)).logits
         cache.length = past + c  # the block's keys stay in the slots after it (the dual cache)
         if c:
-            self.pending = logits[c - 1]
+            self.pending, logits = logits[0], logits[1:]
             self.carry = []
         assert self.pending is not None
-        return torch.cat([self.pending[None], logits[c : c + n - 1]])
+        return torch.cat([self.pending[None], logits[: n - 1]])
 
     def _forward_uncached(self, tokens: list[int]) -> torch.Tensor:
         """The reference: the whole sequence from scratch, committed tokens causal, the block bidirectional."""

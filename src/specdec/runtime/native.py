@@ -245,17 +245,28 @@ class NativeModel:
         layers: Sequence[int] = (),
         logits: str = "all",
         keys_end: int = 0,
+        logits_from: int = 0,
     ) -> Scores:
         """Run tokens ids [T] at `positions` [T] after row 0 of the cache, attending by `mask` [T, past + T]
         (True = visible; None = causal: for T = 1, or T tokens into an empty cache). Writes their keys/values
         at slots past..past+T-1 and advances the row's length by T. `logits`: "all" rows, "last" row, or
         "none"; `layers`: HF hidden_states ids. `keys_end`: attend to cache slots up to this one even past the
-        new tokens (the mask is then [T, keys_end]): a diffusion block's cached suffix (`specdec.dllm`)."""
+        new tokens (the mask is then [T, keys_end]): a diffusion block's cached suffix (`specdec.dllm`);
+        `logits_from`: with "all", only rows from this one on (the LM head is the costliest matrix product)."""
         past, t = cache.length, ids.shape[0]
         causal = mask is None and t > 1  # a chunk into an empty cache: the kernel's own causal masking
         assert not causal or past == 0, "a chunk after the cache needs an explicit mask"
         scores = self._run(
-            cache, ids[None], positions[None], mask, [past], causal, layers, logits, keys_end=keys_end
+            cache,
+            ids[None],
+            positions[None],
+            mask,
+            [past],
+            causal,
+            layers,
+            logits,
+            keys_end=keys_end,
+            logits_from=logits_from,
         )
         cache.length = past + t
         return scores
@@ -279,7 +290,7 @@ class NativeModel:
         return scores.logits
 
     def _run(
-        self, cache, ids, positions, mask, pasts, causal, layers, logits, real=None, keys_end=0
+        self, cache, ids, positions, mask, pasts, causal, layers, logits, real=None, keys_end=0, logits_from=0
     ) -> Scores:
         """The layers over ids [B, N] (one generation: B = 1), flattened to T tokens for all but attention
         (T = B * N, or the `real` ones: attention alone sees the [B, N] grid, padding as zero keys); row r's
@@ -345,7 +356,7 @@ class NativeModel:
             hidden[self.num_layers] = normed
         if logits == "none":
             return Scores(torch.empty(0), hidden)
-        rows = normed[-1:] if logits == "last" else normed
+        rows = normed[-1:] if logits == "last" else normed[logits_from:]
         return Scores(F.linear(rows, self.lm_head), hidden)
 
 
