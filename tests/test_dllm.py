@@ -458,3 +458,11 @@ def test_the_floor_decides_when_the_rule_picks_nothing(dllm, floor):
     never = make_policy("threshold", threshold=1.0)
     got = decode(model, tok, never, PROMPTS[0], floor=floor, block_size=8)
     assert got == decode(model, tok, make_policy("one", order=floor), PROMPTS[0], block_size=8)
+
+
+def test_streams_a_step_per_forward(dllm):
+    model, tok = dllm
+    engine = DllmEngine(model, tok, make_policy("one"), DllmSettings(block_size=8))
+    steps = list(engine.run(tok(PROMPTS[0])["input_ids"], SamplingParams(max_new_tokens=12, ignore_eos=True)))
+    assert len(steps) == 12 and all(len(s.token_ids) == 1 for s in steps)  # one token per forward, each shown
+    assert steps[-1].result is not None and steps[-1].result.stats.drafter["blocks"] == 2

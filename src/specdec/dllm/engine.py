@@ -97,11 +97,13 @@ class DllmEngine:
                 f"model's context of {limit} positions"
             )
         run = BlockDecoding(self, prompt_ids, params)
+        steps = run.steps()
+        # inference mode around each forward, never held across a yield (as in the speculative engine)
         with torch.inference_mode():
             run.prefill()
         while True:
             with torch.inference_mode():
-                step = run.step()
+                step = next(steps)
             yield step
             if step.done:
                 return
@@ -126,8 +128,8 @@ class BlockDecoding:
         # is forwarded causally with the next block's first forward
         self.cache: NativeCache = self.native.new_cache(len(prompt_ids) + params.max_new_tokens + 1)
         self.pending: torch.Tensor | None = None  # [V] the prediction for the token after the committed ones
-        self.blocks = 0
-        self.block_tokens = 0
+        self.blocks = 0  # finished blocks
+        self.block_tokens = 0  # tokens they committed
 
     # --- forwards -------------------------------------------------------------------------------------------
 
@@ -201,113 +203,108 @@ class BlockDecoding:
 
     # --- one block ------------------------------------------------------------------------------------------
 
-    def step(self) -> Step:
-        """Decode one block (its forwards) and emit what it committed; the last step carries the result."""
-        remaining = self.params.max_new_tokens - len(self.out.token_ids)
-        n = min(self.engine.block_size, remaining)
-        tokens = [self.mask_id] * n
-        masked = torch.ones(n, dtype=torch.bool)
-        alive = torch.ones(n, dtype=torch.bool)  # False after a committed end-of-text
-        sub = self.settings.sub_block or n
-        floor = self.settings.floor
-        self.policy.start_block(n)
-        emitted: list[int] = []
+    def steps(self) -> Generator[Step, None, None]:
+        """One `Step` per forward (the tokens it made the block's committed prefix longer by, in order); the
+        last carries the result. Block by block until the output is done."""
         done = False
-        pred: torch.Tensor | None = None  # [n, V] row j predicts position j
-        forwards = 0
-        t0 = time.perf_counter()
-        while bool((masked & alive).any()):
-            open_ = int((masked & alive).nonzero()[0, 0])
-            lo = (open_ // sub) * sub
-            hi = min(lo + sub, n)
-            if pred is None or self.settings.cache != "dual" or sub >= n:
-                pred = self._forward_block(tokens)
-            else:
-                start = max(lo - 1, 0)
-                rows = self._forward_sub_block(tokens, start, hi)
-                pred = pred.clone()
-                upto = min(hi, n - 1)
-                pred[start + 1 : upto + 1] = rows[: upto - start]
-            forwards += 1
-            logits = pred.float()
-            logits[:, self.mask_id] = -torch.inf  # the mask token is never an answer
-            cand, conf = self.pick(logits)
-            eligible = masked & alive
-            eligible[:lo] = False
-            eligible[hi:] = False
-            view = BlockView(
-                logits,
-                cand,
-                conf,
-                masked & alive,
-                eligible,
-                forwards,
-                self.pick,
-                self.engine.delimiters,
-                floor,
-            )
-            if forwards == 1:
-                cut = self.policy.block_length(view)
-                if cut is not None and 1 <= cut < n:
-                    n = cut
-                    tokens, masked, alive, pred = tokens[:n], masked[:n], alive[:n], pred[:n]
-                    hi = min(hi, n)
-                    logits, cand, conf = logits[:n], cand[:n], conf[:n]
-                    eligible = eligible[:n]
-                    view = BlockView(
-                        logits,
-                        cand,
-                        conf,
-                        masked & alive,
-                        eligible,
-                        1,
-                        self.pick,
-                        self.engine.delimiters,
-                        floor,
-                    )
-            selection = self.policy.select(view)
-            chosen = self._checked(selection, eligible)
-            values = cand if selection.tokens is None else selection.tokens
-            for j in chosen.nonzero()[:, 0].tolist():
-                tokens[j] = int(values[j])
-                masked[j] = False
-                if tokens[j] in self.out.eos_ids:
-                    alive[j + 1 :] = False
-            # stream the committed prefix of the block, in order
-            while not done and len(emitted) < n and not masked[len(emitted)]:
-                tok = tokens[len(emitted)]
-                emitted.append(tok)
-                done = self.out.push(tok)
-            if done:
-                break
-        self.policy.end_block(tokens[: len(emitted)])
-        stats = self.stats
-        stats.verify_seconds += time.perf_counter() - t0
-        stats.target_forwards += forwards
+        while not done:
+            remaining = self.params.max_new_tokens - len(self.out.token_ids)
+            n = min(self.engine.block_size, remaining)
+            tokens = [self.mask_id] * n
+            masked = torch.ones(n, dtype=torch.bool)
+            alive = torch.ones(n, dtype=torch.bool)  # False after a committed end-of-text
+            sub = self.settings.sub_block or n
+            self.policy.start_block(n)
+            emitted: list[int] = []
+            pred: torch.Tensor | None = None  # [n, V]: row j predicts block position j
+            forward = 0  # forwards over this block
+            while not done and bool((masked & alive).any()):
+                forward += 1
+                t0 = time.perf_counter()
+                lo = (int((masked & alive).nonzero()[0, 0]) // sub) * sub  # the current sub-block: lo..hi-1
+                hi = min(lo + sub, n)
+                if pred is None or self.settings.cache != "dual" or sub >= n:
+                    pred = self._forward_block(tokens)
+                else:  # rerun the sub-block and the position before it against the cached rest of the block
+                    start = max(lo - 1, 0)
+                    rows = self._forward_sub_block(tokens, start, hi)
+                    pred = pred.clone()
+                    upto = min(hi, n - 1)
+                    pred[start + 1 : upto + 1] = rows[: upto - start]
+                logits = pred.float()
+                logits[:, self.mask_id] = -torch.inf  # the mask token is never an answer
+                cand, conf = self.pick(logits)
+                eligible = masked & alive
+                eligible[:lo] = False
+                eligible[hi:] = False
+                view = self._view(logits, cand, conf, masked & alive, eligible, forward)
+                if forward == 1:  # adablock may end the block early, at a predicted line end
+                    cut = self.policy.block_length(view)
+                    if cut is not None and 1 <= cut < n:
+                        n = cut
+                        tokens, masked, alive, pred = tokens[:n], masked[:n], alive[:n], pred[:n]
+                        logits, cand, conf, eligible = logits[:n], cand[:n], conf[:n], eligible[:n]
+                        view = self._view(logits, cand, conf, masked & alive, eligible, forward)
+                selection = self.policy.select(view)
+                chosen = self._checked(selection, eligible)
+                values = cand if selection.tokens is None else selection.tokens
+                for j in chosen.nonzero()[:, 0].tolist():
+                    tokens[j] = int(values[j])
+                    masked[j] = False
+                    if tokens[j] in self.out.eos_ids:
+                        alive[j + 1 :] = False
+                new: list[int] = []  # the block's committed prefix grows: stream it, in order
+                while not done and len(emitted) < n and not masked[len(emitted)]:
+                    emitted.append(tokens[len(emitted)])
+                    new.append(emitted[-1])
+                    done = self.out.push(emitted[-1])
+                self.stats.verify_seconds += time.perf_counter() - t0
+                self.stats.target_forwards += 1
+                if done or not bool((masked & alive).any()):  # the block is over
+                    self._end_block(emitted)
+                yield self._step(new, done)
+
+    def _view(self, logits, cand, conf, masked, eligible, forward: int) -> BlockView:
+        return BlockView(
+            logits,
+            cand,
+            conf,
+            masked,
+            eligible,
+            forward,
+            self.pick,
+            self.engine.delimiters,
+            self.settings.floor,
+        )
+
+    def _end_block(self, emitted: list[int]) -> None:
+        self.policy.end_block(list(emitted))
         self.blocks += 1
         self.block_tokens += len(emitted)
         self.context += emitted
         self.carry = list(emitted)
+
+    def _step(self, new: list[int], done: bool) -> Step:
+        stats = self.stats
         stats.new_tokens = len(self.out.token_ids)
         stats.mean_accepted_tokens = stats.new_tokens / max(1, stats.target_forwards)
         stats.wall_seconds = time.perf_counter() - self.t_start
         stats.tokens_per_second = stats.new_tokens / stats.wall_seconds if stats.wall_seconds else 0.0
         text = self.out.take_delta(final=done)
-        result = None
-        if done:
-            stats.finish_reason = self.out.finish_reason
-            stats.drafter = {
-                "policy": self.policy.name,
-                **self.policy.settings(),
-                "block_size": self.engine.block_size,
-                "sub_block": self.settings.sub_block,
-                "cache": self.settings.cache,
-                "floor": self.settings.floor,
-                "blocks": self.blocks,
-                "mean_block_tokens": self.block_tokens / max(1, self.blocks),
-            }
-            result = Generation(list(self.out.token_ids), self.out.final_text(), stats)
-        return Step(text, emitted, stats, result)
+        if not done:
+            return Step(text, new, stats)
+        stats.finish_reason = self.out.finish_reason
+        stats.drafter = {
+            "policy": self.policy.name,
+            **self.policy.settings(),
+            "block_size": self.engine.block_size,
+            "sub_block": self.settings.sub_block,
+            "cache": self.settings.cache,
+            "floor": self.settings.floor,
+            "blocks": self.blocks,
+            "mean_block_tokens": self.block_tokens / max(1, self.blocks),
+        }
+        return Step(text, new, stats, Generation(list(self.out.token_ids), self.out.final_text(), stats))
 
     def _checked(self, selection: Selection, eligible: torch.Tensor) -> torch.Tensor:
         """The policy contract: a non-empty subset of the eligible positions."""
