@@ -27,9 +27,13 @@ import torch
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
 
+# one (the reference) in both orders, threshold swept down to where quality collapses, the others at their
+# defaults and one looser setting each
 DEFAULT_POLICIES = (
-    "one,threshold:threshold=0.9,threshold:threshold=0.7,threshold:threshold=0.5,threshold:threshold=0.3,"
-    "localleap,credit,adablock,learn2pd:threshold=0.9,learn2pd:threshold=0.7"
+    "one,one:order=confidence,"
+    "threshold:threshold=0.9,threshold:threshold=0.7,threshold:threshold=0.5,threshold:threshold=0.3,"
+    "threshold:threshold=0.1,localleap,localleap:threshold=0.7;relaxed_threshold=0.3,credit,"
+    "credit:threshold=0.7,adablock,learn2pd:threshold=0.9,learn2pd:threshold=0.7,learn2pd:threshold=0.5"
 )
 PARALLEL_TASK = "parallel"
 

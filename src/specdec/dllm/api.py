@@ -10,6 +10,7 @@ from specdec.api import Stream, encode_prompt, sampling_params
 from specdec.dllm.engine import DllmEngine, DllmSettings
 from specdec.dllm.policies import Policy, make_policy
 from specdec.engine import Generation
+from specdec.errors import InputError
 
 DEFAULT_POLICY = "threshold"
 
@@ -34,6 +35,8 @@ class DllmDecoder:
         name: str = "model",
         **policy_options,
     ) -> None:
+        if tokenizer is None:
+            raise InputError("a tokenizer is required (the model directory has none)")
         chosen = policy if isinstance(policy, Policy) else make_policy(policy, **policy_options)
         settings = DllmSettings(block_size=block_size, sub_block=sub_block, cache=cache, floor=floor)
         self.model, self.tokenizer, self.policy = model, tokenizer, chosen
