@@ -151,6 +151,18 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set()
 
 
+def check_request(prompt_ids: list[int], params: SamplingParams, limit: int | None) -> None:
+    """What every engine refuses before any forward: bad parameters, an empty prompt, too long a request."""
+    params.validate()
+    if not prompt_ids:
+        raise InputError("the prompt is empty (it must contain at least one token)")
+    if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
+        raise ContextLengthError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+            f"model's context of {limit} positions"
+        )
+
+
 class Engine:
     """Target model + tokenizer + drafter. Holds no per-generation state: `run` owns all of it."""
 
@@ -178,15 +190,7 @@ class Engine:
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Generator[Step, None, None]:
         """Yields a `Step` after every target forward; the last one carries the finished `Generation`."""
-        params.validate()
-        if not prompt_ids:
-            raise InputError("the prompt is empty (it must contain at least one token)")
-        limit = self.max_positions
-        if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
-            raise ContextLengthError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"model's context of {limit} positions"
-            )
+        check_request(prompt_ids, params, self.max_positions)
         check_tree_attention(self.model)
         run = Decoding(self, prompt_ids, params)
         try:

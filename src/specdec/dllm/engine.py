@@ -28,8 +28,8 @@ import torch
 from specdec.dllm.model import DllmSpec, require_dllm
 from specdec.dllm.policies import Policy
 from specdec.dllm.policies.base import BlockView, Selection
-from specdec.engine import Generation, Output, Stats, Step, eos_token_ids
-from specdec.errors import ContextLengthError, InputError, UnsupportedModelError
+from specdec.engine import Generation, Output, Stats, Step, check_request, eos_token_ids
+from specdec.errors import InputError, UnsupportedModelError
 from specdec.runtime.native import NativeCache, NativeModel, unsupported_reason
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 
@@ -87,15 +87,7 @@ class DllmEngine:
         return self.settings.block_size or self.spec.block_size
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Generator[Step, None, None]:
-        params.validate()
-        if not prompt_ids:
-            raise InputError("the prompt is empty (it must contain at least one token)")
-        limit = self.max_positions
-        if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
-            raise ContextLengthError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"model's context of {limit} positions"
-            )
+        check_request(prompt_ids, params, self.max_positions)
         run = BlockDecoding(self, prompt_ids, params)
         steps = run.steps()
         # inference mode around each forward, never held across a yield (as in the speculative engine)
