@@ -51,3 +51,22 @@ def test_a_file_continuation_is_what_follows_the_prefix(tmp_path):
     )
     assert real_continuation("complete", "import sys\n", "stdlib/pkg/m.py", roots) is None
     assert real_continuation("long", "x", "stdlib/pkg/missing.py", roots) is None
+
+
+def test_a_prompt_whose_file_ends_there_is_left_out(tmp_path, monkeypatch, tok):
+    """Nothing follows the prompt in its file: no reference to force, so no row (and no zero-length decode)."""
+    import tiny
+
+    from specdec.bench.tasks import BenchPrompt
+    from specdec.bench.yardstick import run_yardstick
+
+    (tmp_path / "m.py").write_text("def f(x):\n    return x + 1\n\n\ndef g(y):\n    return f(y) * 2\n")
+    monkeypatch.setattr("specdec.train.corpus.default_roots", lambda: {"stdlib": str(tmp_path)})
+    whole = (tmp_path / "m.py").read_text()
+    prompts = [
+        BenchPrompt("complete", "stdlib/m.py", text=whole[:20]),
+        BenchPrompt("long", "stdlib/m.py", text=whole),  # the file ends where the prompt does
+    ]
+    rows = run_yardstick(prompts, tiny.model("llama").eval(), tok, max_new_tokens=16)
+    assert {(r.task, r.prompts) for r in rows} == {("complete", 1)}
+    assert all(r.tau_real >= 1.0 and r.tau_model >= 1.0 for r in rows)

@@ -110,6 +110,9 @@ class YardstickRow:
     tau_model: float  # the same prompts, on the model's own greedy output
 
 
+MIN_REFERENCE = 8  # tokens of real continuation a prompt needs to give a τ worth averaging
+
+
 def run_yardstick(prompts, model, tokenizer, max_new_tokens: int, drafters=TOKEN_ONLY, progress=None):
     """Rows per task and drafter over `prompts` (BenchPrompt with text) that have a real continuation."""
     from specdec.api import SpecDecoder
@@ -131,6 +134,8 @@ def run_yardstick(prompts, model, tokenizer, max_new_tokens: int, drafters=TOKEN
         else:  # the boundary merged two tokens: the continuation on its own
             real_ids = tokenizer(real, add_special_tokens=False)["input_ids"]
         real_ids = real_ids[:max_new_tokens]
+        if len(real_ids) < MIN_REFERENCE:  # the file ends about where the prompt was cut: nothing to compare
+            continue
         own = greedy.generate(prompt_ids, max_new_tokens=len(real_ids)).token_ids
         for name in drafters:
             d = make_drafter(name)
