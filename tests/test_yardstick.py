@@ -55,10 +55,10 @@ def test_a_file_continuation_is_what_follows_the_prefix(tmp_path):
 
 def test_a_prompt_whose_file_ends_there_is_left_out(tmp_path, monkeypatch, tok):
     """Nothing follows the prompt in its file: no reference to force, so no row (and no zero-length decode)."""
-    import tiny
-
     from specdec.bench.tasks import BenchPrompt
     from specdec.bench.yardstick import run_yardstick
+
+    import tiny
 
     (tmp_path / "m.py").write_text("def f(x):\n    return x + 1\n\n\ndef g(y):\n    return f(y) * 2\n")
     monkeypatch.setattr("specdec.train.corpus.default_roots", lambda: {"stdlib": str(tmp_path)})
