@@ -437,7 +437,10 @@ def test_parallel_suite_answers_are_right_and_scoring_works():
     for s in suite:
         if s.kind in ("copy", "reverse", "brackets"):
             compile(s.prompt + s.answer, "<task>", "exec")  # the known answer completes valid Python
-    assert python_tokenises("x = (1,\n 2)\n") and not python_tokenises("x = (1,\n")
+    assert python_tokenises("x = (1,\n 2)\n")
+    assert python_tokenises("x = (1,\n") and python_tokenises('s = """ab\n')  # cut inside: not a defect
+    assert not python_tokenises("s = 'ab\nx = 1\n")  # an unterminated string before the last line
+    assert not python_tokenises("if x:\n    y = 1\n  z = 2\n")  # a dedent to no outer level
     samples = [
         Sample("t", "hf-vanilla", 2.0, 10, 10, 1.0, 8.0, 10, True),
         Sample("t", "one", 4.0, 10, 10, 0.5, 10.0, 10, True),
@@ -449,6 +452,21 @@ def test_parallel_suite_answers_are_right_and_scoring_works():
     assert rows["threshold"].tokens_per_forward == pytest.approx(2.5)
     assert rows["threshold"].bpb_vs_one == pytest.approx(1.2)
     assert rows["threshold"].python_ok == 0.0
+
+
+def test_the_trade_off_plot_is_written(tmp_path):
+    from specdec.bench.dllm import Sample, _short, plot, summarise
+
+    assert (
+        _short("localleap:threshold=0.7;relaxed_threshold=0.3") == "localleap 0.7/0.3"
+        and _short("one") == "one"
+    )
+    samples = [
+        Sample("t", label, 1.0 + i, 10, 10, 1.0, 8.0, 10, True) for i, label in enumerate(["auto", "one"])
+    ]
+    out = tmp_path / "trade.png"
+    plot(summarise(samples, ["auto", "one"]), out, references={"auto"})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("floor", ["left", "confidence"])
