@@ -236,6 +236,7 @@ def plot(rows: list[Row], out: Path, references: Iterable[str] = ("hf-vanilla", 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     references = set(references)
     overall = [r for r in rows if r.task == "overall"] or rows
@@ -250,9 +251,10 @@ def plot(rows: list[Row], out: Path, references: Iterable[str] = ("hf-vanilla", 
             xytext=(4, 2),
             textcoords="offset points",
         )
-    ax.set_yscale(
-        "log"
-    )  # the collapse at low thresholds is several times the reference: log keeps both legible
+    # the collapse at low thresholds is several times the reference: a log scale keeps both legible
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("wall tokens/s relative to transformers' generate() on the AR target")
     ax.set_ylabel("AR-judged bits per byte of the output (lower: more AR-like)")
     ax.set_title("diffusion decoding: speed vs quality (squares: the AR target, lossless)")
