@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -139,6 +141,7 @@ def test_drafters_that_need_no_hidden_states_do_not_ask_the_model_for_them(monke
     calls = []
     forward = type(MODEL).forward
 
+    @functools.wraps(forward)  # keeps the signature, which names the cache argument (`cache_keyword`)
     def spy(self, *args, **kwargs):
         calls.append(kwargs.get("output_hidden_states"))
         return forward(self, *args, **kwargs)

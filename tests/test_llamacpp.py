@@ -45,9 +45,31 @@ def test_trees_after_commits_match_transformers(handover):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
 
 
-def test_auto_picks_llamacpp_for_plain_decoding_only(tok):
-    assert SpecDecoder(MODEL, tok, "vanilla").engine.runtime.name == "llamacpp"
-    assert SpecDecoder(MODEL, tok, "pld").engine.runtime.name == "native"
+@pytest.mark.parametrize("faster", ["llamacpp", "native"])
+def test_auto_runtime_for_drafting_is_the_one_timed_cheaper(tok, monkeypatch, faster):
+    """Plain decoding takes llamacpp outright; a drafting method the runtime whose tree forward was timed
+    cheaper on this machine; `auto` (which picks per request) starts on native with llamacpp beside it."""
+    import specdec.runtime as runtime
+
+    timed: list[str] = []
+
+    def tree_seconds(model, choice):
+        timed.append(choice.name)
+        return 1.0 if choice.name == faster else 2.0
+
+    monkeypatch.setattr(runtime, "_tree_seconds", tree_seconds)
+    model = tiny.model("llama", seed=1, dtype=torch.float32)  # a new model: choices are kept per model
+    assert SpecDecoder(model, tok, "vanilla").engine.runtime.name == "llamacpp"
+    assert not timed
+    assert SpecDecoder(model, tok, "pld").engine.runtime.name == faster
+    assert sorted(timed) == ["llamacpp", "native"]
+    assert SpecDecoder(model, tok, "suffix").engine.runtime.name == faster  # decided once per model
+    assert len(timed) == 2
+    engine = SpecDecoder(model, tok, "auto").engine
+    assert [r.name for r in engine.runtimes] == ["native", "llamacpp"]
+
+
+def test_methods_reading_hidden_states_never_get_llamacpp(tok):
     head = tiny.untrained_head("eagle", MODEL)
     with pytest.raises(InputError, match="hidden states"):
         SpecDecoder(MODEL, tok, "eagle", head=head, runtime="llamacpp")

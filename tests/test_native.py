@@ -104,7 +104,7 @@ def test_a_runtime_that_disagrees_is_refused():
     """One packed weight off by 1%: the load check sees it and auto keeps transformers."""
     model = _model("qwen2", seed=6)
     native = NativeModel(model)
-    native.layers[1].wgu.mul_(1.01)
+    native.layers[1].wgu_t.mul_(1.01)
     with pytest.raises(UnsupportedModelError, match="differ from transformers"):
         check_runtime(model, lambda: NativeRunner(native))
     check_runtime(model, lambda: NativeRunner(NativeModel(model)))  # the unperturbed one passes

@@ -174,7 +174,13 @@ class Engine:
         # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards, and a
         # drafter whose hidden-state readers are optional (auto's eagle member) leaves them out without them
         needs_hidden = drafter.needs_hidden_states and not drafter.hidden_states_optional
-        self.runtime = select_runtime(model, runtime, hidden_states=needs_hidden, drafts=drafter.drafts)
+        self.runtime = select_runtime(
+            model,
+            runtime,
+            hidden_states=needs_hidden,
+            drafts=drafter.drafts,
+            timed=not drafter.chooses_runtime,
+        )
         drafter.bind(model)
         self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
         # a drafter that picks the runtime per request (auto) may also use plain decoding's fastest one

@@ -12,6 +12,7 @@ drafters that read none pay nothing.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,18 @@ import torch
 from specdec.cache import KVCache
 from specdec.models.support import check_layer_types
 from specdec.tree import DraftTree
+
+
+def cache_keyword(model) -> str:
+    """The forward's name for the cache argument: transformers 5.24 renamed `past_key_values` to `cache` (the
+    old name still works there, with a FutureWarning, until 5.40)."""
+    for cls in type(model).__mro__:  # a wrapper's forward(*args, **kwargs) names neither: ask its base
+        forward = cls.__dict__.get("forward")
+        params = inspect.signature(forward).parameters if callable(forward) else {}
+        for name in ("cache", "past_key_values"):
+            if name in params:
+                return name
+    return "past_key_values"
 
 
 def _num_layers(model) -> int:
@@ -46,6 +59,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache: KVCache | None = None
+        self.cache_keyword = cache_keyword(model)
         self.forwards = 0
 
     @property
@@ -115,10 +129,10 @@ class ModelRunner:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
             output_hidden_states=bool(layers),
+            **{self.cache_keyword: self.cache},
         )
         self.forwards += 1
         hidden = {i: out.hidden_states[i][0] for i in layers} if layers else {}

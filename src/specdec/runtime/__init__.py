@@ -12,10 +12,13 @@ Three runtimes implement it:
   conversion of a Llama model, the fastest one-token forward on a CPU; returns logits only.
 
 `select_runtime(model, "auto")` takes the first that runs the model and agrees with transformers on sample
-inputs (`specdec.runtime.check`) of: llamacpp (only for plain decoding: one-token forwards, where it is
-fastest), native, transformers; falling back says why in one line. Measured on the shipped model
-(docs/runtime.md): llama.cpp's one-token forward is ~1.5x faster than native's, but from ~8 tree tokens on
-native's is the faster, so speculative methods decode faster on native.
+inputs (`specdec.runtime.check`) of: llamacpp, native, transformers; falling back says why in one line. For
+plain decoding (one-token forwards) llamacpp is taken outright: it was the fastest on every machine tried.
+For drafting methods the two are timed on this machine over a `TREE_TOKENS`-token tree and the cheaper one is
+taken, because the answer depends on the CPU (docs/runtime.md): on one Intel machine native's forward was the
+faster from ~8 tree tokens on, on an AMD EPYC llama.cpp's was faster up to 32 tokens (8 tokens: 7.2 ms vs
+13.2 ms). A drafter that reads hidden states gets native (llama.cpp returns none); one that picks its runtime
+per request (`auto`) starts on native and is offered llamacpp beside it (`specdec.engine`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from specdec.tree import DraftTree
 log = logging.getLogger("specdec.runtime")
 
 RUNTIMES = ("auto", "llamacpp", "native", "transformers")
+# tree size at which drafting methods compare runtimes: about what pld/suffix/merge verify per step (auto's
+# trees averaged 5-9 nodes in the bench), and where the two runtimes' curves crossed on the Intel machine
+TREE_TOKENS = 8
 
 
 class Runtime(Protocol):
@@ -102,20 +108,26 @@ def _native(model) -> RuntimeChoice:
     return RuntimeChoice("native", lambda: NativeRunner(native))
 
 
-def _auto(model, hidden_states: bool, drafts: bool) -> RuntimeChoice:
-    """llamacpp (plain decoding only), native, transformers: the first that runs the model; one line when it
-    falls back (none when llamacpp is not a candidate: native is then the first choice)."""
+def _auto(model, hidden_states: bool, drafts: bool, timed: bool) -> RuntimeChoice:
+    """llamacpp, native, transformers: the first that runs the model (for drafts: llamacpp only when timed
+    cheaper than native); one line when it falls back (none when llamacpp is not a candidate: native is then
+    the first choice)."""
     from specdec.runtime.gguf import llamacpp_reason
     from specdec.runtime.native import unsupported_reason
 
     # a model native cannot run is no llama.cpp model either: its reason alone is said, below
-    if not drafts and not hidden_states and not llamacpp_reason() and not unsupported_reason(model):
+    candidate = not hidden_states and (timed or not drafts)
+    if candidate and not llamacpp_reason() and not unsupported_reason(model):
         try:
-            return _llamacpp(model)
+            fast = _llamacpp(model)
         except UnsupportedModelError as err:
             fallback = _native(model)
             log.warning("%s; using the native runtime", err)
             return RuntimeChoice(fallback.name, fallback.new, fallback.hidden_states, f"{err}; using native")
+        if not drafts:
+            return fast
+        native = select_runtime(model, "native", remember=False)
+        return fast if _tree_seconds(model, fast) < _tree_seconds(model, native) else native
     try:
         return _native(model)
     except UnsupportedModelError as err:
@@ -124,18 +136,31 @@ def _auto(model, hidden_states: bool, drafts: bool) -> RuntimeChoice:
         return choice
 
 
+def _tree_seconds(model, choice: RuntimeChoice) -> float:
+    """A `TREE_TOKENS`-token tree forward on this runtime after a typical context (least of 5; ~0.1 s)."""
+    from specdec.costmodel import CostModel
+
+    return CostModel.measure(model, sizes=(TREE_TOKENS,), repeats=5, runtime=choice.new)(TREE_TOKENS)
+
+
 def select_runtime(
-    model, name: str = "auto", hidden_states: bool = False, drafts: bool = True, remember: bool = True
+    model,
+    name: str = "auto",
+    hidden_states: bool = False,
+    drafts: bool = True,
+    remember: bool = True,
+    timed: bool = True,
 ) -> RuntimeChoice:
     """The runtime `name` for `model` ("auto": see the module docstring); `hidden_states`: the drafter reads
     the target's hidden states, which the llamacpp runtime does not return; `drafts`: the drafter proposes
     drafts (else every forward is one token); `remember`: this is the model's runtime from now on
-    (`runtime_for`), False for an alternative. Decided once per model and arguments; the load-time check
+    (`runtime_for`), False for an alternative; `timed`: with drafts, time llamacpp against native (False:
+    native, for a drafter offered both anyway). Decided once per model and arguments; the load-time check
     runs at the first choice."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
     chosen = _CHOSEN.setdefault(model, {})
-    key = (name, hidden_states, drafts)
+    key = (name, hidden_states, drafts, timed)
     if key not in chosen:
         if name == "transformers":
             chosen[key] = _transformers(model)
@@ -149,7 +174,7 @@ def select_runtime(
                 )
             chosen[key] = _llamacpp(model)
         else:
-            chosen[key] = _auto(model, hidden_states, drafts)
+            chosen[key] = _auto(model, hidden_states, drafts, timed)
     if remember:
         _LAST[model] = chosen[key]
     return chosen[key]

@@ -113,7 +113,7 @@ def to_gguf(model, tokenizer, path: Path) -> None:
     if native.lm_head.data_ptr() != native.embed.data_ptr():
         add("output.weight", native.lm_head)
     for i, w in enumerate(native.layers):
-        q, k, v = w.wqkv.split([h * d, kv * d, kv * d])
+        q, k, v = w.wqkv_t.T.split([h * d, kv * d, kv * d])
         for name, t in (
             ("attn_norm", w.ln1),
             ("attn_q", q),
@@ -121,8 +121,8 @@ def to_gguf(model, tokenizer, path: Path) -> None:
             ("attn_v", v),
             ("attn_output", w.wo_t.T),
             ("ffn_norm", w.ln2),
-            ("ffn_gate", w.wgu[: w.wgu.shape[0] // 2]),
-            ("ffn_up", w.wgu[w.wgu.shape[0] // 2 :]),
+            ("ffn_gate", w.wgu_t.T[: w.wgu_t.shape[1] // 2]),
+            ("ffn_up", w.wgu_t.T[w.wgu_t.shape[1] // 2 :]),
             ("ffn_down", w.wdown_t.T),
         ):
             add(f"blk.{i}.{name}.weight", t)

@@ -4,7 +4,9 @@ On a CPU a small model's transformers forward is mostly framework work around th
 position objects, cache classes, module hooks and dispatch through ~20 modules per layer. This forward runs
 the same weights, in the same dtype, with a handful of tensor ops per layer:
 
-- weights packed once: q/k/v in one matrix and gate/up in another, so a layer is 4 matrix products;
+- weights packed once: q/k/v in one matrix and gate/up in another, so a layer is 4 matrix products, each
+  stored transposed ([in, out]) for `x @ W`: MKL's few-row products with a row-major [out, in] weight (what
+  `F.linear` hands it) ran 1.6x slower on an AMD EPYC here (1 token, all weights: 5.7 vs 3.4 ms);
 - the residual adds fused into those products (`addmm`), RMSNorm as one op (`F.rms_norm`);
 - rotary embeddings as one complex multiply on q and k together: the q and k rows of each head are stored
   with their rotary pairs (i, i + d/2) side by side, a fixed permutation of the head dimension that changes
@@ -66,14 +68,14 @@ class Layer:
     """One decoder layer's weights, packed (the q and k rows in rotary-pair order, module docstring)."""
 
     ln1: torch.Tensor  # [H]
-    wqkv: torch.Tensor  # [(heads + 2 kv_heads) * D, H]
+    wqkv_t: torch.Tensor  # [H, (heads + 2 kv_heads) * D], transposed for mm/addmm (see `NativeModel`)
     bqkv: torch.Tensor | None  # [(heads + 2 kv_heads) * D] (Qwen2, Llama with attention_bias)
     q_norm: torch.Tensor | None  # [D] per-head RMSNorm of q and k (Qwen3), pair order
     k_norm: torch.Tensor | None
     wo_t: torch.Tensor  # [heads * D, H], transposed for addmm
     bo: torch.Tensor | None  # [H]
     ln2: torch.Tensor  # [H]
-    wgu: torch.Tensor  # [2 I, H]: gate rows, then up rows
+    wgu_t: torch.Tensor  # [H, 2 I]: gate columns, then up columns
     wdown_t: torch.Tensor  # [I, H]
 
 
@@ -189,7 +191,8 @@ class NativeModel:
         self.scale = float(getattr(attn0, "scaling", self.head_dim**-0.5))
         self.embed = decoder.embed_tokens.weight
         self.norm = decoder.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = model.lm_head.weight  # [V, H] (tied to `embed` or not: the GGUF export asks)
+        self.lm_head_t = self.lm_head.detach().T.contiguous()  # [H, V]
         rotary = decoder.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -207,20 +210,20 @@ class NativeModel:
         d = self.head_dim
         pair = _pair_order(d).to(self.device)
         order = qkv_row_order(self.heads, self.kv_heads, d).to(self.device)
-        wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[order].contiguous()
+        wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[order]
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
         bqkv = torch.cat(biases)[order].contiguous() if all(b is not None for b in biases) else None
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         return Layer(
             ln1=layer.input_layernorm.weight,
-            wqkv=wqkv,
+            wqkv_t=wqkv.T.contiguous(),
             bqkv=bqkv,
             q_norm=None if q_norm is None else q_norm.weight[pair].contiguous(),
             k_norm=None if k_norm is None else k_norm.weight[pair].contiguous(),
             wo_t=attn.o_proj.weight.T.contiguous(),
             bo=attn.o_proj.bias,
             ln2=layer.post_attention_layernorm.weight,
-            wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous(),
+            wgu_t=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).T.contiguous(),
             wdown_t=mlp.down_proj.weight.T.contiguous(),
         )
 
@@ -311,7 +314,8 @@ class NativeModel:
         for slot, w in enumerate(self.layers):
             if slot in wanted:
                 hidden[slot] = x
-            qkv = F.linear(self._norm(x, w.ln1), w.wqkv, w.bqkv)
+            normed = self._norm(x, w.ln1)
+            qkv = normed @ w.wqkv_t if w.bqkv is None else torch.addmm(w.bqkv, normed, w.wqkv_t)
             qk = qkv[:, : (h + kv) * d].view(t, h + kv, d)  # [T, heads + kv_heads, D]
             if w.q_norm is not None and w.k_norm is not None:
                 qk = torch.cat(
@@ -344,7 +348,7 @@ class NativeModel:
             x = torch.addmm(x, attended, w.wo_t)
             if w.bo is not None:
                 x = x + w.bo
-            gate, up = F.linear(self._norm(x, w.ln2), w.wgu).chunk(2, dim=-1)
+            gate, up = (self._norm(x, w.ln2) @ w.wgu_t).chunk(2, dim=-1)
             x = torch.addmm(x, F.silu(gate) * up, w.wdown_t)
         out_layer = len(self.layers) if len(self.layers) == self.num_layers else None
         if logits == "none" and out_layer not in wanted:
@@ -357,7 +361,7 @@ class NativeModel:
         if logits == "none":
             return Scores(torch.empty(0), hidden)
         rows = normed[-1:] if logits == "last" else normed[logits_from:]
-        return Scores(F.linear(rows, self.lm_head), hidden)
+        return Scores(rows @ self.lm_head_t, hidden)
 
 
 def _causal_mask(past: int, t: int, device) -> torch.Tensor | None:
