@@ -137,10 +137,11 @@ def _params(args: argparse.Namespace):
 def _load_models(args: argparse.Namespace):
     """The target and, for the methods that need one, a draft (the one loading rule: `load_models`)."""
     from specdec.bench.runner import needs_draft, select_methods
-    from specdec.models.loading import load_models
+    from specdec.models.loading import freeze_heap, load_models
 
     wanted = select_methods(args.methods, True)
     loaded = load_models(args.model, args.draft, any(needs_draft(m) for m in wanted), args.dtype)
+    freeze_heap()  # a full garbage collection must not land in whichever method runs when it triggers
     return loaded.target, loaded.tokenizer, loaded.draft, loaded.draft_name
 
 

@@ -65,8 +65,13 @@ class SuffixAutomaton:
         self.link: list[int] = [-1]  # suffix link
         self.length: list[int] = [0]  # longest string of the state
         self.owner: list[int] = [-1]  # the end position the state was created for (-1: root or clone)
-        # suffix-link tree children; an entry is stale when the child was re-linked under a clone since
-        self.children: list[list[int]] = [[]]
+        # suffix-link tree children as linked lists in flat int lists (a list per state would be one more
+        # object for the garbage collector per state: a long prompt's automaton then triggered full
+        # collections of the whole process, ~0.2 s each); an entry is stale when its child was re-linked under
+        # a clone since
+        self.first_entry: list[int] = [-1]  # per state: its newest child entry (-1: none)
+        self.entry_child: list[int] = []  # per entry: the child state
+        self.entry_next: list[int] = []  # per entry: the parent's next older entry (-1: none)
         self.last = 0
 
     def _state(self, length: int, owner: int) -> int:
@@ -74,12 +79,14 @@ class SuffixAutomaton:
         self.link.append(-1)
         self.length.append(length)
         self.owner.append(owner)
-        self.children.append([])
+        self.first_entry.append(-1)
         return len(self.length) - 1
 
     def _set_link(self, state: int, parent: int) -> None:
         self.link[state] = parent
-        self.children[parent].append(state)
+        self.entry_child.append(state)
+        self.entry_next.append(self.first_entry[parent])
+        self.first_entry[parent] = len(self.entry_child) - 1
 
     def append(self, token: int) -> None:
         pos = len(self.text)
@@ -125,11 +132,14 @@ class SuffixAutomaton:
             if self.owner[s] >= 0:
                 found.append(self.owner[s])
             newest = []
-            for c in reversed(self.children[s]):
+            entry = self.first_entry[s]
+            while entry >= 0:
+                c = self.entry_child[entry]
                 if self.link[c] == s:
                     newest.append(c)
                     if len(newest) >= 4 * limit:
                         break
+                entry = self.entry_next[entry]
             stack.extend(reversed(newest))  # the newest child is popped first
         found.sort(reverse=True)
         return found[:limit]

@@ -6,6 +6,7 @@ Models run in float32 by default: CPUs without bf16 units (like the ones specdec
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -107,6 +108,15 @@ class LoadedModels:
     draft: Any | None  # a draft model, loaded when one was named or wanted (see `load_models`)
     draft_name: str | None
     head: str | None = None  # a trained head's directory, when the named draft is one (see `load_models`)
+
+
+def freeze_heap() -> None:
+    """For the long-running commands (bench, serve), once the models are loaded: collect, then move every
+    object alive out of the garbage collector's sight (`gc.freeze`). The imports and models leave ~400k tracked
+    objects, and a full collection over them took ~0.2 s here, landing in whichever generation happened to
+    trigger it (a bench method, a served request). Frozen objects are still freed by reference counting."""
+    gc.collect()
+    gc.freeze()
 
 
 def load_models(

@@ -211,6 +211,9 @@ def build_server(args: argparse.Namespace, engine_thread: bool = True):
         decoders = load_decoders(args.model, args.draft, methods, args.dtype, args.runtime)
     else:  # a request's "specdec_method" names the policy; the one loaded
         methods = list(decoders)
+    from specdec.models.loading import freeze_heap
+
+    freeze_heap()
     name = args.served_model_name or (args.model if args.model == "default" else Path(args.model).name)
     limits = Limits(
         args.max_prompt_tokens, args.max_tokens, args.max_body_bytes, args.max_queued, args.max_batch
