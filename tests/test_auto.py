@@ -226,10 +226,10 @@ class Holdout(Auto):
         super().__init__(**options)
         self.held, self.hold = held, hold
 
-    def should_run(self, state, i) -> bool:
+    def should_run(self, state, i, plain=None) -> bool:
         if self.members[i].name == self.held:
             return state.steps >= self.hold
-        return super().should_run(state, i)
+        return super().should_run(state, i, plain)
 
 
 def spy_propose(member: Drafter, snapshot=lambda state: None) -> list:
@@ -335,7 +335,7 @@ def test_a_sampled_draft_is_verified_alone_and_point_masses_are_merged(monkeypat
     monkeypatch.setattr(auto, "_count", lambda state, choice: (choices.append(choice), count(state, choice)))
     # the draft every other step, the others every step
     monkeypatch.setattr(
-        auto, "should_run", lambda state, i: auto.members[i].name != "draft" or state.steps % 2
+        auto, "should_run", lambda state, i, plain=None: auto.members[i].name != "draft" or state.steps % 2
     )
     for seed in range(3):
         dec.generate(PROMPTS[0], max_new_tokens=16, temperature=1.0, seed=seed)
@@ -353,7 +353,7 @@ class RandomGate(Auto):
         super().__init__(**options)
         self.rng = random.Random(0)
 
-    def should_run(self, state, i) -> bool:
+    def should_run(self, state, i, plain=None) -> bool:
         return self.rng.random() < 0.5
 
 

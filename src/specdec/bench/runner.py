@@ -349,7 +349,8 @@ def run_bench(
     warmup: int = 1,
     optional: frozenset[str] = frozenset(),
 ) -> BenchResult:
-    """Warm up every method, then run them interleaved per prompt. `progress(desc, runs=1)` follows the runs.
+    """Warm up every method, then run them interleaved per prompt (hf-vanilla first, the others in an order
+    rotated from prompt to prompt). `progress(desc, runs=1)` follows the runs.
 
     A method in `optional` (picked by default, not by the user) that raises InputError during warm-up (say, a
     drafter that cannot serve this model) is dropped with its reason instead of failing the whole bench.
@@ -416,7 +417,12 @@ def run_bench(
             p.seed = params.seed + i
         where: Where = {"prompt": i, "task": prompt.task, "index": index, "source": prompt.source}
         reference: list[int] = []
-        for method in methods:
+        # hf-vanilla first (its tokens are the reference), the others in an order rotated per prompt: a method
+        # right after the baseline ran slower by a few percent (caches and threads still busy with its work),
+        # so no method should always take that place
+        others = methods[1:]
+        shift = i % len(others) if others else 0
+        for method in methods[:1] + others[shift:] + others[:shift]:
             run = method.run(ids, p)
             match = None
             if method.name == BASELINE:

@@ -66,7 +66,6 @@ USAGE_STEPS = 32  # steps a generation needs to count fully in `Usage`, and that
 # no margin cost auto 14% on completion and long prompts)
 RUNTIME_MARGIN = 0.15
 RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again after this many generations
-MAX_AWAY_GENERATIONS = 64  # most generations in a row on another runtime than the default (`choose_runtime`)
 CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see `Acceptance.factor`)
 CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
 REALIZED_MEMORY = 0.97  # discount per step of `Realized`'s sums: about the last 30 steps of each kind
@@ -581,18 +580,20 @@ class Auto(Drafter):
 
     # -- choosing ------------------------------------------------------------------------------------------
 
-    def probe_due(self, state: AutoState, i: int) -> bool:
+    def probe_due(self, state: AutoState, i: int, plain: float | None = None) -> bool:
         """Running member i now costs at most `probe_overhead` of plain decoding's time, spread over the steps
-        since it last ran."""
-        interval = self.seconds[i] / (self.config.probe_overhead * state.timing.plain_seconds())
+        since it last ran. `plain`: a plain step's seconds, when the caller has them."""
+        plain = state.timing.plain_seconds() if plain is None else plain
+        interval = self.seconds[i] / (self.config.probe_overhead * plain)
         return state.members[i].idle + 1 >= interval
 
-    def should_run(self, state: AutoState, i: int) -> bool:
+    def should_run(self, state: AutoState, i: int, plain: float | None = None) -> bool:
         """The gate of step 1: a probe is due, or running member i is expected to raise the step's tokens per
         second by more than its drafting time adds to the step (its lift exceeds 1 + seconds / step)."""
+        plain = state.timing.plain_seconds() if plain is None else plain
         lift = state.members[i].lift
-        worth = lift is not None and lift > 1.0 + self.seconds[i] / state.timing.plain_seconds()
-        return worth or self.probe_due(state, i)
+        worth = lift is not None and lift > 1.0 + self.seconds[i] / plain
+        return worth or self.probe_due(state, i, plain)
 
     def propose(self, state: AutoState, context: list[int], max_depth: int) -> DraftTree:
         now = time.perf_counter()
@@ -611,11 +612,19 @@ class Auto(Drafter):
     def _choose(self, state: AutoState, context: list[int], depth: int) -> Choice:
         """Steps 1-3."""
         timing = state.timing
+        plain = timing.plain_seconds()
+        # the gate first: under sampling most steps run no member, and such a step should cost next to nothing
+        # (the planning below is per-step Python time that plain decoding does not pay)
+        running = [i for i, t in enumerate(state.members) if t.active and self.should_run(state, i, plain)]
+        if not running:
+            for track in state.members:
+                track.idle += track.active
+            return Choice(DraftTree.root_only(context[-1]), [], 0.0)
         overhead, tree_overhead, cap = timing.overhead, timing.tree_overhead, self.config.max_nodes
         cost = StepCost(timing.cost)
         union = Union(context[-1])
         picked: list[int] = []
-        best_rate = 1.0 / (overhead + timing.cost(1))  # plain decoding's
+        best_rate = 1.0 / plain  # plain decoding's
         bar = state.realized.bar
         alone: int | None = None  # the member whose tree carries q: it is verified, whole and alone
         for i in range(
@@ -624,7 +633,7 @@ class Auto(Drafter):
             track = state.members[i]
             if not track.active:
                 continue
-            if alone is not None or not self.should_run(state, i):
+            if alone is not None or i not in running:
                 track.idle += 1
                 continue
             tree, values = self._run(state, i, context, depth)
