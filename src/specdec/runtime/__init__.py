@@ -119,9 +119,9 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool) -> RuntimeChoic
     candidate = not hidden_states and (timed or not drafts)
     if candidate and not llamacpp_reason() and not unsupported_reason(model):
         try:
-            fast = _llamacpp(model)
+            fast = select_runtime(model, "llamacpp", remember=False)
         except UnsupportedModelError as err:
-            fallback = _native(model)
+            fallback = select_runtime(model, "native", remember=False)
             log.warning("%s; using the native runtime", err)
             return RuntimeChoice(fallback.name, fallback.new, fallback.hidden_states, f"{err}; using native")
         if not drafts:
@@ -129,7 +129,7 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool) -> RuntimeChoic
         native = select_runtime(model, "native", remember=False)
         return fast if _tree_seconds(model, fast) < _tree_seconds(model, native) else native
     try:
-        return _native(model)
+        return select_runtime(model, "native", remember=False)
     except UnsupportedModelError as err:
         choice = _transformers(model, notice=f"{err}; using the transformers runtime")
         log.warning("%s", choice.notice)
@@ -159,19 +159,21 @@ def select_runtime(
     runs at the first choice."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
+    if name == "llamacpp" and hidden_states:
+        raise InputError(
+            "this method reads the target's hidden states, which the llamacpp runtime does not return "
+            "(use --runtime native or auto)"
+        )
     chosen = _CHOSEN.setdefault(model, {})
-    key = (name, hidden_states, drafts, timed)
+    # a named runtime is built once per model (llama.cpp's holds a converted copy of the weights); the flags
+    # only steer the `auto` choice
+    key = (name, hidden_states, drafts, timed) if name == "auto" else (name,)
     if key not in chosen:
         if name == "transformers":
             chosen[key] = _transformers(model)
         elif name == "native":
             chosen[key] = _native(model)
         elif name == "llamacpp":
-            if hidden_states:
-                raise InputError(
-                    "this method reads the target's hidden states, which the llamacpp runtime does not return "
-                    "(use --runtime native or auto)"
-                )
             chosen[key] = _llamacpp(model)
         else:
             chosen[key] = _auto(model, hidden_states, drafts, timed)
