@@ -9,11 +9,12 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from specdec.acceptance import Verdict
 from specdec.bench import build_tasks
-from specdec.bench.runner import TIE_GAP, Mismatch, diagnose, first_difference
+from specdec.bench.runner import TIE_GAP, Method, Mismatch, Run, diagnose, first_difference, run_bench
 from specdec.bench.tasks import BenchPrompt, load_spec_bench, load_suite, suites
 from specdec.cli import main
 from specdec.drafters import REGISTRY, Drafter, methods
 from specdec.errors import InputError
+from specdec.sampling import SamplingParams
 from specdec.train.corpus import is_held_out
 from specdec.tree import DraftTree
 
@@ -139,6 +140,43 @@ def test_bench_catches_a_lossy_method(capsys, dirs, tmp_path, monkeypatch):
         # Diagnosed with a fresh forward: the reference token is the target's argmax there, by a clear margin.
         assert m["top1"] == m["expected"] and m["gap"] > TIE_GAP and m["numerical_tie"] is False
         assert f"prompt {m['index']}" in err
+
+
+class Scripted(Method):
+    """A fake method: fixed tokens, and the seconds of each successive run from a script."""
+
+    family = "specdec"
+
+    def __init__(self, name: str, tokens: list[int], seconds: list[float]) -> None:
+        self.name, self.tokens, self.seconds = name, tokens, iter(seconds)
+
+    def run(self, prompt_ids, params):
+        return Run(list(self.tokens), next(self.seconds), len(self.tokens))
+
+
+def test_repeats_keep_each_methods_fastest_round_and_check_every_round():
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    prompts = [BenchPrompt("code", "a", text="def f(x):\n"), BenchPrompt("code", "b", text="x = 1\n")]
+    base = Scripted("hf-vanilla", [5, 6, 7], [1.0, 0.9, 1.1, 2.0, 2.0, 2.0])
+    fast = Scripted("fast", [5, 6, 7], [0.8, 0.4, 0.6, 1.0, 0.7, 0.9])
+    # wrong only in the second round of the first prompt: still one mismatch, and the record says so
+    slips = Scripted("slips", [5, 6, 7], [0.5, 0.1, 0.5, 1.0, 1.0, 1.0])
+    tokens = iter([[5, 6, 7], [5, 9, 7], [5, 6, 7], [5, 6, 7], [5, 6, 7], [5, 6, 7]])
+    slips.run = lambda ids, params: Run(next(tokens), next(slips.seconds), 3)
+    params = SamplingParams(max_new_tokens=3)
+    result = run_bench(prompts, [base, fast, slips], model, tok, params, warmup=0, repeats=3)
+    seconds = {(r.prompt, r.method): r.seconds for r in result.records}
+    assert seconds == {
+        (0, "hf-vanilla"): 0.9,
+        (0, "fast"): 0.4,
+        (0, "slips"): 0.1,
+        (1, "hf-vanilla"): 2.0,
+        (1, "fast"): 0.7,
+        (1, "slips"): 1.0,
+    }
+    match = {(r.prompt, r.method): r.match for r in result.records}
+    assert match[(0, "slips")] is False and match[(1, "slips")] is True and match[(0, "fast")] is True
+    assert [(m.prompt, m.method, m.position) for m in result.mismatches] == [(0, "slips", 1)]
 
 
 def test_sampled_bench_has_no_lossless_verdict(capsys, dirs, tmp_path):
@@ -275,6 +313,7 @@ def test_spec_bench_needs_a_chat_template(dirs, tmp_path):
         (["--methods", "draft"], "need(s) a draft model"),
         (["--tasks", "nope"], "unknown task"),
         (["--prompts", "0"], "--prompts must be"),
+        (["--repeats", "0"], "--repeats must be"),
         (["--json", "/nonexistent-dir/x.json"], "no such directory"),
     ],
 )

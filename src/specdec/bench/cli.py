@@ -77,6 +77,13 @@ def register(subparsers) -> None:
     )
     b.add_argument("--warmup", type=int, default=1, help="warm-up rounds over every method (untimed)")
     b.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed rounds per prompt; each method keeps its fastest (other work on the machine only slows a "
+        "run), every round's output is checked",
+    )
+    b.add_argument(
         "--json", type=Path, default=None, metavar="OUT", help="write every number and the environment"
     )
     b.add_argument(
@@ -114,6 +121,8 @@ def _params(args: argparse.Namespace):
         raise InputError("--prompts must be >= 1")
     if args.warmup < 0:
         raise InputError("--warmup must be >= 0")
+    if args.repeats < 1:
+        raise InputError("--repeats must be >= 1")
     for out in (args.json, args.plot):
         if out is not None and not out.resolve().parent.is_dir():
             raise InputError(f"cannot write {str(out)!r}: no such directory")
@@ -162,7 +171,7 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
             skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
         for name, reason in skipped.items():
             print(f"specdec bench: skipping {name}: {reason}", file=sys.stderr)
-        total = len(methods) * (args.warmup + len(prompts))
+        total = len(methods) * (args.warmup + args.repeats * len(prompts))
         bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=None, dynamic_ncols=True)
         with bar:
 
@@ -171,7 +180,9 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
                 bar.update(runs)
 
             optional = frozenset() if explicit else frozenset(m.name for m in methods)
-            result = run_bench(prompts, methods, model, tokenizer, params, progress, args.warmup, optional)
+            result = run_bench(
+                prompts, methods, model, tokenizer, params, progress, args.warmup, optional, args.repeats
+            )
     finally:
         counter.close()
     for name, reason in result.skipped.items():
@@ -247,6 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         # what ran each method's target forwards (hf-* methods: transformers' own generate())
         "method_runtimes": {m.name: getattr(m, "runtime", "generate()") for m in result.methods},
         "warmup_rounds": args.warmup,
+        "repeats": args.repeats,  # timed rounds per prompt; each method's fastest is kept
         "quick": args.quick,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
         "numerical_tie_gap": TIE_GAP,
