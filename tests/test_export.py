@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from specdec import SpecDecoder
 from specdec.cli import main
 from specdec.heads import save_head
+from specdec.heads.hydra import save_hydra
 from specdec.heads.medusa import save_medusa
 
 import tiny
@@ -69,3 +70,11 @@ def test_export_bad_input_is_one_line(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "not an EAGLE-3 or Medusa head" in err and err.count("\n") == 1
+
+    save_hydra(tiny.random_hydra(tiny.model("llama", seed=4)), tmp_path / "hydra", dtype=torch.float32)
+    assert (
+        main(["export-drafter", str(tmp_path / "hydra"), "--format", "vllm", "--out", str(tmp_path / "o")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "neither vLLM nor SGLang loads" in err and err.count("\n") == 1

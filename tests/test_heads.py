@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from specdec.errors import InputError
 from specdec.heads import Eagle3Head, config_for_target, default_aux_layer_ids, load_head, save_head
+from specdec.heads.hydra import load_hydra
 from specdec.heads.medusa import MedusaConfig, MedusaHeads, load_medusa, save_medusa
 
 import tiny
@@ -277,6 +279,21 @@ def test_train_drafter_smoke(tmp_path):
     assert "Medusa" in (tmp_path / "medusa" / "MODEL_CARD.md").read_text()
     medusa = load_medusa(tmp_path / "medusa", target)
     assert len(medusa(b["final"])) == cfg.medusa_heads
+
+    # Hydra heads too; what is loaded back drafts like what was trained (teacher-forced on the text)
+    hydra_cfg = d.HeadTrainConfig(**{**asdict(cfg), "hydra_heads": 3})
+    d.train_head(work, target, stores["train"], hydra_cfg, method="hydra", stop_after=1)
+    d.train_head(work, target, stores["train"], hydra_cfg, method="hydra")
+    assert torch.load(work / "hydra.ckpt", weights_only=False)["step"] == 4
+    metrics = d.export_head(work, target, stores, tmp_path / "hydra", data, about, method="hydra")
+    assert metrics["acceptance"]["greedy"]["depth"] == 3 and metrics["latency_ms"]["head_step_8"] > 0
+    assert "Hydra heads" in (tmp_path / "hydra" / "MODEL_CARD.md").read_text()
+    hydra = load_hydra(tmp_path / "hydra", target)
+    trained, _ = d.load_trained(work, target, stores["train"], method="hydra")
+    got = hydra.forward_train(b["final"], b["ids"], 3)
+    want = trained.forward_train(b["final"], b["ids"], 3)
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=0.05, atol=0.05)  # bf16 weights on disk
 
 
 def test_chain_acceptance_counts_leading_matches(target, tmp_path):

@@ -148,6 +148,20 @@ def random_medusa(target, num_heads: int = 3, seed: int = 0):
     return heads.to(next(target.parameters()).dtype)
 
 
+def random_hydra(target, num_heads: int = 3, seed: int = 0):
+    """Untrained Hydra heads for `target` (full vocabulary; bound to its embedding by the drafter)."""
+    from specdec.heads.hydra import HydraConfig, HydraHeads
+
+    config = target.config
+    torch.manual_seed(seed)
+    heads = HydraHeads(HydraConfig(config.hidden_size, config.vocab_size, num_heads=num_heads))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0.0, 0.2)
+    return heads.to(next(target.parameters()).dtype)
+
+
 def untrained_head(method: str, target):
-    """An untrained head of the kind `method` reads (eagle, medusa)."""
-    return random_medusa(target) if method == "medusa" else random_head(target)
+    """An untrained head of the kind `method` reads (eagle, medusa, hydra)."""
+    makers = {"medusa": random_medusa, "hydra": random_hydra}
+    return makers.get(method, random_head)(target)

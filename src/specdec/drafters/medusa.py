@@ -17,18 +17,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
+from specdec.acceptance import Verdict
 from specdec.costmodel import CostModel
 from specdec.drafters.base import Drafter, Request, Scored, register
 from specdec.errors import InputError
-from specdec.heads.medusa import MedusaHeads, load_medusa
+from specdec.heads.medusa import load_medusa
 from specdec.templates import Template, grow_template, rank_acceptance
 from specdec.tree import DraftTree, Trie
 
-SHIPPED_HEAD = "heads/medusa"  # under models/shipped/: the heads trained for the shipped target
 PRIOR = (0.3, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.01)  # assumed P(head 0's rank-r candidate is right)
 PRIOR_DECAY = 0.6  # later heads are less accurate (Medusa reports ~0.6 -> 0.4 -> 0.3 top-1 for heads 1-3)
 PRIOR_WEIGHT = 16.0  # pseudo-observations behind the prior
@@ -37,7 +38,8 @@ MAX_TEMPLATE = 64  # largest template the cost model may choose
 
 @dataclass
 class MedusaConfig:
-    head: str | MedusaHeads | None = None  # heads directory or object; None: the shipped target's heads
+    # heads directory or object (MedusaHeads; HydraHeads for hydra); None: the shipped target's heads
+    head: str | nn.Module | None = None
     width: int = 8  # candidates ranked per head (template ranks)
     max_nodes: int | Literal["auto"] = "auto"  # drafted nodes per step, or "auto": the measured cost model
     regrow_every: int = 16  # re-grow the template from the measured acceptance every this many steps
@@ -64,10 +66,11 @@ class MedusaState:
     steps: int = 0
 
 
-def shipped_head_dir() -> Path:
+def shipped_head_dir(name: str = "heads/medusa") -> Path:
+    """Heads trained for the shipped target, under models/shipped/."""
     from specdec.models.shipped import SHIPPED_DIR
 
-    return SHIPPED_DIR / SHIPPED_HEAD
+    return SHIPPED_DIR / name
 
 
 @register
@@ -75,10 +78,13 @@ class Medusa(Drafter):
     name = "medusa"
     needs_hidden_states = True
     uses_head = True
+    shipped_head: ClassVar[str] = (
+        "heads/medusa"  # under models/shipped/: the heads trained for the shipped target
+    )
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         self.config = config or MedusaConfig(**options)
-        self.heads: MedusaHeads | None = None
+        self.heads: Any = None  # MedusaHeads (HydraHeads in the Hydra subclass), once bound
         self.cost: CostModel | None = None
         self.layer = 0  # the target's final hidden state: the LM head's input
         self.hits: torch.Tensor | None = None  # [K, width]: head d's rank-r candidate was the next token
@@ -88,17 +94,19 @@ class Medusa(Drafter):
     def bind(self, model) -> None:
         source = self.config.head
         dtype = next(model.parameters()).dtype
-        if isinstance(source, MedusaHeads):
+        heads: Any
+        if isinstance(source, nn.Module):  # heads given as an object
             heads = source.to(dtype)
             _check(heads, model)
+            self._attach(heads, model)
         else:
-            path = Path(source) if source is not None else shipped_head_dir()
+            path = Path(source) if source is not None else shipped_head_dir(self.shipped_head)
             if source is None and not (path / "config.json").exists():
                 raise InputError(
-                    "medusa needs trained heads for this model: --draft HEADS_DIR (train them with "
-                    "`specdec train-drafter --method medusa`)"
+                    f"{self.name} needs trained heads for this model: --draft HEADS_DIR (train them with "
+                    f"`specdec train-drafter --method {self.name}`)"
                 )
-            heads = load_medusa(path, model, dtype=dtype)
+            heads = self._load(path, model, dtype)
         self.heads = heads.eval()
         self.layer = model.config.get_text_config(decoder=True).num_hidden_layers
         k, width = heads.config.num_heads, min(self.config.width, heads.config.draft_vocab_size)
@@ -106,6 +114,13 @@ class Medusa(Drafter):
         self.trials = torch.zeros(k, dtype=torch.float64)
         self.cost = CostModel.for_model(model) if self.config.max_nodes == "auto" else None
         self._grow()
+
+    def _load(self, path: Path, model, dtype: torch.dtype):
+        """The heads of the directory `path`, checked against (and bound to) the target."""
+        return load_medusa(path, model, dtype=dtype)
+
+    def _attach(self, heads, model) -> None:
+        """Heads given as an object: bind what they read from the target (Medusa's read nothing more)."""
 
     def hidden_layers(self) -> tuple[int, ...]:
         return (self.layer,)
@@ -154,22 +169,27 @@ class Medusa(Drafter):
 
     def observe(self, state: MedusaState, scored: Scored) -> None:
         verdict = scored.verdict
-        if state.candidates is not None:  # the next token after each accepted depth is now known
-            assert self.hits is not None and self.trials is not None
-            k = min(len(verdict.tokens), state.candidates.shape[0])
-            truth = torch.tensor(verdict.tokens[:k])
-            self.trials[:k] += 1
-            self.hits[:k] += (state.candidates[:k] == truth[:, None]).double()
+        self._learn(state, verdict)
         state.hidden = scored.hidden[self.layer][verdict.accepted_nodes[-1]]  # its next token: the new root
         state.steps += 1
         if state.steps % self.config.regrow_every == 0:
             self._grow()
 
+    def _learn(self, state: MedusaState, verdict: Verdict) -> None:
+        """The next token after each accepted depth is now known: count the rank each head gave it."""
+        if state.candidates is None:
+            return
+        assert self.hits is not None and self.trials is not None
+        k = min(len(verdict.tokens), state.candidates.shape[0])
+        truth = torch.tensor(verdict.tokens[:k])
+        self.trials[:k] += 1
+        self.hits[:k] += (state.candidates[:k] == truth[:, None]).double()
 
-def _check(heads: MedusaHeads, model) -> None:
+
+def _check(heads, model) -> None:
     tc = model.config.get_text_config(decoder=True)
     if heads.config.hidden_size != tc.hidden_size or heads.config.vocab_size != tc.vocab_size:
         raise InputError(
-            f"the Medusa heads were trained for hidden size {heads.config.hidden_size} and "
+            f"the heads were trained for hidden size {heads.config.hidden_size} and "
             f"{heads.config.vocab_size} tokens; this target has {tc.hidden_size} and {tc.vocab_size}"
         )

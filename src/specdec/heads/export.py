@@ -4,7 +4,7 @@ specdec stores its heads in those engines' layouts already (see eagle3.py and me
 were matched against), so exporting is: load and validate the head, then write config.json with the
 architecture name the chosen engine looks for and the weights in bfloat16 (or the dtype asked for). Loading
 the export back into specdec gives the same drafts (tests/test_export.py). SGLang has no Medusa loader, so a
-Medusa export to SGLang is refused.
+Medusa export to SGLang is refused, and so is any export of a Hydra head (neither engine loads one).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def head_kind(path: Path) -> str:
     """'eagle' or 'medusa', from the directory's config.json."""
     from specdec.heads.eagle3 import ARCHITECTURES
+    from specdec.heads.hydra import ARCHITECTURE as HYDRA
     from specdec.heads.medusa import ARCHITECTURE as MEDUSA
 
     archs = read_config(path).get("architectures") or []
@@ -35,6 +36,10 @@ def head_kind(path: Path) -> str:
         return "eagle"
     if MEDUSA in archs:
         return "medusa"
+    if HYDRA in archs:
+        raise InputError(
+            f"{path}: a Hydra head, which neither vLLM nor SGLang loads (specdec runs it: --method hydra)"
+        )
     raise InputError(f"{path / 'config.json'}: not an EAGLE-3 or Medusa head (architectures {archs})")
 
 

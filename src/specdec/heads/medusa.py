@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.errors import InputError
-from specdec.heads.checkpoint import WEIGHTS_FILE, read_config, write_checkpoint
+from specdec.heads.checkpoint import check_sizes, load_weights, read_config, write_checkpoint
 
 ARCHITECTURE = "MedusaModel"
 
@@ -116,46 +116,18 @@ def save_medusa(heads: MedusaHeads, out_dir: Path, dtype: torch.dtype = torch.bf
 
 def load_medusa(path: Path, target=None, dtype: torch.dtype = torch.float32) -> MedusaHeads:
     """Load a Medusa head directory as `dtype`; InputError (one line) for bad files or another model's head."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     config = MedusaConfig.from_json(read_config(path), str(path / "config.json"))
-    try:
-        state = load_file(str(path / WEIGHTS_FILE))
-    except FileNotFoundError:
-        raise InputError(f"{str(path)!r} has no {WEIGHTS_FILE}") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0]
-        raise InputError(f"{path / WEIGHTS_FILE} is corrupt or not a safetensors file ({msg})") from None
-    state = {k.removeprefix("medusa_heads."): v for k, v in state.items()}
-    if "token_map" not in state and config.draft_vocab_size == config.vocab_size:
-        state["token_map"] = torch.arange(config.vocab_size)
+
+    def fix(state: dict) -> dict:
+        state = {k.removeprefix("medusa_heads."): v for k, v in state.items()}
+        if "token_map" not in state and config.draft_vocab_size == config.vocab_size:
+            state["token_map"] = torch.arange(config.vocab_size)
+        return state
+
     heads = MedusaHeads(config)
-    expected = heads.state_dict()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise InputError(
-            f"{path / WEIGHTS_FILE} lacks {missing[0]}: not a Medusa head in the expected layout"
-        )
-    for name, ref in expected.items():
-        if tuple(state[name].shape) != tuple(ref.shape):
-            raise InputError(
-                f"{path / WEIGHTS_FILE}: {name} has shape {tuple(state[name].shape)}, "
-                f"config.json implies {tuple(ref.shape)}"
-            )
-    heads.load_state_dict(
-        {k: state[k].to(ref.dtype if not ref.is_floating_point() else dtype) for k, ref in expected.items()}
-    )
+    load_weights(path, heads, "a Medusa head", fix)
     heads.to(dtype)
     if target is not None:
-        tc = target.config.get_text_config(decoder=True)
-        if config.hidden_size != tc.hidden_size:
-            raise InputError(
-                f"{path} was trained for a target with hidden size {config.hidden_size}; this target has {tc.hidden_size}"
-            )
-        if config.vocab_size != tc.vocab_size:
-            raise InputError(
-                f"{path} was trained for a vocabulary of {config.vocab_size} tokens; this target has {tc.vocab_size}"
-            )
+        check_sizes(config.hidden_size, config.vocab_size, target, str(path))
     return heads.eval()

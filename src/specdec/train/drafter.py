@@ -24,8 +24,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -413,16 +415,20 @@ def choose_draft_vocab(store: FeatureStore, size: int, vocab: int, max_windows: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-METHODS = ("eagle", "medusa")
+METHODS = ("eagle", "medusa", "hydra")
+NAMES = {"eagle": "EAGLE-3 head", "medusa": "Medusa heads", "hydra": "Hydra heads"}
 
 
 def draft_logits(method: str, head, b: dict[str, torch.Tensor], depth: int) -> list[torch.Tensor]:
     """Per depth k, logits [B, T, Vd] whose row t drafts the token at position t + k + 2 (label: the target's
     distribution at t + k + 1). EAGLE: the head unrolled on its own features over the text's tokens (row t
     reads the target's features up to t and the token t + 1); Medusa: head k on the target's final hidden
-    state at t (the target's own lm_head gives token t + 1)."""
+    state at t (the target's own lm_head gives token t + 1); Hydra: head k on that state and the text's tokens
+    t + 1 .. t + k + 1."""
     if method == "eagle":
         return head.forward_train(b["aux"], b["ids"], steps=depth)
+    if method == "hydra":
+        return head.forward_train(b["final"], b["ids"], depth)
     return head(b["final"])[:depth]
 
 
@@ -431,13 +437,13 @@ def chain_acceptance(
     head, store: FeatureStore, depth: int, start: int = 0, batch: int = 4, method: str = "eagle"
 ) -> dict:
     """At every anchor row t, the head drafts `depth` tokens (EAGLE autoregressively, with its own features
-    and tokens; Medusa with its independent heads) and we count how many leading drafts equal the target's
+    and tokens; Medusa with its independent heads; Hydra with its heads on the text's tokens) and we count how many leading drafts equal the target's
     greedy tokens.
 
     Teacher-forced: the heads read the TEXT's tokens and the target's features of the text; that equals
     drafting from the target's own tokens exactly as long as the text follows the target's greedy choice
     (x[t+1+k] == top[t+k]; for EAGLE from k = 1 on, as its anchor reads token t + 1 as given; for Medusa
-    from k = 0, as the bonus token t + 1 is the target's own). So on the target's own greedy continuations
+    and Hydra from k = 0, as the bonus token t + 1 is the target's own). So on the target's own greedy continuations
     ('greedy' store) this is exact and on real text it is a lower bound. Rows before `start` (a prompt) are not
     anchors.
     Returns acceptance by depth (fraction of anchors with >= j accepted) and tau = 1 + sum of those (expected
@@ -458,7 +464,7 @@ def chain_acceptance(
         for k, logits in enumerate(outs):
             draft = d2t[logits[:, :anchors].argmax(-1)]
             ok &= draft == g[:, 1 + k : 1 + k + anchors]
-            if k > 0 or method == "medusa":
+            if k > 0 or method != "eagle":
                 ok &= x[:, 1 + k : 1 + k + anchors] == g[:, k : k + anchors]
             accepted += ok.long()
         accepted = accepted[:, start:]
@@ -490,6 +496,8 @@ class HeadTrainConfig:
     intermediate_size: int | None = None  # None: the target's MLP width
     medusa_heads: int = 4  # --method medusa: head k drafts the token k + 2 ahead (Medusa: up to 5)
     medusa_layers: int = 1  # residual SiLU layers per Medusa head
+    hydra_heads: int = 4  # --method hydra: head k drafts the token k + 2 ahead (Hydra++: 4)
+    hydra_layers: int = 1  # residual SiLU layers per Hydra head
     seed: int = 0
     checkpoint_minutes: float = 5.0
     eval_depth: int = 6
@@ -524,6 +532,7 @@ def _segments(b: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor
 def build_head(target, store: FeatureStore, cfg: HeadTrainConfig, method: str = "eagle"):
     """(a new head of `method` with its draft vocabulary set, the draft vocabulary's target ids)."""
     from specdec.heads.eagle3 import Eagle3Head, config_for_target
+    from specdec.heads.hydra import HydraConfig, HydraHeads
     from specdec.heads.medusa import MedusaConfig, MedusaHeads
 
     tc = target.config.get_text_config(decoder=True)
@@ -537,6 +546,13 @@ def build_head(target, store: FeatureStore, cfg: HeadTrainConfig, method: str = 
         )
         heads.set_draft_vocab(draft_ids)
         return heads, draft_ids
+    if method == "hydra":
+        hydra = HydraHeads(
+            HydraConfig(tc.hidden_size, tc.vocab_size, cfg.hydra_heads, cfg.hydra_layers, draft_ids.numel())
+        )
+        hydra.set_draft_vocab(draft_ids)
+        hydra.bind_embedding(target.get_input_embeddings().weight.float())
+        return hydra, draft_ids
     hcfg = config_for_target(
         target, draft_ids.numel(), tuple(store.spec.aux_layer_ids), intermediate_size=cfg.intermediate_size
     )
@@ -548,10 +564,10 @@ def build_head(target, store: FeatureStore, cfg: HeadTrainConfig, method: str = 
 
 def _warm_start(head, teacher: Teacher, target, method: str = "eagle") -> None:
     """LM heads from the target's rows for the draft vocabulary (and EAGLE's final norm from the target's): a
-    head then starts out predicting in the target's output space (a new Medusa head is exactly the target's
-    next-token prediction, its residual block being zero), and learns the feature."""
+    head then starts out predicting in the target's output space (a new Medusa or Hydra head is exactly the
+    target's next-token prediction, its residual block being zero), and learns the feature."""
     with torch.no_grad():
-        if method == "medusa":
+        if method in ("medusa", "hydra"):
             for lm_head in head.lm_heads:
                 lm_head.weight.copy_(teacher.weight)
             return
@@ -616,7 +632,7 @@ def train_head(
         _warm_start(head, teacher, target, method)
     seq = store.spec.seq_len
     total = max(1, cfg.tokens // (cfg.batch_seqs * seq))
-    depth = cfg.ttt_steps if method == "eagle" else cfg.medusa_heads
+    depth = train_depth(cfg, method)
     weights = [cfg.step_weight**k for k in range(depth)]
 
     def save() -> None:
@@ -690,6 +706,11 @@ def train_head(
     return ckpt_path
 
 
+def train_depth(cfg: HeadTrainConfig, method: str) -> int:
+    """EAGLE's unroll steps, or the heads of Medusa and Hydra."""
+    return {"eagle": cfg.ttt_steps, "medusa": cfg.medusa_heads, "hydra": cfg.hydra_heads}[method]
+
+
 def _stop_on_sigterm():
     """`kill PID` of a background run ends it like Ctrl-C (a background job ignores SIGINT): the checkpoint
     is saved on the way out. Returns the function that puts the previous handler back."""
@@ -726,7 +747,8 @@ def step_latency_ms(
 ) -> float:
     """Median time of one drafting step, as a drafter runs it: EAGLE, `width` new entries after a
     `prefix`-entry cache (its layer, logits over the draft vocabulary, a top-4); Medusa, every head on `width`
-    hidden states (logits and a top-4 per head)."""
+    hidden states (logits and a top-4 per head); Hydra, every head in turn on `width` paths, as a tree is
+    drafted depth by depth."""
     import statistics
 
     gen = torch.Generator().manual_seed(0)
@@ -737,6 +759,15 @@ def step_latency_ms(
             t = time.perf_counter()
             for logits in head(hidden):
                 logits.topk(4, dim=-1)
+            times.append(time.perf_counter() - t)
+        return 1000 * statistics.median(times[5:])
+    if method == "hydra":
+        hidden = torch.randn(width, head.config.hidden_size, generator=gen)
+        paths = torch.randint(0, head.config.vocab_size, (width, head.config.num_heads), generator=gen)
+        for _ in range(repeats + 5):
+            t = time.perf_counter()
+            for k in range(head.config.num_heads):
+                head.head(k, hidden, paths[:, : k + 1]).topk(4, dim=-1)
             times.append(time.perf_counter() - t)
         return 1000 * statistics.median(times[5:])
     cache = head.new_cache(prefix + (repeats + 5) * width)
@@ -772,7 +803,7 @@ def plot_loss(log_path: Path, out: Path, method: str) -> bool:
         ax.plot(tokens, [r["step_losses"][k] for r in rows], lw=1, label=f"{what} {k}")
     ax.set_xlabel("training tokens (M)")
     ax.set_ylabel("soft cross-entropy (nats)")
-    ax.set_title(f"{'EAGLE-3' if method == 'eagle' else 'Medusa'} head: training loss")
+    ax.set_title(f"{NAMES[method]}: training loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
@@ -786,14 +817,21 @@ def export_head(
     """bf16 safetensors head + training_metrics.json + loss.png + MODEL_CARD.md in out_dir; returns metrics.
     Acceptance and latency are measured on the exported weights as loaded back (float32), as users run them."""
     from specdec.heads.eagle3 import load_head, save_head
+    from specdec.heads.hydra import load_hydra, save_hydra
     from specdec.heads.medusa import load_medusa, save_medusa
     from specdec.train.card import forward_latency_ms
 
+    formats: dict[str, tuple[Callable[..., None], Callable[..., Any]]] = {
+        "eagle": (save_head, load_head),
+        "medusa": (save_medusa, load_medusa),
+        "hydra": (save_hydra, load_hydra),
+    }
+    save, load = formats[method]
     head, state = load_trained(workdir, target, stores["train"], method)
-    (save_head if method == "eagle" else save_medusa)(head, out_dir, torch.bfloat16)
-    shipped = (load_head if method == "eagle" else load_medusa)(out_dir, target)
+    save(head, out_dir, torch.bfloat16)
+    shipped = load(out_dir, target)
     cfg = HeadTrainConfig(**state["train_config"])
-    depth = cfg.eval_depth if method == "eagle" else min(cfg.eval_depth, cfg.medusa_heads)
+    depth = cfg.eval_depth if method == "eagle" else min(cfg.eval_depth, train_depth(cfg, method))
     greedy_start = data.greedy_prompt_len - 1
     evals = {
         "greedy": chain_acceptance(shipped, stores["greedy"], depth, start=greedy_start, method=method),
@@ -836,6 +874,14 @@ k = {tc["medusa_layers"]} residual SiLU layer(s) + an LM head, drafting the toke
 {m["parameters"] / 1e6:.2f}M parameters. `config.json` + `model.safetensors` (bfloat16; `token_map` int64) are in the
 layout vLLM's `MedusaModel` loads; specdec loads them as float32. Built with `specdec train-drafter --method medusa`
 (src/specdec/train/drafter.py)."""
+    if m["method"] == "hydra":
+        return f"""{tc["hydra_heads"]} Hydra heads: head k reads the target's last hidden state (the input of its lm_head) and the
+token embeddings of the k + 1 tokens before the one it drafts (the root and the drafts on its path), through
+a linear layer ((k + 2) x hidden -> hidden), {tc["hydra_layers"]} residual SiLU layer(s) and an LM head, drafting the token k + 2
+ahead; {vocab}. {m["parameters"] / 1e6:.2f}M parameters (the token embedding is the target's and is not stored).
+`config.json` + `model.safetensors` (bfloat16; `token_map` int64) in specdec's own layout (no serving engine
+loads Hydra heads); specdec loads them as float32. Built with `specdec train-drafter --method hydra`
+(src/specdec/train/drafter.py)."""
     layers = hc["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
     return f"""An EAGLE-3-style draft head: one Llama decoder layer over the target's hidden states at layers {layers} (HF
 `output_hidden_states` indices = vLLM's `eagle_aux_hidden_state_layer_ids`: the inputs of those decoder layers),
@@ -852,10 +898,12 @@ def _draft_vocab(m: dict) -> int:
 
 def _card_objective(m: dict) -> str:
     tc = m["train_config"]
-    if m["method"] == "medusa":
-        return f"""Loss: head k's soft cross-entropy against the target's distribution for the token k + 2 ahead,
-over the draft vocabulary (masked where the target's top token is outside it), weighted {tc["step_weight"]}^k. Residual
-blocks start at zero and LM heads at the target's rows, so each head starts as the target's next-token guess."""
+    if m["method"] in ("medusa", "hydra"):
+        reads = "the text's tokens before it (teacher forcing)" if m["method"] == "hydra" else "nothing else"
+        return f"""Head k reads {reads}. Loss: head k's soft cross-entropy against the target's distribution for
+the token k + 2 ahead, over the draft vocabulary (masked where the target's top token is outside it), weighted
+{tc["step_weight"]}^k. Residual blocks start at zero and LM heads at the target's rows, so each head starts as the
+target's next-token guess."""
     return f"""Training-time test: the head unrolled {tc["ttt_steps"]} steps on its own output features, loss = soft
 cross-entropy against the target's distribution over the draft vocabulary (masked where the target's top token
 is outside it), step k weighted {tc["step_weight"]}^k; the head attends within {tc["segment_len"]}-token segments
@@ -864,7 +912,7 @@ of each window. lm_head and final norm warm-started from the target's."""
 
 def head_card(m: dict, data: DataConfig) -> str:
     tc, lat = m["train_config"], m["latency_ms"]
-    name = "EAGLE-3 head" if m["method"] == "eagle" else "Medusa heads"
+    name = NAMES[m["method"]]
 
     def acc_row(label: str, e: dict) -> str:
         cells = " | ".join(f"{a:.3f}" for a in e["acceptance_by_depth"])
@@ -883,6 +931,12 @@ def head_card(m: dict, data: DataConfig) -> str:
         cost = (
             f"One drafting step (1 new entry after 256 cached, logits over the draft vocabulary, top-4): "
             f"{lat['head_step_1']:.2f} ms; 8 entries at once (a tree level): {lat['head_step_8']:.2f} ms"
+        )
+    elif m["method"] == "hydra":
+        drafting = "with the heads in turn, each reading the tokens before it"
+        cost = (
+            f"Every head in turn on 1 path (logits over the draft vocabulary, top-4 each): "
+            f"{lat['head_step_1']:.2f} ms; on 8 paths: {lat['head_step_8']:.2f} ms"
         )
     else:
         drafting = "with the independent heads"
@@ -969,6 +1023,7 @@ def register(subparsers) -> None:
     p.add_argument("--draft-vocab", type=int, default=HeadTrainConfig.draft_vocab_size)
     p.add_argument("--ttt-steps", type=int, default=HeadTrainConfig.ttt_steps, help="EAGLE: unroll depth")
     p.add_argument("--medusa-heads", type=int, default=HeadTrainConfig.medusa_heads, help="Medusa: heads")
+    p.add_argument("--hydra-heads", type=int, default=HeadTrainConfig.hydra_heads, help="Hydra: heads")
     p.add_argument(
         "--aux-layers", default=None, help="comma-separated layer ids (default: low, middle, high)"
     )
@@ -1010,6 +1065,7 @@ def run(args: argparse.Namespace) -> int:
         draft_vocab_size=args.draft_vocab,
         ttt_steps=args.ttt_steps,
         medusa_heads=args.medusa_heads,
+        hydra_heads=args.hydra_heads,
     )
     if args.stage in ("train", "all"):
         train_head(workdir, target, stores["train"], cfg, args.method, new_budget=args.tokens)

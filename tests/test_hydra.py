@@ -1,0 +1,96 @@
+"""The hydra drafter through the engine: greedy equality with generate(), path-dependent drafts, what it
+learns, bad heads. (Its sampled distribution is checked with every other method in test_sampling.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import SpecDecoder
+from specdec.drafters.base import Request
+from specdec.drafters.hydra import Hydra
+from specdec.errors import InputError
+from specdec.heads.hydra import load_hydra, save_hydra
+from specdec.heads.medusa import save_medusa
+from specdec.sampling import SamplingParams
+
+import tiny
+from tiny import random_hydra
+
+TOKENIZER = tiny.tokenizer()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("options", [{}, {"max_nodes": 10, "width": 3}])
+def test_hydra_equals_generate(arch, options):
+    model = tiny.model(arch, seed=1)
+    dec = SpecDecoder(model, TOKENIZER, "hydra", head=random_hydra(model), **options)
+    for prompt in ([5], [5, 9, 14, 3, 77, 1], list(range(40, 70))):
+        out = dec.generate(prompt, max_new_tokens=20, ignore_eos=True)
+        assert out.token_ids == tiny.hf_greedy(model, prompt, 20)
+
+
+def test_a_nodes_children_are_ranked_for_its_own_path():
+    """Two depth-1 siblings get their children from head 1 run on their own paths: what Medusa's
+    independent heads cannot do. Each child equals head 1's ranking for that path."""
+    model = tiny.model("llama", seed=3)
+    heads = random_hydra(model)
+    drafter = Hydra(head=heads, max_nodes=12, width=4)
+    SpecDecoder(model, TOKENIZER, drafter)  # binds
+    state = drafter.start(Request([1, 2, 3], SamplingParams(), torch.Generator()))
+    state.hidden = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(
+        model.dtype
+    )
+    tree = drafter.propose(state, [1, 2, 3], max_depth=4)
+    depth1 = tree.children[0]
+    assert len(depth1) >= 2 and any(tree.children[c] for c in depth1)
+    for node in depth1:
+        path = torch.tensor([[3, tree.tokens[node]]])
+        expect = heads.draft_to_target[heads.head(1, state.hidden[None], path).topk(4).indices[0]].tolist()
+        assert state.ranked[node] == expect
+        for child in tree.children[node]:
+            assert tree.tokens[child] in expect
+    rankings = [tuple(state.ranked[n]) for n in depth1 if n in state.ranked]
+    assert len(set(rankings)) > 1  # the rankings depend on the path (a Medusa head gives one for all)
+
+
+def test_hydra_learns_which_ranks_are_right():
+    """Vocabulary 8 and 8 ranks: the true next token is always among the root's candidates, so depth 0's
+    measured hits equal its trials, one per step that drafted."""
+    model = tiny.model("llama", seed=2, vocab_size=8, layers=2, eos=99)  # an EOS it never emits
+    drafter = Hydra(head=random_hydra(model), max_nodes=12, regrow_every=4)
+    dec = SpecDecoder(model, TOKENIZER, drafter)
+    prompt = [1, 2, 3, 1, 2]
+    out = dec.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    assert out.token_ids == tiny.hf_greedy(model, prompt, 40)
+    assert out.stats.mean_accepted_tokens > 1.2
+    assert drafter.trials[0] == out.stats.target_forwards - 1 and drafter.hits[0].sum() == drafter.trials[0]
+    assert drafter.trials[1] >= 1  # accepted depth-1 nodes were ranked too
+
+
+def test_hydra_round_trip_and_bad_heads(tmp_path):
+    model = tiny.model("llama", seed=1).float()
+    heads = random_hydra(model)
+    save_hydra(heads, tmp_path / "h", dtype=torch.float32)
+    loaded = load_hydra(tmp_path / "h", model)
+    prompt = [5, 9, 14, 3, 77, 1]
+    a = SpecDecoder(model, TOKENIZER, "hydra", head=heads).generate(prompt, max_new_tokens=16)
+    b = SpecDecoder(model, TOKENIZER, "hydra", head=str(tmp_path / "h")).generate(prompt, max_new_tokens=16)
+    assert a.token_ids == b.token_ids and a.stats.target_forwards == b.stats.target_forwards
+    assert torch.equal(loaded.fcs[1].weight, heads.fcs[1].weight)
+
+    other = tiny.model("llama", seed=1, hidden=64)
+    with pytest.raises(InputError, match="hidden size"):
+        SpecDecoder(model, TOKENIZER, "hydra", head=random_hydra(other))
+    save_hydra(random_hydra(other), tmp_path / "wide", dtype=torch.float32)
+    with pytest.raises(InputError, match="hidden size"):
+        SpecDecoder(model, TOKENIZER, "hydra", head=str(tmp_path / "wide"))
+    (tmp_path / "h" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match="corrupt"):
+        load_hydra(tmp_path / "h", model)
+    save_medusa(tiny.random_medusa(model), tmp_path / "m", dtype=torch.float32)
+    with pytest.raises(InputError, match="not a Hydra head"):
+        load_hydra(tmp_path / "m", model)
+    for bad in ({"width": 0}, {"max_nodes": "lots"}, {"regrow_every": 0}):
+        with pytest.raises(InputError):
+            SpecDecoder(model, TOKENIZER, "hydra", head=random_hydra(model), **bad)
