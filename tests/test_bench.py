@@ -9,7 +9,16 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from specdec.acceptance import Verdict
 from specdec.bench import build_tasks
-from specdec.bench.runner import TIE_GAP, Method, Mismatch, Run, diagnose, first_difference, run_bench
+from specdec.bench.runner import (
+    TIE_GAP,
+    Method,
+    Mismatch,
+    Run,
+    SpecdecMethod,
+    diagnose,
+    first_difference,
+    run_bench,
+)
 from specdec.bench.tasks import BenchPrompt, load_spec_bench, load_suite, suites
 from specdec.cli import main
 from specdec.drafters import REGISTRY, Drafter, methods
@@ -177,6 +186,52 @@ def test_repeats_keep_each_methods_fastest_round_and_check_every_round():
     match = {(r.prompt, r.method): r.match for r in result.records}
     assert match[(0, "slips")] is False and match[(1, "slips")] is True and match[(0, "fast")] is True
     assert [(m.prompt, m.method, m.position) for m in result.mismatches] == [(0, "slips", 1)]
+
+
+class Learner(Scripted):
+    """Learns across requests: the number of prompts it has run, which every round must start from."""
+
+    def __init__(self, name: str, tokens: list[int], seconds: list[float]) -> None:
+        super().__init__(name, tokens, seconds)
+        self.seen, self.starts = 0, []
+
+    def snapshot(self):
+        return self.seen
+
+    def restore(self, snapshot):
+        self.seen = snapshot
+
+    def run(self, prompt_ids, params):
+        self.starts.append(self.seen)
+        self.seen += 1
+        return super().run(prompt_ids, params)
+
+
+def test_every_round_starts_from_the_state_before_the_prompt():
+    model, tok = tiny.model("llama"), tiny.tokenizer()
+    prompts = [BenchPrompt("code", "a", text="def f(x):\n"), BenchPrompt("code", "b", text="x = 1\n")]
+    base = Scripted("hf-vanilla", [5, 6], [1.0] * 6)
+    learner = Learner("learner", [5, 6], [0.5] * 6)
+    run_bench(prompts, [base, learner], model, tok, SamplingParams(max_new_tokens=2), warmup=0, repeats=3)
+    assert learner.starts == [0, 0, 0, 1, 1, 1] and learner.seen == 2
+
+
+def test_a_specdec_methods_snapshot_forgets_what_came_after_it():
+    """suffix indexes earlier requests: without the restore, the same prompt again is drafted from its own
+    earlier answer (fewer forwards); after it, exactly as the first time."""
+    model, tok = tiny.model("llama", seed=3), tiny.tokenizer()
+    method = SpecdecMethod("suffix", model, tok)
+    prompt, params = list(range(5, 25)), SamplingParams(max_new_tokens=24, ignore_eos=True)
+    snapshot = method.snapshot()
+    first = method.run(prompt, params)
+    again = method.run(prompt, params)
+    method.restore(snapshot)
+    restored = method.run(prompt, params)
+    assert first.token_ids == again.token_ids == restored.token_ids
+    assert again.target_forwards < first.target_forwards == restored.target_forwards
+    auto = SpecdecMethod("auto", model, tok)
+    auto.restore(auto.snapshot())
+    assert auto.decoder.engine.drafter.model is model  # the model is shared, not copied
 
 
 def test_sampled_bench_has_no_lossless_verdict(capsys, dirs, tmp_path):

@@ -54,6 +54,13 @@ class Method:
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
         raise NotImplementedError
 
+    def snapshot(self) -> object:
+        """What the method learned across requests so far (None: it learns nothing), for `restore`."""
+        return None
+
+    def restore(self, snapshot: object) -> None:
+        """Back to the state `snapshot` saw (the bench's later rounds of a prompt start where the first did)."""
+
 
 class HFMethod(Method):
     """transformers' generate(); `extra` selects prompt lookup or assisted generation."""
@@ -102,6 +109,16 @@ class SpecdecMethod(Method):
         # auto may run a request on either of two runtimes (docs/runtime.md)
         self.runtime = " or ".join(r.name for r in self.decoder.engine.runtimes)
 
+    def snapshot(self) -> object:
+        """A copy of the drafter (suffix's index of earlier requests, recycle's table, auto's estimates...):
+        a later round of the same prompt must not find its own earlier answer there. Models and heads are
+        shared, not copied: decoding never changes them."""
+        drafter = self.decoder.engine.drafter
+        return copy.deepcopy(drafter, _modules_of(drafter))
+
+    def restore(self, snapshot: object) -> None:
+        self.decoder.engine.drafter = copy.deepcopy(snapshot, _modules_of(snapshot))
+
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
         start = time.perf_counter()
         result = self.decoder.generate(
@@ -114,6 +131,28 @@ class SpecdecMethod(Method):
         )
         seconds = time.perf_counter() - start
         return Run(result.token_ids, seconds, result.stats.target_forwards)
+
+
+def _modules_of(root: object) -> dict[int, object]:
+    """A deepcopy memo mapping every torch module reachable from `root` to itself (so copies share them)."""
+    memo: dict[int, object] = {}
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.nn.Module):
+            memo[id(obj)] = obj
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack.extend(vars(obj).values())
+    return memo
 
 
 # `pld@transformers`: pld on that runtime, whatever --runtime says
@@ -356,7 +395,9 @@ def run_bench(
     `repeats` > 1 runs every prompt that many rounds (each round hf-vanilla first, the others rotated on) and
     keeps, per method, its fastest round (seconds per new token): interference from other work on the machine
     only ever slows a run, so the least is the least disturbed (as `CostModel.measure` and timeit take it).
-    Every round's output is checked against hf-vanilla's first.
+    Every round starts from the methods' state before the prompt (`Method.snapshot`): a drafter that learns
+    across requests must not draft a round from the answer it saw in the one before. Every round's output is
+    checked against hf-vanilla's first.
 
     A method in `optional` (picked by default, not by the user) that raises InputError during warm-up (say, a
     drafter that cannot serve this model) is dropped with its reason instead of failing the whole bench.
@@ -426,7 +467,13 @@ def run_bench(
         best: dict[str, Record] = {}  # per method: its fastest round on this prompt
         mismatched: set[str] = set()  # methods whose output differed from the reference in some round
         others = methods[1:]
+        # each method's cross-request state before this prompt: every round starts from it
+        snapshots = [m.snapshot() for m in methods] if repeats > 1 else []
         for round_ in range(repeats):
+            if round_:
+                for method, snapshot in zip(methods, snapshots, strict=True):
+                    if snapshot is not None:
+                        method.restore(snapshot)
             # hf-vanilla first (its tokens are the reference), the others in an order rotated per prompt and
             # round: a method right after the baseline ran slower by a few percent (caches and threads still
             # busy with its work), so no method should always take that place
