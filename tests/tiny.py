@@ -135,13 +135,16 @@ def random_head(target, draft_vocab: int | None = None, seed: int = 0):
     return head
 
 
-def random_medusa(target, num_heads: int = 3, seed: int = 0):
-    """Untrained Medusa heads for `target` (full vocabulary)."""
+def random_medusa(target, num_heads: int = 3, seed: int = 0, kind: str = "medusa"):
+    """Untrained Medusa heads for `target` (full vocabulary); `kind="hydra"`: Hydra heads (bound to the
+    target's embedding by the drafter)."""
+    from specdec.heads.hydra import HydraConfig, HydraHeads
     from specdec.heads.medusa import MedusaConfig, MedusaHeads
 
     config = target.config
+    make, make_config = (HydraHeads, HydraConfig) if kind == "hydra" else (MedusaHeads, MedusaConfig)
     torch.manual_seed(seed)
-    heads = MedusaHeads(MedusaConfig(config.hidden_size, config.vocab_size, num_heads=num_heads))
+    heads = make(make_config(config.hidden_size, config.vocab_size, num_heads=num_heads))
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0.0, 0.2)
@@ -149,16 +152,7 @@ def random_medusa(target, num_heads: int = 3, seed: int = 0):
 
 
 def random_hydra(target, num_heads: int = 3, seed: int = 0):
-    """Untrained Hydra heads for `target` (full vocabulary; bound to its embedding by the drafter)."""
-    from specdec.heads.hydra import HydraConfig, HydraHeads
-
-    config = target.config
-    torch.manual_seed(seed)
-    heads = HydraHeads(HydraConfig(config.hidden_size, config.vocab_size, num_heads=num_heads))
-    with torch.no_grad():
-        for p in heads.parameters():
-            p.normal_(0.0, 0.2)
-    return heads.to(next(target.parameters()).dtype)
+    return random_medusa(target, num_heads, seed, kind="hydra")
 
 
 def untrained_head(method: str, target):

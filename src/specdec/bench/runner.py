@@ -17,6 +17,7 @@ from typing import TypedDict
 import torch
 
 from specdec.bench.tasks import BenchPrompt
+from specdec.drafters.base import Drafter
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
 
@@ -117,7 +118,9 @@ class SpecdecMethod(Method):
         return copy.deepcopy(drafter, _modules_of(drafter))
 
     def restore(self, snapshot: object) -> None:
-        self.decoder.engine.drafter = copy.deepcopy(snapshot, _modules_of(snapshot))
+        drafter = copy.deepcopy(snapshot, _modules_of(snapshot))  # a copy again: the next round needs it too
+        assert isinstance(drafter, Drafter)
+        self.decoder.engine.drafter = drafter
 
     def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
         start = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,52 +30,17 @@ from torch import nn
 
 from specdec.errors import InputError
 from specdec.heads.checkpoint import check_sizes, load_weights, read_config, write_checkpoint
-from specdec.heads.medusa import ResidualBlock
+from specdec.heads.medusa import MedusaConfig, ResidualBlock
 
 ARCHITECTURE = "HydraModel"
 
 
 @dataclass
-class HydraConfig:
-    hidden_size: int  # the target's final hidden width (= its embedding width for the models supported)
-    vocab_size: int  # the target's vocabulary
-    num_heads: int = 4  # head k drafts the token k + 2 ahead (Hydra++ uses 4)
-    num_hidden_layers: int = 1  # residual SiLU layers per head
-    truncated_vocab_size: int | None = None  # draft vocabulary (most frequent target tokens); None = full
+class HydraConfig(MedusaConfig):
+    """Medusa's fields (num_heads: head k drafts the token k + 2 ahead; Hydra++ uses 4), another architecture."""
 
-    @property
-    def draft_vocab_size(self) -> int:
-        return self.truncated_vocab_size or self.vocab_size
-
-    def to_json(self) -> dict:
-        return {
-            "architectures": [ARCHITECTURE],
-            "model_type": "hydra",
-            "hidden_size": self.hidden_size,
-            "vocab_size": self.vocab_size,
-            "num_heads": self.num_heads,
-            "num_hidden_layers": self.num_hidden_layers,
-            "truncated_vocab_size": self.draft_vocab_size,
-            "torch_dtype": "bfloat16",
-        }
-
-    @classmethod
-    def from_json(cls, d: dict, where: str = "config.json") -> HydraConfig:
-        if ARCHITECTURE not in (d.get("architectures") or []):
-            raise InputError(f"{where}: not a Hydra head (architectures {d.get('architectures')})")
-        try:
-            config = cls(
-                hidden_size=int(d["hidden_size"]),
-                vocab_size=int(d["vocab_size"]),
-                num_heads=int(d["num_heads"]),
-                num_hidden_layers=int(d.get("num_hidden_layers", 1)),
-                truncated_vocab_size=int(d.get("truncated_vocab_size") or d["vocab_size"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"{where}: missing or bad field {e}") from None
-        if config.num_heads < 1:
-            raise InputError(f"{where}: num_heads must be >= 1")
-        return config
+    kind: ClassVar[str] = "Hydra"
+    architecture: ClassVar[str] = ARCHITECTURE
 
 
 class HydraHeads(nn.Module):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,13 @@ from specdec.errors import InputError
 from specdec.heads.checkpoint import check_sizes, load_weights, read_config, write_checkpoint
 
 ARCHITECTURE = "MedusaModel"
+C = TypeVar("C", bound="MedusaConfig")
 
 
 @dataclass
 class MedusaConfig:
+    kind: ClassVar[str] = "Medusa"  # names the head in errors
+    architecture: ClassVar[str] = ARCHITECTURE
     hidden_size: int  # the target's final hidden width (the heads read its lm_head input)
     vocab_size: int  # the target's vocabulary
     num_heads: int = 4  # head i drafts the token i + 2 ahead; Medusa's default is up to 5
@@ -40,8 +44,8 @@ class MedusaConfig:
 
     def to_json(self) -> dict:
         return {
-            "architectures": [ARCHITECTURE],
-            "model_type": "medusa",
+            "architectures": [self.architecture],
+            "model_type": self.kind.lower(),
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
             "num_heads": self.num_heads,
@@ -52,11 +56,11 @@ class MedusaConfig:
         }
 
     @classmethod
-    def from_json(cls, d: dict, where: str = "config.json") -> MedusaConfig:
-        if ARCHITECTURE not in (d.get("architectures") or []):
-            raise InputError(f"{where}: not a Medusa head (architectures {d.get('architectures')})")
+    def from_json(cls: type[C], d: dict, where: str = "config.json") -> C:
+        if cls.architecture not in (d.get("architectures") or []):
+            raise InputError(f"{where}: not a {cls.kind} head (architectures {d.get('architectures')})")
         try:
-            return cls(
+            config = cls(
                 hidden_size=int(d["hidden_size"]),
                 vocab_size=int(d["vocab_size"]),
                 num_heads=int(d["num_heads"]),
@@ -65,6 +69,9 @@ class MedusaConfig:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{where}: missing or bad field {e}") from None
+        if config.num_heads < 1:
+            raise InputError(f"{where}: num_heads must be >= 1")
+        return config
 
 
 class ResidualBlock(nn.Module):
