@@ -1,4 +1,4 @@
-"""The medusa drafter through the engine: greedy equality with generate(), template learning, bad heads.
+"""The medusa drafter (and hydra, its subclass) through the engine: greedy equality with generate(), template learning, bad heads.
 (Its sampled distribution is checked with every other method in test_sampling.py.)"""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from specdec import SpecDecoder
+from specdec.drafters.hydra import Hydra
 from specdec.drafters.medusa import Medusa
 from specdec.errors import InputError
 from specdec.heads.medusa import save_medusa
@@ -17,21 +18,23 @@ from tiny import random_medusa
 TOKENIZER = tiny.tokenizer()
 
 
+@pytest.mark.parametrize("method", ["medusa", "hydra"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("options", [{}, {"max_nodes": 10, "width": 3}])
-def test_medusa_equals_generate(arch, options):
+def test_medusa_and_hydra_equal_generate(method, arch, options):
     model = tiny.model(arch, seed=1)
-    dec = SpecDecoder(model, TOKENIZER, "medusa", head=random_medusa(model), **options)
+    dec = SpecDecoder(model, TOKENIZER, method, head=tiny.untrained_head(method, model), **options)
     for prompt in ([5], [5, 9, 14, 3, 77, 1], list(range(40, 70))):
         out = dec.generate(prompt, max_new_tokens=20, ignore_eos=True)
         assert out.token_ids == tiny.hf_greedy(model, prompt, 20)
 
 
-def test_medusa_learns_which_ranks_are_right():
+@pytest.mark.parametrize("cls", [Medusa, Hydra])
+def test_medusa_and_hydra_learn_which_ranks_are_right(cls):
     """Vocabulary 8 and 8 ranks per head: the first head's truth is always among its candidates, so its
     measured rank acceptance sums to one and the template follows it."""
     model = tiny.model("llama", seed=2, vocab_size=8, layers=2, eos=99)  # an EOS it never emits
-    drafter = Medusa(head=random_medusa(model), max_nodes=12, regrow_every=4)
+    drafter = cls(head=tiny.untrained_head(cls.name, model), max_nodes=12, regrow_every=4)
     dec = SpecDecoder(model, TOKENIZER, drafter)
     prompt = [1, 2, 3, 1, 2]
     out = dec.generate(prompt, max_new_tokens=40, ignore_eos=True)
@@ -44,6 +47,7 @@ def test_medusa_learns_which_ranks_are_right():
     best = int(drafter.hits[0].argmax())
     assert measured[best] == max(measured)
     assert drafter.template is not None and best in drafter.template.ranks[1:]
+    assert drafter.trials[1] >= 1  # accepted depth-1 nodes had their children ranked too
 
 
 def test_medusa_refuses_heads_for_another_model(tmp_path):
