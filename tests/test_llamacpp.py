@@ -69,6 +69,34 @@ def test_auto_runtime_for_drafting_is_the_one_timed_cheaper(tok, monkeypatch, fa
     assert [r.name for r in engine.runtimes] == ["native", "llamacpp"]
 
 
+def test_llamacpp_returns_the_final_hidden_state_as_native_does():
+    """Layer L (the LM head's input) for a prefill, by llama.cpp itself or handed over, and for a tree after a
+    commit; any other layer is refused."""
+    from specdec.errors import UnsupportedModelError
+    from specdec.runtime.native import NativeModel, NativeRunner
+
+    final = MODEL.config.num_hidden_layers
+    prompt, tree = (
+        [(5 * i + 3) % MODEL.config.vocab_size for i in range(12)],
+        DraftTree([4, 3, 2, 1], [-1, 0, 1, 0]),
+    )
+    for handover in (True, False):
+        shared = LlamaCppModel(MODEL)
+        if handover:
+            shared.probe_state_layout()
+        results = []
+        with torch.inference_mode():
+            for runtime in (LlamaCppRunner(shared), NativeRunner(NativeModel(MODEL))):
+                runtime.reset(32, slack=8)
+                first = runtime.prefill(prompt, (final,))
+                results.append((first.hidden[final], runtime.score(tree, (final,)).hidden[final]))
+        for got, want in zip(*results, strict=True):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())
+        with pytest.raises(UnsupportedModelError, match="final hidden state"):
+            LlamaCppRunner(shared).score(tree, (1,))
+
+
 def test_methods_reading_hidden_states_never_get_llamacpp(tok):
     head = tiny.untrained_head("eagle", MODEL)
     with pytest.raises(InputError, match="hidden states"):
@@ -79,12 +107,19 @@ def test_methods_reading_hidden_states_never_get_llamacpp(tok):
 
 
 @pytest.mark.parametrize(
-    "method", [m for m in methods() if not REGISTRY[m].needs_hidden_states or m == "auto"]
+    "method",
+    [
+        m
+        for m in methods()
+        if not REGISTRY[m].needs_hidden_states or REGISTRY[m].final_hidden_only or m == "auto"
+    ],
 )
 def test_every_drafter_is_lossless_on_llamacpp(tok, method):
     prompt = tok("def add(a, b):\n    return a + b\n\ndef add(a, b):\n")["input_ids"]
-    draft = {"draft_model": tiny.model("llama", seed=9)} if REGISTRY[method].needs_draft_model else {}
-    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp", **draft)
+    extra = {"draft_model": tiny.model("llama", seed=9)} if REGISTRY[method].needs_draft_model else {}
+    if REGISTRY[method].final_hidden_only:  # medusa, hydra: heads on the final hidden state llama.cpp returns
+        extra["head"] = tiny.untrained_head(method, MODEL)
+    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp", **extra)
     out = dec.generate(prompt, max_new_tokens=24)
     assert out.stats.runtime == "llamacpp"
     assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 24)

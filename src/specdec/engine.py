@@ -173,7 +173,11 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards, and a
         # drafter whose hidden-state readers are optional (auto's eagle member) leaves them out without them
-        needs_hidden = drafter.needs_hidden_states and not drafter.hidden_states_optional
+        needs_hidden = (
+            drafter.needs_hidden_states
+            and not drafter.hidden_states_optional
+            and not drafter.final_hidden_only
+        )
         self.runtime = select_runtime(
             model,
             runtime,
@@ -226,7 +230,7 @@ class Decoding:
             runtime = engine.runtimes[engine.drafter.choose_runtime(params, engine.runtimes)]
         else:  # a batch row: the batch runs on the engine's runtime and scores no hidden states
             runtime = replace(engine.runtime, hidden_states=False)
-        self.layers = engine.layers if runtime.hidden_states else ()
+        self.layers = engine.layers if runtime.hidden_states or self.drafter.final_hidden_only else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params
         self.generator = make_generator(params.seed)

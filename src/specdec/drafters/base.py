@@ -58,6 +58,9 @@ class Drafter(ABC):
     needs_hidden_states: ClassVar[bool] = False  # reads the target's hidden states (see `hidden_layers`)
     # ...but can do without them (auto: its members that read them are left out on a runtime without them)
     hidden_states_optional: ClassVar[bool] = False
+    # reads only the target's final hidden state (the LM head's input, layer L), which every runtime returns,
+    # llama.cpp's included: such a drafter is not confined to the runtimes that return every layer
+    final_hidden_only: ClassVar[bool] = False
     # proposes drafts (False: every tree is the root alone, so the target runtime with the cheapest one-token
     # forward is the fastest; see specdec.runtime)
     drafts: ClassVar[bool] = True

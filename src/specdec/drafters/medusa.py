@@ -78,9 +78,9 @@ class Medusa(Drafter):
     name = "medusa"
     needs_hidden_states = True
     uses_head = True
-    shipped_head: ClassVar[str] = (
-        "heads/medusa"  # under models/shipped/: the heads trained for the shipped target
-    )
+    final_hidden_only = True  # the heads read h_t, the LM head's input (llama.cpp returns it too)
+    # under models/shipped/: the heads trained for the shipped target
+    shipped_head: ClassVar[str] = "heads/medusa"
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         self.config = config or MedusaConfig(**options)

@@ -17,8 +17,9 @@ with llama.cpp's own batch semantics:
   here). The layout is confirmed against a state llama.cpp wrote at load; where it differs, llama.cpp
   prefills itself.
 
-It returns logits only (llama.cpp exposes no intermediate hidden states), so drafters that read hidden
-states (eagle, medusa) run on `native`. The model's KV cache is float32 for float32 models (llama.cpp's
+Besides logits it returns the final hidden state (the LM head's input, layer L in Hugging Face's numbering:
+llama.cpp's output embeddings, unpooled), which is all Medusa and Hydra heads read; llama.cpp exposes no
+intermediate layer, so eagle (three of them) runs on `native`. The model's KV cache is float32 for float32 models (llama.cpp's
 default is float16), so the function computed is the model's own; `specdec.runtime.check` verifies that
 against transformers at load.
 """
@@ -43,6 +44,7 @@ from specdec.tree import DraftTree
 MAX_SEQUENCES = 256  # leaves per tree (llama.cpp's LLAMA_MAX_SEQ); trees with more are scored in parts
 MAX_TREE = 512  # tokens per decode call (the batch and micro-batch size)
 _GGML_F32, _GGML_F16 = 0, 1
+_POOLING_NONE = 0
 
 
 class LlamaCppModel:
@@ -56,6 +58,11 @@ class LlamaCppModel:
         self.lib = llama_cpp
         self.model = model
         self.vocab = model.config.vocab_size
+        text = model.config.get_text_config(decoder=True)
+        self.hidden_size = text.hidden_size
+        self.final_layer = (
+            text.num_hidden_layers
+        )  # the only hidden state llama.cpp returns (see the docstring)
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 4096
         self.threads = threads or torch.get_num_threads()
         self.dtype = next(model.parameters()).dtype
@@ -95,6 +102,10 @@ class LlamaCppModel:
         # llama.cpp's CPU flash attention rounds through float16 (logits off by ~3e-4 relative on the shipped
         # model, against ~6e-7 without it): the plain attention path keeps float32 models in float32
         params.flash_attn_type = 0 if self.dtype == torch.float32 else -1
+        # every output row's final hidden state too (unpooled: one per token), for heads that read it; the
+        # copy is [outputs, H] floats a decode, next to [outputs, V] for the logits
+        params.embeddings = True
+        params.pooling_type = _POOLING_NONE
         ctx = lib.llama_init_from_model(self.handle, params)
         if not ctx:
             raise UnsupportedModelError("llama.cpp could not create a context for the model")
@@ -241,17 +252,31 @@ class LlamaCppRunner:
         out = torch.from_numpy(array.copy())
         return out if self.shared.dtype == torch.float32 else out.to(self.shared.dtype)
 
+    def _check_layers(self, layers: Sequence[int]) -> None:
+        if any(layer != self.shared.final_layer for layer in layers):
+            raise UnsupportedModelError(
+                f"the llamacpp runtime returns the final hidden state (layer {self.shared.final_layer}) only, "
+                f"not layers {sorted(set(layers) - {self.shared.final_layer})}"
+            )
+
+    def _hidden(self, rows: int, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """{final layer: the last decode's output rows' final hidden states [rows, H]} when asked, else {}."""
+        if not layers:
+            return {}
+        pointer = self.lib.llama_get_embeddings(self.ctx)
+        array = np.ctypeslib.as_array(pointer, shape=(rows, self.shared.hidden_size))
+        return {self.shared.final_layer: torch.from_numpy(array.copy()).to(self.shared.dtype)}
+
     def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
         """Run the tokens causally into the cache (sequence 0): by the native runtime, handed over as a
         sequence state, where the layout is known (module docstring), else by llama.cpp in batches."""
-        if layers:
-            raise UnsupportedModelError("the llamacpp runtime returns no hidden states")
+        self._check_layers(layers)
         native = self.shared.native
         if not token_ids or not self.shared.state_header or native is None or self.length:
-            return self._prefill_llamacpp(token_ids)
+            return self._prefill_llamacpp(token_ids, layers)
         runner = NativeRunner(native)
         runner.reset(len(token_ids))
-        scores = runner.prefill(token_ids)
+        scores = runner.prefill(token_ids, layers)
         assert runner.cache is not None  # reset() made it
         data = state_bytes(self.shared.state_header, runner.cache, len(token_ids))
         pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
@@ -261,24 +286,27 @@ class LlamaCppRunner:
         self.forwards += 1
         return scores
 
-    def _prefill_llamacpp(self, token_ids: list[int]) -> Scores:
+    def _prefill_llamacpp(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
+        """In batches; with `layers`, every position is an output (its hidden state is returned)."""
+        hidden: list[torch.Tensor] = []
+        rows = 1
         for start in range(0, len(token_ids), MAX_TREE):
             chunk = token_ids[start : start + MAX_TREE]
             last = start + len(chunk) == len(token_ids)
-            self._decode(
-                chunk,
-                range(self.length, self.length + len(chunk)),
-                [(0,)] * len(chunk),
-                [last and i == len(chunk) - 1 for i in range(len(chunk))],
-            )
+            outputs = [bool(layers) or (last and i == len(chunk) - 1) for i in range(len(chunk))]
+            self._decode(chunk, range(self.length, self.length + len(chunk)), [(0,)] * len(chunk), outputs)
+            rows = sum(outputs)
+            hidden.extend(self._hidden(rows, layers).values())
             self.length += len(chunk)
         self.forwards += 1
-        return Scores(self._logits(1) if token_ids else torch.empty(0), {})
+        if not token_ids:
+            return Scores(torch.empty(0), {})
+        logits = self._logits(rows)[-1:]  # the last position's
+        return Scores(logits, {self.shared.final_layer: torch.cat(hidden)} if layers else {})
 
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
         """One decode over the tree nodes: logits [N, V], row i for node i."""
-        if layers:
-            raise UnsupportedModelError("the llamacpp runtime returns no hidden states")
+        self._check_layers(layers)
         n = len(tree)
         if n > MAX_TREE:
             raise InputError(f"a tree of {n} nodes exceeds the llamacpp runtime's {MAX_TREE}")
@@ -305,7 +333,7 @@ class LlamaCppRunner:
         self._decode(tree.tokens, [self.length + d for d in tree.depths], seqs, [True] * n)
         self.forwards += 1
         self._tree = tree
-        return Scores(self._logits(n), {})
+        return Scores(self._logits(n), self._hidden(n, layers))
 
     def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
         """Keep the accepted root..node path as sequence 0, drop every other tree cell."""
