@@ -92,6 +92,25 @@ def test_greedy_decode_is_deterministic_and_lossless(shipped):
     assert dec.generate(prompt, max_new_tokens=40).token_ids == reference
 
 
+@pytest.mark.parametrize("method", ["eagle", "medusa", "hydra"])
+def test_shipped_heads_load_by_name_and_decode_losslessly(shipped, method):
+    """No --draft: each head method finds the head trained for the shipped target, drafts, and its greedy output
+    is generate()'s."""
+    target, _, tok, _ = shipped
+    prompt = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    "
+    ids = tok(prompt, return_tensors="pt").input_ids
+    reference = target.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=32,
+        do_sample=False,
+        pad_token_id=tok.eos_token_id,
+    )[0, ids.shape[1] :].tolist()
+    dec = SpecDecoder(target, tok, method=method)
+    assert dec.engine.drafter.config.head is None  # the shipped head, found by name
+    assert dec.generate(prompt, max_new_tokens=32).token_ids == reference
+
+
 def test_shipped_diffusion_lm_loads_by_name_and_decodes(monkeypatch_module):
     """default-dllm: the target converted to a block-diffusion LM; its committed-token path is still a good
     AR model of held-out code, and its policies decode."""
