@@ -5,7 +5,7 @@ root included: specdec.heads.hydra). So a node's children are ranked for that no
 Medusa's template of (depth, rank) slots, but filled one depth at a time, one batched head call per depth
 over the template nodes there that have children. The template grows from how often the rank-r child of an
 accepted node at depth d was the next token, and its size maximises expected tokens per second under the
-target's measured cost per tree size, as for Medusa (docs/methods.md, Medusa and Hydra).
+target's measured cost per tree size, as for Medusa (docs/methods.md, trained heads).
 
 Drafts are deterministic top-k guesses (point masses): greedy and sampled verification are the engine's usual
 lossless rules.
@@ -69,17 +69,15 @@ class Hydra(Medusa):
         paths = {0: [root]}  # template node -> its path's tokens, root first
         frontier = [0]  # template nodes whose children are drafted at this depth
         for depth in range(min(max_depth, heads.config.num_heads)):
-            if (
-                depth
-            ):  # the root's children are ranked even with an empty template: the statistics keep learning
+            # the root's children are ranked even with an empty template: the statistics keep learning
+            if depth:
                 frontier = [i for i in frontier if children[i]]
             if not frontier:
                 break
             path = torch.tensor([paths[i] for i in frontier])  # [M, depth + 1]
             logits = heads.head(depth, state.hidden.expand(len(frontier), -1), path)  # [M, draft_vocab]
-            ranked = heads.draft_to_target[
-                logits.topk(width, dim=-1).indices
-            ].tolist()  # [M, width] target ids
+            top = logits.topk(width, dim=-1).indices  # [M, width] draft ids
+            ranked = heads.draft_to_target[top].tolist()  # as target ids
             grown = []
             for i, row in zip(frontier, ranked, strict=True):
                 state.ranked[node_of[i]] = row

@@ -6,7 +6,7 @@ a template of (depth, rank) slots filled from those rankings: node [r1, r2] is h
 followed by head 1's rank-r2 candidate. The template is grown greedily from how often each head's rank-r
 candidate turned out to be right (measured online from every step, warm-started across requests, starting
 from a prior), and its size is the one that maximises expected tokens per second under the target's measured
-cost per tree size (`CostModel.for_model`), unless `max_nodes` fixes it. See docs/methods.md, Medusa.
+cost per tree size (`CostModel.for_model`), unless `max_nodes` fixes it. See docs/methods.md, trained heads.
 
 The heads cost one small matrix product per head per step and no cache. Their drafts are deterministic top-k
 guesses (point masses), so greedy and sampled verification are the engine's usual lossless rules (Medusa's own

@@ -19,9 +19,9 @@ with llama.cpp's own batch semantics:
 
 Besides logits it returns the final hidden state (the LM head's input, layer L in Hugging Face's numbering:
 llama.cpp's output embeddings, unpooled), which is all Medusa and Hydra heads read; llama.cpp exposes no
-intermediate layer, so eagle (three of them) runs on `native`. The model's KV cache is float32 for float32 models (llama.cpp's
-default is float16), so the function computed is the model's own; `specdec.runtime.check` verifies that
-against transformers at load.
+intermediate layer, so eagle (three of them) runs on `native`. The model's KV cache is float32 for float32
+models (llama.cpp's default is float16), so the function computed is the model's own;
+`specdec.runtime.check` verifies that against transformers at load.
 """
 
 from __future__ import annotations
@@ -60,9 +60,8 @@ class LlamaCppModel:
         self.vocab = model.config.vocab_size
         text = model.config.get_text_config(decoder=True)
         self.hidden_size = text.hidden_size
-        self.final_layer = (
-            text.num_hidden_layers
-        )  # the only hidden state llama.cpp returns (see the docstring)
+        # the only hidden state llama.cpp returns (see the docstring)
+        self.final_layer = text.num_hidden_layers
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 4096
         self.threads = threads or torch.get_num_threads()
         self.dtype = next(model.parameters()).dtype
