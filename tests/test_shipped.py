@@ -45,6 +45,19 @@ def _sample_ids(tok) -> torch.Tensor:
     return ids
 
 
+def _greedy(target, tok, prompt: str, n: int) -> list[int]:
+    """transformers' own greedy continuation: the reference every lossless method must reproduce."""
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = target.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.eos_token_id,
+    )
+    return out[0, ids.shape[1] :].tolist()
+
+
 @torch.no_grad()
 def _loss(model, ids: torch.Tensor) -> float:
     logits = model(input_ids=ids).logits[0, :-1]
@@ -73,14 +86,7 @@ def test_heldout_loss_under_recorded_bound(shipped):
 def test_greedy_decode_is_deterministic_and_lossless(shipped):
     target, draft, tok, _ = shipped
     prompt = "import os\n\n\ndef read_lines(path):\n    "
-    ids = tok(prompt, return_tensors="pt").input_ids
-    reference = target.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=40,
-        do_sample=False,
-        pad_token_id=tok.eos_token_id,
-    )[0, ids.shape[1] :].tolist()
+    reference = _greedy(target, tok, prompt, 40)
     outs = []
     for method, kwargs in [("vanilla", {}), ("vanilla", {}), ("pld", {}), ("draft", {"draft_model": draft})]:
         dec = SpecDecoder(target, tok, method=method, **kwargs)
@@ -98,14 +104,7 @@ def test_shipped_heads_load_by_name_and_decode_losslessly(shipped, method):
     is generate()'s."""
     target, _, tok, _ = shipped
     prompt = "def parse_args(argv):\n    parser = argparse.ArgumentParser()\n    "
-    ids = tok(prompt, return_tensors="pt").input_ids
-    reference = target.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=32,
-        do_sample=False,
-        pad_token_id=tok.eos_token_id,
-    )[0, ids.shape[1] :].tolist()
+    reference = _greedy(target, tok, prompt, 32)
     dec = SpecDecoder(target, tok, method=method)
     assert dec.engine.drafter.config.head is None  # the shipped head, found by name
     assert dec.generate(prompt, max_new_tokens=32).token_ids == reference
