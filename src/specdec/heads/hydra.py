@@ -13,9 +13,9 @@ residual layers at zero, so a new head starts as the target's next-token guess f
 head, and learns from there.
 
 specdec's own layout (no serving engine loads Hydra heads): config `architectures: ["HydraModel"]`,
-`hidden_size`, `vocab_size`, `num_heads`, `num_hidden_layers`, `truncated_vocab_size` (as Medusa's); tensors `fcs.{k}.weight|bias`,
-`blocks.{k}.layers.{j}.weight|bias` (Medusa's block), `lm_heads.{k}.weight` and `token_map` (int64: draft id
--> target id).
+`hidden_size`, `vocab_size`, `num_heads`, `num_hidden_layers`, `truncated_vocab_size` (as Medusa's); tensors
+`fcs.{k}.weight|bias`, `blocks.{k}.layers.{j}.weight|bias` (Medusa's block), `lm_heads.{k}.weight` and
+`token_map` (int64: draft id -> target id).
 """
 
 from __future__ import annotations

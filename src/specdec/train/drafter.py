@@ -437,15 +437,15 @@ def chain_acceptance(
     head, store: FeatureStore, depth: int, start: int = 0, batch: int = 4, method: str = "eagle"
 ) -> dict:
     """At every anchor row t, the head drafts `depth` tokens (EAGLE autoregressively, with its own features
-    and tokens; Medusa with its independent heads; Hydra with its heads on the text's tokens) and we count how many leading drafts equal the target's
-    greedy tokens.
+    and tokens; Medusa with its independent heads; Hydra with its heads on the text's tokens) and we count how
+    many leading drafts equal the target's greedy tokens.
 
     Teacher-forced: the heads read the TEXT's tokens and the target's features of the text; that equals
     drafting from the target's own tokens exactly as long as the text follows the target's greedy choice
     (x[t+1+k] == top[t+k]; for EAGLE from k = 1 on, as its anchor reads token t + 1 as given; for Medusa
-    and Hydra from k = 0, as the bonus token t + 1 is the target's own). So on the target's own greedy continuations
-    ('greedy' store) this is exact and on real text it is a lower bound. Rows before `start` (a prompt) are not
-    anchors.
+    and Hydra from k = 0, as the bonus token t + 1 is the target's own). So on the target's own greedy
+    continuations ('greedy' store) this is exact and on real text it is a lower bound. Rows before `start` (a
+    prompt) are not anchors.
     Returns acceptance by depth (fraction of anchors with >= j accepted) and tau = 1 + sum of those (expected
     tokens per target forward with a chain of this depth).
     """
