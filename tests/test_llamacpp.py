@@ -147,12 +147,13 @@ def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok):
     assert second.stats.runtime == "llamacpp" and second.token_ids == first.token_ids
 
 
-@pytest.mark.parametrize("method", ["vanilla", "pld"])
+@pytest.mark.parametrize("method", ["vanilla", "pld", "medusa", "hydra"])
 def test_sampled_tokens_are_what_generate_samples_on_llamacpp(tok, method):
     """Seeded sampling through the llamacpp runtime: one draw per emitted token from the target's own p, so
     the same tokens as transformers' sampler with the same seed (as test_sampling checks for the others)."""
     prompt = tok("x = 1\ny = 2\nx = 1\ny = 2\n")["input_ids"]
-    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp")
+    head = {"head": tiny.untrained_head(method, MODEL)} if REGISTRY[method].final_hidden_only else {}
+    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp", **head)
     ids = torch.tensor([prompt])
     for seed in range(6):
         torch.manual_seed(seed)
