@@ -517,4 +517,29 @@ def test_auto_picks_the_runtime_its_usage_makes_fastest():
     assert auto.choose_runtime(greedy, [trees, plain]) == 1
     auto.usage[0.0] = Usage(plain_share=0.1, tree_nodes=12, steps=USAGE_STEPS)
     assert auto.choose_runtime(greedy, [trees, plain]) == 0
-    assert auto.choose_runtime(SamplingParams(temperature=1.0), [trees, plain]) == 0  # per temperature
+    # per temperature; sampling with no usage of its own yet starts from plain decoding's (SAMPLED_PRIOR)
+    hot = SamplingParams(temperature=1.0)
+    assert auto.choose_runtime(hot, [trees, plain]) == 1
+    auto.usage[1.0] = Usage(plain_share=0.1, tree_nodes=12, steps=USAGE_STEPS)
+    assert auto.choose_runtime(hot, [trees, plain]) == 0
+
+
+def test_auto_runtime_choice_lends_a_measured_step_overhead_to_a_runtime_not_run_yet():
+    """Plain steps' overhead (bookkeeping, sampling) is measured only where generations ran: a runtime with
+    none measured must not look cheaper by that much. The default ran (1 ms overhead + a 2 ms forward); the
+    other's 1.6 ms forward plus the same overhead is within the margin, so the default stays; a 1 ms forward
+    is not."""
+    from specdec.drafters.auto import USAGE_STEPS, Timing, Usage
+    from specdec.runtime import RuntimeChoice
+
+    auto = Auto(members="pld")
+    auto.bind(MODEL)
+    ran, fresh = RuntimeChoice("ran", lambda: None), RuntimeChoice("fresh", lambda: None)
+    auto.timings = {
+        "ran": Timing(OnlineCost(CostModel.fit([1, 16], [2.0e-3, 6.0e-3]), rate=0.0), overhead=1e-3),
+        "fresh": Timing(OnlineCost(CostModel.fit([1, 16], [1.6e-3, 6.0e-3]), rate=0.0)),
+    }
+    auto.usage[0.0] = Usage(plain_share=1.0, tree_nodes=1, steps=USAGE_STEPS)
+    assert auto.choose_runtime(SamplingParams(), [ran, fresh]) == 0
+    auto.timings["fresh"] = Timing(OnlineCost(CostModel.fit([1, 16], [1.0e-3, 6.0e-3]), rate=0.0))
+    assert auto.choose_runtime(SamplingParams(), [ran, fresh]) == 1

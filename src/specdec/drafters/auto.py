@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specdec.costmodel import CostModel, OnlineCost
@@ -328,6 +328,13 @@ class Usage:
         return self.plain_share * plain + (1 - self.plain_share) * drafted
 
 
+# the usage a sampling temperature starts from, before its own: plain decoding. Under sampling the copy
+# members' trees seldom pay (auto decoded plainly at T = 0.7 and 1.0 on every bench task), so the first
+# generation runs where plain steps are cheapest instead of spending ~USAGE_STEPS steps on the default's dearer
+# forward; its plans for the default runtime (`AutoState.default`) are the usage that corrects the prior
+SAMPLED_PRIOR = Usage(plain_share=1.0, tree_nodes=1.0, steps=0)
+
+
 @dataclass
 class Realized:
     """Predicted against realized tokens per second, apart for steps with drafts and plain steps (discounted
@@ -490,15 +497,26 @@ class Auto(Drafter):
         least at the usage auto has for the default runtime at this temperature: measured on it, or, in
         generations elsewhere, what its plan would have verified there (`AutoState.default`). (The usage on
         another runtime would feed back: on llama.cpp, where trees cost more, auto drafts less, and that usage
-        then argues for llama.cpp.) The default runs until the usage rests on USAGE_STEPS steps. A runtime
-        without hidden states takes no member that reads them."""
+        then argues for llama.cpp.) Until the usage rests on USAGE_STEPS steps, greedy decoding runs on the
+        default and sampling goes by `SAMPLED_PRIOR`. A runtime without hidden states takes no member that reads
+        them."""
         # every runtime's cost curve is measured at the first generation, whichever runs it: measuring one later
         # (~0.1 s) would land in the first request that switches to it
         timings = [self._timing(r) for r in runtimes]
         self.default_runtime = runtimes[0].name
         usage = self.usage.get(0.0 if params.greedy else round(float(params.temperature), 1))
-        if usage is None or usage.steps < USAGE_STEPS or len(runtimes) < 2:
+        if usage is None or usage.steps < USAGE_STEPS:
+            usage = None if params.greedy else SAMPLED_PRIOR
+        if usage is None or len(runtimes) < 2:
             return 0
+        # a runtime no generation ran on yet has no measured step overhead (engine bookkeeping and sampling,
+        # about the same on every runtime): it takes one that has, else the comparison favours it by that much
+        ran = next((t for t in timings if t.overhead), None)
+        if ran is not None:
+            timings = [
+                t if t.overhead else replace(t, overhead=ran.overhead, tree_overhead=ran.tree_overhead)
+                for t in timings
+            ]
         times = [usage.step_seconds(t) for t in timings]
         best = min(range(len(runtimes)), key=times.__getitem__)
         return best if times[best] < (1 - RUNTIME_MARGIN) * times[0] else 0
