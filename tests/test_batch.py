@@ -142,3 +142,56 @@ def test_a_row_leaves_after_the_cache_grew():
                 results[id(member)] = step.result.token_ids
     for member, prompt, n in zip(members, prompts, (4, 30, 9), strict=False):
         assert results[id(member)] == tiny.hf_greedy(dec.model, prompt, n)
+
+
+def test_batch_cost_is_measured_per_rows_and_tokens_and_interpolates_between_rows():
+    """The shipped grid of batch sizes x tree tokens per row, each curve monotone in tokens; a batch size
+    between two measured ones lies between their curves, one above the largest continues their slope."""
+    from specdec.batch import BATCH_ROWS, ROW_TOKENS, BatchCost
+    from specdec.costmodel import CostModel
+    from specdec.runtime.native import NativeModel
+
+    cost = BatchCost.measure(NativeModel(tiny.model("llama", seed=2)), past=32, repeats=1)
+    assert cost.rows == BATCH_ROWS
+    for b, curve in zip(cost.rows, cost.curves, strict=True):
+        assert curve.sizes == tuple(b * n for n in ROW_TOKENS)
+        assert all(x <= y for x, y in zip(curve.seconds, curve.seconds[1:], strict=False))
+    fake = BatchCost((2, 4), (CostModel.fit([2, 8], [1.0, 2.0]), CostModel.fit([4, 16], [2.0, 4.0])))
+    assert fake(1, 2) == 1.0  # below the smallest batch: its curve
+    assert fake(3, 4) == pytest.approx((fake(2, 4) + fake(4, 4)) / 2)
+    assert fake(8, 8) == pytest.approx(fake(4, 8) + (fake(4, 8) - fake(2, 8)) * 2)
+
+
+def test_a_row_sizes_its_tree_for_the_whole_steps_tokens_per_second():
+    """`plan` with `base` (the other rows' expected tokens): a node that pays for a row decoded alone does not
+    when its cost slows a step that seven other rows' tokens depend on."""
+    from specdec.drafters.auto import plan
+
+    def cost(n: int) -> float:  # seconds: a root alone 10 ms, each more tree token 1 ms
+        return 0.010 + 0.001 * (n - 1)
+
+    values = [0.9, 0.5, 0.3]
+    alone, _, _ = plan(values, cost, overhead=0.0)
+    in_batch, _, _ = plan(values, cost, overhead=0.0, base=7.0)
+    assert alone == 3  # 2.7 tokens in 13 ms beats 2.4 in 12, 1.9 in 11 and 1 in 10
+    assert in_batch == 1  # 8.9 tokens in 11 ms beats 8 in 10, but 9.4 in 12 does not
+
+
+def test_row_budget_sees_the_other_rows_plans():
+    """Each row's view of the step: the other live rows' planned tokens and tree tokens, this row's own
+    plan left out, and the step's cost at this row's tree size with theirs in it."""
+    from specdec.batch import Batch, RowPlan
+
+    dec = _decoder("llama", "auto")
+    tok = tiny.tokenizer()
+    batch = Batch(dec.engine, rows=3, capacity=64)
+    members = [batch.join(tok(t)["input_ids"], sampling_params(max_new_tokens=8)) for t in TEXTS[:3]]
+    for member, plan in zip(members, [RowPlan(2.0, 5), RowPlan(1.0, 1), RowPlan(3.5, 9)], strict=True):
+        member.slot.plan = plan
+    budget = members[1].run.target.budget
+    others, cost = budget.terms()
+    assert others == 5.5
+    assert cost(4) == batch.budget(3, 5 + 9 + 4)
+    budget.plan(1.5, 3)
+    assert members[1].slot.plan == RowPlan(1.5, 3)
+    batch.close()

@@ -15,16 +15,28 @@ into it.
 
 The batch runs on the native runtime (its forward takes rows, `NativeModel.forward_rows`) and for drafters
 that read no hidden states (`auto` batches without its members that do).
+
+Tree budget across the batch: with B rows a step already scores B roots, and one more tree token costs the
+whole batch's step a little time, so a row should draft only nodes likely enough to pay for that. A drafter
+that sizes its tree by cost (`auto`) gets its row's view of the step (`RowBudget`, as `Request.batch`): the
+batch forward's cost per tree size with the other rows' planned trees in it (`BatchCost`, measured for B rows
+and T tree tokens, not the one-row curve: 8 rows of 1 token cost ~2x one row of 8 here) and the tokens the
+other rows expect, and it maximises the step's total tokens per second, not its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+import math
+import time
+import weakref
+from bisect import bisect_left
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from specdec.costmodel import REFINE_CLIP, REFINE_RATE, CostModel, _binary_tree
 from specdec.errors import ContextLengthError, InputError
 from specdec.runner import Scores
 from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
@@ -34,11 +46,130 @@ if TYPE_CHECKING:
     from specdec.engine import Decoding, Step
 
 
+BATCH_ROWS = (1, 2, 4, 8, 16)  # batch sizes `BatchCost` times
+ROW_TOKENS = (1, 2, 4, 8, 16)  # tree tokens per row it times them with
+_BATCH_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # NativeModel -> BatchCost
+
+
 @dataclass
+class RowPlan:
+    """What a row's tree in the coming (or last) step is expected to give and costs in tree tokens."""
+
+    tokens: float = 1.0  # tokens the step is expected to emit for the row (1: its root alone)
+    nodes: int = 1  # tree tokens it verifies, root included
+
+
+@dataclass(eq=False)
 class Slot:
     """A generation's row in the batch cache; the batch renumbers it when rows move."""
 
     row: int
+    plan: RowPlan = field(default_factory=RowPlan)
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """cost(B, T): seconds of one batch forward over B rows holding T tree tokens in all (each row after a
+    512-token past). Per measured B a monotone curve over T (`CostModel`); between measured B linear, beyond
+    the largest extrapolated from the last two."""
+
+    rows: tuple[int, ...]
+    curves: tuple[CostModel, ...]
+
+    def __call__(self, b: int, tokens: float) -> float:
+        rows, curves = self.rows, self.curves
+        if len(rows) == 1 or b <= rows[0]:
+            return curves[0](tokens)
+        i = min(bisect_left(rows, b), len(rows) - 1)
+        lo, hi = rows[i - 1], rows[i]
+        y0, y1 = curves[i - 1](tokens), curves[i](tokens)
+        return max(y0, y0 + (y1 - y0) * (b - lo) / (hi - lo))
+
+    @classmethod
+    def measure(cls, native: NativeModel, past: int = 512, repeats: int = 3) -> BatchCost:
+        """Times every (B, tree tokens per row) of BATCH_ROWS x ROW_TOKENS after a `past`-token prefill of
+        every row (each size after an untimed forward of its own; the least of `repeats` kept: other load
+        only slows a forward). ~1-2 s for the shipped model on 2 cores."""
+        vocab = native.lm_head.shape[0]
+        biggest, deepest = max(BATCH_ROWS), max(ROW_TOKENS)
+        limit = getattr(native.model.config, "max_position_embeddings", None) or past + deepest + 1
+        past = max(1, min(past, limit - deepest - 1))
+        rows = BatchRows(native, biggest, past + deepest + 1)
+        first = rows.add()
+        rows.prefill(first, [(7 * i + 1) % vocab for i in range(past)])
+        for _ in range(biggest - 1):
+            rows.cache.move(0, rows.add().row)
+        trees = {n: _binary_tree(n, vocab) for n in ROW_TOKENS}
+        curves = []
+        with torch.inference_mode():
+            for b in BATCH_ROWS:
+                times = []
+                for n in ROW_TOKENS:  # score() writes after each row's length and leaves it: nothing to crop
+                    samples = []
+                    for timed in [False] + [True] * repeats:
+                        start = time.perf_counter()
+                        rows.score([trees[n]] * b)
+                        if timed:
+                            samples.append(time.perf_counter() - start)
+                    times.append(min(samples))
+                curves.append(CostModel.fit([b * n for n in ROW_TOKENS], times))
+        return cls(BATCH_ROWS, tuple(curves))
+
+    @classmethod
+    def for_native(cls, native: NativeModel) -> BatchCost:
+        """`measure` once per model."""
+        if native not in _BATCH_COSTS:
+            _BATCH_COSTS[native] = cls.measure(native)
+        return _BATCH_COSTS[native]
+
+
+class BatchBudget:
+    """The batch's step cost for the rows' drafters: the measured `BatchCost` (on first use), scaled by what
+    the batch's forwards took since (one factor, refined like `OnlineCost` refines a root alone)."""
+
+    def __init__(self, native: NativeModel) -> None:
+        self.native = native
+        self._cost: BatchCost | None = None
+        self.scale = 1.0
+
+    @property
+    def cost(self) -> BatchCost:
+        if self._cost is None:
+            self._cost = BatchCost.for_native(self.native)
+        return self._cost
+
+    def __call__(self, b: int, tokens: float) -> float:
+        return self.scale * self.cost(b, tokens)
+
+    def update(self, b: int, tokens: int, seconds: float) -> None:
+        """One batch forward of `tokens` tree tokens over `b` rows took `seconds` (only once measured)."""
+        if self._cost is None or seconds <= 0:
+            return
+        surprise = min(max(seconds / self(b, tokens), 1 / REFINE_CLIP), REFINE_CLIP)
+        self.scale *= math.exp(REFINE_RATE * math.log(surprise))
+
+
+class RowBudget:
+    """One row's view of the batch step, for a drafter that sizes its tree by cost (`Request.batch`)."""
+
+    def __init__(self, rows: BatchRows, slot: Slot, budget: BatchBudget) -> None:
+        self.rows, self.slot, self.budget = rows, slot, budget
+
+    def terms(self) -> tuple[float, Callable[[int], float]]:
+        """(tokens the other live rows expect from this step, seconds of the step's forward as a function of
+        the tree tokens this row verifies, root included). The other rows' trees are this step's where they
+        were already chosen, else their last step's."""
+        others, nodes = 0.0, 0
+        for slot in self.rows.slots:
+            if slot is not self.slot:
+                others += slot.plan.tokens
+                nodes += slot.plan.nodes
+        b, budget = len(self.rows.slots), self.budget
+        return others, lambda k: budget(b, nodes + k)
+
+    def plan(self, tokens: float, nodes: int) -> None:
+        """This row's choice for the step: expected tokens, tree tokens (root included)."""
+        self.slot.plan = RowPlan(tokens, nodes)
 
 
 class BatchRows:
@@ -107,8 +238,10 @@ class RowTarget:
     """One generation's view of the batch: the target runtime surface `Decoding` uses (scoring is the
     batch's, one forward for all rows)."""
 
-    def __init__(self, rows: BatchRows, slot: Slot) -> None:
+    def __init__(self, rows: BatchRows, slot: Slot, budget: BatchBudget | None = None) -> None:
         self.rows, self.slot = rows, slot
+        # the step as this row's drafter sees it when sizing its tree (`Request.batch`)
+        self.budget = RowBudget(rows, slot, budget) if budget is not None else None
 
     @property
     def length(self) -> int:
@@ -161,7 +294,9 @@ class Batch:
 
     def __init__(self, engine, rows: int, capacity: int = 256) -> None:
         self.engine = engine
-        self.rows = BatchRows(check_batchable(engine), rows, capacity)
+        native = check_batchable(engine)
+        self.rows = BatchRows(native, rows, capacity)
+        self.budget = BatchBudget(native)
         self.members: list[Member] = []
 
     @property
@@ -187,7 +322,9 @@ class Batch:
         slot = self.rows.add()
         try:
             with torch.inference_mode():
-                run = Decoding(self.engine, prompt_ids, params, target=RowTarget(self.rows, slot))
+                run = Decoding(
+                    self.engine, prompt_ids, params, target=RowTarget(self.rows, slot, self.budget)
+                )
                 run.prefill()
         except BaseException:
             with torch.inference_mode():
@@ -213,11 +350,18 @@ class Batch:
         with torch.inference_mode():
             members = sorted(self.members, key=lambda m: m.slot.row)  # cache order: row r is members[r]
             trees = [m.run.propose() for m in members]
+            tokens = sum(len(tree) for tree in trees)
+            start = time.perf_counter()
             logits = self.rows.score(trees)  # each row's verify time spans the shared forward
+            self.budget.update(len(trees), tokens, time.perf_counter() - start)
             steps = [
                 (m, m.run.finish(tree, Scores(row_logits, {})))
                 for m, tree, row_logits in zip(members, trees, logits, strict=True)
             ]
+        for (member, step), tree in zip(steps, trees, strict=True):
+            # what the row's step gave: the plan the other rows size their next trees against until a drafter
+            # that sizes by cost plans this row's next one
+            member.slot.plan = RowPlan(len(step.token_ids), len(tree))
         for member, step in steps:
             if step.done:
                 self.leave(member)

@@ -237,7 +237,8 @@ class Decoding:
         self.dist = None if params.greedy else TargetDistribution(params)
         self.out = Output(engine.tokenizer, prompt_ids, params, engine.eos_ids)
         self.target = runtime.new() if target is None else target  # this generation's cache
-        self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator, runtime))
+        budget = getattr(self.target, "budget", None)  # a batch row's (`specdec.batch.RowTarget`)
+        self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator, runtime, budget))
         self.context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
 
     def prefill(self) -> None:

@@ -196,18 +196,25 @@ def node_values(tree: DraftTree, member: int, acceptance: Acceptance) -> list[fl
 
 
 def plan(
-    values: list[float], cost, overhead: float, tree_overhead: float | None = None, bar: float = 1.0
+    values: list[float],
+    cost,
+    overhead: float,
+    tree_overhead: float | None = None,
+    bar: float = 1.0,
+    base: float = 0.0,
 ) -> tuple[int, float, float]:
     """The choice rule. `values` are node values in descending order (a prefix is always a tree); returns
     (n, expected accepted drafts, expected tokens per second) for the best n, n = 0 being plain decoding. A
-    tree is taken only when its rate exceeds `bar` times plain decoding's (`Realized.bar`)."""
+    tree is taken only when its rate exceeds `bar` times plain decoding's (`Realized.bar`). `base`: tokens the
+    same forward gives besides this tree's (a batch's other rows, `specdec.batch.RowBudget`): the rate is the
+    step's, so a node must pay for slowing theirs too."""
     tree_overhead = overhead if tree_overhead is None else tree_overhead
-    plain = 1.0 / (overhead + cost(1))
+    plain = (1.0 + base) / (overhead + cost(1))
     best, best_gain, best_rate = 0, 0.0, bar * plain
     gain = 0.0
     for n, value in enumerate(values, start=1):
         gain += value
-        rate = (1.0 + gain) / (tree_overhead + cost(n + 1))
+        rate = (1.0 + base + gain) / (tree_overhead + cost(n + 1))
         if rate > best_rate:
             best, best_gain, best_rate = n, gain, rate
     return best, best_gain, best_rate if best else plain
@@ -243,11 +250,11 @@ class Union:
         return sorted(range(1, len(values)), key=lambda i: (-values[i], depth[i], i))[:cap]
 
     def plan(
-        self, cap: int, cost, overhead: float, tree_overhead: float, bar: float = 1.0
+        self, cap: int, cost, overhead: float, tree_overhead: float, bar: float = 1.0, base: float = 0.0
     ) -> tuple[list[int], float]:
         """(the nodes to verify, expected tokens per second)."""
         order = self.order(cap)
-        n, _, rate = plan([self.values[i] for i in order], cost, overhead, tree_overhead, bar)
+        n, _, rate = plan([self.values[i] for i in order], cost, overhead, tree_overhead, bar, base)
         return order[:n], rate
 
 
@@ -382,6 +389,9 @@ class AutoState:
     # the engine's default runtime's timing when this generation runs on another (None: it runs on the
     # default): each step also plans for it, and those plans are the usage this generation reports
     default: Timing | None
+    # a batch row's view of the shared step (`Request.batch`): trees are sized for the whole step's tokens per
+    # second, on the batch's cost; None: decoded alone
+    batch: Any = None
     default_plain: int = 0  # steps whose plan for the default runtime verified the root alone
     default_nodes: int = 0  # drafted nodes those plans verified
     there: int = 0  # this step's plan for the default runtime: drafted nodes
@@ -545,7 +555,14 @@ class Auto(Drafter):
         if runtime is not None and self.default_runtime not in (None, runtime.name):
             default = self.timings[self.default_runtime]
         return AutoState(
-            tracks, shared.warm_copy(self.config.warm_weight), shared, key, timing, realized, default
+            tracks,
+            shared.warm_copy(self.config.warm_weight),
+            shared,
+            key,
+            timing,
+            realized,
+            default,
+            request.batch,
         )
 
     def prefilled(self, state: AutoState, hidden) -> None:
@@ -630,7 +647,12 @@ class Auto(Drafter):
     def _choose(self, state: AutoState, context: list[int], depth: int) -> Choice:
         """Steps 1-3."""
         timing = state.timing
-        plain = timing.plain_seconds()
+        if state.batch is None:
+            base, cost, bar = 0.0, StepCost(timing.cost), state.realized.bar
+        else:  # a batch row: the step's rate over all rows, on the batch forward's cost
+            base, batch_cost = state.batch.terms()
+            cost, bar = StepCost(batch_cost), 1.0  # (the bar compares one generation's wall time)
+        plain = timing.overhead + cost(1)
         # the gate first: under sampling most steps run no member, and such a step should cost next to nothing
         # (the planning below is per-step Python time that plain decoding does not pay)
         running = [i for i, t in enumerate(state.members) if t.active and self.should_run(state, i, plain)]
@@ -639,11 +661,9 @@ class Auto(Drafter):
                 track.idle += track.active
             return Choice(DraftTree.root_only(context[-1]), [], 0.0)
         overhead, tree_overhead, cap = timing.overhead, timing.tree_overhead, self.config.max_nodes
-        cost = StepCost(timing.cost)
         union = Union(context[-1])
         picked: list[int] = []
-        best_rate = 1.0 / plain  # plain decoding's
-        bar = state.realized.bar
+        best_rate = (1.0 + base) / plain  # plain decoding's
         alone: int | None = None  # the member whose tree carries q: it is verified, whole and alone
         for i in range(
             len(self.members)
@@ -659,10 +679,10 @@ class Auto(Drafter):
                 rate = best_rate
             elif tree.probs is None:
                 union.add(i, tree, values)
-                picked, rate = union.plan(cap, cost, overhead, tree_overhead, bar)
+                picked, rate = union.plan(cap, cost, overhead, tree_overhead, bar, base)
             else:  # it cannot share a trie, and drawn once it is verified (what it learns must come from its
                 # own verification: another tree's emitted token is a draw from p, not the acceptance test)
-                alone, rate = i, (1.0 + sum(values[1:])) / (tree_overhead + timing.cost(len(tree)))
+                alone, rate = i, (1.0 + base + sum(values[1:])) / (tree_overhead + cost(len(tree)))
             # what running it did to this step's tokens per second (a tree with q replaces the others': < 1 when
             # they were better)
             lift = (rate if alone == i else max(rate, best_rate)) / best_rate
@@ -709,6 +729,8 @@ class Auto(Drafter):
 
     def _count(self, state: AutoState, choice: Choice) -> None:
         timing, n = state.timing, len(choice.tree)
+        if state.batch is not None:  # the other rows size their trees against this one
+            state.batch.plan(1.0 + choice.expected, n)
         seconds = (timing.tree_overhead if n > 1 else timing.overhead) + timing.cost(n)
         state.promised = (1.0 + choice.expected, seconds)
         if state.default is not None:
@@ -743,7 +765,7 @@ class Auto(Drafter):
         timing = state.timing
         sample = (now - state.step_start) - state.drafting - state.verify
         sample = min(max(sample, 0.0), timing.cost(1))
-        if state.emitted:
+        if state.emitted and state.batch is None:  # a batch row's wall time is the whole batch's
             tokens, seconds = state.promised
             state.realized.record(
                 state.drafted, tokens, seconds, state.emitted, state.drafting + state.verify + sample
@@ -759,11 +781,12 @@ class Auto(Drafter):
         cost = state.timing.cost
         verify = time.perf_counter() - state.proposed
         n = len(scored.tree)
-        predicted = cost(n)
-        state.cost_error += abs(verify - predicted) / predicted
-        state.timed += 1
         state.verify = verify
-        cost.update(n, verify)
+        if state.batch is None:  # a batch row's verification is the batch's forward (`BatchBudget` learns it)
+            predicted = cost(n)
+            state.cost_error += abs(verify - predicted) / predicted
+            state.timed += 1
+            cost.update(n, verify)
         emitted = scored.verdict.tokens
         state.emitted = len(emitted)
         state.accepted += scored.verdict.accepted_drafts

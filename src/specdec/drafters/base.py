@@ -35,6 +35,9 @@ class Request:
     params: SamplingParams
     generator: torch.Generator  # the call's private RNG; sampled drafts must draw from it for seeded runs
     runtime: Any = None  # the `RuntimeChoice` this generation's target runs on (None: outside an engine)
+    # a batch row's view of the shared step (`specdec.batch.RowBudget`: the other rows' expected tokens and the
+    # step's cost per tree size), for drafters that size trees by cost; None: decoded alone
+    batch: Any = None
 
 
 @dataclass(frozen=True)
