@@ -86,7 +86,7 @@ class BatchCost:
         return max(y0, y0 + (y1 - y0) * (b - lo) / (hi - lo))
 
     @classmethod
-    def measure(cls, native: NativeModel, past: int = 512, repeats: int = 3) -> BatchCost:
+    def measure(cls, native: NativeModel, past: int = 512, repeats: int = 2) -> BatchCost:
         """Times every (B, tree tokens per row) of BATCH_ROWS x ROW_TOKENS after a `past`-token prefill of
         every row (each size after an untimed forward of its own; the least of `repeats` kept: other load
         only slows a forward). ~1-2 s for the shipped model on 2 cores."""
@@ -134,6 +134,10 @@ class BatchBudget:
 
     @property
     def cost(self) -> BatchCost:
+        return self.measure()
+
+    def measure(self) -> BatchCost:
+        """The measured cost (timed on the first call for this model, `BatchCost.for_native`)."""
         if self._cost is None:
             self._cost = BatchCost.for_native(self.native)
         return self._cost
@@ -297,6 +301,8 @@ class Batch:
         native = check_batchable(engine)
         self.rows = BatchRows(native, rows, capacity)
         self.budget = BatchBudget(native)
+        if engine.drafter.sizes_batch_trees:
+            self.budget.measure()  # now (~2 s for the shipped model), not in the first request's step
         self.members: list[Member] = []
 
     @property

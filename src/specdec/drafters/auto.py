@@ -419,6 +419,7 @@ class Auto(Drafter):
     hidden_states_optional = True  # on a runtime without them (llamacpp) those members are left out
     uses_head = True  # --draft HEAD_DIR: its eagle member drafts with that head
     chooses_runtime = True  # per request: llamacpp where it mostly decodes plainly (`choose_runtime`)
+    sizes_batch_trees = True  # a batch row's tree is sized for the whole step (`Request.batch`)
 
     def __init__(self, config: AutoConfig | None = None, draft_model=None, **options) -> None:
         self.config = cfg = config or AutoConfig(**options)

@@ -69,6 +69,9 @@ class Drafter(ABC):
     drafts: ClassVar[bool] = True
     # picks the target runtime per request among the engine's candidates (`choose_runtime`; auto)
     chooses_runtime: ClassVar[bool] = False
+    # in a batch, sizes its trees by the batch step's cost (`Request.batch`; auto): the batch measures that cost
+    # when it is made, not inside a request
+    sizes_batch_trees: ClassVar[bool] = False
     samples_drafts: ClassVar[bool] = False  # under sampling its nodes carry the q they were drawn from
     mergeable: ClassVar[bool] = False  # drafts point masses and learns from any scored tree: can join `merge`
     uses_head: ClassVar[bool] = (
