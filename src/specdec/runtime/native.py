@@ -40,7 +40,7 @@ from specdec.runner import Scores
 from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
-PACKED_ROWS = 4  # tokens from which a forward's products use the prepacked weights (module docstring)
+PACKED_ROWS = 2  # tokens from which a forward's products use the prepacked weights (module docstring)
 _STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq fixed at load time (no per-length update)
 
 
