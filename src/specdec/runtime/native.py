@@ -41,6 +41,11 @@ from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 PACKED_ROWS = 2  # tokens from which a forward's products use the prepacked weights (module docstring)
+# a batch's attention runs row by row when the rows' own keys are at most this share of the padded grid's:
+# 8 rows of 115-1018 positions (39% of the grid), six layers: 5.6 ms row by row against 8.7 ms padded for one
+# token a row, 7.2 against 15.2 for four (keys and values are read from memory either way: only the padding's
+# are saved); rows of even lengths stay in one call
+ROWWISE = 0.75
 _STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq fixed at load time (no per-length update)
 
 
@@ -319,6 +324,10 @@ class NativeModel:
         grid = b * n
         end = max(max(pasts) + n, keys_end)
         cache.reserve(end)
+        # rows of uneven lengths: attention row by row over each row's own keys, not all over the longest's
+        # (reading keys and values is most of a batch step's attention; see ROWWISE)
+        ends = [past + n for past in pasts]
+        rowwise = b > 1 and not keys_end and sum(ends) <= ROWWISE * b * end
         h, kv, d = self.heads, self.kv_heads, self.head_dim
         ids, positions = ids.reshape(grid), positions.reshape(grid)
         if real is not None:
@@ -357,9 +366,24 @@ class NativeModel:
             keys = cache.k[slot, :b, :, :end]  # [B, kv_heads, S, D]
             values = cache.v[slot, :b, :, :end]
             q = qk[:, :h].view(b, n, h, d).transpose(1, 2)  # [B, heads, N, D]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h, is_causal=causal
-            )  # [B, heads, N, D]
+            if rowwise:  # one query per row sees all its keys: no mask needed
+                out = torch.cat(
+                    [
+                        F.scaled_dot_product_attention(
+                            q[r : r + 1],
+                            keys[r : r + 1, :, :e],
+                            values[r : r + 1, :, :e],
+                            attn_mask=None if n == 1 else mask[r : r + 1, :, :, :e],
+                            scale=self.scale,
+                            enable_gqa=kv != h,
+                        )
+                        for r, e in enumerate(ends)
+                    ]
+                )
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h, is_causal=causal
+                )  # [B, heads, N, D]
             attended = out.transpose(1, 2).reshape(grid, h * d)
             if real is not None:
                 attended = attended.index_select(0, real)
