@@ -115,20 +115,27 @@ def test_tree_mask_step_sees_only_ancestors(target):
         torch.testing.assert_close(both[i], alone[0], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("norm_before_residual", [False, True])
-def test_packed_head_step_equals_the_reference_step(target, norm_before_residual):
-    """Drafting's packed kernel computes Eagle3Head.step: prefill, a tree level with a sibling mask, a chain;
-    float64, so any difference beyond rounding is a bug (a wrong rotary pairing, norm or residual)."""
+@pytest.mark.parametrize(
+    ("norm_before_residual", "dtype"),
+    [(False, torch.float64), (True, torch.float64), (False, torch.float32)],
+)
+def test_packed_head_step_equals_the_reference_step(target, norm_before_residual, dtype):
+    """Drafting's packed kernel computes Eagle3Head.step: prefill, a tree level with a sibling mask, a chain.
+    In float64 any difference beyond rounding is a bug (a wrong rotary pairing, norm or residual); float32
+    runs its products of 2+ rows through oneDNN's prepacked weights (`Matrix`), a different rounding."""
     from specdec.heads.eagle3 import PackedHead
 
-    head = make_head(target)
+    head = make_head(target, dtype=dtype)
     head.config.norm_before_residual = norm_before_residual
     packed = PackedHead(head)
+    assert (packed.wqkv.packed is not None) == (dtype == torch.float32)
+    atol = 1e-10 if dtype == torch.float64 else 1e-4
     aux, tokens = inputs(12)
-    ref_cache, cache = head.new_cache(32, torch.float64), head.new_cache(32, torch.float64)
+    aux = aux.to(dtype)
+    ref_cache, cache = head.new_cache(32, dtype), head.new_cache(32, dtype)
     calls = [
         (aux[0, :7], tokens[0, 1:8], torch.arange(7), None),
-        (torch.randn(3, HIDDEN, dtype=torch.float64), tokens[0, 8:11], torch.tensor([7, 7, 8]), None),
+        (torch.randn(3, HIDDEN, dtype=dtype), tokens[0, 8:11], torch.tensor([7, 7, 8]), None),
         (
             aux[0, 7:9],
             tokens[0, 9:11],
@@ -140,7 +147,7 @@ def test_packed_head_step_equals_the_reference_step(target, norm_before_residual
         want = head.step(ref_cache, features, toks, positions, visible)
         got = packed.step(cache, features, toks, positions, visible)
         for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
     assert cache.length == ref_cache.length == 12
 
 

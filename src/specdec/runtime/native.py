@@ -88,7 +88,7 @@ class Layer:
     ln2: torch.Tensor  # [H]
     wgu_t: torch.Tensor  # [H, 2 I]: gate columns, then up columns
     wdown_t: torch.Tensor  # [I, H]
-    # the four weights above prepacked for oneDNN's product (`_product`), in that order; None: unavailable
+    # the four weights above prepacked for oneDNN's product (`product`), in that order; None: unavailable
     packed: tuple[Any, ...] | None = None
 
 
@@ -206,7 +206,7 @@ class NativeModel:
         self.norm = decoder.norm.weight
         self.lm_head = model.lm_head.weight  # [V, H] (tied to `embed` or not: the GGUF export asks)
         self.lm_head_t = self.lm_head.detach().T.contiguous()  # [H, V]
-        self.lm_head_packed = _prepack(self.lm_head_t)
+        self.lm_head_packed = prepack(self.lm_head_t)
         rotary = decoder.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -234,7 +234,7 @@ class NativeModel:
             torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).T.contiguous(),
             mlp.down_proj.weight.T.contiguous(),
         )
-        packed = tuple(_prepack(w) for w in weights)
+        packed = tuple(prepack(w) for w in weights)
         return Layer(
             ln1=layer.input_layernorm.weight,
             wqkv_t=weights[0],
@@ -342,7 +342,7 @@ class NativeModel:
                 hidden[slot] = x
             normed = self._norm(x, w.ln1)
             packed = w.packed if t >= PACKED_ROWS else None
-            qkv = _product(normed, w.wqkv_t, packed and packed[0], w.bqkv)
+            qkv = product(normed, w.wqkv_t, packed and packed[0], w.bqkv)
             qk = qkv[:, : (h + kv) * d].view(t, h + kv, d)  # [T, heads + kv_heads, D]
             if w.q_norm is not None and w.k_norm is not None:
                 qk = torch.cat(
@@ -387,11 +387,11 @@ class NativeModel:
             attended = out.transpose(1, 2).reshape(grid, h * d)
             if real is not None:
                 attended = attended.index_select(0, real)
-            x = _product(attended, w.wo_t, packed and packed[1], residual=x)
+            x = product(attended, w.wo_t, packed and packed[1], residual=x)
             if w.bo is not None:
                 x = x + w.bo
-            gate, up = _product(self._norm(x, w.ln2), w.wgu_t, packed and packed[2]).chunk(2, dim=-1)
-            x = _product(F.silu(gate) * up, w.wdown_t, packed and packed[3], residual=x)
+            gate, up = product(self._norm(x, w.ln2), w.wgu_t, packed and packed[2]).chunk(2, dim=-1)
+            x = product(F.silu(gate) * up, w.wdown_t, packed and packed[3], residual=x)
         out_layer = len(self.layers) if len(self.layers) == self.num_layers else None
         if logits == "none" and out_layer not in wanted:
             return Scores(torch.empty(0), hidden)
@@ -404,10 +404,10 @@ class NativeModel:
             return Scores(torch.empty(0), hidden)
         rows = normed[-1:] if logits == "last" else normed[logits_from:]
         head = self.lm_head_packed if rows.shape[0] >= PACKED_ROWS else None
-        return Scores(_product(rows, self.lm_head_t, head), hidden)
+        return Scores(product(rows, self.lm_head_t, head), hidden)
 
 
-def _prepack(w_t: torch.Tensor) -> Any:
+def prepack(w_t: torch.Tensor) -> Any:
     """A weight [in, out] prepacked for oneDNN's product, or None (not float32 on the CPU, or no oneDNN)."""
     if w_t.dtype != torch.float32 or w_t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
@@ -417,7 +417,7 @@ def _prepack(w_t: torch.Tensor) -> Any:
         return None
 
 
-def _product(
+def product(
     x: torch.Tensor,
     w_t: torch.Tensor,
     packed: Any = None,
@@ -513,3 +513,19 @@ class NativeRunner:
     def extend(self, token_ids: list[int]) -> torch.Tensor:
         """Append tokens causally after the cache; returns their logits [T, V]."""
         return self._run(token_ids).logits
+
+
+class Matrix:
+    """One weight for x @ W^T with `product`'s choice of kernel by row count (for small modules outside the
+    target's forward: the trained heads' drafting steps). `weight`: [out, in], as `nn.Linear` stores it."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.t = weight.detach().T.contiguous()  # [in, out]
+        self.packed = prepack(self.t)
+
+    def __call__(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [T, in] -> [T, out]."""
+        packed = self.packed if x.shape[0] >= PACKED_ROWS else None
+        return product(x, self.t, packed, bias, residual)
