@@ -234,6 +234,25 @@ def test_a_specdec_methods_snapshot_forgets_what_came_after_it():
     assert auto.decoder.engine.drafter.model is model  # the model is shared, not copied
 
 
+def test_a_snapshot_shares_prepacked_weights():
+    """EAGLE's drafting head keeps oneDNN-packed weights, which deepcopy cannot copy: a snapshot shares them
+    (decoding never changes them) and still copies the drafter's own state."""
+    import copy
+
+    import torch
+
+    from specdec.bench.runner import _modules_of
+    from specdec.heads.eagle3 import PackedHead
+
+    model = tiny.model("llama", seed=3, dtype=torch.float32)  # (oneDNN packs float32 weights only)
+    packed = PackedHead(tiny.untrained_head("eagle", model))
+    assert packed.wqkv.packed is not None
+    state = {"packed": packed, "table": torch.zeros(3)}
+    clone = copy.deepcopy(state, _modules_of(state))
+    assert clone["packed"].wqkv.packed is packed.wqkv.packed
+    assert clone["table"] is not state["table"]
+
+
 def test_sampled_bench_has_no_lossless_verdict(capsys, dirs, tmp_path):
     out_json = tmp_path / "r.json"
     code, _, err = bench(

@@ -137,7 +137,8 @@ class SpecdecMethod(Method):
 
 
 def _modules_of(root: object) -> dict[int, object]:
-    """A deepcopy memo mapping every torch module reachable from `root` to itself (so copies share them)."""
+    """A deepcopy memo mapping every torch module reachable from `root` to itself (so copies share them), and
+    every oneDNN-packed weight (`specdec.runtime.native.Matrix`: read-only, and opaque to deepcopy)."""
     memo: dict[int, object] = {}
     seen: set[int] = set()
     stack = [root]
@@ -146,7 +147,7 @@ def _modules_of(root: object) -> dict[int, object]:
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, torch.nn.Module):
+        if isinstance(obj, torch.nn.Module) or (isinstance(obj, torch.Tensor) and obj.is_mkldnn):
             memo[id(obj)] = obj
             continue
         if isinstance(obj, dict):
