@@ -52,9 +52,11 @@ def test_auto_runtime_for_drafting_is_the_one_timed_cheaper(tok, monkeypatch, fa
     import specdec.runtime as runtime
 
     timed: list[str] = []
+    sizes: set[int] = set()
 
-    def tree_seconds(model, choice):
+    def tree_seconds(model, choice, tokens):
         timed.append(choice.name)
+        sizes.add(tokens)
         return 1.0 if choice.name == faster else 2.0
 
     monkeypatch.setattr(runtime, "_tree_seconds", tree_seconds)
@@ -64,7 +66,11 @@ def test_auto_runtime_for_drafting_is_the_one_timed_cheaper(tok, monkeypatch, fa
     assert SpecDecoder(model, tok, "pld").engine.runtime.name == faster
     assert sorted(timed) == ["llamacpp", "native"]
     assert SpecDecoder(model, tok, "suffix").engine.runtime.name == faster  # decided once per model
-    assert len(timed) == 2
+    assert len(timed) == 2 and sizes == {8}
+    # heads verify small trees: timed at their own size (`Drafter.tree_tokens`), decided apart
+    medusa = SpecDecoder(model, tok, "medusa", head=tiny.untrained_head("medusa", model))
+    assert medusa.engine.runtime.name == faster
+    assert len(timed) == 4 and sizes == {8, 3}
     engine = SpecDecoder(model, tok, "auto").engine
     assert [r.name for r in engine.runtimes] == ["native", "llamacpp"]
 

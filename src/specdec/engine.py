@@ -184,6 +184,7 @@ class Engine:
             hidden_states=needs_hidden,
             drafts=drafter.drafts,
             timed=not drafter.chooses_runtime,
+            tree_tokens=drafter.tree_tokens,
         )
         drafter.bind(model)
         self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()

@@ -67,6 +67,9 @@ class Drafter(ABC):
     # proposes drafts (False: every tree is the root alone, so the target runtime with the cheapest one-token
     # forward is the fastest; see specdec.runtime)
     drafts: ClassVar[bool] = True
+    # tree tokens (root included) its steps typically verify: `--runtime auto` times llama.cpp against native
+    # over a tree this size (which forward is cheaper depends on it: specdec.runtime)
+    tree_tokens: ClassVar[int] = 8
     # picks the target runtime per request among the engine's candidates (`choose_runtime`; auto)
     chooses_runtime: ClassVar[bool] = False
     # in a batch, sizes its trees by the batch step's cost (`Request.batch`; auto): the batch measures that cost

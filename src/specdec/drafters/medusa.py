@@ -79,6 +79,10 @@ class Medusa(Drafter):
     needs_hidden_states = True
     uses_head = True
     final_hidden_only = True  # the heads read h_t, the LM head's input (llama.cpp returns it too)
+    # its cost-sized trees are small where the one-token forward is cheap: Hydra's verified 2-3 tokens a step on
+    # llama.cpp here (tau 1.6-1.9), so --runtime auto compares the runtimes at 3 (compared at 8, native's forward
+    # won on the AMD EPYC of docs/runtime.md, where Hydra then ran at 2.03x hf-vanilla against 2.33x on llama.cpp)
+    tree_tokens = 3
     # under models/shipped/: the heads trained for the shipped target
     shipped_head: ClassVar[str] = "heads/medusa"
 

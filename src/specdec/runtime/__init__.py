@@ -14,8 +14,9 @@ Three runtimes implement it:
 `select_runtime(model, "auto")` takes the first that runs the model and agrees with transformers on sample
 inputs (`specdec.runtime.check`) of: llamacpp, native, transformers; falling back says why in one line. For
 plain decoding (one-token forwards) llamacpp is taken outright: it was the fastest on every machine tried.
-For drafting methods the two are timed on this machine over a `TREE_TOKENS`-token tree and the cheaper one is
-taken, because the answer depends on the CPU (docs/runtime.md): on one Intel machine native's forward was the
+For drafting methods the two are timed on this machine over a tree of the size the drafter's steps typically
+verify (`Drafter.tree_tokens`, default `TREE_TOKENS`) and the cheaper one is taken, because the answer depends
+on the tree and the CPU (docs/runtime.md): on one Intel machine native's forward was the
 faster from ~8 tree tokens on, on an AMD EPYC llama.cpp's was faster up to 32 tokens (8 tokens: 7.2 ms vs
 13.2 ms). A drafter that reads hidden states gets native (llama.cpp returns none); one that picks its runtime
 per request (`auto`) starts on native and is offered llamacpp beside it (`specdec.engine`).
@@ -108,7 +109,7 @@ def _native(model) -> RuntimeChoice:
     return RuntimeChoice("native", lambda: NativeRunner(native))
 
 
-def _auto(model, hidden_states: bool, drafts: bool, timed: bool) -> RuntimeChoice:
+def _auto(model, hidden_states: bool, drafts: bool, timed: bool, tree_tokens: int) -> RuntimeChoice:
     """llamacpp, native, transformers: the first that runs the model (for drafts: llamacpp only when timed
     cheaper than native); one line when it falls back (none when llamacpp is not a candidate: native is then
     the first choice)."""
@@ -127,7 +128,8 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool) -> RuntimeChoic
         if not drafts:
             return fast
         native = select_runtime(model, "native", remember=False)
-        return fast if _tree_seconds(model, fast) < _tree_seconds(model, native) else native
+        cheaper = _tree_seconds(model, fast, tree_tokens) < _tree_seconds(model, native, tree_tokens)
+        return fast if cheaper else native
     try:
         return select_runtime(model, "native", remember=False)
     except UnsupportedModelError as err:
@@ -136,11 +138,11 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool) -> RuntimeChoic
         return choice
 
 
-def _tree_seconds(model, choice: RuntimeChoice) -> float:
-    """A `TREE_TOKENS`-token tree forward on this runtime after a typical context (least of 5; ~0.1 s)."""
+def _tree_seconds(model, choice: RuntimeChoice, tokens: int) -> float:
+    """A `tokens`-token tree forward on this runtime after a typical context (least of 5; ~0.1 s)."""
     from specdec.costmodel import CostModel
 
-    return CostModel.measure(model, sizes=(TREE_TOKENS,), repeats=5, runtime=choice.new)(TREE_TOKENS)
+    return CostModel.measure(model, sizes=(tokens,), repeats=5, runtime=choice.new)(tokens)
 
 
 def select_runtime(
@@ -150,12 +152,13 @@ def select_runtime(
     drafts: bool = True,
     remember: bool = True,
     timed: bool = True,
+    tree_tokens: int = TREE_TOKENS,
 ) -> RuntimeChoice:
     """The runtime `name` for `model` ("auto": see the module docstring); `hidden_states`: the drafter reads
     the target's hidden states, which the llamacpp runtime does not return; `drafts`: the drafter proposes
     drafts (else every forward is one token); `remember`: this is the model's runtime from now on
-    (`runtime_for`), False for an alternative; `timed`: with drafts, time llamacpp against native (False:
-    native, for a drafter offered both anyway). Decided once per model and arguments; the load-time check
+    (`runtime_for`), False for an alternative; `timed`: with drafts, time llamacpp against native over a
+    `tree_tokens`-token tree (False: native, for a drafter offered both anyway). Decided once per model and arguments; the load-time check
     runs at the first choice."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
@@ -167,7 +170,7 @@ def select_runtime(
     chosen = _CHOSEN.setdefault(model, {})
     # a named runtime is built once per model (llama.cpp's holds a converted copy of the weights); the flags
     # only steer the `auto` choice
-    key = (name, hidden_states, drafts, timed) if name == "auto" else (name,)
+    key = (name, hidden_states, drafts, timed, tree_tokens) if name == "auto" else (name,)
     if key not in chosen:
         if name == "transformers":
             chosen[key] = _transformers(model)
@@ -176,7 +179,7 @@ def select_runtime(
         elif name == "llamacpp":
             chosen[key] = _llamacpp(model)
         else:
-            chosen[key] = _auto(model, hidden_states, drafts, timed)
+            chosen[key] = _auto(model, hidden_states, drafts, timed, tree_tokens)
     if remember:
         _LAST[model] = chosen[key]
     return chosen[key]
