@@ -132,10 +132,6 @@ class BatchBudget:
         self._cost: BatchCost | None = None
         self.scale = 1.0
 
-    @property
-    def cost(self) -> BatchCost:
-        return self.measure()
-
     def measure(self) -> BatchCost:
         """The measured cost (timed on the first call for this model, `BatchCost.for_native`)."""
         if self._cost is None:
@@ -143,7 +139,7 @@ class BatchBudget:
         return self._cost
 
     def __call__(self, b: int, tokens: float) -> float:
-        return self.scale * self.cost(b, tokens)
+        return self.scale * self.measure()(b, tokens)
 
     def update(self, b: int, tokens: int, seconds: float) -> None:
         """One batch forward of `tokens` tree tokens over `b` rows took `seconds` (only once measured)."""
