@@ -166,6 +166,7 @@ class OnlineCost:
         self.scale = 1.0  # the whole curve's factor
         self.anchors = list(base.seconds)  # the measured sizes' seconds, reshaped, before `scale`
         self.shape = base  # the monotone fit of `anchors`
+        self.one = base(1)  # cost(1), kept current: the most asked size (every plain step asks for it)
 
     def __call__(self, n: float) -> float:
         return self.scale * self.shape(n)
@@ -179,10 +180,16 @@ class OnlineCost:
         """One verification of `n` tree tokens (root included) took `seconds`."""
         if self.rate == 0 or seconds <= 0:
             return
-        surprise = math.log(min(max(seconds / self(n), 1 / REFINE_CLIP), REFINE_CLIP))
-        if n <= 1:
-            self.scale *= math.exp(self.rate * surprise)
+        if n <= 1:  # the plain step's case, every step of plain decoding: as little work as it can be
+            ratio = seconds / self.one
+            ratio = (
+                REFINE_CLIP if ratio > REFINE_CLIP else 1 / REFINE_CLIP if ratio < 1 / REFINE_CLIP else ratio
+            )
+            factor = ratio**self.rate  # exp(rate * log(ratio))
+            self.scale *= factor
+            self.one *= factor
             return
+        surprise = math.log(min(max(seconds / self(n), 1 / REFINE_CLIP), REFINE_CLIP))
         self.scale *= math.exp(self.rate * (1 - REFINE_LOCAL) * surprise)
         xs = self.base.sizes
         i = bisect_left(xs, n)
@@ -194,6 +201,7 @@ class OnlineCost:
         for j, w in weights:
             self.anchors[j] *= math.exp(self.rate * REFINE_LOCAL * w * surprise)
         self.shape = CostModel.fit(xs, self.anchors)
+        self.one = self.scale * self.shape(1)
 
     def best_size(
         self, gains: Sequence[float], draft_seconds: float = 0.0, draft_seconds_per_node: float = 0.0

@@ -312,7 +312,7 @@ class Timing:
 
     def plain_seconds(self) -> float:
         """A plain step's time: what running a member is weighed against."""
-        return self.overhead + self.cost(1)
+        return self.overhead + self.cost.one
 
 
 @dataclass
@@ -364,8 +364,11 @@ class Realized:
         sums = self.sums[drafted]
         if not sums[1]:  # a prior of REALIZED_PRIOR steps that went as predicted
             sums[:] = [REALIZED_PRIOR * tokens_expected, REALIZED_PRIOR * seconds_expected] * 2
-        new = (tokens_expected, seconds_expected, float(tokens), seconds)
-        sums[:] = [REALIZED_MEMORY * old + x for old, x in zip(sums, new, strict=True)]
+        m = REALIZED_MEMORY
+        sums[0] = m * sums[0] + tokens_expected
+        sums[1] = m * sums[1] + seconds_expected
+        sums[2] = m * sums[2] + tokens
+        sums[3] = m * sums[3] + seconds
 
     def shortfall(self, drafted: bool) -> float:
         """Predicted over realized tokens per second (1: as predicted)."""
@@ -392,6 +395,9 @@ class AutoState:
     # a batch row's view of the shared step (`Request.batch`): trees are sized for the whole step's tokens per
     # second, on the batch's cost; None: decoded alone
     batch: Any = None
+    # the per-step choice goes to the debug log: asked once per generation (a step should touch no more code
+    # than it needs: after a forward the interpreter's caches are cold and every call costs microseconds)
+    debug: bool = False
     default_plain: int = 0  # steps whose plan for the default runtime verified the root alone
     default_nodes: int = 0  # drafted nodes those plans verified
     there: int = 0  # this step's plan for the default runtime: drafted nodes
@@ -564,6 +570,7 @@ class Auto(Drafter):
             realized,
             default,
             request.batch,
+            LOG.isEnabledFor(logging.DEBUG),
         )
 
     def prefilled(self, state: AutoState, hidden) -> None:
@@ -649,18 +656,20 @@ class Auto(Drafter):
         """Steps 1-3."""
         timing = state.timing
         if state.batch is None:
-            base, cost, bar = 0.0, StepCost(timing.cost), state.realized.bar
+            base, step_cost = 0.0, timing.cost
+            plain = timing.overhead + step_cost.one
         else:  # a batch row: the step's rate over all rows, on the batch forward's cost
-            base, batch_cost = state.batch.terms()
-            cost, bar = StepCost(batch_cost), 1.0  # (the bar compares one generation's wall time)
-        plain = timing.overhead + cost(1)
+            base, step_cost = state.batch.terms()
+            plain = timing.overhead + step_cost(1)
         # the gate first: under sampling most steps run no member, and such a step should cost next to nothing
-        # (the planning below is per-step Python time that plain decoding does not pay)
+        # (every line a plain step runs is Python time that plain decoding does not pay)
         running = [i for i, t in enumerate(state.members) if t.active and self.should_run(state, i, plain)]
         if not running:
             for track in state.members:
                 track.idle += track.active
             return Choice(DraftTree.root_only(context[-1]), [], 0.0)
+        cost = StepCost(step_cost)
+        bar = state.realized.bar if state.batch is None else 1.0  # (a batch row's wall time is the batch's)
         overhead, tree_overhead, cap = timing.overhead, timing.tree_overhead, self.config.max_nodes
         union = Union(context[-1])
         picked: list[int] = []
@@ -732,7 +741,7 @@ class Auto(Drafter):
         timing, n = state.timing, len(choice.tree)
         if state.batch is not None:  # the other rows size their trees against this one
             state.batch.plan(1.0 + choice.expected, n)
-        seconds = (timing.tree_overhead if n > 1 else timing.overhead) + timing.cost(n)
+        seconds = timing.tree_overhead + timing.cost(n) if n > 1 else timing.overhead + timing.cost.one
         state.promised = (1.0 + choice.expected, seconds)
         if state.default is not None:
             state.default_plain += state.there == 0
@@ -742,12 +751,12 @@ class Auto(Drafter):
         state.nodes += len(choice.tree) - 1
         state.drafted = len(choice.tree) > 1
         state.expected += choice.expected
-        state.raw = choice.expected / state.shared.factor
+        state.raw = choice.expected / state.shared.factor if choice.expected else 0.0
         if len(choice.tree) == 1:
             state.plain += 1
         for i in choice.members:
             state.members[i].chosen += 1
-        if LOG.isEnabledFor(logging.DEBUG):
+        if state.debug:
             ran = [m.name for m, t in zip(self.members, state.members, strict=True) if t.tree is not None]
             LOG.debug(
                 "step %d: ran %s; verify %d nodes from %s, expecting %.2f accepted",
@@ -765,7 +774,7 @@ class Auto(Drafter):
             return
         timing = state.timing
         sample = (now - state.step_start) - state.drafting - state.verify
-        sample = min(max(sample, 0.0), timing.cost(1))
+        sample = min(max(sample, 0.0), timing.cost.one)
         if state.emitted and state.batch is None:  # a batch row's wall time is the whole batch's
             tokens, seconds = state.promised
             state.realized.record(
@@ -779,27 +788,31 @@ class Auto(Drafter):
     # -- learning ------------------------------------------------------------------------------------------
 
     def observe(self, state: AutoState, scored: Scored) -> None:
-        cost = state.timing.cost
-        verify = time.perf_counter() - state.proposed
+        t0 = time.perf_counter()
+        cost, verdict = state.timing.cost, scored.verdict
+        verify = t0 - state.proposed
         n = len(scored.tree)
         state.verify = verify
         if state.batch is None:  # a batch row's verification is the batch's forward (`BatchBudget` learns it)
-            predicted = cost(n)
+            predicted = cost(n) if n > 1 else cost.one
             state.cost_error += abs(verify - predicted) / predicted
             state.timed += 1
             cost.update(n, verify)
-        emitted = scored.verdict.tokens
+        emitted = verdict.tokens
         state.emitted = len(emitted)
-        state.accepted += scored.verdict.accepted_drafts
+        state.accepted += verdict.accepted_drafts
         # every step, drafted or not: without new evidence the factor drifts back to 1, so a low factor from
         # a bad stretch cannot keep auto from drafting (and from measuring it again) for ever
-        state.shared.calibrate(state.raw, scored.verdict.accepted_drafts, self.config.shared_memory)
         cfg = self.config
-        for i, (m, track) in enumerate(zip(self.members, state.members, strict=True)):
+        state.shared.calibrate(state.raw, verdict.accepted_drafts, cfg.shared_memory)
+        members, keep = self.members, self.keep
+        t0 = time.perf_counter()
+        for i, track in enumerate(state.members):
             if track.active:  # chosen or not: some members learn from every verification
-                t0 = time.perf_counter()
-                m.observe(track.state, scored)
-                self.keep[i] += TIME_EMA * (time.perf_counter() - t0 - self.keep[i])
+                members[i].observe(track.state, scored)
+                t1 = time.perf_counter()
+                keep[i] += TIME_EMA * (t1 - t0 - keep[i])
+                t0 = t1
             if track.tree is not None:
                 for depth, rank, hit in trials(track.tree, emitted):
                     state.acceptance.record(track.cell, depth, rank, hit, cfg.memory)
@@ -807,6 +820,7 @@ class Auto(Drafter):
                 first = track.tree.children[0]
                 track.streak = int(bool(emitted) and any(track.tree.tokens[c] == emitted[0] for c in first))
                 track.tree = None
+                t0 = time.perf_counter()
 
     def report(self, state: AutoState) -> dict[str, Any]:
         timing = state.timing
