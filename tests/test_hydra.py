@@ -10,7 +10,7 @@ from specdec import SpecDecoder
 from specdec.drafters.base import Request
 from specdec.drafters.hydra import Hydra
 from specdec.errors import InputError
-from specdec.heads.hydra import load_hydra, save_hydra
+from specdec.heads.hydra import PackedHydra, load_hydra, save_hydra
 from specdec.heads.medusa import save_medusa
 from specdec.sampling import SamplingParams
 
@@ -42,6 +42,25 @@ def test_a_nodes_children_are_ranked_for_its_own_path():
             assert tree.tokens[child] in expect
     rankings = [tuple(state.ranked[n]) for n in depth1 if n in state.ranked]
     assert len(set(rankings)) > 1  # the rankings depend on the path (a Medusa head gives one for all)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_heads_compute_what_the_heads_compute(dtype):
+    """Drafting's packed heads (oneDNN on prepacked float32 weights from two rows on; MKL otherwise) against
+    the module every head is trained as, for each head and 1-4 rows."""
+    model = tiny.model("llama", seed=3, dtype=dtype)
+    heads = random_hydra(model, num_heads=3).to(dtype)
+    heads.bind_embedding(model.get_input_embeddings().weight)
+    packed = PackedHydra(heads)
+    assert (packed.lm_heads[0].packed is not None) == (dtype == torch.float32)
+    g = torch.Generator().manual_seed(1)
+    for k in range(3):
+        for rows in (1, 2, 4):
+            hidden = torch.randn(rows, model.config.hidden_size, generator=g).to(dtype)
+            path = torch.randint(0, model.config.vocab_size, (rows, k + 1), generator=g)
+            with torch.inference_mode():
+                want = heads.head(k, hidden, path)
+            torch.testing.assert_close(packed.head(k, hidden, path), want)
 
 
 def test_hydra_round_trip_and_bad_heads(tmp_path):

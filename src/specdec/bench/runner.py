@@ -138,7 +138,9 @@ class SpecdecMethod(Method):
 
 def _modules_of(root: object) -> dict[int, object]:
     """A deepcopy memo mapping every torch module reachable from `root` to itself (so copies share them), and
-    every oneDNN-packed weight (`specdec.runtime.native.Matrix`: read-only, and opaque to deepcopy)."""
+    every packed weight (`specdec.runtime.native.Matrix`: read-only; its oneDNN tensor is opaque to deepcopy)."""
+    from specdec.runtime.native import Matrix
+
     memo: dict[int, object] = {}
     seen: set[int] = set()
     stack = [root]
@@ -147,7 +149,7 @@ def _modules_of(root: object) -> dict[int, object]:
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, torch.nn.Module) or (isinstance(obj, torch.Tensor) and obj.is_mkldnn):
+        if isinstance(obj, (torch.nn.Module, Matrix)) or (isinstance(obj, torch.Tensor) and obj.is_mkldnn):
             memo[id(obj)] = obj
             continue
         if isinstance(obj, dict):

@@ -21,7 +21,7 @@ import torch
 from specdec.acceptance import Verdict
 from specdec.drafters.base import register
 from specdec.drafters.medusa import Medusa, MedusaConfig, MedusaState
-from specdec.heads.hydra import HydraHeads, load_hydra
+from specdec.heads.hydra import HydraHeads, PackedHydra, load_hydra
 from specdec.tree import DraftTree, Trie
 
 
@@ -38,12 +38,17 @@ class Hydra(Medusa):
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         super().__init__(config or MedusaConfig(**options))  # the same options: a head, width, max_nodes...
+        self.packed: PackedHydra | None = None  # once bound
 
     def _load(self, path: Path, model, dtype: torch.dtype) -> HydraHeads:
         return load_hydra(path, model, dtype=dtype)
 
     def _attach(self, heads: HydraHeads, model) -> None:
         heads.bind_embedding(model.get_input_embeddings().weight)
+
+    def bind(self, model) -> None:
+        super().bind(model)
+        self.packed = PackedHydra(self.heads)  # what drafting calls (the same function, faster kernels)
 
     def start(self, request) -> HydraState:
         return HydraState()
@@ -58,8 +63,8 @@ class Hydra(Medusa):
 
     def propose(self, state: HydraState, context: list[int], max_depth: int) -> DraftTree:  # type: ignore[override]
         root = context[-1]
-        tpl, heads = self.template, self.heads
-        assert tpl is not None and heads is not None and self.hits is not None
+        tpl, heads, packed = self.template, self.heads, self.packed
+        assert tpl is not None and heads is not None and packed is not None and self.hits is not None
         state.ranked = {}
         if state.hidden is None or max_depth < 1:
             return DraftTree.root_only(root)
@@ -75,7 +80,7 @@ class Hydra(Medusa):
             if not frontier:
                 break
             path = torch.tensor([paths[i] for i in frontier])  # [M, depth + 1]
-            logits = heads.head(depth, state.hidden.expand(len(frontier), -1), path)  # [M, draft_vocab]
+            logits = packed.head(depth, state.hidden.expand(len(frontier), -1), path)  # [M, draft_vocab]
             top = logits.topk(width, dim=-1).indices  # [M, width] draft ids
             ranked = heads.draft_to_target[top].tolist()  # as target ids
             grown = []
