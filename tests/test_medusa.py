@@ -10,7 +10,7 @@ from specdec import SpecDecoder
 from specdec.drafters.hydra import Hydra
 from specdec.drafters.medusa import Medusa
 from specdec.errors import InputError
-from specdec.heads.medusa import save_medusa
+from specdec.heads.medusa import PackedMedusa, save_medusa
 
 import tiny
 from tiny import random_medusa
@@ -48,6 +48,24 @@ def test_medusa_and_hydra_learn_which_ranks_are_right(cls):
     assert measured[best] == max(measured)
     assert drafter.template is not None and best in drafter.template.ranks[1:]
     assert drafter.trials[1] >= 1  # accepted depth-1 nodes had their children ranked too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_packed_heads_compute_what_the_heads_compute(dtype):
+    """Drafting's packed heads against the module every head is trained as: one hidden state (what drafting
+    passes) and a few rows."""
+    model = tiny.model("llama", seed=3, dtype=dtype)
+    heads = random_medusa(model, 3).to(dtype)
+    packed = PackedMedusa(heads)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(model.config.hidden_size,), (3, model.config.hidden_size)]:
+        hidden = torch.randn(shape, generator=g).to(dtype)
+        with torch.inference_mode():
+            want = heads(hidden)
+        got = packed(hidden)
+        assert len(got) == len(want) == 3
+        for g_k, w_k in zip(got, want, strict=True):
+            torch.testing.assert_close(g_k, w_k.reshape(-1, w_k.shape[-1]))
 
 
 def test_medusa_refuses_heads_for_another_model(tmp_path):

@@ -38,17 +38,15 @@ class Hydra(Medusa):
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         super().__init__(config or MedusaConfig(**options))  # the same options: a head, width, max_nodes...
-        self.packed: PackedHydra | None = None  # once bound
 
     def _load(self, path: Path, model, dtype: torch.dtype) -> HydraHeads:
         return load_hydra(path, model, dtype=dtype)
 
+    def _pack(self, heads: HydraHeads) -> PackedHydra:  # type: ignore[override]
+        return PackedHydra(heads)
+
     def _attach(self, heads: HydraHeads, model) -> None:
         heads.bind_embedding(model.get_input_embeddings().weight)
-
-    def bind(self, model) -> None:
-        super().bind(model)
-        self.packed = PackedHydra(self.heads)  # what drafting calls (the same function, faster kernels)
 
     def start(self, request) -> HydraState:
         return HydraState()
