@@ -30,7 +30,7 @@ from torch import nn
 
 from specdec.errors import InputError
 from specdec.heads.checkpoint import check_sizes, load_weights, read_config, write_checkpoint
-from specdec.heads.medusa import MedusaConfig, ResidualBlock
+from specdec.heads.medusa import MedusaConfig, ResidualBlock, linears
 
 ARCHITECTURE = "HydraModel"
 
@@ -113,10 +113,6 @@ class PackedHydra:
         from specdec.runtime.native import Matrix
 
         self.heads = heads  # its embedding (bound to the target's) is read at each call
-
-        def linears(modules: nn.Module) -> list[nn.Linear]:
-            return [m for m in modules.children() if isinstance(m, nn.Linear)]
-
         blocks = [b for b in heads.blocks.children() if isinstance(b, ResidualBlock)]
         with torch.no_grad():
             self.fcs = [(Matrix(fc.weight), fc.bias.detach()) for fc in linears(heads.fcs)]

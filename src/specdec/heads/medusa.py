@@ -117,6 +117,11 @@ class MedusaHeads(nn.Module):
         return [head(block(hidden)) for block, head in zip(self.blocks, self.lm_heads, strict=True)]
 
 
+def linears(modules: nn.Module) -> list[nn.Linear]:
+    """The nn.Linear children of a ModuleList (typed, for packing)."""
+    return [m for m in modules.children() if isinstance(m, nn.Linear)]
+
+
 class PackedMedusa:
     """The heads' weights for drafting through `Matrix` (the target forward's kernels: MKL on the transposed
     weight for one row, where nn.Linear's call repacks the weight first; 237 against 160 us a head here).
@@ -128,11 +133,8 @@ class PackedMedusa:
 
         blocks = [b for b in heads.blocks.children() if isinstance(b, ResidualBlock)]
         with torch.no_grad():
-            self.blocks = [
-                [(Matrix(x.weight), x.bias.detach()) for x in b.layers.children() if isinstance(x, nn.Linear)]
-                for b in blocks
-            ]
-            self.lm_heads = [Matrix(m.weight) for m in heads.lm_heads.children() if isinstance(m, nn.Linear)]
+            self.blocks = [[(Matrix(x.weight), x.bias.detach()) for x in linears(b.layers)] for b in blocks]
+            self.lm_heads = [Matrix(m.weight) for m in linears(heads.lm_heads)]
 
     @torch.inference_mode()
     def __call__(self, hidden: torch.Tensor) -> list[torch.Tensor]:
