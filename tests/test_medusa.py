@@ -57,6 +57,7 @@ def test_packed_heads_compute_what_the_heads_compute(dtype):
     model = tiny.model("llama", seed=3, dtype=dtype)
     heads = random_medusa(model, 3).to(dtype)
     packed = PackedMedusa(heads)
+    assert (packed.lm_heads[0].packed is not None) == (dtype == torch.float32)
     g = torch.Generator().manual_seed(1)
     for shape in [(model.config.hidden_size,), (3, model.config.hidden_size)]:
         hidden = torch.randn(shape, generator=g).to(dtype)
