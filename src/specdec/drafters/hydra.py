@@ -42,7 +42,7 @@ class Hydra(Medusa):
     def _load(self, path: Path, model, dtype: torch.dtype) -> HydraHeads:
         return load_hydra(path, model, dtype=dtype)
 
-    def _pack(self, heads: HydraHeads) -> PackedHydra:  # type: ignore[override]
+    def _pack(self, heads: HydraHeads) -> PackedHydra:
         return PackedHydra(heads)
 
     def _attach(self, heads: HydraHeads, model) -> None:

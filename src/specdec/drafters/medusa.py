@@ -125,8 +125,8 @@ class Medusa(Drafter):
         """The heads of the directory `path`, checked against (and bound to) the target."""
         return load_medusa(path, model, dtype=dtype)
 
-    def _pack(self, heads) -> PackedMedusa:
-        """What drafting calls: the same function as the heads, on faster kernels."""
+    def _pack(self, heads) -> Any:
+        """What drafting calls: the same function as the heads, on faster kernels (`PackedMedusa`)."""
         return PackedMedusa(heads)
 
     def _attach(self, heads, model) -> None:

@@ -158,8 +158,8 @@ def select_runtime(
     the target's hidden states, which the llamacpp runtime does not return; `drafts`: the drafter proposes
     drafts (else every forward is one token); `remember`: this is the model's runtime from now on
     (`runtime_for`), False for an alternative; `timed`: with drafts, time llamacpp against native over a
-    `tree_tokens`-token tree (False: native, for a drafter offered both anyway). Decided once per model and arguments; the load-time check
-    runs at the first choice."""
+    `tree_tokens`-token tree (False: native, for a drafter offered both anyway). Decided once per model and
+    arguments; the load-time check runs at the first choice."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
     if name == "llamacpp" and hidden_states:
