@@ -5,8 +5,14 @@ from __future__ import annotations
 import json
 from importlib import resources
 
+import pytest
+
 from specdec.bench.yardstick import _edit_answer, real_continuation, teacher_forced_tau
 from specdec.drafters import make_drafter
+
+import tiny
+
+TOKENIZER = tiny.tokenizer()
 
 
 def test_tau_counts_reference_tokens_per_step():
@@ -70,3 +76,30 @@ def test_a_prompt_whose_file_ends_there_is_left_out(tmp_path, monkeypatch, tok):
     rows = run_yardstick(prompts, tiny.model("llama").eval(), tok, max_new_tokens=16)
     assert {(r.task, r.prompts) for r in rows} == {("complete", 1)}
     assert all(r.tau_real >= 1.0 and r.tau_model >= 1.0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["eagle", "medusa", "hydra"])
+def test_a_head_is_forced_along_any_reference_and_along_the_model_output_decodes_as_usual(method):
+    """Through the target: forcing emits exactly the reference (forced_tau checks it), whatever the model would
+    say; forced along the model's own greedy output the steps are those of ordinary decoding."""
+    from specdec.api import SpecDecoder
+    from specdec.bench.yardstick import forced_tau
+
+    import tiny
+
+    model = tiny.model("llama", seed=1)
+    head = tiny.untrained_head(method, model)
+    prompt = [5, 9, 14, 3, 77, 1] * 3
+    own = tiny.hf_greedy(model, prompt, 24)
+
+    def engine():
+        return SpecDecoder(model, TOKENIZER, method, head=head, max_nodes=6).engine
+
+    unlike = [(t * 7 + 3) % model.config.vocab_size for t in own]  # not what the model writes
+    assert unlike != own
+    assert 1.0 <= forced_tau(engine(), prompt, unlike) <= len(unlike)
+    decoded = SpecDecoder(model, TOKENIZER, method, head=head, max_nodes=6).generate(
+        prompt, max_new_tokens=len(own), ignore_eos=True
+    )
+    assert decoded.token_ids == own
+    assert forced_tau(engine(), prompt, own) == decoded.stats.mean_accepted_tokens  # (fixed trees: no timing)

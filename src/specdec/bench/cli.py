@@ -94,7 +94,8 @@ def register(subparsers) -> None:
         action="store_true",
         help="instead of timing: the token-only drafters (pld, suffix) teacher-forced on each prompt's real "
         "continuation (held-out file text, or an edit's known answer) beside the model's own greedy output, "
-        "tau per task (no target forwards in the drafting; see docs/bench.md)",
+        "tau per task; the trained heads (eagle, medusa, hydra; those that load for the model) the same way "
+        "through the target, which reads the reference text (see docs/bench.md)",
     )
     from specdec.dllm.cli import add_policy_arguments
 
@@ -195,11 +196,16 @@ def _yardstick(args, prompts, model, tokenizer, max_new_tokens: int) -> int:
 
     from tqdm import tqdm
 
-    from specdec.bench.yardstick import run_yardstick, table
+    from specdec.bench.yardstick import head_engines, run_yardstick, table
 
+    heads, skipped = head_engines(model, tokenizer)
+    for name, reason in skipped.items():
+        print(f"specdec bench --yardstick: {name} left out: {reason}", file=sys.stderr)
     bar = tqdm(total=len(prompts), desc="yardstick", unit="prompt", file=sys.stderr, disable=None)
     with bar:
-        rows = run_yardstick(prompts, model, tokenizer, max_new_tokens, progress=lambda _task: bar.update(1))
+        rows = run_yardstick(
+            prompts, model, tokenizer, max_new_tokens, heads=heads, progress=lambda _task: bar.update(1)
+        )
     if not rows:
         raise InputError("no prompt has a known real continuation (tasks complete, long and edit have)")
     print(table(rows))

@@ -13,6 +13,12 @@ prompt, side by side:
 
 A stronger model writes text closer to the real continuation than to the shipped model's output, so the first
 column is the better guide to what a copy drafter gives it.
+
+The trained heads (eagle, medusa, hydra) read the target's hidden states, so they cannot run without it: they
+go through the real engine and the real target forward (`ForcedTarget`), whose verdict alone is replaced by the
+reference's. Along the accepted path the target has then read exactly the reference text, so a head drafts
+from the target's hidden states of that text, as it would for a target that wrote it. Their trees have a fixed
+`HEAD_NODES` drafted nodes (not the cost model's choice), so their τ is the same on any machine.
 """
 
 from __future__ import annotations
@@ -28,12 +34,18 @@ import torch
 from specdec.acceptance import _descend
 from specdec.drafters import make_drafter
 from specdec.drafters.base import Drafter, Request, Scored
+from specdec.runner import Scores
 from specdec.sampling import SamplingParams
+from specdec.tree import DraftTree
 
 TOKEN_ONLY = (
     "pld",
     "suffix",
 )  # drafters whose proposals depend on tokens alone (no logits, no hidden states)
+HEADS = ("eagle", "medusa", "hydra")  # drafters that read the target's hidden states: run through the target
+# drafted nodes a head's tree gets here: fixed, so that τ measures what the head knows, not what this machine's
+# cost model let it verify (with the measured cost, Medusa's trees were the root alone on every prompt)
+HEAD_NODES = 16
 
 _RENAMED = re.compile(r"\n\n# The function above again, unchanged except that it is renamed to (\w+):\n")
 _PARAM = re.compile(r"\n\n# The function above again, with the parameter `(\w+)` renamed to `(\w+)`:\n")
@@ -101,6 +113,66 @@ def teacher_forced_tau(drafter: Drafter, prompt_ids: list[int], reference: list[
     return emitted / steps
 
 
+class ForcedTarget:
+    """A generation's target whose forwards are real (cache, hidden states) but whose verdict is the
+    reference's: each tree node's logits put all their mass on the reference token that follows the node's
+    position, so greedy acceptance takes exactly the drafted prefix that matches the reference, and the bonus
+    token is the reference's next. Nodes off the reference path get logits too, but acceptance never reaches
+    them."""
+
+    def __init__(self, inner, prompt_len: int, reference: list[int]) -> None:
+        self.inner, self.prompt_len, self.reference = inner, prompt_len, reference
+
+    @property
+    def length(self) -> int:
+        return self.inner.length
+
+    def reset(self, positions: int, slack: int = 0) -> None:
+        self.inner.reset(positions, slack)
+
+    def prefill(self, token_ids: list[int], layers=()) -> Scores:
+        return self.inner.prefill(token_ids, layers)
+
+    def score(self, tree: DraftTree, layers=()) -> Scores:
+        # the root sits at position `start` (the cache holds every token before it); a node at depth d is at
+        # start + d, and the token after it is reference[start + d + 1 - prompt_len]
+        start = self.inner.length
+        scores = self.inner.score(tree, layers)
+        last = len(self.reference) - 1
+        truth = [self.reference[min(start + d + 1 - self.prompt_len, last)] for d in tree.depths]
+        logits = scores.logits.new_zeros(scores.logits.shape)  # [N, V], one-hot rows
+        logits[torch.arange(len(tree)), torch.tensor(truth)] = 1.0
+        return Scores(logits, scores.hidden)
+
+    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+        self.inner.commit(tree_start, accepted_nodes)
+
+    def free(self) -> None:
+        self.inner.free()
+
+
+def forced_tau(engine, prompt_ids: list[int], reference: list[int]) -> float:
+    """Tokens per target forward of the engine's drafter when the reference decides acceptance (`ForcedTarget`)."""
+    from specdec.engine import Decoding
+
+    if not reference:
+        return 0.0
+    params = SamplingParams(max_new_tokens=len(reference), ignore_eos=True)
+    run = Decoding(engine, prompt_ids, params)
+    run.target = ForcedTarget(run.target, len(prompt_ids), reference)
+    try:
+        with torch.inference_mode():
+            run.prefill()
+            while True:
+                step = run.step()
+                if step.done:
+                    break
+    finally:
+        run.close()
+    assert run.out.token_ids == reference, "a forced generation must emit the reference"
+    return run.stats.mean_accepted_tokens
+
+
 @dataclass
 class YardstickRow:
     task: str
@@ -113,8 +185,26 @@ class YardstickRow:
 MIN_REFERENCE = 8  # tokens of real continuation a prompt needs to give a τ worth averaging
 
 
-def run_yardstick(prompts, model, tokenizer, max_new_tokens: int, drafters=TOKEN_ONLY, progress=None):
-    """Rows per task and drafter over `prompts` (BenchPrompt with text) that have a real continuation."""
+def head_engines(model, tokenizer, heads=HEADS, nodes: int = HEAD_NODES) -> tuple[dict, dict[str, str]]:
+    """(name -> engine with `nodes` drafted nodes a step, for the heads that load for this model; name -> why
+    not, for the others)."""
+    from specdec.api import SpecDecoder
+    from specdec.errors import InputError
+
+    engines, skipped = {}, {}
+    for name in heads:
+        try:
+            engines[name] = SpecDecoder(model, tokenizer, method=name, max_nodes=nodes).engine
+        except InputError as e:  # no head for this model (the shipped heads fit the shipped target alone)
+            skipped[name] = str(e)
+    return engines, skipped
+
+
+def run_yardstick(
+    prompts, model, tokenizer, max_new_tokens: int, drafters=TOKEN_ONLY, heads=None, progress=None
+):
+    """Rows per task and drafter over `prompts` (BenchPrompt with text) that have a real continuation.
+    `heads`: name -> engine of the head drafters to run through the target too (`head_engines`)."""
     from specdec.api import SpecDecoder
 
     greedy = SpecDecoder(model, tokenizer, method="suffix")  # lossless: the model's greedy output, faster
@@ -140,6 +230,9 @@ def run_yardstick(prompts, model, tokenizer, max_new_tokens: int, drafters=TOKEN
         for name in drafters:
             d = make_drafter(name)
             pair = (teacher_forced_tau(d, prompt_ids, real_ids), teacher_forced_tau(d, prompt_ids, own))
+            per.setdefault((p.task, name), []).append(pair)
+        for name, engine in (heads or {}).items():
+            pair = (forced_tau(engine, prompt_ids, real_ids), forced_tau(engine, prompt_ids, own))
             per.setdefault((p.task, name), []).append(pair)
     rows = []
     for (task, name), pairs in per.items():
