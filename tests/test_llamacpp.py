@@ -54,7 +54,7 @@ def test_auto_runtime_for_drafting_is_the_one_timed_cheaper(tok, monkeypatch, fa
     timed: list[str] = []
     sizes: set[int] = set()
 
-    def tree_seconds(model, choice, tokens):
+    def tree_seconds(model, choice, tokens, clock):
         timed.append(choice.name)
         sizes.add(tokens)
         return 1.0 if choice.name == faster else 2.0

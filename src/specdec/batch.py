@@ -13,8 +13,8 @@ what the same request gives decoded alone (greedy: generate()'s; sampled: the sa
 generator). Rows are kept in cache order 0..B-1: a finished row's slot is filled by moving the last live row
 into it.
 
-The batch runs on the native runtime (its forward takes rows, `NativeModel.forward_rows`) and for drafters
-that read no hidden states (`auto` batches without its members that do).
+The batch runs on the native runtime (its forward takes rows, `NativeModel.forward_rows`), whichever runtime
+the engine decodes single requests on under `--runtime auto`, and for drafters that read no hidden states (`auto` batches without its members that do).
 
 Tree budget across the batch: with B rows a step already scores B roots, and one more tree token costs the
 whole batch's step a little time, so a row should draft only nodes likely enough to pay for that. A drafter
@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from specdec.costmodel import REFINE_CLIP, REFINE_RATE, CostModel, _binary_tree
-from specdec.errors import ContextLengthError, InputError
+from specdec.errors import InputError, UnsupportedModelError
 from specdec.runner import Scores
+from specdec.runtime import RuntimeChoice, select_runtime
 from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
 from specdec.tree import DraftTree
 
@@ -238,8 +239,11 @@ class RowTarget:
     """One generation's view of the batch: the target runtime surface `Decoding` uses (scoring is the
     batch's, one forward for all rows)."""
 
-    def __init__(self, rows: BatchRows, slot: Slot, budget: BatchBudget | None = None) -> None:
+    def __init__(
+        self, rows: BatchRows, slot: Slot, runtime: RuntimeChoice, budget: BatchBudget | None = None
+    ) -> None:
         self.rows, self.slot = rows, slot
+        self.runtime = runtime  # the batch's (native), which may not be the engine's solo runtime
         # the step as this row's drafter sees it when sizing its tree (`Request.batch`)
         self.budget = RowBudget(rows, slot, budget) if budget is not None else None
 
@@ -264,18 +268,32 @@ class RowTarget:
         pass  # the batch frees the row when the generation ends
 
 
-def check_batchable(engine) -> NativeModel:
-    """The native model under the engine, or InputError saying why this engine cannot batch."""
-    if engine.runtime.name != "native":
-        raise InputError(
-            f"batched decoding runs on the native runtime (Llama, Mistral, Qwen2, Qwen3); this engine uses "
-            f"{engine.runtime.name}"
-        )
+def batch_runtime(engine) -> RuntimeChoice:
+    """The native runtime the engine's batches run on, or InputError saying why it cannot batch. An engine
+    whose solo runtime `auto` timed to llama.cpp batches on native all the same (it runs every model llama.cpp
+    does here, and is checked against transformers alike): which runtime won a timing must not decide what
+    the engine can do."""
     if engine.layers and not engine.drafter.hidden_states_optional:  # auto leaves its eagle member out
         raise InputError(
             f"batched decoding does not yet serve {engine.drafter.name}, which reads hidden states"
         )
-    runner = engine.runtime.new()
+    if engine.runtime.name == "native":
+        return engine.runtime
+    if engine.runtime_name != "auto":
+        raise InputError(
+            f"batched decoding runs on the native runtime; this engine was given --runtime "
+            f"{engine.runtime_name} (use native or auto)"
+        )
+    try:
+        return select_runtime(engine.model, "native", remember=False)
+    except UnsupportedModelError as err:
+        raise InputError(
+            f"batched decoding runs on the native runtime (Llama, Mistral, Qwen2, Qwen3): {err}"
+        ) from None
+
+
+def native_model(runtime: RuntimeChoice) -> NativeModel:
+    runner = runtime.new()
     assert isinstance(runner, NativeRunner)  # the native runtime's factory
     return runner.native
 
@@ -294,7 +312,8 @@ class Batch:
 
     def __init__(self, engine, rows: int, capacity: int = 256) -> None:
         self.engine = engine
-        native = check_batchable(engine)
+        self.runtime = batch_runtime(engine)
+        native = native_model(self.runtime)
         self.rows = BatchRows(native, rows, capacity)
         self.budget = BatchBudget(native)
         if engine.drafter.sizes_batch_trees:
@@ -308,24 +327,19 @@ class Batch:
     def join(self, prompt_ids: list[int], params) -> Member:
         """Prefill a new row (InputError / ContextLengthError for a request that cannot run; the batch is
         unchanged then)."""
-        from specdec.engine import Decoding
+        from specdec.engine import Decoding, check_request
 
-        params.validate()
-        if not prompt_ids:
-            raise InputError("the prompt is empty (it must contain at least one token)")
-        limit = self.engine.max_positions
-        if limit is not None and len(prompt_ids) + params.max_new_tokens > limit:
-            raise ContextLengthError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                f"model's context of {limit} positions"
-            )
+        check_request(prompt_ids, params, self.engine.max_positions)
         if self.full:
             raise InputError("the batch is full")
         slot = self.rows.add()
         try:
             with torch.inference_mode():
                 run = Decoding(
-                    self.engine, prompt_ids, params, target=RowTarget(self.rows, slot, self.budget)
+                    self.engine,
+                    prompt_ids,
+                    params,
+                    target=RowTarget(self.rows, slot, self.runtime, self.budget),
                 )
                 run.prefill()
         except BaseException:

@@ -8,7 +8,10 @@ each tree size n, the expected number of accepted drafted tokens gain(n) should 
 
 (see docs/methods.md, The cost model). `CostModel.measure` times real tree forwards after a prefill on the running model
 (well under a second for the shipped model) and fits a monotone piecewise-linear cost(n); `CostModel.reference()`
-is the table above, for when measuring is not wanted. `CostModel.for_model` measures once per model object.
+is the table above, for when measuring is not wanted. `CostModel.for_runtime` measures once per model object
+and runtime, and `CostModel.recheck` measures again (on `specdec.timing`'s schedule, by its callers), keeping
+per size the least time ever seen: a burst of load during the first measurement cannot shape the curve for the
+process's life.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
+from specdec.timing import Fastest
 from specdec.tree import DraftTree
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
-_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {runtime name: CostModel}
+# model -> {runtime name: (the fitted CostModel, the least seconds seen per size)}
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,13 @@ class CostModel:
         past: int = 512,
         repeats: int = 7,
         runtime: Callable | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> CostModel:
         """Time `repeats` forwards per tree size after a `past`-token prefill; the least per size is fitted.
         `runtime` makes the target runtime to time (default: transformers'). `past`: a typical request's
         context (attention's share of a forward grows with it, and differently per runtime: llama.cpp's trees
-        cost 1.5x more after 900 tokens than after 64, native's 1.3x), capped by the model's positions."""
+        cost 1.5x more after 900 tokens than after 64, native's 1.3x), capped by the model's positions.
+        `clock`: what times the forwards (tests inject one)."""
         from specdec.models.support import attention_window
         from specdec.runner import ModelRunner
 
@@ -96,10 +103,10 @@ class CostModel:
             # small trees look dear and large ones cheap beside them when sizes were timed round robin
             for n in sizes:
                 for timed in [False, False] + [True] * repeats:
-                    start = time.perf_counter()
+                    start = clock()
                     runner.score(trees[n])
                     if timed:
-                        samples[n].append(time.perf_counter() - start)
+                        samples[n].append(clock() - start)
                     cache.crop(past)
             # the least: other load only ever slows a forward, and auto compares runtimes by these curves, so a
             # burst must not decide (medians of 5 moved llama.cpp's 1-token forward between 1.9 and 2.4 ms)
@@ -114,12 +121,24 @@ class CostModel:
         return cls.for_runtime(model, runtime_for(model))
 
     @classmethod
-    def for_runtime(cls, model, runtime) -> CostModel:
-        """`measure(model)` on a runtime (a `RuntimeChoice`) once per model object and runtime."""
+    def for_runtime(cls, model, runtime, clock: Callable[[], float] = time.perf_counter) -> CostModel:
+        """`measure(model)` on a runtime (a `RuntimeChoice`) once per model object and runtime (the latest
+        `recheck` after that)."""
         measured = _MEASURED.setdefault(model, {})
         if runtime.name not in measured:
-            measured[runtime.name] = cls.measure(model, runtime=runtime.new)
-        return measured[runtime.name]
+            return cls.recheck(model, runtime, clock)
+        return measured[runtime.name][0]
+
+    @classmethod
+    def recheck(cls, model, runtime, clock: Callable[[], float] = time.perf_counter) -> CostModel:
+        """Measure again and fit, per size, the least time of this and every earlier measurement on the runtime
+        (other load only ever slows a forward); what `for_runtime` returns from now on."""
+        measured = _MEASURED.setdefault(model, {})
+        fastest = measured[runtime.name][1] if runtime.name in measured else Fastest()
+        sample = cls.measure(model, runtime=runtime.new, clock=clock)
+        curve = cls.fit(sample.sizes, fastest.merge(sample.sizes, sample.seconds))
+        measured[runtime.name] = (curve, fastest)
+        return curve
 
     def __call__(self, n: float) -> float:
         """Linear between measured sizes; beyond them, the nearest segment's slope (flat below the first)."""

@@ -24,7 +24,7 @@ from specdec.drafters.base import Drafter, Request, Scored
 from specdec.errors import ContextLengthError, InputError
 from specdec.models.support import check_tree_attention
 from specdec.runner import ModelRunner, Scores
-from specdec.runtime import select_runtime
+from specdec.runtime import RuntimeChoice, select_runtime, timed_choice
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
 from specdec.tree import DraftTree
@@ -171,6 +171,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.eos_ids = eos_token_ids(model, tokenizer)
+        self.runtime_name = runtime  # as asked ("auto": chosen below, and re-timed for drafting methods)
         # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards, and a
         # drafter whose hidden-state readers are optional (auto's eagle member) leaves them out without them
         needs_hidden = (
@@ -186,6 +187,10 @@ class Engine:
             timed=not drafter.chooses_runtime,
             tree_tokens=drafter.tree_tokens,
         )
+        # a drafting method's runtime was timed against the other's: that race runs again now and then, and
+        # every generation takes its current winner (`next_runtime`)
+        timed = runtime == "auto" and drafter.drafts and not needs_hidden and not drafter.chooses_runtime
+        self.race = timed_choice(model, drafter.tree_tokens) if timed else None
         drafter.bind(model)
         self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
         # a drafter that picks the runtime per request (auto) may also use plain decoding's fastest one
@@ -194,6 +199,14 @@ class Engine:
             plain = select_runtime(model, "auto", drafts=False, remember=False)
             if plain.name != self.runtime.name:
                 self.runtimes.append(plain)
+
+    def next_runtime(self, params: SamplingParams) -> RuntimeChoice:
+        """The runtime a generation with these parameters runs on: the drafter's pick among `runtimes`, or
+        the timed race's current winner (re-timed when due: `specdec.runtime.TimedChoice`)."""
+        if self.race is not None:
+            self.runtime = self.runtimes[0] = self.race.next_generation(self.model)
+            return self.runtime
+        return self.runtimes[self.drafter.choose_runtime(params, self.runtimes)]
 
     @property
     def max_positions(self) -> int | None:
@@ -228,9 +241,9 @@ class Decoding:
         self.t_start = time.perf_counter()
         self.drafter = engine.drafter
         if target is None:
-            runtime = engine.runtimes[engine.drafter.choose_runtime(params, engine.runtimes)]
-        else:  # a batch row: the batch runs on the engine's runtime and scores no hidden states
-            runtime = replace(engine.runtime, hidden_states=False)
+            runtime = engine.next_runtime(params)
+        else:  # a batch row: the batch runs on its own runtime (`target.runtime`) and scores no hidden states
+            runtime = replace(target.runtime, hidden_states=False)
         self.layers = engine.layers if runtime.hidden_states or self.drafter.final_hidden_only else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params

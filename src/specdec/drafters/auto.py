@@ -48,6 +48,7 @@ from typing import Any
 from specdec.costmodel import CostModel, OnlineCost
 from specdec.drafters.base import REGISTRY, Drafter, Request, Scored, register
 from specdec.errors import InputError
+from specdec.timing import Recheck
 from specdec.tree import DraftTree, Trie
 
 LOG = logging.getLogger("specdec.auto")
@@ -70,6 +71,12 @@ CALIBRATION_PRIOR = 16.0  # pseudo-tokens behind a calibration factor of 1 (see 
 CALIBRATION_RANGE = (0.25, 2.0)  # the factor's bounds
 REALIZED_MEMORY = 0.97  # discount per step of `Realized`'s sums: about the last 30 steps of each kind
 REALIZED_PRIOR = 4.0  # steps' worth of "as predicted" behind `Realized`'s sums
+# a kind of step (plain, drafted) not seen for REALIZED_IDLE steps of the other has its realized sums moved
+# back to "as predicted" by REALIZED_DRIFT per further step: a kind that stopped being chosen (drafted steps,
+# after a burst of load made them look slow) gets no new evidence, so its shortfall, and with it the bar, would
+# otherwise hold for the process's life
+REALIZED_IDLE = 32
+REALIZED_DRIFT = 0.02
 BAR_RANGE = (0.8, 3.0)  # `Realized.bar`'s bounds
 
 
@@ -357,6 +364,7 @@ class Realized:
 
     # per kind (0: plain, 1: drafted): discounted predicted tokens, predicted seconds, tokens, seconds
     sums: list[list[float]] = field(default_factory=lambda: [[0.0] * 4, [0.0] * 4])
+    idle: list[int] = field(default_factory=lambda: [0, 0])  # per kind: steps of the other since its last
 
     def record(
         self, drafted: bool, tokens_expected: float, seconds_expected: float, tokens: int, seconds: float
@@ -369,6 +377,11 @@ class Realized:
         sums[1] = m * sums[1] + seconds_expected
         sums[2] = m * sums[2] + tokens
         sums[3] = m * sums[3] + seconds
+        self.idle[drafted], self.idle[not drafted] = 0, self.idle[not drafted] + 1
+        if self.idle[not drafted] > REALIZED_IDLE:
+            other = self.sums[not drafted]
+            other[2] += REALIZED_DRIFT * (other[0] - other[2])
+            other[3] += REALIZED_DRIFT * (other[1] - other[3])
 
     def shortfall(self, drafted: bool) -> float:
         """Predicted over realized tokens per second (1: as predicted)."""
@@ -462,6 +475,10 @@ class Auto(Drafter):
         self.benched: dict[float, list[int]] = {}  # per temperature, per member: generations since tried
         self.realized: dict[float, Realized] = {}  # per temperature as `shared`
         self.default_runtime: str | None = None  # the engine's default runtime, once it offered a choice
+        self.runtimes: dict[str, Any] = {}  # name -> its `RuntimeChoice`, as `timings`
+        # when the cost curves are measured again (`_remeasure`): a burst of load at the first measurement
+        # must not shape every tree for the process's life
+        self.recheck = Recheck()
 
     @classmethod
     def create(cls, draft_model=None, **options) -> Auto:
@@ -484,6 +501,7 @@ class Auto(Drafter):
             self.members.append(m)
         self.model = model
         self.timings = {}  # each measured at the first start on it, once the engine checked the model
+        self.runtimes, self.recheck = {}, Recheck()
         self.usage = {}
         self.shared = {}
         self.seconds = [0.0] * len(self.members)
@@ -500,6 +518,7 @@ class Auto(Drafter):
 
         runtime = runtime or runtime_for(self.model)
         if runtime.name not in self.timings:
+            self.runtimes[runtime.name] = runtime
             fixed = self.config.cost
             cost = (
                 OnlineCost(fixed, rate=0.0)
@@ -538,7 +557,15 @@ class Auto(Drafter):
         best = min(range(len(runtimes)), key=times.__getitem__)
         return best if times[best] < (1 - RUNTIME_MARGIN) * times[0] else 0
 
+    def _remeasure(self) -> None:
+        """Every runtime's cost curve measured again, each size keeping its least time so far
+        (`CostModel.recheck`); the online refinements start over from it."""
+        for name, timing in self.timings.items():
+            timing.cost = OnlineCost(CostModel.recheck(self.model, self.runtimes[name]))
+
     def start(self, request: Request) -> AutoState:
+        if self.recheck.tick() and self.config.cost is None:
+            self._remeasure()
         timing = self._timing(request.runtime)
         no_hidden = request.runtime is not None and not request.runtime.hidden_states
         params = request.params

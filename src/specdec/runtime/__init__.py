@@ -16,15 +16,17 @@ inputs (`specdec.runtime.check`) of: llamacpp, native, transformers; falling bac
 plain decoding (one-token forwards) llamacpp is taken outright: it was the fastest on every machine tried.
 For drafting methods the two are timed on this machine over a tree of the size the drafter's steps typically
 verify (`Drafter.tree_tokens`, default `TREE_TOKENS`) and the cheaper one is taken, because the answer depends
-on the tree and the CPU (docs/runtime.md): on one Intel machine native's forward was the
-faster from ~8 tree tokens on, on an AMD EPYC llama.cpp's was faster up to 32 tokens (8 tokens: 7.2 ms vs
-13.2 ms). A drafter that reads hidden states gets native (llama.cpp returns none); one that picks its runtime
-per request (`auto`) starts on native and is offered llamacpp beside it (`specdec.engine`).
+on the tree and the CPU (docs/runtime.md). That race (`TimedChoice`) is run again on `specdec.timing`'s
+schedule of generations, keeping each runtime's least time and switching only by a margin, so a burst of load
+while the process starts cannot decide for its whole life; the engine asks it for every generation. A drafter
+that reads hidden states gets native (llama.cpp returns none); one that picks its runtime per request (`auto`)
+starts on native and is offered llamacpp beside it (`specdec.engine`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Protocol
 
 from specdec.errors import InputError, UnsupportedModelError
 from specdec.runner import ModelRunner, Scores
+from specdec.timing import Fastest, Recheck, prefer
 from specdec.tree import DraftTree
 
 log = logging.getLogger("specdec.runtime")
@@ -74,6 +77,7 @@ class RuntimeChoice:
 
 _CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(name, ...): RuntimeChoice}
 _LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the RuntimeChoice made last
+_RACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {tree tokens: TimedChoice}
 
 
 def _transformers(model, notice: str = "") -> RuntimeChoice:
@@ -128,8 +132,8 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool, tree_tokens: in
         if not drafts:
             return fast
         native = select_runtime(model, "native", remember=False)
-        cheaper = _tree_seconds(model, fast, tree_tokens) < _tree_seconds(model, native, tree_tokens)
-        return fast if cheaper else native
+        race = _RACES.setdefault(model, {}).setdefault(tree_tokens, TimedChoice((native, fast), tree_tokens))
+        return race.choose(model)
     try:
         return select_runtime(model, "native", remember=False)
     except UnsupportedModelError as err:
@@ -138,11 +142,55 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool, tree_tokens: in
         return choice
 
 
-def _tree_seconds(model, choice: RuntimeChoice, tokens: int) -> float:
+def _tree_seconds(model, choice: RuntimeChoice, tokens: int, clock: Callable[[], float]) -> float:
     """A `tokens`-token tree forward on this runtime after a typical context (least of 5; ~0.1 s)."""
     from specdec.costmodel import CostModel
 
-    return CostModel.measure(model, sizes=(tokens,), repeats=5, runtime=choice.new)(tokens)
+    return CostModel.measure(model, sizes=(tokens,), repeats=5, runtime=choice.new, clock=clock)(tokens)
+
+
+class TimedChoice:
+    """Native against llama.cpp for a drafting method, by the time of a `tree_tokens`-token tree forward on
+    each: timed at the first choice and again on `Recheck`'s schedule of generations (`next_generation`),
+    keeping each one's least time and switching only by a margin (`prefer`)."""
+
+    def __init__(
+        self,
+        options: tuple[RuntimeChoice, ...],
+        tree_tokens: int,
+        clock: Callable[[], float] = time.perf_counter,
+        timer: Callable[..., float] | None = None,
+    ) -> None:
+        self.options = options  # the first is kept when they are within the margin at the start
+        self.tree_tokens = tree_tokens
+        self.clock = clock
+        self.timer = timer  # (model, choice, tokens, clock) -> seconds; None: `_tree_seconds`
+        self.fastest = Fastest()
+        self.recheck = Recheck()
+        self.current = 0
+        self.timed = 0  # times the options were timed
+
+    def choose(self, model) -> RuntimeChoice:
+        """The runtime chosen now (timed first if it never was)."""
+        if not self.timed:
+            self.time(model)
+        return self.options[self.current]
+
+    def next_generation(self, model) -> RuntimeChoice:
+        """The runtime for a generation about to start, re-timed first when a re-check is due."""
+        if self.recheck.tick() or not self.timed:
+            self.time(model)
+        return self.options[self.current]
+
+    def time(self, model) -> None:
+        timer = self.timer or _tree_seconds
+        seconds = [
+            self.fastest.add(o.name, timer(model, o, self.tree_tokens, self.clock)) for o in self.options
+        ]
+        previous, self.current = self.current, prefer(self.current, seconds)
+        self.timed += 1
+        if self.current != previous:
+            log.info("runtime for drafting: %s (re-timed)", self.options[self.current].name)
 
 
 def select_runtime(
@@ -185,10 +233,25 @@ def select_runtime(
     return chosen[key]
 
 
+def timed_choice(model, tree_tokens: int = TREE_TOKENS) -> TimedChoice | None:
+    """The race `select_runtime(model, "auto")` runs for drafts over `tree_tokens`-token trees, if it ran one
+    (both llamacpp and native run the model): the engine asks it again for every generation."""
+    return _RACES.get(model, {}).get(tree_tokens)
+
+
 def runtime_for(model) -> RuntimeChoice:
     """The runtime last chosen for `model` (what its engine decodes with, chosen before the drafter binds),
     else the `auto` choice: what cost models must time."""
     return _LAST.get(model) or select_runtime(model, "auto")
 
 
-__all__ = ["RUNTIMES", "Runtime", "RuntimeChoice", "Scores", "runtime_for", "select_runtime"]
+__all__ = [
+    "RUNTIMES",
+    "Runtime",
+    "RuntimeChoice",
+    "Scores",
+    "TimedChoice",
+    "runtime_for",
+    "select_runtime",
+    "timed_choice",
+]
