@@ -15,9 +15,10 @@ from specdec import SpecDecoder
 from specdec.acceptance import verify_greedy
 from specdec.drafters import Request, make_drafter
 from specdec.drafters.base import Scored
-from specdec.drafters.layerskip import ViewRunner, default_skip, skipping_view
+from specdec.drafters.layerskip import default_skip
 from specdec.drafters.lookahead import Lookahead, LookaheadState
 from specdec.errors import InputError
+from specdec.runtime.skipview import ViewRunner, skipping_view
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 
 import tiny

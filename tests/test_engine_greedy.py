@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from specdec import Drafter, DraftTree, SpecDecoder
-from specdec.runner import ModelRunner
+from specdec.runtime.hf import ModelRunner
 from specdec.runtime.native import NativeModel, NativeRunner
 
 import tiny

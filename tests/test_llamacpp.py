@@ -10,7 +10,7 @@ from specdec import SpecDecoder
 from specdec.bench.llamacpp import LlamaCppMethod
 from specdec.drafters import REGISTRY, methods
 from specdec.errors import InputError
-from specdec.runner import ModelRunner
+from specdec.runtime.hf import ModelRunner
 from specdec.runtime.llamacpp import LlamaCppModel, LlamaCppRunner
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
@@ -37,9 +37,9 @@ def test_trees_after_commits_match_transformers(handover):
             runtime.prefill(prompt)
             out = []
             for tree, keep in zip(trees, ([0, 1, 3], [0, 2]), strict=True):
-                start = runtime.length
-                out.append(runtime.score(tree).logits)
-                runtime.commit(start, keep)
+                scores = runtime.score(tree)
+                out.append(scores.logits)
+                runtime.commit(scores, keep)
             results.append(out)
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())

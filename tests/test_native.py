@@ -11,12 +11,12 @@ import torch
 
 from specdec import SpecDecoder
 from specdec.drafters import REGISTRY, methods
-from specdec.drafters.layerskip import skipping_view
 from specdec.errors import UnsupportedModelError
-from specdec.runner import ModelRunner
 from specdec.runtime import select_runtime
 from specdec.runtime.check import check_runtime
+from specdec.runtime.hf import ModelRunner
 from specdec.runtime.native import NativeModel, NativeRunner, unsupported_reason
+from specdec.runtime.skipview import skipping_view
 from specdec.tree import DraftTree
 
 import tiny
@@ -82,10 +82,9 @@ def test_trees_after_commits_match_transformers(arch, dtype):
             runtime.reset(32, slack=8)
             out = [runtime.prefill(prompt, layers).hidden[0]]
             for tree, keep in zip(trees, ([0, 1, 3], [0, 1]), strict=True):
-                start = runtime.length
                 scores = runtime.score(tree, layers)
                 out += [scores.logits, *(scores.hidden[i] for i in layers)]
-                runtime.commit(start, keep)
+                runtime.commit(scores, keep)
             results.append(out)
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=atol)

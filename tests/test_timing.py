@@ -69,12 +69,11 @@ def test_two_runtimes_of_one_speed_do_not_flip_flop():
 
 
 class FakeRunner:
-    """What `CostModel.measure` drives (start, score, cache.crop), advancing an injected clock by a scripted
+    """What `CostModel.measure` drives (start, score, crop), advancing an injected clock by a scripted
     forward time: 1 ms plus 0.1 ms per tree token, times `burst` for trees of 8 tokens or more."""
 
     def __init__(self, clock: list[float], burst: float) -> None:
         self.clock, self.burst = clock, burst
-        self.cache = self
 
     def start(self, ids, capacity) -> None:
         pass

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from specdec.cache import KVCache
+from specdec.runtime.kvcache import KVCache
 from specdec.tree import DraftTree
 
 

@@ -38,8 +38,8 @@ import torch
 
 from specdec.costmodel import REFINE_CLIP, REFINE_RATE, CostModel, _binary_tree
 from specdec.errors import InputError, UnsupportedModelError
-from specdec.runner import Scores
 from specdec.runtime import RuntimeChoice, select_runtime
+from specdec.runtime.base import Scores
 from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
 from specdec.tree import DraftTree
 
@@ -261,8 +261,8 @@ class RowTarget:
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
         raise RuntimeError("a row of a batch is scored with the others (BatchRows.score)")
 
-    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
-        self.rows.cache.keep(tree_start, accepted_nodes, self.slot.row)
+    def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
+        self.rows.cache.keep(scores.start, accepted_nodes, self.slot.row)
 
     def free(self) -> None:
         pass  # the batch frees the row when the generation ends
@@ -366,13 +366,14 @@ class Batch:
         with torch.inference_mode():
             members = sorted(self.members, key=lambda m: m.slot.row)  # cache order: row r is members[r]
             trees = [m.run.propose() for m in members]
+            starts = list(self.rows.cache.lengths[: len(members)])  # where each row's tree enters its cache
             tokens = sum(len(tree) for tree in trees)
             start = time.perf_counter()
             logits = self.rows.score(trees)  # each row's verify time spans the shared forward
             self.budget.update(len(trees), tokens, time.perf_counter() - start)
             steps = [
-                (m, m.run.finish(tree, Scores(row_logits, {})))
-                for m, tree, row_logits in zip(members, trees, logits, strict=True)
+                (m, m.run.finish(tree, Scores(row_logits, {}, start, tree)))
+                for m, tree, row_logits, start in zip(members, trees, logits, starts, strict=True)
             ]
         for (member, step), tree in zip(steps, trees, strict=True):
             # what the row's step gave: the plan the other rows size their next trees against until a drafter

@@ -80,7 +80,7 @@ class CostModel:
         cost 1.5x more after 900 tokens than after 64, native's 1.3x), capped by the model's positions.
         `clock`: what times the forwards (tests inject one)."""
         from specdec.models.support import attention_window
-        from specdec.runner import ModelRunner
+        from specdec.runtime.hf import ModelRunner
 
         config = model.config.get_text_config(decoder=True)
         limit = getattr(config, "max_position_embeddings", None) or past + max(sizes) + 1
@@ -91,11 +91,9 @@ class CostModel:
         runner = ModelRunner(model) if runtime is None else runtime()
         with torch.inference_mode():
             runner.start([(7 * i + 1) % vocab for i in range(past)], past + max(sizes) + 1)
-            cache = runner.cache
-            assert cache is not None  # start() made it
             trees = {n: _binary_tree(n, vocab) for n in sizes}
             runner.score(trees[min(sizes)])  # warm-up (first-call allocations)
-            cache.crop(past)
+            runner.crop(past)
             samples: dict[int, list[float]] = {n: [] for n in sizes}
             # one size at a time, as decoding uses them (tree sizes change slowly), each after two untimed
             # forwards of its size: a forward right after a much larger one costs more for a few calls
@@ -107,7 +105,7 @@ class CostModel:
                     runner.score(trees[n])
                     if timed:
                         samples[n].append(clock() - start)
-                    cache.crop(past)
+                    runner.crop(past)
             # the least: other load only ever slows a forward, and auto compares runtimes by these curves, so a
             # burst must not decide (medians of 5 moved llama.cpp's 1-token forward between 1.9 and 2.4 ms)
             times = [min(samples[n]) for n in sizes]

@@ -22,9 +22,10 @@ import torch
 from specdec.acceptance import verify_greedy, verify_sampled
 from specdec.drafters.base import Drafter, Request, Scored
 from specdec.errors import ContextLengthError, InputError
-from specdec.models.support import check_tree_attention
-from specdec.runner import ModelRunner, Scores
 from specdec.runtime import RuntimeChoice, select_runtime, timed_choice
+from specdec.runtime.base import Scores
+from specdec.runtime.check import check_tree_attention
+from specdec.runtime.hf import ModelRunner
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
 from specdec.tree import DraftTree
@@ -274,20 +275,19 @@ class Decoding:
         t0 = time.perf_counter()
         tree = self.drafter.propose(self.state, self.context, remaining - 1).truncate_depth(remaining - 1)
         self._proposed = time.perf_counter()
-        self._tree_start = self.target.length  # before scoring: a runtime's score may advance its length
         self.stats.draft_seconds += self._proposed - t0
         return tree
 
     def finish(self, tree: DraftTree, scores: Scores) -> Step:
         """accept -> commit -> observe -> emit, for the tree `propose` returned, scored."""
         stats, target, drafter, out = self.stats, self.target, self.drafter, self.out
-        t1, tree_start = self._proposed, self._tree_start
+        t1 = self._proposed
         verdict = (
             verify_greedy(tree, scores.logits)
             if self.dist is None
             else verify_sampled(tree, scores.logits, self.dist, self.generator)
         )
-        target.commit(tree_start, verdict.accepted_nodes)
+        target.commit(scores, verdict.accepted_nodes)
         t2 = time.perf_counter()
         drafter.observe(self.state, Scored(tree, verdict, scores.logits, scores.hidden))
         t3 = time.perf_counter()

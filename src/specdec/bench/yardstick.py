@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ import torch
 from specdec.acceptance import _descend
 from specdec.drafters import make_drafter
 from specdec.drafters.base import Drafter, Request, Scored
-from specdec.runner import Scores
+from specdec.runtime.base import Scores
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
 
@@ -142,10 +142,10 @@ class ForcedTarget:
         truth = [self.reference[min(start + d + 1 - self.prompt_len, last)] for d in tree.depths]
         logits = scores.logits.new_zeros(scores.logits.shape)  # [N, V], one-hot rows
         logits[torch.arange(len(tree)), torch.tensor(truth)] = 1.0
-        return Scores(logits, scores.hidden)
+        return replace(scores, logits=logits)
 
-    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
-        self.inner.commit(tree_start, accepted_nodes)
+    def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
+        self.inner.commit(scores, accepted_nodes)
 
     def free(self) -> None:
         self.inner.free()

@@ -148,7 +148,7 @@ class BlockDecoding:
             c, c + n, dtype=torch.bool
         ).tril_()  # the carry: causal, not the block
         # rows from the carry's last on: [n + 1, V] with a carry ([n, V] without)
-        logits = self.native.forward(cache, ids, positions, visible, logits_from=max(c - 1, 0)).logits
+        logits = self.native.forward_block(cache, ids, positions, visible, logits_from=max(c - 1, 0))
         cache.length = past + c  # the block's keys stay in the slots after it (the dual cache)
         if c:
             self.pending, logits = logits[0], logits[1:]
@@ -175,11 +175,11 @@ class BlockDecoding:
         cache.length = base + lo
         ids = torch.tensor(tokens[lo:hi], dtype=torch.long)
         visible = torch.ones(hi - lo, base + n, dtype=torch.bool)
-        logits = self.native.forward(
+        logits = self.native.forward_block(
             cache, ids, torch.arange(base + lo, base + hi), visible, keys_end=base + n
         )
         cache.length = base
-        return logits.logits
+        return logits
 
     # --- the token choice -------------------------------------------------------------------------------------
 

@@ -27,8 +27,9 @@ import torch
 
 from specdec.costmodel import CostModel
 from specdec.drafters.base import Drafter, Request, Scored, register
-from specdec.runner import ModelRunner
+from specdec.runtime.hf import ModelRunner
 from specdec.runtime.native import NativeModel, NativeRunner
+from specdec.runtime.skipview import ViewRunner
 from specdec.sampling import TargetDistribution
 from specdec.tree import DraftTree
 
@@ -50,8 +51,6 @@ def make_runner(model, layers: list[int] | None, lean: bool) -> ModelRunner | Na
     if lean and NativeModel.supports(model):
         return NativeRunner(NativeModel(model, layers))
     if layers is not None:
-        from specdec.drafters.layerskip import ViewRunner
-
         return ViewRunner(model, layers)
     return ModelRunner(model)
 
@@ -237,9 +236,7 @@ class DraftModel(Drafter):
         keep = len(state.fed) - state.fed_drafts + min(accepted, state.fed_drafts)
         if keep < len(state.fed):
             del state.fed[keep:]
-            cache = state.runner.cache
-            assert cache is not None  # `fed` is non-empty only while the cache holds it
-            cache.crop(keep)
+            state.runner.crop(keep)
         if self.cost is not None:
             state.calibration.update(state.confidence, accepted)
         elif self.config.adaptive and state.drafts:

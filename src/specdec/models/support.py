@@ -21,10 +21,7 @@ from __future__ import annotations
 import re
 import weakref
 
-import torch
-
 from specdec.errors import UnsupportedModelError
-from specdec.tree import DraftTree
 
 ATTENTION_LAYERS = {"full_attention", "sliding_attention", "chunked_attention"}
 # transformers' names for layers without a key/value cache (cache_utils' layer-type mappings); "dummy" is an
@@ -144,60 +141,3 @@ def check_layer_types(model, max_length: int) -> None:
             "specdec's tree mask covers full attention only, so it refuses rather than produce output that "
             "differs from the model's own decoding"
         )
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    """Relative tolerance between a tree forward and a causal forward, where only the order of summation
-    differs. Some models compute parts in float32 whatever their dtype (Gemma2's softmax), so float64 gets
-    float32's bound; a wrong position or mask moves logits by far more (an ALiBi bias by index: ~5e-3)."""
-    return 1e-4 if dtype in (torch.float64, torch.float32) else 2e-2  # float16 / bfloat16
-
-
-def _logits(scores) -> torch.Tensor:
-    return getattr(scores, "logits", scores).float()
-
-
-def check_tree_attention(model) -> None:
-    """Raise UnsupportedModelError unless scoring a branching tree matches plain causal decoding.
-
-    A model that ignores (or rewrites) a custom 4D mask or the position ids would silently verify the wrong
-    sequences; this scores one small tree, whose nodes are stored far from their depth (so a position taken
-    from the storage index shows), and compares every node with a causal forward over its path, once per model.
-    """
-    if getattr(model, "_specdec_tree_ok", False):
-        return
-    vocab = _config(model).vocab_size
-    prompt = [1 % vocab, 2 % vocab, 3 % vocab]
-    a, b, c, d, e, f = (t % vocab for t in (4, 5, 6, 7, 8, 9))
-    # root a; children b, c, d, e; f under e; b under f; c under b (node 1)
-    tree = DraftTree([a, b, c, d, e, f, b, c], [-1, 0, 0, 0, 0, 4, 5, 1])
-    paths = [([a, e, f, b], [0, 4, 5, 6]), ([a, b, c], [0, 1, 7]), ([a, c], [0, 2]), ([a, d], [0, 3])]
-    from specdec.runner import ModelRunner
-
-    try:
-        with torch.inference_mode():
-            target = ModelRunner(model)
-            target.start(prompt, len(prompt) + len(tree))
-            got = _logits(target.score(tree))
-            ref = ModelRunner(model)
-            ref.start(prompt, len(prompt) + len(tree))
-            expected = torch.empty_like(got)
-            assert ref.cache is not None  # start() made it
-            for path, nodes in paths:
-                ref.cache.crop(len(prompt))
-                expected[nodes] = _logits(ref.extend(path))
-    except UnsupportedModelError:
-        raise
-    except (ValueError, TypeError, RuntimeError, IndexError) as err:
-        first = (str(err).splitlines() or [""])[0][:200]
-        raise UnsupportedModelError(
-            f"{type(model).__name__} fails when scoring a token tree with a 4D attention mask "
-            f"({type(err).__name__}: {first}), so specdec cannot verify token trees with it"
-        ) from err
-    scale = expected.abs().max().clamp_min(1.0).item()
-    if not torch.allclose(got, expected, atol=_tolerance(next(model.parameters()).dtype) * scale, rtol=0):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not honour a custom 4D attention mask and position ids (tree scoring "
-            "differs from causal decoding), so specdec cannot verify token trees with it"
-        )
-    model._specdec_tree_ok = True

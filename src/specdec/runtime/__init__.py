@@ -1,10 +1,8 @@
-"""The target runtime seam: what the engine needs from whatever runs the target model.
-
-    reset(positions, slack) -> prefill(prompt) -> [ score(tree) -> commit(accepted path) ]* -> free()
+"""Choosing the target runtime: what runs the target model's forwards (the protocol: `specdec.runtime.base`).
 
 Three runtimes implement it:
 
-- `transformers` (`specdec.runner.ModelRunner`): the unmodified Hugging Face model with a 4D tree mask; runs
+- `transformers` (`specdec.runtime.hf.ModelRunner`): the unmodified Hugging Face model with a 4D tree mask; runs
   any causal LM specdec accepts, and is the reference every other runtime is checked against;
 - `native` (`specdec.runtime.native`): specdec's own forward over the same weights for Llama, Mistral, Qwen2
   and Qwen3, with far less per-call overhead; returns hidden states;
@@ -28,14 +26,13 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from specdec.errors import InputError, UnsupportedModelError
-from specdec.runner import ModelRunner, Scores
+from specdec.runtime.base import Runtime, Scores
+from specdec.runtime.hf import ModelRunner
 from specdec.timing import Fastest, Recheck, prefer
-from specdec.tree import DraftTree
 
 log = logging.getLogger("specdec.runtime")
 
@@ -43,25 +40,6 @@ RUNTIMES = ("auto", "llamacpp", "native", "transformers")
 # tree size at which drafting methods compare runtimes: about what pld/suffix/merge verify per step (auto's
 # trees averaged 5-9 nodes in the bench), and where the two runtimes' curves crossed on the Intel machine
 TREE_TOKENS = 8
-
-
-class Runtime(Protocol):
-    """One generation's target: its cache and the forwards over it."""
-
-    name: str
-
-    @property
-    def length(self) -> int: ...  # committed positions in the cache
-
-    def reset(self, positions: int, slack: int = 0) -> None: ...
-
-    def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores: ...
-
-    def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores: ...
-
-    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None: ...
-
-    def free(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from specdec.errors import InputError, UnsupportedModelError
-from specdec.runner import Scores
+from specdec.runtime.base import Scores
 from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
 from specdec.tree import DraftTree
 
@@ -189,8 +189,7 @@ def _QUIET(level, text, user_data) -> None:  # llama.cpp logs every load step to
 
 
 class LlamaCppRunner:
-    """One generation's llama.cpp context: the target runtime surface (reset, prefill, score, commit, free)
-    plus `start`/`extend`/`cache.crop` for the cost model's timing."""
+    """One generation's llama.cpp context (`specdec.runtime.base.Runtime`)."""
 
     name = "llamacpp"
 
@@ -201,7 +200,6 @@ class LlamaCppRunner:
         self.batch = None
         self.length = 0
         self.forwards = 0
-        self.cache = self  # the cost model rolls back with runner.cache.crop(n)
 
     @property
     def max_positions(self) -> int:
@@ -319,30 +317,30 @@ class LlamaCppRunner:
                 f"a tree with {len(leaves)} leaves exceeds the llamacpp runtime's {MAX_SEQUENCES}"
             )
         seqs: list[list[int]] = [[] for _ in range(n)]
-        self.leaf_seq = {}
+        leaf_seq: dict[int, int] = {}  # leaf -> its sequence id, which commit keeps
         for s, leaf in enumerate(leaves):  # sequence s = the path root..leaf
             node = leaf
             while node >= 0:
                 seqs[node].append(s)
                 node = parents[node]
-            self.leaf_seq[leaf] = s
+            leaf_seq[leaf] = s
         memory = self._memory()
         for s in range(1, len(leaves)):  # the committed past (sequence 0) is visible to every sequence
             self.lib.llama_memory_seq_cp(memory, 0, s, -1, -1)
         self._decode(tree.tokens, [self.length + d for d in tree.depths], seqs, [True] * n)
         self.forwards += 1
-        self._tree = tree
-        return Scores(self._logits(n), self._hidden(n, layers))
+        return Scores(self._logits(n), self._hidden(n, layers), self.length, tree, leaf_seq)
 
-    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+    def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         """Keep the accepted root..node path as sequence 0, drop every other tree cell."""
-        tree, memory, lib = self._tree, self._memory(), self.lib
+        tree, memory, lib, tree_start = scores.tree, self._memory(), self.lib, scores.start
+        assert tree is not None, "commit() takes the scores of a tree"
         last = accepted_nodes[-1]
         node = last  # any leaf below the last accepted node names a sequence through the whole path
         children = {p: i for i, p in enumerate(tree.parents) if p >= 0}
         while node in children:
             node = children[node]
-        s = self.leaf_seq[node]
+        s = scores.handle[node]
         lib.llama_memory_seq_keep(memory, s)
         lib.llama_memory_seq_rm(memory, s, tree_start + len(accepted_nodes), -1)
         if s != 0:
@@ -358,6 +356,19 @@ class LlamaCppRunner:
     def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
         self.reset(positions, slack)
         return self.prefill(prompt_ids).logits[-1]
+
+    def extend(self, token_ids: list[int]) -> torch.Tensor:
+        """Append tokens causally (sequence 0); their logits [T, V]."""
+        out = []
+        for start in range(0, len(token_ids), MAX_TREE):
+            chunk = token_ids[start : start + MAX_TREE]
+            self._decode(
+                chunk, range(self.length, self.length + len(chunk)), [(0,)] * len(chunk), [True] * len(chunk)
+            )
+            out.append(self._logits(len(chunk)))
+            self.length += len(chunk)
+        self.forwards += 1
+        return torch.cat(out)
 
     def free(self) -> None:
         if self.ctx is not None:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from specdec.models.support import check_layer_types
-from specdec.runner import Scores
+from specdec.runtime.base import Scores
 from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -269,32 +269,47 @@ class NativeModel:
         mask: torch.Tensor | None,
         layers: Sequence[int] = (),
         logits: str = "all",
-        keys_end: int = 0,
-        logits_from: int = 0,
     ) -> Scores:
         """Run tokens ids [T] at `positions` [T] after row 0 of the cache, attending by `mask` [T, past + T]
         (True = visible; None = causal: for T = 1, or T tokens into an empty cache). Writes their keys/values
         at slots past..past+T-1 and advances the row's length by T. `logits`: "all" rows, "last" row, or
-        "none"; `layers`: HF hidden_states ids. `keys_end`: attend to cache slots up to this one even past the
-        new tokens (the mask is then [T, keys_end]): a diffusion block's cached suffix (`specdec.dllm`);
-        `logits_from`: with "all", only rows from this one on (the LM head is the costliest matrix product)."""
+        "none"; `layers`: HF hidden_states ids."""
         past, t = cache.length, ids.shape[0]
         causal = mask is None and t > 1  # a chunk into an empty cache: the kernel's own causal masking
         assert not causal or past == 0, "a chunk after the cache needs an explicit mask"
+        scores = self._run(cache, ids[None], positions[None], mask, [past], causal, layers, logits)
+        cache.length = past + t
+        return scores
+
+    @torch.inference_mode()
+    def forward_block(
+        self,
+        cache: NativeCache,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        keys_end: int = 0,
+        logits_from: int = 0,
+    ) -> torch.Tensor:
+        """A diffusion block's forward (`specdec.dllm`), as `forward` with every row's logits, plus: `keys_end`,
+        attend to cache slots up to this one even past the new tokens (the mask is then [T, keys_end]: the
+        block's cached suffix); `logits_from`, only rows from this one on (the LM head is the costliest
+        product). Returns logits [T - logits_from, V]."""
+        past, t = cache.length, ids.shape[0]
         scores = self._run(
             cache,
             ids[None],
             positions[None],
             mask,
             [past],
-            causal,
-            layers,
-            logits,
+            False,
+            (),
+            "all",
             keys_end=keys_end,
             logits_from=logits_from,
         )
         cache.length = past + t
-        return scores
+        return scores.logits
 
     @torch.inference_mode()
     def forward_rows(
@@ -444,8 +459,7 @@ def _causal_mask(past: int, t: int, device) -> torch.Tensor | None:
 
 
 class NativeRunner:
-    """One generation's cache over a shared `NativeModel`: the target runtime surface (reset, prefill, score,
-    commit, free) and the draft-model surface (start, extend, cache.crop, forwards)."""
+    """One generation's cache over a shared `NativeModel` (`specdec.runtime.base.Runtime`)."""
 
     name = "native"
 
@@ -496,11 +510,16 @@ class NativeRunner:
         if len(tree) > 1:
             mask = torch.ones(len(tree), past + len(tree), dtype=torch.bool, device=device)
             mask[:, past:] = tree.ancestor_mask().to(device)
-        return self._run(tree.tokens, positions, mask, layers)
+        scores = self._run(tree.tokens, positions, mask, layers)
+        return Scores(scores.logits, scores.hidden, past, tree)
 
-    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+    def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         assert self.cache is not None, "commit() follows score()"
-        self.cache.keep(tree_start, accepted_nodes)
+        self.cache.keep(scores.start, accepted_nodes)
+
+    def crop(self, length: int) -> None:
+        assert self.cache is not None, "reset() or start() comes first"
+        self.cache.crop(length)
 
     def free(self) -> None:
         self.cache = None

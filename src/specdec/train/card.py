@@ -25,7 +25,7 @@ PROMPTS = [
 
 
 def forward_latency_ms(model, prefix: int = 256, repeats: int = 30) -> float:
-    from specdec.runner import ModelRunner
+    from specdec.runtime.hf import ModelRunner
 
     runner = ModelRunner(model)
     ids = list(range(1, prefix + 1))

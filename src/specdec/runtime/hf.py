@@ -2,7 +2,7 @@
 
 The tree is passed to the unmodified Hugging Face model as an explicit 4D additive attention mask (past
 fully visible, tree nodes see their ancestors) and depth-based position ids, so any causal LM whose attention
-honours a 4D mask works without forking its modeling code. `specdec.models.support.check_tree_attention`
+honours a 4D mask works without forking its modeling code. `specdec.runtime.check.check_tree_attention`
 proves that on the actual model before it is trusted.
 
 Hidden states for drafters that read them (EAGLE, Medusa, ...) come from the model's own
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from specdec.cache import KVCache
 from specdec.models.support import check_layer_types
+from specdec.runtime.base import Scores
+from specdec.runtime.kvcache import KVCache
 from specdec.tree import DraftTree
 
 
@@ -40,17 +40,9 @@ def _num_layers(model) -> int:
     return config.num_hidden_layers
 
 
-@dataclass(frozen=True)
-class Scores:
-    """What one forward returns to the engine."""
-
-    logits: torch.Tensor  # [N, V], row i for the i-th token of the forward (or tree node i)
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer id -> [N, H], only those asked for
-
-
 class ModelRunner:
-    """A causal LM plus its preallocated cache, for one generation at a time (the target, or a draft model).
-    As the target it is the `transformers` runtime (`specdec.runtime`)."""
+    """A causal LM plus its preallocated cache, for one generation at a time (the target, or a draft model):
+    the `transformers` runtime (`specdec.runtime.base.Runtime`)."""
 
     name = "transformers"
 
@@ -103,11 +95,15 @@ class ModelRunner:
         # [1, 1, N, past + N]: 0 where attention is allowed, dtype-min elsewhere
         mask = torch.zeros(1, 1, n, past + n, dtype=self.dtype, device=self.device)
         mask[0, 0, :, past:].masked_fill_(~tree.ancestor_mask().to(self.device), torch.finfo(self.dtype).min)
-        return self._forward(ids, positions, mask, layers=layers)
+        scores = self._forward(ids, positions, mask, layers=layers)
+        return Scores(scores.logits, scores.hidden, past, tree)
 
-    def commit(self, tree_start: int, accepted_nodes: list[int]) -> None:
+    def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         """Keep the KV of the accepted nodes (a root-to-node path: ascending indices) and drop the rest."""
-        self._cache().keep(tree_start, accepted_nodes)
+        self._cache().keep(scores.start, accepted_nodes)
+
+    def crop(self, length: int) -> None:
+        self._cache().crop(length)
 
     def free(self) -> None:
         self.cache = None
