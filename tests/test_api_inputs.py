@@ -4,12 +4,18 @@ temperatures too small to sample from are greedy; a distribution that is not one
 from __future__ import annotations
 
 import math
+import time
+import unicodedata
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from specdec import SpecDecoder
-from specdec.errors import InputError
+from specdec.errors import ContextLengthError, InputError
 from specdec.sampling import GREEDY_TEMPERATURE, SamplingParams, TargetDistribution
 
 import tiny
@@ -50,6 +56,10 @@ def test_bad_parameters_are_input_errors(dec, params, message):
         ([1, True], "token ids must be integers"),
         ([[1, 2]], "token ids must be integers"),
         ([], "the prompt is empty"),
+        # undecodable bytes as Python escapes them (surrogateescape), and a lone surrogate: no tokenizer
+        # can encode either (a TypeError from inside the tokenizer once)
+        ("caf\udce9", r"the prompt is not valid UTF-8 \(byte 0xe9 at character 3"),
+        ("x \ud83d", r"the prompt is not valid Unicode \(a lone surrogate U\+D83D at character 2"),
     ],
 )
 def test_bad_prompts_are_input_errors(dec, prompt, message):
@@ -57,6 +67,90 @@ def test_bad_prompts_are_input_errors(dec, prompt, message):
         dec.generate(prompt, max_new_tokens=4)
     with pytest.raises(InputError, match=message):
         list(dec.stream(prompt, max_new_tokens=4))
+
+
+def test_a_prompt_no_tokenization_fits_is_refused_untokenized(dec):
+    """A text longer than the context times the longest token cannot fit: refused at once (a 10 MB prompt
+    once took 15 s and 2 GB of tokenizing to reject)."""
+    started = time.perf_counter()
+    with pytest.raises(
+        ContextLengthError, match=r"the prompt \(3000000 characters, so at least \d+ tokens\)"
+    ):
+        dec.generate("x = 1\n" * 500_000, max_new_tokens=4)
+    assert time.perf_counter() - started < 0.5
+
+
+def _fast(model, normalizer=None, pre_tokenizer=None, added=()) -> PreTrainedTokenizerFast:
+    t = Tokenizer(model)
+    if normalizer is not None:
+        t.normalizer = normalizer
+    if pre_tokenizer is not None:
+        t.pre_tokenizer = pre_tokenizer
+    t.add_tokens(list(added))
+    return PreTrainedTokenizerFast(tokenizer_object=t)
+
+
+BYTES = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}  # byte-level BPE, no merges
+BYTE_LEVEL = pre_tokenizers.ByteLevel(add_prefix_space=False)
+FALLBACK = {f"<0x{b:02X}>": b for b in range(256)} | {"[UNK]": 256, "▁": 257, "ab": 258}
+
+
+def test_length_bounds_of_tokenizers_that_keep_every_character():
+    from specdec.text import MAX_COMPOSED, max_token_chars
+
+    assert max_token_chars(_fast(models.BPE(BYTES, []), pre_tokenizer=BYTE_LEVEL)) == 1
+    assert max_token_chars(_fast(models.BPE(BYTES, []), pre_tokenizer=BYTE_LEVEL, added=["<tool>"])) == 6
+    nfc = _fast(models.BPE(BYTES, []), normalizers.NFC(), BYTE_LEVEL)
+    assert max_token_chars(nfc) == MAX_COMPOSED  # "e" + U+0301 is one character after NFC
+    # SentencePiece as Llama 2 has it: spaces as "▁", bytes for what no piece holds
+    llama = _fast(
+        models.BPE(FALLBACK, [], unk_token="[UNK]", byte_fallback=True, fuse_unk=True),
+        normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]),
+    )
+    assert max_token_chars(llama) == len("<0x00>")
+    assert max(len(unicodedata.normalize("NFD", chr(c))) for c in range(0x3400)) == MAX_COMPOSED
+
+
+@pytest.mark.parametrize(
+    "tokenizer",
+    [
+        # whitespace or a delimiter dropped, a run of unknown characters as one [UNK] (or dropped), spaces
+        # stripped around an added token or the text, combining marks stripped
+        _fast(
+            models.BPE(BYTES, []), None, pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), BYTE_LEVEL])
+        ),
+        _fast(
+            models.BPE(BYTES, []),
+            None,
+            pre_tokenizers.Sequence([pre_tokenizers.CharDelimiterSplit("x"), BYTE_LEVEL]),
+        ),
+        _fast(models.BPE(BYTES, []), normalizers.Strip(), BYTE_LEVEL),
+        _fast(models.BPE(BYTES, []), normalizers.StripAccents(), BYTE_LEVEL),
+        _fast(models.BPE(BYTES, []), normalizers.Replace(" ", ""), BYTE_LEVEL),
+        _fast(models.BPE(BYTES, []), None, BYTE_LEVEL, added=[AddedToken("<t>", rstrip=True)]),
+        _fast(models.BPE(FALLBACK, [], unk_token="[UNK]", fuse_unk=True)),
+        _fast(models.BPE({"a": 0, "b": 1}, [])),  # no unk token: unknown characters vanish
+        _fast(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"), pre_tokenizer=BYTE_LEVEL),
+        _fast(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"), pre_tokenizer=BYTE_LEVEL),
+    ],
+)
+def test_no_length_bound_for_tokenizers_that_may_drop_or_fold_text(tokenizer):
+    from specdec.text import max_token_chars
+
+    assert max_token_chars(tokenizer) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=1, max_size=200))
+def test_the_length_bound_holds(tok, text):
+    """Every token covers at most max_token_chars characters of the text (so n characters need at least
+    n / max_token_chars tokens), whatever the text."""
+    from specdec.text import max_token_chars
+
+    bound = max_token_chars(tok)
+    assert bound is not None
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates are refused before this
+    assert len(text) <= bound * len(tok(text)["input_ids"])
 
 
 def test_token_id_prompts_in_any_integer_sequence(dec, tok):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 from collections import Counter
 
 import pytest
@@ -296,21 +295,33 @@ def test_recycle_left_out_keeps_learning_its_table():
     assert int(recycle.table[roots[-1], 0]) == out.token_ids[-1]  # the target's top-1 after the last root
 
 
-class Costly(Fixed):
-    """Proposes the same wrong guesses every step and takes 20 ms to observe each verification."""
+class Clock:
+    """An injected clock for auto's own timing: time passes only where a test says so, so a loaded machine
+    cannot change what auto measures of its members."""
 
     def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Costly(Fixed):
+    """Proposes the same wrong guesses every step and takes 20 ms (on `clock`) to observe each verification."""
+
+    def __init__(self, clock: Clock) -> None:
         super().__init__("costly", [[1, 2], [3]])
-        self.observed = 0
+        self.clock, self.observed = clock, 0
 
     def observe(self, state, scored) -> None:
         self.observed += 1
-        time.sleep(0.02)
+        self.clock.now += 0.02
 
 
 def test_a_member_that_does_not_pay_its_keep_is_benched_and_retried_later():
-    costly = Costly()
-    dec = auto_decoder(drafter=Auto(members=["pld", costly]))
+    clock = Clock()
+    costly = Costly(clock)
+    dec = auto_decoder(drafter=Auto(members=["pld", costly], clock=clock))
     prompt = PROMPTS[1]
     out = dec.generate(prompt, max_new_tokens=16)
     assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 16)
@@ -519,16 +530,16 @@ def test_auto_picks_the_runtime_its_usage_makes_fastest():
     }
     greedy = SamplingParams()
     assert auto.choose_runtime(greedy, [trees, plain]) == 0
-    auto.usage[0.0] = Usage(plain_share=0.9, tree_nodes=8, steps=USAGE_STEPS // 2)
+    auto.profile(0.0).usage = Usage(plain_share=0.9, tree_nodes=8, steps=USAGE_STEPS // 2)
     assert auto.choose_runtime(greedy, [trees, plain]) == 0  # too few steps to go by
-    auto.usage[0.0] = Usage(plain_share=0.9, tree_nodes=8, steps=USAGE_STEPS)
+    auto.profile(0.0).usage = Usage(plain_share=0.9, tree_nodes=8, steps=USAGE_STEPS)
     assert auto.choose_runtime(greedy, [trees, plain]) == 1
-    auto.usage[0.0] = Usage(plain_share=0.1, tree_nodes=12, steps=USAGE_STEPS)
+    auto.profile(0.0).usage = Usage(plain_share=0.1, tree_nodes=12, steps=USAGE_STEPS)
     assert auto.choose_runtime(greedy, [trees, plain]) == 0
     # per temperature; sampling with no usage of its own yet starts from plain decoding's (SAMPLED_PRIOR)
     hot = SamplingParams(temperature=1.0)
     assert auto.choose_runtime(hot, [trees, plain]) == 1
-    auto.usage[1.0] = Usage(plain_share=0.1, tree_nodes=12, steps=USAGE_STEPS)
+    auto.profile(1.0).usage = Usage(plain_share=0.1, tree_nodes=12, steps=USAGE_STEPS)
     assert auto.choose_runtime(hot, [trees, plain]) == 0
 
 
@@ -547,7 +558,7 @@ def test_auto_runtime_choice_lends_a_measured_step_overhead_to_a_runtime_not_run
         "ran": Timing(OnlineCost(CostModel.fit([1, 16], [2.0e-3, 6.0e-3]), rate=0.0), overhead=1e-3),
         "fresh": Timing(OnlineCost(CostModel.fit([1, 16], [1.6e-3, 6.0e-3]), rate=0.0)),
     }
-    auto.usage[0.0] = Usage(plain_share=1.0, tree_nodes=1, steps=USAGE_STEPS)
+    auto.profile(0.0).usage = Usage(plain_share=1.0, tree_nodes=1, steps=USAGE_STEPS)
     assert auto.choose_runtime(SamplingParams(), [ran, fresh]) == 0
     auto.timings["fresh"] = Timing(OnlineCost(CostModel.fit([1, 16], [1.0e-3, 6.0e-3]), rate=0.0))
     assert auto.choose_runtime(SamplingParams(), [ran, fresh]) == 1

@@ -9,19 +9,11 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from specdec.acceptance import Verdict
 from specdec.bench import build_tasks
-from specdec.bench.runner import (
-    TIE_GAP,
-    Method,
-    Mismatch,
-    Run,
-    SpecdecMethod,
-    diagnose,
-    first_difference,
-    run_bench,
-)
+from specdec.bench.methods import Method, Run, SpecdecMethod
+from specdec.bench.runner import TIE_GAP, Mismatch, diagnose, first_difference, run_bench
 from specdec.bench.tasks import BenchPrompt, load_spec_bench, load_suite, suites
 from specdec.cli import main
-from specdec.drafters import REGISTRY, Drafter, methods
+from specdec.drafters import REGISTRY, Drafter, make_drafter, methods
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
 from specdec.train.corpus import is_held_out
@@ -235,22 +227,21 @@ def test_a_specdec_methods_snapshot_forgets_what_came_after_it():
 
 
 def test_a_snapshot_shares_prepacked_weights():
-    """EAGLE's drafting head keeps oneDNN-packed weights, which deepcopy cannot copy: a snapshot shares them
-    (decoding never changes them) and still copies the drafter's own state."""
-    import copy
-
+    """EAGLE's drafting head keeps oneDNN-packed weights, which deepcopy cannot copy: a snapshot holds what
+    the drafter learned (its calibration), not its head, and a restore leaves the head in place."""
     import torch
 
-    from specdec.bench.runner import _modules_of
-    from specdec.heads.eagle3 import PackedHead
-
     model = tiny.model("llama", seed=3, dtype=torch.float32)  # (oneDNN packs float32 weights only)
-    packed = PackedHead(tiny.untrained_head("eagle", model))
-    assert packed.wqkv.packed is not None
-    state = {"packed": packed, "table": torch.zeros(3)}
-    clone = copy.deepcopy(state, _modules_of(state))
-    assert clone["packed"].wqkv.packed is packed.wqkv.packed
-    assert clone["table"] is not state["table"]
+    drafter = make_drafter("eagle", head=tiny.untrained_head("eagle", model))
+    drafter.bind(model)
+    packed = drafter.packed
+    assert packed is not None and packed.wqkv.packed is not None
+    snapshot = drafter.snapshot_learned()
+    drafter.calibration.record(-0.1, True)
+    drafter.restore_learned(snapshot)
+    assert drafter.packed is packed and packed.wqkv.packed is not None
+    assert drafter.calibration.seen == snapshot["calibration"].seen == [0.0] * drafter.calibration.BUCKETS
+    assert drafter.calibration is not snapshot["calibration"]  # a copy: the snapshot serves the next restore
 
 
 def test_sampled_bench_has_no_lossless_verdict(capsys, dirs, tmp_path):
@@ -388,6 +379,14 @@ def test_spec_bench_needs_a_chat_template(dirs, tmp_path):
         (["--tasks", "nope"], "unknown task"),
         (["--prompts", "0"], "--prompts must be"),
         (["--repeats", "0"], "--repeats must be"),
+        # 0 once ran the whole bench with 128 tokens
+        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1 (got 0)"),
+        (["--max-new-tokens", "-3"], "max_new_tokens must be an integer >= 1"),
+        (["--warmup", "-1"], "--warmup must be"),
+        (["--top-k", "-1"], "top_k must be"),
+        (["--top-p", "0"], "top_p must be"),
+        (["--temperature", "nan"], "temperature must be a finite number"),
+        (["--threads", "0"], "--threads: must be >= 1"),
         (["--json", "/nonexistent-dir/x.json"], "no such directory"),
     ],
 )

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,9 +155,119 @@ def test_vocabularies_differ(capsys, model_dir, tmp_path):
     assert code == 2 and "vocabularies differ" in err
 
 
-def test_prompt_longer_than_context(capsys, model_dir):
+def test_prompt_longer_than_context(capsys, caplog, model_dir):
+    """One line: transformers' own "Token indices sequence length is longer than..." warning is not logged
+    before it."""
     code, _, err = run(capsys, "generate", "x = 1\n" * 400, "--model", model_dir, "--max-new-tokens", 4)
     assert code == 2 and "exceeds the model's context" in err
+    assert err.count("\n") == 1 and err.startswith("specdec: error:"), err
+    assert not [r for r in caplog.records if "sequence length" in r.getMessage()]
+
+
+def test_huge_prompt_is_refused_before_it_is_tokenized(capsys, model_dir):
+    """A 10 MB line once took 15 s and 2 GB to reject: a text longer than the context times the longest
+    token's length cannot fit, whatever its tokens."""
+    started = time.perf_counter()
+    code, _, err = run(capsys, "generate", "x" * 10_000_000, "--model", model_dir, "--max-new-tokens", 4)
+    assert code == 2 and "10000000 characters" in err and "exceeds the model's context of 512" in err
+    assert err.count("\n") == 1, err
+    assert time.perf_counter() - started < 5  # loading the tiny model included
+
+
+@pytest.mark.parametrize("prompt", ["caf\udce9 ", "\udce9"])
+def test_a_prompt_that_is_not_utf8_is_one_line(capsys, model_dir, prompt):
+    """Python hands undecodable argv bytes over as lone surrogates ('caf\\xe9' in Latin-1 -> 'caf\\udce9')."""
+    code, out, err = run(capsys, "generate", prompt, "--model", model_dir, "--max-new-tokens", 3)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "not valid UTF-8" in err and "0xe9" in err, err
+
+
+def stdin_of(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+
+
+def test_stdin_that_is_not_utf8_is_one_line(capsys, model_dir, monkeypatch):
+    stdin_of(monkeypatch, b"caf\xe9 ")
+    code, out, err = run(capsys, "generate", "-", "--model", model_dir, "--max-new-tokens", 3)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "stdin is not valid UTF-8" in err and "0xe9" in err, err
+
+
+def test_a_utf8_bom_is_not_prompt_text(capsys, model_dir, monkeypatch, tmp_path):
+    """Windows editors start UTF-8 files with a BOM: stripped on stdin and in prompts files alike."""
+    argv = ("--model", model_dir, "--max-new-tokens", 4, "--json")
+    code, out, _ = run(capsys, "generate", "x = 1\n", *argv)
+    want = json.loads(out)
+    assert code == 0 and want["stats"]["prompt_tokens"] == len(tiny.tokenizer()("x = 1\n")["input_ids"])
+    stdin_of(monkeypatch, b"\xef\xbb\xbfx = 1\n")
+    code, out, err = run(capsys, "generate", "-", *argv)
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == want["token_ids"]
+    assert json.loads(out)["stats"]["prompt_tokens"] == want["stats"]["prompt_tokens"]
+    f = tmp_path / "p.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "x = 1\n"}).encode() + b"\n")
+    code, out, err = run(capsys, "generate", "--prompts-file", f, *argv)
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == want["token_ids"]
+
+
+def test_a_stop_string_may_be_dashes(capsys, model_dir):
+    """argparse drops a '--' value even in --stop=-- (it takes it for the end of the options)."""
+    code, out, err = run(capsys, "generate", "x = 1\n", "--model", model_dir, "--stop=--", "--json")
+    assert code == 0, err
+    assert (
+        json.loads(out)["text"]
+        == SpecDecoder.from_pretrained(str(model_dir)).generate("x = 1\n", stop=["--"]).text
+    )
+
+
+def test_a_gguf_file_is_named_as_such(capsys, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(32))
+    for where in (gguf, tmp_path / "renamed.bin"):
+        where.write_bytes(gguf.read_bytes())
+        code, out, err = run(capsys, "generate", "hi", "--model", where)
+        assert code == 2 and out == ""
+        assert err.count("\n") == 1 and "GGUF files are not yet supported as target models" in err, err
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """A hub that cannot be reached (a closed port on loopback), whatever this machine's network."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_hub_name_offline_fails_fast(capsys, no_hub, monkeypatch, offline):
+    """Not in the cache and no hub: one line at once (the hub's client retried for ~20 s), saying why."""
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    code, out, err = run(capsys, "generate", "hi", "--model", "some-org/some-model")
+    assert time.perf_counter() - started < 3
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "'some-org/some-model' is not available offline" in err, err
+    assert ("HF_HUB_OFFLINE" in err) == offline
+
+
+def test_docs_say_what_runs_by_default():
+    """The default method is auto (docs/serve.md once said pld); `draft` takes the shipped draft by itself
+    with the shipped model (the README once said it needs --draft)."""
+    from specdec.api import default_method
+    from specdec.models.loading import load_models
+
+    root = Path(__file__).resolve().parents[1]
+    serve = (root / "docs" / "serve.md").read_text()
+    assert re.search(r"specdec serve +# shipped code model, (\w+),", serve).group(1) == default_method(False)
+    assert '"method": "pld"' not in serve
+    row = next(line for line in (root / "README.md").read_text().splitlines() if line.startswith("| `draft`"))
+    needs = row.rstrip(" |").rsplit("|", 1)[-1]
+    assert "shipped" in needs and "--draft" in needs, row
+    assert load_models("default", None, with_draft=True).draft is not None
 
 
 @pytest.mark.parametrize(

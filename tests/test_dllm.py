@@ -14,9 +14,10 @@ import torch
 from specdec.cli import main
 from specdec.dllm.api import DllmDecoder
 from specdec.dllm.engine import DllmEngine, DllmSettings
+from specdec.dllm.learn2pd_train import Tracer
 from specdec.dllm.model import MASK_TOKEN, convert_from_ar, dllm_spec, is_dllm_dir, training_mask
 from specdec.dllm.policies import POLICIES, BlockView, Policy, Selection, make_policy
-from specdec.dllm.policies.learn2pd import FEATURES, Tracer, features, new_filter
+from specdec.dllm.policies.learn2pd import FEATURES, features, new_filter
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
 

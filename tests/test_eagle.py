@@ -3,13 +3,19 @@ bad heads. (Its sampled distribution is checked with every other method in test_
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+
 import pytest
 import torch
 
 from specdec import SpecDecoder
-from specdec.drafters.eagle import Eagle
+from specdec.cli import main
+from specdec.drafters.eagle import Eagle, shipped_head_dir
 from specdec.errors import InputError
-from specdec.heads import save_head
+from specdec.heads import Eagle3Head, config_for_target, layer_ids, load_config, save_head
+from specdec.heads.layer_ids import FIELD, MARKER
 from specdec.models.loading import load_causal_lm
 
 import tiny
@@ -100,3 +106,82 @@ def test_drafting_stops_where_another_level_cannot_pay():
     assert drafter._worth_expanding([1, 2], [0], parents, scores) == [1]
     drafter.level_seconds = 50e-3  # a level dearer than the forward it could shorten
     assert drafter._worth_expanding([1, 2], [0], parents, scores) == []
+
+
+def sglang_style_head(model, path, hf_ids=(1, 2, 4)):
+    """A head as SGLang's trainer (SpecForge) writes one: SGLang's architecture name and SGLang-numbered ids
+    in eagle_config (hf_ids - 1), nothing else to say whose numbering they are in."""
+    torch.manual_seed(0)
+    head = Eagle3Head(config_for_target(model, model.config.vocab_size, aux_layer_ids=hf_ids))
+    head.set_draft_vocab(torch.arange(model.config.vocab_size))
+    save_head(head.to(next(model.parameters()).dtype), path, dtype=torch.float32)
+    config = json.loads((path / "config.json").read_text())
+    del config[FIELD], config[MARKER]
+    config["eagle_config"][FIELD] = [i - 1 for i in hf_ids]
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def rewrite(path, **fields):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **fields}))
+
+
+def test_layer_ids_are_read_in_the_numbering_the_file_says(tmp_path, caplog):
+    model = tiny.model("llama", seed=1, layers=6)
+    d = sglang_style_head(model, tmp_path / "head")
+    with caplog.at_level(logging.WARNING, "specdec.heads"):
+        config = load_config(d)  # nothing says: SGLang's reading, said in one line
+    assert config.aux_layer_ids == (1, 2, 4) and config.layer_ids_reading.startswith("sglang (the default")
+    (warning,) = caplog.records
+    assert "[0, 1, 3]" in warning.getMessage() and "--layer-ids-from vllm" in warning.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "specdec.heads"):
+        assert load_config(d, "vllm").aux_layer_ids == (0, 1, 3)  # asked: no warning
+        assert load_config(d, "sglang").layer_ids_reading == "sglang (--layer-ids-from)"
+    assert not caplog.records
+    rewrite(d, architectures=["Eagle3LlamaForCausalLM"])  # a name only vLLM registers: its numbering
+    assert load_config(d).aux_layer_ids == (0, 1, 3)
+    with pytest.raises(InputError, match="contradicts"):
+        load_config(d, "sglang")
+    rewrite(
+        d, architectures=["LlamaForCausalLMEagle3"], **{FIELD: [2, 3, 5]}
+    )  # vLLM's own field: its numbering
+    assert load_config(d).aux_layer_ids == (2, 3, 5)
+    rewrite(d, **{MARKER: "sglang"})  # specdec's marker says, whatever else the file holds
+    assert load_config(d).aux_layer_ids == (1, 2, 4)
+    rewrite(d, **{MARKER: "hf"})
+    with pytest.raises(InputError, match=MARKER):
+        load_config(d)
+    speculators = {"speculators_model_type": "eagle3", FIELD: [2, 16, 29]}  # vLLM's converter writes these
+    assert layer_ids.read(speculators, "config.json").semantics == "vllm"
+
+
+def test_the_shipped_head_is_read_by_its_training_record(tmp_path):
+    """The shipped head predates the marker and carries SGLang's architecture name; its training record says
+    it was trained on HF layers [1, 3, 5], which decides the reading and refuses any other."""
+    config = load_config(shipped_head_dir())
+    assert config.aux_layer_ids == (1, 3, 5) and "training record" in config.layer_ids_reading
+    with pytest.raises(InputError, match="contradicts"):
+        load_config(shipped_head_dir(), "sglang")
+    d = tmp_path / "head"
+    shutil.copytree(shipped_head_dir(), d)
+    rewrite(d, eagle_config={FIELD: [0, 2, 4]})  # written in SGLang's numbering: the record says so
+    assert load_config(d).aux_layer_ids == (1, 3, 5)
+    rewrite(d, eagle_config={FIELD: [2, 3, 4]})
+    with pytest.raises(InputError, match="training record"):
+        load_config(d)
+
+
+def test_layer_ids_from_on_the_command_line(tmp_path, capsys):
+    tiny.save(tmp_path / "model", layers=6)
+    model, _ = load_causal_lm(str(tmp_path / "model"))
+    head = sglang_style_head(model, tmp_path / "head")
+    generate = ["generate", "def f", "--model", str(tmp_path / "model"), "--max-new-tokens", "4", "--json"]
+    for given, ids in (("sglang", [1, 2, 4]), ("vllm", [0, 1, 3])):
+        code = main([*generate, "--method", "eagle", "--draft", str(head), "--layer-ids-from", given])
+        report = json.loads(capsys.readouterr().out)["stats"]["drafter"]
+        assert code == 0 and report == {"layer_ids": ids, "layer_ids_read_as": f"{given} (--layer-ids-from)"}
+    assert main([*generate, "--layer-ids-from", "vllm"]) == 2  # no head to read
+    err = capsys.readouterr().err
+    assert "EAGLE-3 head given as --draft" in err and err.count("\n") == 1

@@ -148,7 +148,7 @@ def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok):
     prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
     first = dec.generate(prompt, max_new_tokens=16)
     assert first.stats.runtime == "native" and first.token_ids == tiny.hf_greedy(MODEL, prompt, 16)
-    dec.drafter.usage[0.0] = Usage(plain_share=1.0, tree_nodes=2.0, steps=USAGE_STEPS)
+    dec.drafter.profile(0.0).usage = Usage(plain_share=1.0, tree_nodes=2.0, steps=USAGE_STEPS)
     second = dec.generate(prompt, max_new_tokens=16)
     assert second.stats.runtime == "llamacpp" and second.token_ids == first.token_ids
 

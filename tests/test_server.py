@@ -45,10 +45,12 @@ LIMITS = Limits(max_prompt_tokens=200, max_tokens=64, max_body_bytes=20_000, max
 PROMPTS = ["def add(a, b):\n", "import os\n", "class Tree:\n    def __init__(self", "x = [1, 2, 3]\nfor"]
 GATE = threading.Event()  # the gated drafter blocks in propose() while this is clear
 GATE.set()
+STEP_SECONDS = [0.0]  # and then sleeps this long: tokens at a steady pace
 
 
 class GatedDrafter(Drafter):
-    """Plain decoding that waits for GATE before every step after the first: a generation held mid-way."""
+    """Plain decoding that waits for GATE (then STEP_SECONDS) before every step after the first: a
+    generation held mid-way, or one whose tokens come at a steady pace."""
 
     name = "gated"
 
@@ -59,6 +61,7 @@ class GatedDrafter(Drafter):
         state[0] += 1
         if state[0] > 1:
             assert GATE.wait(timeout=TIMEOUT)
+            time.sleep(STEP_SECONDS[0])
         return DraftTree.root_only(context[-1])
 
 
@@ -299,6 +302,8 @@ BAD_COMPLETIONS = [
     ({"prompt": [1, True]}, "prompt"),
     ({"prompt": "def f():\n" * 100}, "prompt"),  # over the server's prompt limit
     ({"prompt": "", "stream": True}, None),  # empty: refused before the stream starts
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),  # as OpenAI: stream only
+    ({"prompt": "x", "stream": False, "stream_options": {}}, "stream_options"),
 ]
 
 
@@ -317,6 +322,12 @@ BAD_CHATS = [
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
     ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
     ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages[0]"),  # once the literal prompt "None"
+    ({"messages": [{"role": "user"}]}, "messages[0]"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages[0]"),  # null only with tool_calls
+    ({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c"}]}]}, None),
 ]
 
 
@@ -326,6 +337,87 @@ def test_bad_chat_requests(server, body, param):
     error = assert_error(r, 400)
     if param is not None:
         assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "raw, param, message",
+    [
+        (b'{"prompt": "x", "temperature": NaN}', "temperature", "temperature: must be a finite number"),
+        (b'{"prompt": "x", "temperature": Infinity}', "temperature", "temperature: must be a finite number"),
+        (b'{"prompt": "x", "top_p": -Infinity}', "top_p", "top_p: must be a finite number"),
+        (b'{"prompt": "caf\\udce9"}', "prompt", "prompt: a lone surrogate escape (\\udce9)"),
+        (b'{"messages": [{"role": "user", "content": "\\ud83d"}]}', "messages[0].content", "lone surrogate"),
+    ],
+)
+def test_non_finite_numbers_and_lone_surrogates(server, raw, param, message):
+    """NaN once got "less than or equal to 2"; a lone surrogate escape (valid JSON syntax, but no character)
+    "not valid JSON"."""
+    endpoint = "chat/completions" if b"messages" in raw else "completions"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(f"{server.base_url}/v1/{endpoint}", content=raw, headers=headers, timeout=TIMEOUT)
+    error = assert_error(r, 400, param)
+    assert message in error["message"] and "not valid JSON" not in error["message"], error
+
+
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+TOOL_CHAT = [
+    {"role": "user", "content": "add 1 and 2"},
+    {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "3"},
+]
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}"
+    "{{ m.content }}{% for c in m.tool_calls or [] %}<call {{ c.id }}>{{ c.function.name }}"
+    "{{ c.function.arguments | tojson }}{% endfor %}\n{% endfor %}<|assistant|>"
+)
+
+
+def test_chat_tool_messages_go_through_the_template(chat_dir):
+    """A tool message with its tool_call_id and an assistant message with tool_calls (once refused as
+    unknown arguments) reach the template as transformers' apply_chat_template takes them: the arguments
+    as a dict (templates `tojson` them), a null content as empty."""
+    from fastapi.testclient import TestClient
+
+    dec = load_decoders(str(chat_dir), None, ["pld"], "float32")["pld"]
+    dec.tokenizer.chat_template = TOOL_TEMPLATE
+    as_transformers = [
+        TOOL_CHAT[0],
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{**TOOL_CALL, "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}],
+        },
+        TOOL_CHAT[2],
+    ]
+    text = dec.tokenizer.apply_chat_template(as_transformers, tokenize=False)
+    assert "[call_1]3" in text and '<call call_1>add{"a": 1, "b": 2}' in text  # the template saw it all
+    want = dec.generate(dec.tokenizer(text, add_special_tokens=False)["input_ids"], max_new_tokens=6)
+    with TestClient(create_app(dec)) as c:
+        r = c.post("/v1/chat/completions", json={"messages": TOOL_CHAT, "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want.text
+
+
+def test_chat_tool_calls_a_template_ignores_are_not_lost(server, ref):
+    """A template that knows no tool_calls (this one renders role and content only) would drop the calls
+    silently: they are written into the assistant's content instead, as JSON."""
+    from specdec.server.app import _render_chat
+    from specdec.server.schemas import ChatMessage
+
+    messages = [ChatMessage.model_validate(m).for_template() for m in TOOL_CHAT]
+    ids = _render_chat(ref["pld"], messages)
+    text = ref["pld"].tokenizer.decode(ids)
+    assert '"name": "add", "arguments": {"a": 1, "b": 2}' in text, text
+    assert "<|tool|>\n3\n" in text
+    r = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        json={"messages": TOOL_CHAT, "max_tokens": 6, "temperature": 0},
+        headers=AUTH,
+        timeout=TIMEOUT,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    assert r.json()["choices"][0]["message"]["content"] == ref["pld"].generate(ids, max_new_tokens=6).text
 
 
 def test_transport_level_errors(server):
@@ -610,6 +702,36 @@ def test_non_streaming_client_that_gives_up_cancels_its_generation(server, clien
     assert got.choices[0].text == solo(ref, "pld", PROMPTS[1], max_new_tokens=9).text
 
 
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_non_streaming_client_leaving_while_tokens_flow_cancels_its_generation(server, ref, endpoint):
+    """Tokens every 40 ms: the disconnect check once ran only after 0.5 s without one, so it never ran and
+    the generation went on to its end. It is cancelled at the next step."""
+    worker = server.config.app.state.worker
+    before = worker.snapshot()
+    body = {"max_tokens": 64, "temperature": 0, "specdec_method": "gated"}
+    if endpoint == "completions":
+        body["prompt"] = PROMPTS[1]
+        assert len(solo(ref, "pld", PROMPTS[1], max_new_tokens=64).token_ids) == 64  # no early EOS
+    else:
+        body["messages"] = [{"role": "user", "content": PROMPTS[1]}]
+        assert len(solo(ref, "pld", body["messages"], max_new_tokens=64).token_ids) == 64
+    STEP_SECONDS[0] = 0.04  # 64 tokens: 2.5 s
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.base_url}/v1/{endpoint}",
+                json=body,
+                headers=AUTH,
+                timeout=httpx.Timeout(TIMEOUT, read=0.5),
+            )
+        left = time.monotonic()
+        assert wait_until(lambda: worker.snapshot()["cancelled"] == before["cancelled"] + 1, timeout=TIMEOUT)
+        assert time.monotonic() - left < 1.0
+    finally:
+        STEP_SECONDS[0] = 0.0
+    assert worker.snapshot()["completed"] == before["completed"]
+
+
 def test_eos_ends_with_finish_reason_stop(tok):
     from fastapi.testclient import TestClient
 
@@ -712,13 +834,36 @@ def test_specdec_serve_command(serve_command, model_dir):
     assert code == 0 or (code == 130 and "specdec: interrupted" in log.read_text())
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "70000"], "argument --port: must be a port number in [0, 65535] (got 70000)"),
+        (["--port", "-1"], "argument --port: must be a port number in [0, 65535] (got -1)"),
+        (["--port", "http"], "argument --port: expected a port number in [0, 65535], got 'http'"),
+        (["--max-batch", "0"], "argument --max-batch: must be >= 1 (got 0)"),
+        (["--max-queued", "many"], "argument --max-queued: expected an integer >= 0, got 'many'"),
+        (["--max-tokens", "1.5"], "argument --max-tokens: expected an integer >= 1, got '1.5'"),
+        (["--host", "no-such-host.invalid", "--port", "0"], "cannot listen on no-such-host.invalid:0"),
+        (["--methods", "pld,nope", "--port", "0"], "unknown method 'nope'"),
+    ],
+)
+def test_serve_arguments_are_checked_before_any_model_loads(capsys, argv, message):
+    """--port 70000 once loaded the model, then died of an OverflowError traceback. The model here does not
+    exist, so each message shows the check ran before loading."""
+    assert main(["serve", "--model", "/nonexistent/model", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"specdec: error: {message}"), err
+
+
 def test_serve_command_errors_are_one_line(capsys, model_dir):
     assert main(["serve", "--model", str(model_dir), "--methods", "pld,nope"]) == 2
     assert capsys.readouterr().err.startswith("specdec: error: unknown method 'nope'")
     with listen("127.0.0.1", 0) as taken:
         port = str(taken.getsockname()[1])
         assert main(["serve", "--model", str(model_dir), "--port", port, "--log-level", "warning"]) == 2
-    assert capsys.readouterr().err.startswith(f"specdec: error: cannot listen on 127.0.0.1:{port}")
+        assert capsys.readouterr().err.startswith(f"specdec: error: cannot listen on 127.0.0.1:{port}")
+        assert main(["serve", "--model", "/nonexistent/model", "--port", port]) == 2  # before loading, too
+        assert capsys.readouterr().err.startswith(f"specdec: error: cannot listen on 127.0.0.1:{port}")
 
 
 def _healthy(base: str) -> bool:

@@ -1,16 +1,22 @@
-"""`specdec train-lm` end to end on a tiny corpus: prepare, train, resume, export a loadable HF directory."""
+"""`specdec train-lm` end to end on a tiny corpus: prepare, train, resume, export a loadable HF directory; the
+training loop every trainer shares; the head kinds `specdec train-drafter` knows."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sysconfig
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specdec.train.corpus import CorpusConfig, collect_files
-from specdec.train.lm import TrainConfig, export, prepare, train
+from specdec.train.drafter import register
+from specdec.train.lm import STREAM_RESUME, TrainConfig, export, prepare, train
+from specdec.train.loop import LoopPlan, RunFiles, StepOutput, cosine_lr, open_run, train_run
+from specdec.train.recipes import METHODS, RECIPES
 
 
 def test_prepare_train_resume_export(tmp_path):
@@ -45,3 +51,48 @@ def test_prepare_train_resume_export(tmp_path):
     assert model.dtype == torch.bfloat16  # stored in 16 bits
     assert tok.decode(tok("def f(x):\n    return x\n")["input_ids"]) == "def f(x):\n    return x\n"
     assert tok.convert_ids_to_tokens(tok("):\n")["input_ids"])[-1] == "Ċ"  # a newline is its own token
+
+
+def _toy_run(tmp_path: Path, stop_after: int | None = None) -> tuple[torch.nn.Module, Path]:
+    """A linear model through the shared loop, its batches a pure function of the step (as every trainer's)."""
+    cfg = TrainConfig(total_tokens=6 * 8, batch_tokens=8, lr=0.1, warmup_fraction=0.2, threads=1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    tmp_path.mkdir(exist_ok=True)
+    files = RunFiles(tmp_path, "toy")
+    state, cfg = open_run(files, cfg, STREAM_RESUME, None)
+
+    def step(i: int) -> StepOutput:
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(i))
+        return StepOutput(((model(x) - x.sum(1, keepdim=True)) ** 2).mean(), 8)
+
+    plan = LoopPlan(files, 6, cfg, "toy", log_every=1, saved={"config": asdict(cfg)}, stop_after=stop_after)
+    train_run(model, step, plan, state)
+    return model, files.log
+
+
+def test_the_shared_loop_resumes_an_interrupted_run_exactly(tmp_path):
+    whole, log = _toy_run(tmp_path / "whole")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6] and all(r["tokens_seen"] > 0 for r in records)
+    _toy_run(tmp_path / "cut", stop_after=2)  # "interrupted": the checkpoint is written on the way out
+    assert torch.load(tmp_path / "cut" / "toy.ckpt", weights_only=False)["step"] == 2
+    resumed, _ = _toy_run(tmp_path / "cut")
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_fraction=0.1)
+    lrs = [cosine_lr(cfg, s, 100) for s in range(100)]
+    assert lrs[:10] == [(s + 1) / 10 for s in range(10)]
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and 0.1 <= lrs[-1] < 0.11
+
+
+def test_every_head_kind_has_a_recipe_named_as_its_method():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert METHODS == ("eagle", "medusa", "hydra")  # --method's choices; eagle is the default
+    assert all(RECIPES[m].name == m for m in METHODS)
+    args = parser.parse_args(["train-drafter", "--out", "x"])
+    assert args.method == "eagle"

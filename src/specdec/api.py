@@ -8,8 +8,9 @@ from dataclasses import fields
 
 from specdec.drafters import Drafter, make_drafter
 from specdec.engine import Engine, Generation, Stats, Step
-from specdec.errors import InputError
+from specdec.errors import ContextLengthError, InputError
 from specdec.sampling import SamplingParams
+from specdec.text import check_text, max_token_chars
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 
@@ -36,7 +37,7 @@ def encode_prompt(model, tokenizer, prompt: str | list[int]) -> list[int]:
     """Token ids of a text prompt, or a list of token ids checked against the model's vocabulary (an id
     outside it would fail deep in the embedding lookup instead of as the caller's InputError)."""
     if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
+        return encode_text(model, tokenizer, prompt)
     if hasattr(prompt, "tolist"):  # a 1-D tensor or array of ids
         prompt = prompt.tolist()
     if not isinstance(prompt, list | tuple):
@@ -48,6 +49,25 @@ def encode_prompt(model, tokenizer, prompt: str | list[int]) -> list[int]:
         if not 0 <= t < vocab:
             raise InputError(f"prompt token id {t} is outside the model's vocabulary [0, {vocab})")
     return [int(t) for t in prompt]
+
+
+def encode_text(model, tokenizer, text: str, what: str = "the prompt", **kwargs) -> list[int]:
+    """Token ids of `text` (`kwargs` go to the tokenizer). A text that cannot fit in the model's context
+    whatever its tokens (more characters than the context times the most one token stands for) is refused
+    before tokenizing: a 10 MB line took 15 s and 2 GB to tokenize only to be refused then."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    per_token = max_token_chars(tokenizer) if limit else None
+    if limit and per_token:
+        at_least = -(-len(text) // per_token)
+        if at_least >= limit:  # with at least one new token, over the context
+            raise ContextLengthError(
+                f"{what} ({len(text)} characters, so at least {at_least} tokens) exceeds the model's context "
+                f"of {limit} positions"
+            )
+    check_text(text, what)
+    # verbose=False: transformers' "Token indices sequence length is longer than..." warning would precede
+    # the one-line error of the engine's own length check
+    return tokenizer(text, verbose=False, **kwargs)["input_ids"]
 
 
 class Stream:
@@ -104,9 +124,12 @@ class SpecDecoder:
         method: str | None = None,
         dtype: str = "float32",
         runtime: str = "auto",
+        layer_ids_from: str | None = None,
         **options,
     ) -> SpecDecoder:
-        """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft)."""
+        """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft).
+        `layer_ids_from` ("vllm" | "sglang"): whose numbering an EAGLE-3 `draft` head's layer ids are in, where
+        its files do not say (`specdec.heads.layer_ids`)."""
         from specdec.drafters import REGISTRY, methods
         from specdec.models.loading import draft_roles, load_models, require_draft
 
@@ -116,7 +139,9 @@ class SpecDecoder:
         loaded = load_models(model, draft, wants_model, dtype, draft_is_head=wants_head)
         method = method or default_method(loaded.draft is not None)
         require_draft([method], loaded.draft)
-        if loaded.head is not None:
+        if layer_ids_from is not None:  # read here, so that any method (auto's eagle member too) gets it so
+            options["head"] = _eagle_head(loaded.head, loaded.target, layer_ids_from)
+        elif loaded.head is not None:
             options.setdefault("head", loaded.head)
         return cls(loaded.target, loaded.tokenizer, method, loaded.draft, runtime, **options)
 
@@ -152,6 +177,19 @@ class SpecDecoder:
             pass
         assert stream.result is not None  # the engine's last step always carries the result
         return stream.result
+
+
+def _eagle_head(head_dir: str | None, target, layer_ids_from: str):
+    """The EAGLE-3 head at `head_dir`, its layer ids read as `layer_ids_from` says, in the target's dtype."""
+    from pathlib import Path
+
+    from specdec.heads.checkpoint import read_config
+    from specdec.heads.eagle3 import ARCHITECTURES, load_head
+
+    archs = (read_config(Path(head_dir)).get("architectures") or []) if head_dir is not None else []
+    if head_dir is None or not set(archs) & set(ARCHITECTURES):
+        raise InputError("--layer-ids-from is for an EAGLE-3 head given as --draft HEAD_DIR")
+    return load_head(head_dir, target, next(target.parameters()).dtype, layer_ids_from)
 
 
 __all__ = ["SpecDecoder", "Generation", "Stats", "Step", "SamplingParams", "Stream"]

@@ -9,9 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
+from specdec.cliargs import add_model_arguments, add_sampling_arguments, read_prompts_file
 from specdec.errors import InputError
-
-PROMPT_LINE_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "kind"}
+from specdec.text import check_text, decode_utf8
 
 
 class Parser(argparse.ArgumentParser):
@@ -20,84 +20,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"specdec: error: {message} (see '{self.prog} --help')\n")
 
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
-    return value
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that loads models (generate, bench, serve)."""
-    p.add_argument(
-        "--model", default="default", help="target model path or hub name (default: the shipped code model)"
-    )
-    p.add_argument(
-        "--draft",
-        default=None,
-        help="draft model for --method draft ('default' = the shipped draft), or a trained head directory for "
-        "--method eagle (default: the shipped head, with the shipped model)",
-    )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    p.add_argument(
-        "--runtime",
-        default="auto",
-        choices=["auto", "llamacpp", "native", "transformers"],
-        help="what runs the target's forwards: 'llamacpp' = llama.cpp over a GGUF conversion (Llama models, the "
-        "llamacpp extra; logits only), 'native' = specdec's own fused forward (Llama, Mistral, Qwen2, Qwen3), "
-        "'transformers' = the model's own code. Each is checked against transformers at load. 'auto' "
-        "(default): the first of those that runs the model (llamacpp only for methods that read no hidden "
-        "states), saying in one line why it fell back",
-    )
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch threads, >= 1 (default: torch's choice)"
-    )
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int | None = 128) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="0 = greedy (default); below 1e-5 is greedy too (too small to sample from, as in vLLM)",
-    )
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
-
-
-def read_prompts_file(path: Path) -> list[dict]:
-    """Validate the whole file before any generation, naming the offending line."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InputError(f"cannot read prompts file {str(path)!r}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"prompts file {str(path)!r} is not UTF-8 text") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise InputError(f'{where}: expected an object with a string "prompt"')
-        unknown = sorted(set(row) - PROMPT_LINE_KEYS)
-        if unknown:
-            raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}")
-        rows.append({"line": number, **row})
-    if not rows:
-        raise InputError(f"prompts file {str(path)!r} holds no prompts")
-    return rows
+    def _get_values(self, action, arg_strings):
+        # argparse (before Python 3.13) drops a '--' value as if it ended the options, even in --stop=--,
+        # leaving no value: an option's one value '--' is kept (a separate '--' still ends the options)
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
 
 
 def _row_params(args: argparse.Namespace, row: dict) -> dict:
@@ -125,17 +55,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts_file is not None:
         rows = read_prompts_file(args.prompts_file)
     else:
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        prompt = read_stdin() if args.prompt == "-" else args.prompt
         rows = [{"line": None, "prompt": prompt}]
-    for row in rows:  # check every line's parameters before spending time on the model
+    for row in rows:  # check every line's prompt and parameters before spending time on the model
         try:
-            sampling_params(**_row_params(args, row))
+            check_text(row["prompt"])
+            params = sampling_params(**_row_params(args, row))
+            for stop in params.stop:
+                check_text(stop, "a stop string")
         except (InputError, TypeError) as e:
             where = f"{args.prompts_file}:{row['line']}: " if row["line"] else ""
             raise InputError(f"{where}{e}") from None
 
     with verbose_logging(args.verbose):
         return _generate(args, rows)
+
+
+def read_stdin() -> str:
+    """The prompt on stdin, as bytes decoded here: a BOM is dropped and a byte that is not UTF-8 is one line
+    (the text layer would keep the BOM as text, and fail or escape the byte by the locale)."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream with no bytes under it (a test's StringIO)
+        return sys.stdin.read().removeprefix("\ufeff")
+    return decode_utf8(stream.read(), "the prompt on stdin")
 
 
 @contextlib.contextmanager
@@ -184,7 +126,12 @@ def _decoder(args: argparse.Namespace):
             f"--{given[0].replace('_', '-')} is a diffusion-LM policy setting (use it with --policy)"
         )
     decoder = SpecDecoder.from_pretrained(
-        args.model, draft=args.draft, method=args.method, dtype=args.dtype, runtime=args.runtime
+        args.model,
+        draft=args.draft,
+        method=args.method,
+        dtype=args.dtype,
+        runtime=args.runtime,
+        layer_ids_from=args.layer_ids_from,
     )
     if args.verbose:
         print(f"specdec: target runtime {decoder.engine.runtime.name}", file=sys.stderr)
@@ -247,19 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "generate", help="generate text (streams to stdout; --json for machine-readable output)"
     )
-    g.add_argument("prompt", nargs="?", help="the prompt text, or '-' to read it from stdin")
+    g.add_argument(
+        "prompt",
+        nargs="?",
+        help="the prompt text, or '-' to read it from stdin; UTF-8 (a leading BOM is dropped; bytes that are "
+        "not UTF-8 are refused, not replaced)",
+    )
     add_model_arguments(g)
+    from specdec.heads import layer_ids
+
+    layer_ids.add_argument(g)  # --layer-ids-from: how a --draft EAGLE-3 head's layer ids are numbered
     g.add_argument(
         "--method",
         default=None,
         help=f"one of: {', '.join(methods())} (default: auto, which picks among them every step)",
     )
     add_sampling_arguments(g)
-    g.add_argument("--stop", action="append", help="stop string (repeatable); the text is cut before it")
+    g.add_argument(
+        "--stop",
+        action="append",
+        help="stop string (repeatable); the text is cut before it. One starting with '-' goes as --stop=VALUE "
+        "(e.g. --stop=--)",
+    )
     g.add_argument(
         "--json", action="store_true", help="print one JSON object per prompt instead of streaming"
     )
-    g.add_argument("--prompts-file", type=Path, default=None, help='JSONL, one {"prompt": ...} per line')
+    g.add_argument(
+        "--prompts-file",
+        type=Path,
+        default=None,
+        help='JSONL in UTF-8 (a leading BOM is dropped), one {"prompt": ...} per line',
+    )
     g.add_argument(
         "--verbose",
         action="store_true",

@@ -289,7 +289,7 @@ class Decoding:
         )
         target.commit(scores, verdict.accepted_nodes)
         t2 = time.perf_counter()
-        drafter.observe(self.state, Scored(tree, verdict, scores.logits, scores.hidden))
+        drafter.observe(self.state, Scored(tree, verdict, scores.logits, scores.hidden, t2 - t1))
         t3 = time.perf_counter()
         stats.draft_seconds += t3 - t2
         stats.verify_seconds += t2 - t1

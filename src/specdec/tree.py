@@ -94,6 +94,23 @@ class DraftTree:
         probs = self.probs[keep] if self.probs is not None else None
         return DraftTree([self.tokens[i] for i in keep], parents, probs)
 
+    def follow(self, tokens: list[int]) -> list[int]:
+        """Node indices from the root down the path whose tokens are `tokens`, as far as the tree has it
+        (root first: [0] when not even the first token is a child of the root). With the emitted tokens: the
+        path they took through the tree, which is what it alone would have had accepted. Where siblings repeat
+        a token (sampled children), the first is followed."""
+        node, path = 0, [0]
+        children, mine = self.children, self.tokens
+        for token in tokens:
+            for child in children[node]:
+                if mine[child] == token:
+                    break
+            else:
+                return path
+            node = child
+            path.append(node)
+        return path
+
     def path_to(self, node: int) -> list[int]:
         """Node indices from the root to `node`, inclusive."""
         path = []
@@ -147,6 +164,19 @@ class Trie:
                 break
             parent = node
         return parent
+
+    def graft(self, tree: DraftTree, node_map: list[int] | None = None) -> list[int]:
+        """Insert the drafted nodes of `tree` (rooted at this trie's root token) in its own node order, as far
+        as the budget allows. Returns `node_map`, tree node -> trie node for the nodes inserted so far; given
+        one back (after the budget was raised), it goes on where that one stopped."""
+        node_map = [0] if node_map is None else node_map
+        parents, tokens, child = tree.parents, tree.tokens, self.child
+        for i in range(len(node_map), len(tokens)):
+            node = child(node_map[parents[i]], tokens[i])
+            if node is None:
+                break
+            node_map.append(node)
+        return node_map
 
     def __len__(self) -> int:
         return len(self.tokens)

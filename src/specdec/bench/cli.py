@@ -22,9 +22,10 @@ def _csv(value: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from specdec.bench.runner import HF_PROMPT_LOOKUP_TOKENS, all_methods
+    from specdec.bench.methods import HF_PROMPT_LOOKUP_TOKENS
+    from specdec.bench.runner import all_methods
     from specdec.bench.tasks import suites
-    from specdec.cli import add_model_arguments, add_sampling_arguments
+    from specdec.cliargs import add_model_arguments, add_sampling_arguments
 
     b = subparsers.add_parser(
         "bench",
@@ -133,8 +134,9 @@ def _params(args: argparse.Namespace):
         except ImportError:
             raise InputError("--plot needs matplotlib (pip install 'specdec[bench]')") from None
     sampled = args.temperature != 0
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS),
+    default_tokens = QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS
+    params = SamplingParams(  # --max-new-tokens 0 is refused below, as by generate (not taken for "unset")
+        max_new_tokens=default_tokens if args.max_new_tokens is None else args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
@@ -159,7 +161,8 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
     """Build the methods and run them under one progress bar; returns (result, skipped methods)."""
     from tqdm import tqdm
 
-    from specdec.bench.runner import ForwardCounter, all_methods, build_methods, run_bench, select_methods
+    from specdec.bench.methods import ForwardCounter
+    from specdec.bench.runner import all_methods, build_methods, run_bench, select_methods
 
     explicit = args.methods is not None
     names = select_methods(args.methods, draft_model is not None)
@@ -217,10 +220,8 @@ def _yardstick(args, prompts, model, tokenizer, max_new_tokens: int) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
     from specdec.bench import report
-    from specdec.bench.runner import HF_PROMPT_LOOKUP_TOKENS, TIE_GAP
+    from specdec.bench.runner import TIE_GAP
     from specdec.bench.tasks import load_prompts_file, load_spec_bench, load_suite, suites
 
     params = _params(args)
@@ -249,28 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _yardstick(args, prompts, model, tokenizer, params.max_new_tokens)
     result, skipped = _run(args, prompts, model, tokenizer, draft_model, params)
 
-    settings = {
-        "tasks": list(dict.fromkeys(p.task for p in prompts)),
-        "methods": [m.name for m in result.methods],
-        "prompts": len(prompts),
-        "prompts_per_task": per_task,
-        "max_new_tokens": params.max_new_tokens,
-        "temperature": params.temperature,
-        "top_k": params.top_k,
-        "top_p": params.top_p,
-        "seed": params.seed,
-        "dtype": args.dtype,
-        "runtime": args.runtime,
-        # what ran each method's target forwards (hf-* methods: transformers' own generate())
-        "method_runtimes": {m.name: getattr(m, "runtime", "generate()") for m in result.methods},
-        "warmup_rounds": args.warmup,
-        "repeats": args.repeats,  # timed rounds per prompt; each method's fastest is kept
-        "quick": args.quick,
-        "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
-        "numerical_tie_gap": TIE_GAP,
-        "chat_history": "later turns hold hf-vanilla's own answer to the earlier turns from this run",
-        "torch_threads": torch.get_num_threads(),
-    }
+    settings = report.settings(args, prompts, result, params, per_task)
     env = report.environment(model, args.model, draft_model, draft_name)
     data = report.report(result, env, settings, skipped, sampled=not params.greedy)
     runtimes = ", ".join(f"{name}: {rt}" for name, rt in settings["method_runtimes"].items())

@@ -22,6 +22,7 @@ import tokenize
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,29 +61,23 @@ class Synthetic:
     answer: str
 
 
+def _two_lists(rng: random.Random, high: int, shortest: int, longest: int) -> tuple[list[int], list[int]]:
+    """Two lists of the same random length in [shortest, longest], of integers in [1, high]."""
+    a = [rng.randint(1, high) for _ in range(rng.randint(shortest, longest))]
+    return a, [rng.randint(1, high) for _ in range(len(a))]
+
+
 def parallel_suite(per_kind: int = 6, seed: int = 0) -> list[Synthetic]:
     """Small tasks with one right answer, where the tokens of the answer depend on each other."""
     rng = random.Random(seed)
     out = []
     for _ in range(per_kind):
-        a = [rng.randint(1, 99) for _ in range(rng.randint(5, 8))]
-        b = [rng.randint(1, 99) for _ in range(len(a))]
-        out.append(
-            Synthetic(
-                "copy",
-                f"values = {a}\nsame_values = {a}\nitems = {b}\nsame_items = [",
-                ", ".join(map(str, b)) + "]",
-            )
-        )
-        a = [rng.randint(1, 9) for _ in range(rng.randint(4, 6))]
-        b = [rng.randint(1, 9) for _ in range(len(a))]
-        out.append(
-            Synthetic(
-                "reverse",
-                f"xs = {a}\nreversed_xs = {a[::-1]}\nys = {b}\nreversed_ys = [",
-                ", ".join(map(str, b[::-1])) + "]",
-            )
-        )
+        a, b = _two_lists(rng, 99, 5, 8)
+        prompt = f"values = {a}\nsame_values = {a}\nitems = {b}\nsame_items = ["
+        out.append(Synthetic("copy", prompt, ", ".join(map(str, b)) + "]"))
+        a, b = _two_lists(rng, 9, 4, 6)
+        prompt = f"xs = {a}\nreversed_xs = {a[::-1]}\nys = {b}\nreversed_ys = ["
+        out.append(Synthetic("reverse", prompt, ", ".join(map(str, b[::-1])) + "]"))
         start = rng.randint(1, 40)
         seen = list(range(start, start + rng.randint(5, 8)))
         nxt = list(range(seen[-1] + 1, seen[-1] + 7))
@@ -266,35 +261,18 @@ def plot(rows: list[Row], out: Path, references: Iterable[str] = ("hf-vanilla", 
 
 def run(args) -> int:
     """The diffusion bench behind `specdec bench` (see the module docstring)."""
-    from tqdm import tqdm
-
-    from specdec.bench.runner import ForwardCounter, HFMethod, Method, SpecdecMethod
-    from specdec.bench.tasks import load_suite, suites
+    from specdec.bench.methods import ForwardCounter, HFMethod, Method, SpecdecMethod
     from specdec.dllm.api import DllmDecoder
-    from specdec.dllm.cli import engine_options, parse_policy_list
+    from specdec.dllm.cli import engine_options
     from specdec.dllm.policies import make_policy
     from specdec.models.loading import load_causal_lm
 
-    configs = parse_policy_list(args.policies or DEFAULT_POLICIES)
-    for _, name, options in configs:  # every setting checked before any model loads
-        make_policy(name, **options)
-    labels = [label for label, _, _ in configs]
-    if len(set(labels)) != len(labels):
-        raise InputError("--policies names the same setting twice")
-    max_new = args.max_new_tokens or (64 if args.quick else 128)
-    params = SamplingParams(
-        max_new_tokens=max_new,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=0 if args.seed is None and args.temperature else args.seed,
-    )
-    params.validate()
+    configs = policy_configs(
+        args.policies or DEFAULT_POLICIES
+    )  # every setting checked before any model loads
+    params = bench_params(args)
     per_task = args.prompts or (2 if args.quick else None)
-    tasks = args.tasks or [*suites(), PARALLEL_TASK]
-    for t in tasks:
-        if t != PARALLEL_TASK and t not in suites():
-            raise InputError(f"unknown task {t!r} (choose from {', '.join([*suites(), PARALLEL_TASK])})")
+    tasks = check_tasks(args.tasks)
 
     dllm, tokenizer = load_causal_lm(args.model, "target", args.dtype)
     ar, ar_tokenizer = load_causal_lm(args.ar_model, "target", args.dtype)
@@ -310,77 +288,13 @@ def run(args) -> int:
     references: dict[str, Method] = {"hf-vanilla": HFMethod("hf-vanilla", ar, counter)}
     for name in args.methods or ["auto"]:
         references[name] = SpecdecMethod(name, ar, ar_tokenizer)
-    judge = Judge(ar)
-
-    prompts: list[tuple[str, str, str | None]] = []  # (task, text, known answer)
-    for t in tasks:
-        items: list[tuple[str, str, str | None]]
-        if t == PARALLEL_TASK:
-            items = [(t, s.prompt, s.answer) for s in parallel_suite()]
-        else:
-            items = [(t, p.text or "", None) for p in load_suite(t)]
-        prompts += items[:per_task] if per_task else items
-    samples: list[Sample] = []
-    order = list(references) + labels
-    bar = tqdm(total=len(prompts) + 1, desc="bench dllm", unit="prompt", file=sys.stderr, disable=None)
-    with bar:
-        for index, (task, text, answer) in enumerate([prompts[0], *prompts]):  # the first is the warm-up
-            warm = index == 0
-            ids = ar_tokenizer(text)["input_ids"]
-            p = (
-                params
-                if answer is None
-                else SamplingParams(
-                    **{**asdict(params), "max_new_tokens": len(ar_tokenizer(answer)["input_ids"]) + 4}
-                )
-            )
-            ref_tokens: list[int] | None = None
-            for label in order:
-                if label in references:
-                    run_ = references[label].run(ids, p)
-                    out_ids, seconds, forwards = run_.token_ids, run_.seconds, run_.target_forwards
-                else:
-                    t0 = time.perf_counter()
-                    g = decoders[label].generate(ids, **_as_kwargs(p))
-                    seconds = time.perf_counter() - t0
-                    out_ids, forwards = g.token_ids, g.stats.target_forwards
-                if label == "hf-vanilla":
-                    ref_tokens = out_ids
-                if warm:
-                    continue
-                out_text = ar_tokenizer.decode(out_ids, skip_special_tokens=True)
-                samples.append(
-                    Sample(
-                        task=task,
-                        label=label,
-                        seconds=seconds,
-                        tokens=len(out_ids),
-                        forwards=forwards,
-                        agreement=_agreement(out_ids, ref_tokens or []),
-                        bits=judge.bits(ids, out_ids),
-                        bytes=max(1, len(out_text.encode())),
-                        python_ok=None if answer is not None else python_tokenises(text + out_text),
-                        correct=None if answer is None else out_text.startswith(answer),
-                    )
-                )
-            bar.update(1)
+    contest = Contest(references, decoders, ar_tokenizer, Judge(ar))
+    samples = contest.run_all(bench_prompts(tasks, per_task), params)
     counter.close()
-    rows = summarise(samples, order)
+    rows = summarise(samples, contest.order())
     print(table(rows))
     data = {
-        "settings": {
-            "model": args.model,
-            "ar_model": args.ar_model,
-            "policies": labels,
-            "ar_references": list(references),
-            "engine": engine_options(args),
-            "max_new_tokens": max_new,
-            "temperature": params.temperature,
-            "prompts_per_task": per_task,
-            "tasks": tasks,
-            "torch_threads": torch.get_num_threads(),
-            "not_lossless": "diffusion policies trade quality for speed; hf-vanilla and auto are the AR target",
-        },
+        "settings": settings(args, list(decoders), list(references), params, per_task, tasks),
         "rows": [asdict(r) for r in rows],
         "samples": [asdict(s) for s in samples],
     }
@@ -389,6 +303,160 @@ def run(args) -> int:
     if args.plot is not None:
         plot(rows, Path(args.plot), references)
     return 0
+
+
+def policy_configs(text: str) -> list[tuple[str, str, dict]]:
+    """--policies as (label, policy, options), each setting checked (InputError before any model loads)."""
+    from specdec.dllm.cli import parse_policy_list
+    from specdec.dllm.policies import make_policy
+
+    configs = parse_policy_list(text)
+    for _, name, options in configs:
+        make_policy(name, **options)
+    labels = [label for label, _, _ in configs]
+    if len(set(labels)) != len(labels):
+        raise InputError("--policies names the same setting twice")
+    return configs
+
+
+def bench_params(args) -> SamplingParams:
+    """The sampling settings of every generation (128 new tokens, 64 with --quick; sampled: seed 0 unless
+    given), checked."""
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens or (64 if args.quick else 128),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=0 if args.seed is None and args.temperature else args.seed,
+    )
+    params.validate()
+    return params
+
+
+def check_tasks(tasks: list[str] | None) -> list[str]:
+    """The tasks asked for (default: every built-in suite and the synthetic one), checked."""
+    from specdec.bench.tasks import suites
+
+    tasks = tasks or [*suites(), PARALLEL_TASK]
+    for t in tasks:
+        if t != PARALLEL_TASK and t not in suites():
+            raise InputError(f"unknown task {t!r} (choose from {', '.join([*suites(), PARALLEL_TASK])})")
+    return tasks
+
+
+def bench_prompts(tasks: list[str], per_task: int | None) -> list[tuple[str, str, str | None]]:
+    """(task, text, known answer) for the first `per_task` prompts of every task (None: all of them)."""
+    from specdec.bench.tasks import load_suite
+
+    prompts: list[tuple[str, str, str | None]] = []
+    for t in tasks:
+        items: list[tuple[str, str, str | None]]
+        if t == PARALLEL_TASK:
+            items = [(t, s.prompt, s.answer) for s in parallel_suite()]
+        else:
+            items = [(t, p.text or "", None) for p in load_suite(t)]
+        prompts += items[:per_task] if per_task else items
+    return prompts
+
+
+@dataclass
+class Contest:
+    """The AR references (hf-vanilla first) and the diffusion decoders (by policy setting), run interleaved
+    on every prompt, each output judged right after its run."""
+
+    references: dict[str, Any]  # label -> `Method`
+    decoders: dict[str, Any]  # label -> `DllmDecoder`
+    tokenizer: Any  # the AR target's
+    judge: Judge
+
+    def order(self) -> list[str]:
+        return list(self.references) + list(self.decoders)
+
+    def run_all(self, prompts: list[tuple[str, str, str | None]], params: SamplingParams) -> list[Sample]:
+        """Every prompt, after a warm-up on the first one (its runs are not kept)."""
+        from tqdm import tqdm
+
+        samples: list[Sample] = []
+        bar = tqdm(total=len(prompts) + 1, desc="bench dllm", unit="prompt", file=sys.stderr, disable=None)
+        with bar:
+            for index, (task, text, answer) in enumerate([prompts[0], *prompts]):
+                samples += self.prompt(task, text, answer, params, warm=index == 0)
+                bar.update(1)
+        return samples
+
+    def prompt(
+        self, task: str, text: str, answer: str | None, params: SamplingParams, warm: bool
+    ) -> list[Sample]:
+        """Every label on one prompt (a synthetic one with room for its known answer and a few tokens more)."""
+        ids = self.tokenizer(text)["input_ids"]
+        if answer is not None:
+            length = len(self.tokenizer(answer)["input_ids"]) + 4
+            params = SamplingParams(**{**asdict(params), "max_new_tokens": length})
+        reference: list[int] | None = None
+        samples = []
+        for label in self.order():
+            out_ids, seconds, forwards = self.generate(label, ids, params)
+            if label == "hf-vanilla":
+                reference = out_ids
+            if not warm:
+                out = (out_ids, seconds, forwards)
+                samples.append(self.sample(task, label, text, answer, ids, out, reference or []))
+        return samples
+
+    def generate(self, label: str, ids: list[int], params: SamplingParams) -> tuple[list[int], float, int]:
+        """(token ids, seconds, target forwards) of one label's generation."""
+        if label in self.references:
+            run_ = self.references[label].run(ids, params)
+            return run_.token_ids, run_.seconds, run_.target_forwards
+        t0 = time.perf_counter()
+        g = self.decoders[label].generate(ids, **_as_kwargs(params))
+        return g.token_ids, time.perf_counter() - t0, g.stats.target_forwards
+
+    def sample(
+        self,
+        task: str,
+        label: str,
+        text: str,
+        answer: str | None,
+        ids: list[int],
+        out: tuple[list[int], float, int],
+        reference: list[int],
+    ) -> Sample:
+        out_ids, seconds, forwards = out
+        out_text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+        return Sample(
+            task=task,
+            label=label,
+            seconds=seconds,
+            tokens=len(out_ids),
+            forwards=forwards,
+            agreement=_agreement(out_ids, reference),
+            bits=self.judge.bits(ids, out_ids),
+            bytes=max(1, len(out_text.encode())),
+            python_ok=None if answer is not None else python_tokenises(text + out_text),
+            correct=None if answer is None else out_text.startswith(answer),
+        )
+
+
+def settings(
+    args, labels: list[str], references: list[str], params: SamplingParams, per_task, tasks: list[str]
+) -> dict:
+    """The report's settings block."""
+    from specdec.dllm.cli import engine_options
+
+    return {
+        "model": args.model,
+        "ar_model": args.ar_model,
+        "policies": labels,
+        "ar_references": references,
+        "engine": engine_options(args),
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "prompts_per_task": per_task,
+        "tasks": tasks,
+        "torch_threads": torch.get_num_threads(),
+        "not_lossless": "diffusion policies trade quality for speed; hf-vanilla and auto are the AR target",
+    }
 
 
 def _as_kwargs(p: SamplingParams) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from specdec.bench.runner import Method, Run
+from specdec.bench.methods import Method, Run
 from specdec.errors import InputError
 from specdec.runtime.gguf import gguf_reason, llamacpp_reason, to_gguf
 from specdec.sampling import SamplingParams

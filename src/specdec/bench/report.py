@@ -10,8 +10,11 @@ from pathlib import Path
 
 import torch
 
-from specdec.bench.runner import BASELINE, BenchResult, Mismatch, Record
+from specdec.bench.methods import BASELINE, HF_PROMPT_LOOKUP_TOKENS
+from specdec.bench.runner import TIE_GAP, BenchResult, Mismatch, Record
+from specdec.bench.tasks import BenchPrompt
 from specdec.errors import InputError
+from specdec.sampling import SamplingParams
 
 OVERALL = "overall"
 SAMPLED_NOTE = "n/a (sampled; see statistical tests)"
@@ -175,6 +178,32 @@ def environment(model, model_name: str, draft_model, draft_name: str | None) -> 
         "specdec": specdec.__version__,
         "model": describe_model(model, model_name),
         "draft": None if draft_model is None else describe_model(draft_model, draft_name or ""),
+    }
+
+
+def settings(args, prompts: list[BenchPrompt], result: BenchResult, params: SamplingParams, per_task) -> dict:
+    """The report's settings block: what ran, on what, how often."""
+    return {
+        "tasks": list(dict.fromkeys(p.task for p in prompts)),
+        "methods": [m.name for m in result.methods],
+        "prompts": len(prompts),
+        "prompts_per_task": per_task,
+        "max_new_tokens": params.max_new_tokens,
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "seed": params.seed,
+        "dtype": args.dtype,
+        "runtime": args.runtime,
+        # what ran each method's target forwards (hf-* methods: transformers' own generate())
+        "method_runtimes": {m.name: getattr(m, "runtime", "generate()") for m in result.methods},
+        "warmup_rounds": args.warmup,
+        "repeats": args.repeats,  # timed rounds per prompt; each method's fastest is kept
+        "quick": args.quick,
+        "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
+        "numerical_tie_gap": TIE_GAP,
+        "chat_history": "later turns hold hf-vanilla's own answer to the earlier turns from this run",
+        "torch_threads": torch.get_num_threads(),
     }
 
 

@@ -9,166 +9,29 @@ equal hf-vanilla's; the first difference is diagnosed with a fresh target forwar
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TypedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypedDict
 
 import torch
 
+from specdec.bench.methods import (
+    BASELINE,
+    HF_METHODS,
+    HF_PROMPT_LOOKUP_TOKENS,
+    RUNTIME_SUFFIXES,
+    ForwardCounter,
+    HFMethod,
+    Method,
+    Run,
+    SpecdecMethod,
+    split_runtime,
+)
 from specdec.bench.tasks import BenchPrompt
-from specdec.drafters.base import Drafter
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
 
-HF_METHODS = ("hf-vanilla", "hf-prompt-lookup", "hf-assisted")
-BASELINE = "hf-vanilla"
 TIE_GAP = 1e-4  # a top-2 logit gap below this (fp32) is a numerical tie: rounding may pick either token
-HF_PROMPT_LOOKUP_TOKENS = 10
-
-
-@dataclass
-class Run:
-    token_ids: list[int]
-    seconds: float
-    target_forwards: int
-
-
-class ForwardCounter:
-    """Counts calls of the target model's forward (a pre-hook: generate() calls the module, not .forward)."""
-
-    def __init__(self, model) -> None:
-        self.count = 0
-        self._handle = model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args) -> None:
-        self.count += 1
-
-    def close(self) -> None:
-        self._handle.remove()
-
-
-class Method:
-    name: str
-    family: str  # "transformers" or "specdec"
-
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
-        raise NotImplementedError
-
-    def snapshot(self) -> object:
-        """What the method learned across requests so far (None: it learns nothing), for `restore`."""
-        return None
-
-    def restore(self, snapshot: object) -> None:
-        """Back to the state `snapshot` saw (the bench's later rounds of a prompt start where the first did)."""
-
-
-class HFMethod(Method):
-    """transformers' generate(); `extra` selects prompt lookup or assisted generation."""
-
-    family = "transformers"
-
-    def __init__(self, name: str, model, counter: ForwardCounter, **extra) -> None:
-        self.name, self.model, self.counter, self.extra = name, model, counter, extra
-        config = model.generation_config
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        self.pad = pad[0] if isinstance(pad, list) else pad
-
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
-        ids = torch.tensor([prompt_ids])
-        kwargs = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self.pad, **self.extra}
-        if params.greedy:
-            kwargs["do_sample"] = False
-        else:  # top_k explicitly: generate() would otherwise apply its default top_k=50
-            kwargs.update(
-                do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p
-            )
-            if params.seed is not None:
-                torch.manual_seed(params.seed)  # generate() samples from the global RNG
-        before = self.counter.count
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
-        seconds = time.perf_counter() - start
-        return Run(out[0, len(prompt_ids) :].tolist(), seconds, self.counter.count - before)
-
-
-class SpecdecMethod(Method):
-    """A registered specdec drafter in the engine; the decoder (and any state a drafter keeps across
-    generations, such as a learned table) lives for the whole bench, as it would in a server."""
-
-    family = "specdec"
-
-    def __init__(self, name: str, model, tokenizer, draft_model=None, runtime: str = "auto") -> None:
-        from specdec.api import SpecDecoder
-
-        self.name = name
-        method, forced = split_runtime(name)
-        self.decoder = SpecDecoder(
-            model, tokenizer, method=method, draft_model=draft_model, runtime=forced or runtime
-        )
-        # auto may run a request on either of two runtimes (docs/runtime.md)
-        self.runtime = " or ".join(r.name for r in self.decoder.engine.runtimes)
-
-    def snapshot(self) -> object:
-        """A copy of the drafter (suffix's index of earlier requests, recycle's table, auto's estimates...):
-        a later round of the same prompt must not find its own earlier answer there. Models and heads are
-        shared, not copied: decoding never changes them."""
-        drafter = self.decoder.engine.drafter
-        return copy.deepcopy(drafter, _modules_of(drafter))
-
-    def restore(self, snapshot: object) -> None:
-        drafter = copy.deepcopy(snapshot, _modules_of(snapshot))  # a copy again: the next round needs it too
-        assert isinstance(drafter, Drafter)
-        self.decoder.engine.drafter = drafter
-
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
-        start = time.perf_counter()
-        result = self.decoder.generate(
-            prompt_ids,
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed,
-        )
-        seconds = time.perf_counter() - start
-        return Run(result.token_ids, seconds, result.stats.target_forwards)
-
-
-def _modules_of(root: object) -> dict[int, object]:
-    """A deepcopy memo mapping every torch module reachable from `root` to itself (so copies share them), and
-    every packed weight (`specdec.runtime.native.Matrix`: read-only; its oneDNN tensor is opaque to deepcopy)."""
-    from specdec.runtime.native import Matrix
-
-    memo: dict[int, object] = {}
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, (torch.nn.Module, Matrix)) or (isinstance(obj, torch.Tensor) and obj.is_mkldnn):
-            memo[id(obj)] = obj
-            continue
-        if isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set)):
-            stack.extend(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            stack.extend(vars(obj).values())
-    return memo
-
-
-# `pld@transformers`: pld on that runtime, whatever --runtime says
-RUNTIME_SUFFIXES = ("llamacpp", "native", "transformers")
-
-
-def split_runtime(name: str) -> tuple[str, str | None]:
-    """'pld@transformers' -> ('pld', 'transformers'); 'pld' -> ('pld', None)."""
-    method, _, runtime = name.partition("@")
-    return method, runtime or None
 
 
 def needs_draft(name: str) -> bool:
@@ -415,64 +278,132 @@ def run_bench(
     limit = getattr(config, "max_position_embeddings", None)
     static_ids = [None if p.text is None else p.render(tokenizer, []) for p in prompts]
     check_lengths(prompts, static_ids, params, limit)
+    warm = warm_prompts(prompts, static_ids, tokenizer)
+    share = repeats * len(prompts) + warmup  # a skipped method's runs on the progress bar
+    methods, skipped = warm_up(methods, warm, warm_params(params), warmup, optional, progress, share)
+    bench = Session(methods, tokenizer, Diagnoser(model), params.greedy, progress)
+    counts: dict[str, int] = {}
+    for i, prompt in enumerate(prompts):
+        index = counts[prompt.task] = counts.get(prompt.task, -1) + 1
+        ids = static_ids[i]
+        if ids is None:  # a later chat turn: rendered after the answers before it
+            ids = render_turn(prompts, i, bench.answers, tokenizer)
+            check_lengths([prompt], [ids], params, limit)
+        where: Where = {"prompt": i, "task": prompt.task, "index": index, "source": prompt.source}
+        bench.records.extend(bench.rounds(Turn(where, ids), prompt_params(params, prompt, i), repeats))
+    return BenchResult(bench.records, bench.mismatches, methods, skipped)
 
-    # warm-up: the first prompt of every task (its first 256 tokens), each generation long enough for the
-    # one-time costs to land there and not in whichever method runs first on a new shape: first-call
-    # allocations and kernel selection for new sizes (the first method on the first short edit prompt paid
-    # ~0.18 s more than the next one), the cost-model measurement, and auto's first generation at this
-    # temperature, which it spends on its default runtime learning what pays (docs/methods.md, auto)
+
+def warm_prompts(
+    prompts: list[BenchPrompt], static_ids: list[list[int] | None], tokenizer
+) -> list[list[int]]:
+    """The first prompt of every task (its first 256 tokens), for the warm-up: each generation there is long
+    enough for the one-time costs to land in it and not in whichever method runs first on a new shape:
+    first-call allocations and kernel selection for new sizes (the first method on the first short edit prompt
+    paid ~0.18 s more than the next one), the cost-model measurement, and auto's first generation at this
+    temperature, which it spends on its default runtime learning what pays (docs/methods.md, auto)."""
     firsts: dict[str, list[int]] = {}
     for prompt, ids in zip(prompts, static_ids, strict=True):
         if ids:
             firsts.setdefault(prompt.task, ids[:256])
-    warm_prompts = list(firsts.values()) or [tokenizer("def f(x):\n")["input_ids"]]
-    warm = SamplingParams(
+    return list(firsts.values()) or [tokenizer("def f(x):\n")["input_ids"]]
+
+
+def warm_params(params: SamplingParams) -> SamplingParams:
+    """The bench's sampling settings, with at most 64 new tokens."""
+    return SamplingParams(
         max_new_tokens=min(64, params.max_new_tokens),
         temperature=params.temperature,
         top_k=params.top_k,
         top_p=params.top_p,
         seed=params.seed,
     )
+
+
+def warm_up(
+    methods: list[Method],
+    prompts: list[list[int]],
+    params: SamplingParams,
+    rounds: int,
+    optional: frozenset[str],
+    progress: Callable[..., None],
+    share: int,
+) -> tuple[list[Method], dict[str, str]]:
+    """`rounds` runs of every method over the warm-up prompts. Returns the methods left and, per method
+    dropped, why: one in `optional` that raised InputError (its `share` of the progress bar is passed on)."""
     skipped: dict[str, str] = {}
-    for _ in range(warmup):
+    for _ in range(rounds):
         for method in list(methods):
             try:
-                for ids in warm_prompts:
-                    method.run(ids, warm)
+                for ids in prompts:
+                    method.run(ids, params)
             except InputError as e:
                 if method.name not in optional or method.name == BASELINE:
                     raise
                 skipped[method.name] = str(e)
                 methods = [m for m in methods if m is not method]
-                progress(f"skipped {method.name}", repeats * len(prompts) + warmup)  # its share of the bar
+                progress(f"skipped {method.name}", share)
                 continue
             progress(f"warm-up {method.name}")
+    return methods, skipped
 
-    greedy = params.greedy
-    diagnoser = Diagnoser(model)
-    answers: list[str] = []  # hf-vanilla's decoded answer to each prompt (for later chat turns)
-    counts: dict[str, int] = {}
-    records: list[Record] = []
-    mismatches: list[Mismatch] = []
-    for i, prompt in enumerate(prompts):
-        index = counts[prompt.task] = counts.get(prompt.task, -1) + 1
-        ids = static_ids[i]
-        if ids is None:
-            chain, j = [], prompt.previous
-            while j is not None:
-                chain.append(answers[j])
-                j = prompts[j].previous
-            ids = prompt.render(tokenizer, chain[::-1])
-            check_lengths([prompt], [ids], params, limit)
-        p = copy.copy(params)
-        p.max_new_tokens = prompt.max_new_tokens or params.max_new_tokens
-        if not greedy and params.seed is not None:
-            p.seed = params.seed + i
-        where: Where = {"prompt": i, "task": prompt.task, "index": index, "source": prompt.source}
-        reference: list[int] | None = None
-        best: dict[str, Record] = {}  # per method: its fastest round on this prompt
-        mismatched: set[str] = set()  # methods whose output differed from the reference in some round
-        others = methods[1:]
+
+def render_turn(prompts: list[BenchPrompt], i: int, answers: list[str], tokenizer) -> list[int]:
+    """Prompt i, a later chat turn, rendered after hf-vanilla's answers to the turns before it."""
+    chain, j = [], prompts[i].previous
+    while j is not None:
+        chain.append(answers[j])
+        j = prompts[j].previous
+    return prompts[i].render(tokenizer, chain[::-1])
+
+
+def prompt_params(params: SamplingParams, prompt: BenchPrompt, i: int) -> SamplingParams:
+    """Prompt i's settings: its own max_new_tokens if it has one, and under sampling seed params.seed + i."""
+    p = copy.copy(params)
+    p.max_new_tokens = prompt.max_new_tokens or params.max_new_tokens
+    if not params.greedy and params.seed is not None:
+        p.seed = params.seed + i
+    return p
+
+
+def rotation(methods: list[Method], turn: int) -> list[Method]:
+    """hf-vanilla first (its tokens are the reference), the others in an order rotated by `turn` (the prompt
+    and round): a method right after the baseline ran slower by a few percent (caches and threads still busy
+    with its work), so no method should always take that place."""
+    others = methods[1:]
+    shift = turn % len(others) if others else 0
+    return methods[:1] + others[shift:] + others[:shift]
+
+
+@dataclass
+class Turn:
+    """One prompt's runs so far."""
+
+    where: Where
+    ids: list[int]  # the prompt's token ids
+    reference: list[int] | None = None  # hf-vanilla's tokens in the first round
+    best: dict[str, Record] = field(default_factory=dict)  # per method: its fastest round
+    mismatched: set[str] = field(default_factory=set)  # methods whose output differed in some round
+
+
+@dataclass
+class Session:
+    """What the bench's prompts share: the methods (baseline first), hf-vanilla's decoded answer to each prompt
+    so far (for later chat turns), and the records and mismatches so far."""
+
+    methods: list[Method]
+    tokenizer: Any
+    diagnoser: Diagnoser
+    greedy: bool
+    progress: Callable[..., None]
+    answers: list[str] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    def rounds(self, turn: Turn, params: SamplingParams, repeats: int) -> list[Record]:
+        """`repeats` rounds of every method on the prompt, each from the methods' state before it; per method
+        the record of its fastest round."""
+        methods = self.methods
         # each method's cross-request state before this prompt: every round starts from it
         snapshots = [m.snapshot() for m in methods] if repeats > 1 else []
         for round_ in range(repeats):
@@ -480,46 +411,43 @@ def run_bench(
                 for method, snapshot in zip(methods, snapshots, strict=True):
                     if snapshot is not None:
                         method.restore(snapshot)
-            # hf-vanilla first (its tokens are the reference), the others in an order rotated per prompt and
-            # round: a method right after the baseline ran slower by a few percent (caches and threads still
-            # busy with its work), so no method should always take that place
-            shift = (i + round_) % len(others) if others else 0
-            for method in methods[:1] + others[shift:] + others[:shift]:
-                run = method.run(ids, p)
-                if reference is None:  # hf-vanilla's first round
-                    reference = run.token_ids
-                    answers.append(tokenizer.decode(reference, skip_special_tokens=True))
-                if greedy:
-                    position = first_difference(reference, run.token_ids)
-                    if position is not None and method.name not in mismatched:  # one report per prompt
-                        mismatched.add(method.name)
-                        mismatches.append(
-                            diagnose(
-                                diagnoser,
-                                ids,
-                                reference,
-                                run.token_ids,
-                                position,
-                                {**where, "method": method.name},
-                            )
-                        )
-                record = Record(
-                    **where,
-                    method=method.name,
-                    prompt_tokens=len(ids),
-                    new_tokens=len(run.token_ids),
-                    seconds=run.seconds,
-                    target_forwards=run.target_forwards,
-                    match=None,
-                )
-                kept = best.get(method.name)
-                if kept is None or _rate(record) < _rate(kept):
-                    best[method.name] = record
-                if greedy:  # a mismatch in any round marks the method's record on this prompt
-                    best[method.name].match = method.name not in mismatched
-                progress(f"{prompt.task} {index} {method.name}")
-        records.extend(best[m.name] for m in methods)
-    return BenchResult(records, mismatches, methods, skipped)
+            for method in rotation(methods, turn.where["prompt"] + round_):
+                self.take(turn, method, method.run(turn.ids, params))
+                self.progress(f"{turn.where['task']} {turn.where['index']} {method.name}")
+        return [turn.best[m.name] for m in methods]
+
+    def take(self, turn: Turn, method: Method, run: Run) -> None:
+        """Check a run against the reference (hf-vanilla's first run is it) and keep the method's fastest."""
+        if turn.reference is None:
+            turn.reference = run.token_ids
+            self.answers.append(self.tokenizer.decode(turn.reference, skip_special_tokens=True))
+        if self.greedy:
+            self.compare(turn, method.name, run.token_ids)
+        record = Record(
+            **turn.where,
+            method=method.name,
+            prompt_tokens=len(turn.ids),
+            new_tokens=len(run.token_ids),
+            seconds=run.seconds,
+            target_forwards=run.target_forwards,
+            match=None,
+        )
+        kept = turn.best.get(method.name)
+        if kept is None or _rate(record) < _rate(kept):
+            turn.best[method.name] = record
+        if self.greedy:  # a mismatch in any round marks the method's record on this prompt
+            turn.best[method.name].match = method.name not in turn.mismatched
+
+    def compare(self, turn: Turn, method: str, tokens: list[int]) -> None:
+        """Greedy: diagnose the method's first difference from the reference (one report per prompt)."""
+        assert turn.reference is not None
+        position = first_difference(turn.reference, tokens)
+        if position is not None and method not in turn.mismatched:
+            turn.mismatched.add(method)
+            where = {**turn.where, "method": method}
+            self.mismatches.append(
+                diagnose(self.diagnoser, turn.ids, turn.reference, tokens, position, where)
+            )
 
 
 def _rate(record: Record) -> float:

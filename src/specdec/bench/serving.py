@@ -254,7 +254,7 @@ def plot(rows: list[Row], out: Path) -> None:
 
 def register(subparsers) -> None:
     from specdec.bench.tasks import suites
-    from specdec.cli import positive_int
+    from specdec.cliargs import add_threads_argument
 
     p = subparsers.add_parser(
         "bench-serve",
@@ -294,9 +294,7 @@ def register(subparsers) -> None:
         help="requests sent at every N, the same prompts for each (at least 2 x the largest N; default 32)",
     )
     p.add_argument("--max-tokens", type=int, default=96, help="max_tokens of every request (default 96)")
-    p.add_argument(
-        "--threads", type=positive_int, default=None, help="torch threads of the servers and transformers"
-    )
+    add_threads_argument(p, help="torch threads of the servers and transformers")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every row and the settings")
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="throughput against N")
     p.set_defaults(func=run)
@@ -315,8 +313,34 @@ def _positive_list(text: str, what: str) -> list[int]:
 def run(args) -> int:
     import tempfile
 
-    from specdec.bench.tasks import load_prompts_file, load_suite
+    concurrency, configs = check_settings(args)
+    pool = prompt_pool(args)
+    largest = max(concurrency)
+    # the same requests at every N (rows compare across N), at least two per client at the largest N
+    prompts = [pool[i % len(pool)] for i in range(max(args.requests, 2 * largest))]
+    rows: list[Row] = []
+    reference: dict[str, str] = {}
+    # one-at-a-time first: its answers are the reference the others are checked against
+    order = sorted(configs, key=lambda c: c != "one-at-a-time")
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in order:
+            if config != HF:
+                rows += serve_rows(args, config, Path(tmp), (pool, prompts), concurrency, reference)
+    if HF in configs:
+        rows += hf_rows(args, pool, prompts, concurrency, reference)
+    rows.sort(key=lambda r: (configs.index(r.config), r.concurrency))
+    print(table(rows))
+    if args.json is not None:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
+        args.json.write_text(json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=1))
+    if args.plot is not None:
+        plot(rows, args.plot)
+    return 0
 
+
+def check_settings(args) -> tuple[list[int], list[str]]:
+    """(the concurrencies, the configs) asked for, and every other setting and extra checked before any
+    server starts."""
     concurrency = _positive_list(args.concurrency, "--concurrency")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS and c != HF]
@@ -341,59 +365,71 @@ def run(args) -> int:
         ) from None
     if args.json is not None and not args.json.parent.is_dir():
         raise InputError(f"--json {args.json}: no such directory {str(args.json.parent)!r}")
+    return concurrency, configs
+
+
+def prompt_pool(args) -> list[str]:
+    """The prompt texts the requests cycle through: the prompts file's, else the tasks' suites'."""
+    from specdec.bench.tasks import load_prompts_file, load_suite
+
     if args.prompts_file is not None:
         pool = [p.text for p in load_prompts_file(args.prompts_file) if p.text]
     else:
         pool = [p.text for task in args.tasks.split(",") for p in load_suite(task.strip()) if p.text]
     if not pool:
         raise InputError("no prompts to send")
+    return pool
+
+
+def serve_rows(
+    args,
+    config: str,
+    tmp: Path,
+    texts: tuple[list[str], list[str]],
+    concurrency: list[int],
+    reference: dict[str, str],
+) -> list[Row]:
+    """One server config driven at every N (`texts`: the prompt pool, the requests); one-at-a-time's answers
+    go to `reference`."""
+    pool, prompts = texts
+    largest = max(concurrency)
     common = ["--model", args.model, "--max-tokens", str(args.max_tokens)]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    largest = max(concurrency)
-    # the same requests at every N (rows compare across N), at least two per client at the largest N
-    prompts = [pool[i % len(pool)] for i in range(max(args.requests, 2 * largest))]
-    rows: list[Row] = []
-    reference: dict[str, str] = {}
-    # one-at-a-time first: its answers are the reference the others are checked against
-    order = sorted(configs, key=lambda c: c != "one-at-a-time")
-    with tempfile.TemporaryDirectory() as tmp:
-        for config in order:
-            if config == HF:
-                continue
-            extra, _ = CONFIGS[config]
-            batch = [] if "--max-batch" in extra else ["--max-batch", str(largest)]
-            print(f"bench-serve: starting {config} ({' '.join(extra + batch)})", file=sys.stderr)
-            server = Server(common + extra + batch, Path(tmp) / f"{config}.log")
-            try:
-                drive(server.url, pool[:2], min(2, largest), args.max_tokens)  # warm-up (untimed)
-                for n in concurrency:
-                    requests, seconds = drive(server.url, prompts, n, args.max_tokens)
-                    if config == "one-at-a-time":
-                        for r in requests:
-                            reference.setdefault(r.prompt, r.text)
-                    rows.append(summarize(config, n, requests, seconds, reference))
-                    print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
-            finally:
-                server.close()
-    if HF in configs:
-        import torch
-
-        from specdec.models.loading import load_causal_lm
-
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        model, tokenizer = load_causal_lm(args.model)
-        hf_batched(model, tokenizer, pool[:2], 2, 8)  # warm-up
+    extra, _ = CONFIGS[config]
+    batch = [] if "--max-batch" in extra else ["--max-batch", str(largest)]
+    print(f"bench-serve: starting {config} ({' '.join(extra + batch)})", file=sys.stderr)
+    server = Server(common + extra + batch, tmp / f"{config}.log")
+    rows = []
+    try:
+        drive(server.url, pool[:2], min(2, largest), args.max_tokens)  # warm-up (untimed)
         for n in concurrency:
-            requests, seconds = hf_batched(model, tokenizer, prompts, n, args.max_tokens)
-            rows.append(summarize(HF, n, requests, seconds, reference))
+            requests, seconds = drive(server.url, prompts, n, args.max_tokens)
+            if config == "one-at-a-time":
+                for r in requests:
+                    reference.setdefault(r.prompt, r.text)
+            rows.append(summarize(config, n, requests, seconds, reference))
             print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
-    rows.sort(key=lambda r: (configs.index(r.config), r.concurrency))
-    print(table(rows))
-    if args.json is not None:
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-        args.json.write_text(json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=1))
-    if args.plot is not None:
-        plot(rows, args.plot)
-    return 0
+    finally:
+        server.close()
+    return rows
+
+
+def hf_rows(
+    args, pool: list[str], prompts: list[str], concurrency: list[int], reference: dict[str, str]
+) -> list[Row]:
+    """transformers' batched generate() in batches of every N, in this process."""
+    import torch
+
+    from specdec.models.loading import load_causal_lm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm(args.model)
+    hf_batched(model, tokenizer, pool[:2], 2, 8)  # warm-up
+    rows = []
+    for n in concurrency:
+        requests, seconds = hf_batched(model, tokenizer, prompts, n, args.max_tokens)
+        rows.append(summarize(HF, n, requests, seconds, reference))
+        print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
+    return rows

@@ -56,7 +56,7 @@ def load_suite(name: str) -> list[BenchPrompt]:
 
 def load_prompts_file(path: Path) -> list[BenchPrompt]:
     """Any JSONL of {"prompt": ...}; optional "kind" (the task it is grouped under) and "max_new_tokens"."""
-    from specdec.cli import read_prompts_file
+    from specdec.cliargs import read_prompts_file
 
     prompts = []
     for row in read_prompts_file(path):

@@ -104,7 +104,8 @@ def teacher_forced_tau(drafter: Drafter, prompt_ids: list[int], reference: list[
             room = len(reference) - emitted - 1  # the bonus token always fits
             tree = drafter.propose(state, context, room).truncate_depth(room)
             verdict = _descend(tree, _truth(reference, emitted, tree.depths))
-            drafter.observe(state, Scored(tree, verdict, torch.empty(0)))
+            # no target, so no verification to time (verify_seconds 0: not measured); these drafters read none
+            drafter.observe(state, Scored(tree, verdict, torch.empty(0), verify_seconds=0.0))
             context += verdict.tokens
             emitted += len(verdict.tokens)
             steps += 1

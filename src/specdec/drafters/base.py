@@ -16,6 +16,7 @@ if the drafter asked for any), then repeatedly `propose` (a token tree rooted at
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,6 +50,10 @@ class Scored:
     logits: torch.Tensor  # [N, V] raw target logits, row i for node i
     # layer id -> [N, H]: the target's hidden states at the layers the drafter asked for (`hidden_layers`)
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # what the verification took (the forward and the acceptance), as the engine measured it: what a drafter
+    # that sizes trees by cost learns the forward's cost from, without timing the engine itself (0: not
+    # measured, outside an engine)
+    verify_seconds: float = 0.0
 
 
 class Drafter(ABC):
@@ -128,6 +133,23 @@ class Drafter(ABC):
         """What the drafter has to say about a finished generation (say, which members it chose how often):
         JSON-serialisable; the engine puts it in `Stats.drafter` before `release`. Most drafters have nothing."""
         return {}
+
+    # The attributes holding what the drafter learns across requests on purpose (recycle's table, suffix's
+    # history, eagle's calibration...): what `snapshot_learned` copies. Never a model, head or packed weight:
+    # decoding does not change those, so they are shared rather than copied (and oneDNN's packed tensors
+    # cannot be copied at all).
+    learned_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def snapshot_learned(self) -> dict[str, Any]:
+        """A copy of what the drafter learned across requests so far (empty: it learns nothing across
+        requests), for `restore_learned`. Drafters with members add theirs."""
+        return copy.deepcopy({name: getattr(self, name) for name in self.learned_attributes})
+
+    def restore_learned(self, snapshot: dict[str, Any]) -> None:
+        """Back to what `snapshot_learned` returned (a benchmark's repeated rounds of a prompt each start from
+        it); `snapshot` itself stays as it was, for the next restore. Call it between generations only."""
+        for name, value in copy.deepcopy(snapshot).items():
+            setattr(self, name, value)
 
 
 REGISTRY: dict[str, type[Drafter]] = {}

@@ -52,8 +52,17 @@ class EagleConfig:
     beam: int = 8  # frontier nodes expanded per level, in one head call
     depth: int = 6  # tree depth (head calls per step: depth - 1)
     max_nodes: int | str = "auto"  # drafted nodes verified per step, or "auto": the measured cost model
+    # whose numbering a head directory's layer ids are in ("vllm" | "sglang"), where its files do not say
+    # (specdec.heads.layer_ids); None: what they say, else the documented default, said in one line
+    layer_ids_from: str | None = None
 
     def __post_init__(self) -> None:
+        from specdec.heads.layer_ids import SEMANTICS
+
+        if self.layer_ids_from not in (None, *SEMANTICS):
+            raise ValueError(
+                f"layer_ids_from must be one of {', '.join(SEMANTICS)} (got {self.layer_ids_from!r})"
+            )
         for name in ("top_k", "beam", "depth"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -76,7 +85,6 @@ class EagleState:
     prompt: list[int]
     draft_seconds: float = 0.0  # moving average of propose() time (reported; the tree size ignores it: sunk)
     tree_scores: list[float] = field(default_factory=list)  # cumulative draft log-prob of each drafted node
-    proposed: float = 0.0  # when the last propose returned: verification started
     tree_size: int = 0  # nodes (root included) of the last proposed tree (0: none since the last observe)
 
 
@@ -120,6 +128,8 @@ class Eagle(Drafter):
     name = "eagle"
     needs_hidden_states = True
     uses_head = True
+    # what sizes its trees: acceptance by draft probability, the refined forward cost, a level's time
+    learned_attributes = ("calibration", "cost", "level_seconds")
 
     def __init__(self, config: EagleConfig | None = None, **options) -> None:
         self.config = config or EagleConfig(**options)
@@ -132,6 +142,8 @@ class Eagle(Drafter):
     def bind(self, model) -> None:
         source = self.config.head
         if isinstance(source, Eagle3Head):
+            if self.config.layer_ids_from is not None:
+                raise InputError("layer_ids_from is for a head directory; this head's ids are read already")
             check_target(source.config, model)
             source.bind_embedding(model.get_input_embeddings().weight)
             head = source
@@ -142,7 +154,8 @@ class Eagle(Drafter):
                     "eagle needs a trained head for this model: --draft HEAD_DIR (train one with "
                     "`specdec train-drafter --method eagle`)"
                 )
-            head = load_head(path, model, dtype=next(model.parameters()).dtype)
+            dtype = next(model.parameters()).dtype
+            head = load_head(path, model, dtype=dtype, layer_ids_from=self.config.layer_ids_from)
         self.head = head.eval()
         self.packed = PackedHead(self.head)
         self.cost = OnlineCost(CostModel.for_model(model)) if self.config.max_nodes == "auto" else None
@@ -151,6 +164,15 @@ class Eagle(Drafter):
     def hidden_layers(self) -> tuple[int, ...]:
         assert self.head is not None, "bind first"
         return tuple(self.head.config.aux_layer_ids)
+
+    def report(self, state: EagleState) -> dict:
+        """The layers the head read (HF numbering) and how its config.json's ids were read to get them."""
+        assert self.head is not None, "bind first"
+        c = self.head.config
+        return {
+            "layer_ids": list(c.aux_layer_ids),
+            "layer_ids_read_as": c.layer_ids_reading or "given as an object",
+        }
 
     def start(self, request: Request) -> EagleState:
         assert self.head is not None, "bind first"
@@ -191,9 +213,8 @@ class Eagle(Drafter):
         tree = DraftTree([root] + [tokens[i] for i in order], [-1] + [new[parents[i]] for i in order])
         state.tree_scores = [scores[i] for i in order]
         state.cache.crop(state.committed)  # drafting entries are replaced by verified ones in observe
-        state.proposed = time.perf_counter()
         state.tree_size = len(tree)
-        state.draft_seconds += DRAFT_TIME_EMA * (state.proposed - t0 - state.draft_seconds)
+        state.draft_seconds += DRAFT_TIME_EMA * (time.perf_counter() - t0 - state.draft_seconds)
         return tree
 
     def _grow(self, state: EagleState, depth: int):
@@ -300,11 +321,11 @@ class Eagle(Drafter):
         return ranked[: self.cost.best_size(gains)]  # the drafting time is spent already: not counted
 
     def observe(self, state: EagleState, scored: Scored) -> None:
-        """Time the verification (the cost model learns this context's forwards), calibrate on this step's
-        nodes, and replace its drafting entries by the verified path's true features."""
+        """Learn the verification's time (the engine's: the cost model learns this context's forwards),
+        calibrate on this step's nodes, and replace its drafting entries by the verified path's true features."""
         if self.cost is not None and state.tree_size:  # it proposed this step (as auto's member, the tree
             # verified may be another's: its size is the scored tree's)
-            self.cost.update(len(scored.tree), time.perf_counter() - state.proposed)
+            self.cost.update(len(scored.tree), scored.verify_seconds)
             state.tree_size = 0
         accepted = set(scored.verdict.accepted_nodes)
         for node, score in enumerate(state.tree_scores, start=1):  # tree node i >= 1 <-> tree_scores[i - 1]

@@ -35,9 +35,11 @@ class HydraState(MedusaState):
 class Hydra(Medusa):
     name = "hydra"
     shipped_head = "heads/hydra"
+    learned_attributes = (*Medusa.learned_attributes, "children")  # `children` indexes the template
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         super().__init__(config or MedusaConfig(**options))  # the same options: a head, width, max_nodes...
+        self.children: list[list[int]] = []  # template node -> its child slots (`_grow`)
 
     def _load(self, path: Path, model, dtype: torch.dtype) -> HydraHeads:
         return load_hydra(path, model, dtype=dtype)
@@ -55,7 +57,7 @@ class Hydra(Medusa):
         super()._grow()
         tpl = self.template
         assert tpl is not None
-        self.children: list[list[int]] = [[] for _ in range(len(tpl))]  # template node -> its child slots
+        self.children = [[] for _ in range(len(tpl))]
         for i in range(1, len(tpl)):
             self.children[tpl.parents[i]].append(i)
 

@@ -126,6 +126,7 @@ class LayerSkip(DraftModel):
 
     name = "layerskip"
     needs_draft_model = False
+    learned_attributes = ("learned",)  # the skipped set carried across generations (`persist`)
     config: LayerSkipConfig
 
     def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:

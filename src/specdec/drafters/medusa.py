@@ -85,6 +85,8 @@ class Medusa(Drafter):
     tree_tokens = 3
     # under models/shipped/: the heads trained for the shipped target
     shipped_head: ClassVar[str] = "heads/medusa"
+    # the heads' rank statistics (warm-started across requests) and the template grown from them
+    learned_attributes: ClassVar[tuple[str, ...]] = ("hits", "trials", "template")
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         self.config = config or MedusaConfig(**options)

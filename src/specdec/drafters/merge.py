@@ -76,6 +76,14 @@ class Merge(Drafter):
         for m in self.members:
             m.bind(model)
 
+    def snapshot_learned(self) -> dict[str, Any]:
+        """Its members' (merge's own weights are per generation)."""
+        return {"members": [m.snapshot_learned() for m in self.members]}
+
+    def restore_learned(self, snapshot: dict[str, Any]) -> None:
+        for m, learned in zip(self.members, snapshot["members"], strict=True):
+            m.restore_learned(learned)
+
     def start(self, request: Request) -> MergeState:
         return MergeState([m.start(request) for m in self.members], [1.0] * len(self.members))
 
@@ -105,15 +113,9 @@ def union(root: int, trees: list[DraftTree], quotas: list[int], max_nodes: int) 
     maps = [[0] for _ in trees]  # per tree: own node -> merged node, for the nodes inserted so far
 
     def insert(j: int, limit: int) -> None:
-        tree, node_map = trees[j], maps[j]
         budget = trie.max_nodes
         trie.max_nodes = min(max_nodes, len(trie) - 1 + limit)  # this round's share of new nodes
-        while len(node_map) < len(tree):
-            i = len(node_map)
-            node = trie.child(node_map[tree.parents[i]], tree.tokens[i])
-            if node is None:
-                break
-            node_map.append(node)
+        trie.graft(trees[j], maps[j])
         trie.max_nodes = budget
 
     for j, quota in enumerate(quotas):
@@ -126,10 +128,4 @@ def union(root: int, trees: list[DraftTree], quotas: list[int], max_nodes: int) 
 def would_accept(tree: DraftTree, emitted: list[int]) -> int:
     """How many of the emitted tokens form a path from the root of `tree` (what it alone would have had
     accepted, as far as the emitted tokens tell)."""
-    node = 0
-    for depth, tok in enumerate(emitted):
-        child = next((c for c in tree.children[node] if tree.tokens[c] == tok), None)
-        if child is None:
-            return depth
-        node = child
-    return len(emitted)
+    return len(tree.follow(emitted)) - 1

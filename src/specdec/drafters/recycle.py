@@ -62,6 +62,8 @@ class RecycleConfig:
 class TokenRecycling(Drafter):
     name = "recycle"
     mergeable = True  # learns from whatever tree was scored (the merge drafter relies on it)
+    # the table, the acceptance counts and the template grown from them
+    learned_attributes = ("table", "seen", "hits", "trials", "steps", "template", "levels", "stale")
 
     def __init__(self, config: RecycleConfig | None = None, **options) -> None:
         self.config = config or RecycleConfig(**options)

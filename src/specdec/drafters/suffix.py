@@ -159,6 +159,7 @@ class SuffixState:
 class SuffixLookup(Drafter):
     name = "suffix"
     mergeable = True  # point masses; learns nothing from the target (the history grows from contexts)
+    learned_attributes = ("history", "docs", "separator", "version")  # the earlier generations' contexts
 
     def __init__(self, config: SuffixConfig | None = None, **options) -> None:
         self.config = config or SuffixConfig(**options)

@@ -6,20 +6,23 @@ attends over concat(RMSNorm(embedding), RMSNorm(feature)) ([2H]: q/k/v take 2H i
 residual; the pre-norm output is the head's own prediction of the next feature, fed back as f for the next
 draft step, and norm + lm_head give logits over the draft vocabulary (target id = i + d2t[i]).
 
-specdec's on-disk format IS the layout vLLM and SGLang load, so exporting a head is a copy and published heads
-load here. Matched against (read with the search tool; not copied):
+specdec's on-disk format IS the layout vLLM and SGLang load, so exporting a head is a copy (plus its layer ids
+in the engine's own numbering: layer_ids.py) and published heads load here. Matched against (read with the
+search tool; not copied):
   - vllm-project/vllm `vllm/model_executor/models/llama_eagle3.py`: `Eagle3LlamaForCausalLM`; `midlayer.` ->
     `layers.0.`; fc input = 3 * `target_hidden_size` (else 3 * hidden_size); `draft_vocab_size`; `d2t` ->
     `draft_id_to_target_id` (target id = i + d2t[i]); `t2d` skipped; `embed_tokens` optional; the decoder layer
     computes residual = feature, cat(input_layernorm(embeds), hidden_norm(feature)), attention,
     post_attention_layernorm(h, residual), mlp, then norm(h, residual) returning (normed, pre-norm) — the
     pre-norm output is the feature fed back; `norm_before_residual` makes the residual hidden_norm(feature).
-  - vllm-project/vllm `vllm/model_executor/models/llama.py`: aux hidden state id i is appended as
-    `hidden_states + residual` BEFORE decoder layer i runs, i.e. the INPUT of layer i, which is Hugging Face's
+  - vllm-project/vllm `vllm/model_executor/models/llama.py`: aux hidden state id i is `hidden_states +
+    residual` as it enters decoder layer i, i.e. the INPUT of layer i, which is Hugging Face's
     `output_hidden_states[i]` (entry 0 = embeddings output); default ids (2, L // 2, L - 3).
   - sgl-project/sglang `python/sglang/srt/models/llama_eagle3.py`: `LlamaForCausalLMEagle3`, the same
     `midlayer`/`fc`/`norm`/`lm_head` names, `hot_token_id = d2t + arange`; with `tie_word_embeddings` true it
-    would use embed_tokens as lm_head, so configs written here say false.
+    would use embed_tokens as lm_head, so configs written here say false. SGLang numbers the layer ids
+    differently (id a = the OUTPUT of layer a = HF's a + 1): `aux_layer_ids` are always HF's here, and
+    layer_ids.py translates them where a file is read or exported (docs/export.md cites both engines).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.errors import InputError
+from specdec.heads import layer_ids
 from specdec.heads.checkpoint import WEIGHTS_FILE, read_config, write_checkpoint
 
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")  # SGLang's name first; vLLM takes both
@@ -70,9 +74,12 @@ class Eagle3Config:
     max_position_embeddings: int = 2048
     norm_before_residual: bool = False  # a vLLM variant some published heads use (residual = hidden_norm(f))
     extra: dict = field(default_factory=dict)  # other config.json fields, written back unchanged
+    layer_ids_reading: str = ""  # how a loaded config.json's ids were read (layer_ids.Reading); not written
 
     def to_json(self) -> dict:
-        """config.json in the layout vLLM/SGLang read (standard Llama fields + EAGLE-3 ones)."""
+        """config.json in the layout vLLM/SGLang read (standard Llama fields + EAGLE-3 ones). The ids are HF's
+        (vLLM's), written where vLLM reads them (top level) and where SGLang does (eagle_config), with specdec's
+        marker saying so; `specdec export-drafter --format sglang` restates them in SGLang's numbering."""
         return {
             **self.extra,
             "architectures": [ARCHITECTURES[0]],
@@ -99,10 +106,20 @@ class Eagle3Config:
                 "eagle_aux_hidden_state_layer_ids": list(self.aux_layer_ids),
                 "use_aux_hidden_state": True,
             },
+            layer_ids.FIELD: list(self.aux_layer_ids),
+            layer_ids.MARKER: "vllm",
         }
 
     @classmethod
-    def from_json(cls, d: dict, where: str = "config.json") -> Eagle3Config:
+    def from_json(
+        cls,
+        d: dict,
+        where: str = "config.json",
+        layer_ids_from: str | None = None,
+        record: list[int] | None = None,
+    ) -> Eagle3Config:
+        """`layer_ids_from` ("vllm" | "sglang"): whose numbering the file's layer ids are in, where the file
+        itself does not say; `record`: the HF ids its training record holds (see layer_ids.read)."""
         arch = d.get("architectures") or []
         if not any(a in ARCHITECTURES for a in arch):
             raise InputError(
@@ -115,10 +132,15 @@ class Eagle3Config:
             raise InputError(
                 f"{where}: rope scaling {scaling.get('rope_type') or scaling.get('type')!r} not supported"
             )
-        eagle = d.get("eagle_config") or {}
+        reading = layer_ids.read(d, where, layer_ids_from, record)
+        if not reading.ids:
+            raise InputError(
+                f"{where} names no target layers (eagle_config.{layer_ids.FIELD}); add the ids it was trained on"
+            )
         try:
             heads = int(d["num_attention_heads"])
             known = set(cls.__dataclass_fields__) | {"rope_parameters", "rope_scaling", "eagle_config"}
+            known |= {layer_ids.FIELD, layer_ids.MARKER}
             return cls(
                 hidden_size=int(d["hidden_size"]),
                 target_hidden_size=int(d.get("target_hidden_size") or d["hidden_size"]),
@@ -128,12 +150,13 @@ class Eagle3Config:
                 num_attention_heads=heads,
                 num_key_value_heads=int(d.get("num_key_value_heads") or heads),
                 head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
-                aux_layer_ids=tuple(int(i) for i in eagle.get("eagle_aux_hidden_state_layer_ids") or ()),
+                aux_layer_ids=reading.ids,
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(d.get("rope_theta") or scaling.get("rope_theta") or 10000.0),
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 norm_before_residual=bool(d.get("norm_before_residual", False)),
                 extra={k: v for k, v in d.items() if k not in known and k not in cls._written()},
+                layer_ids_reading=reading.describe(),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{where}: missing or bad field {e}") from None
@@ -498,19 +521,25 @@ def save_head(head: Eagle3Head, out_dir: Path, dtype: torch.dtype = torch.bfloat
     write_checkpoint(head, head.config.to_json(), out_dir, dtype)
 
 
-def load_config(path: Path) -> Eagle3Config:
-    return Eagle3Config.from_json(read_config(path), str(Path(path) / "config.json"))
+def load_config(path: Path, layer_ids_from: str | None = None) -> Eagle3Config:
+    """The head directory's config, its layer ids read in the numbering the file (or its training record, or
+    `layer_ids_from` where neither says) puts them in."""
+    where = str(Path(path) / "config.json")
+    return Eagle3Config.from_json(read_config(path), where, layer_ids_from, layer_ids.record_ids(Path(path)))
 
 
-def load_head(path: str | Path, target=None, dtype: torch.dtype = torch.float32) -> Eagle3Head:
+def load_head(
+    path: str | Path, target=None, dtype: torch.dtype = torch.float32, layer_ids_from: str | None = None
+) -> Eagle3Head:
     """Load a head directory (specdec's own or a published EAGLE-3 checkpoint) as `dtype` (float32 default);
-    with `target` (a HF causal LM) it is checked against it and bound to its embedding. InputError, one line,
-    for anything wrong with the files or a head made for another model."""
+    with `target` (a HF causal LM) it is checked against it and bound to its embedding. `layer_ids_from`
+    ("vllm" | "sglang"): whose numbering its layer ids are in, where the files do not say (layer_ids.read).
+    InputError, one line, for anything wrong with the files or a head made for another model."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    config = load_config(path)
+    config = load_config(path, layer_ids_from)
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise InputError(f"{str(path)!r} has no {WEIGHTS_FILE}")

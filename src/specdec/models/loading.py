@@ -7,6 +7,7 @@ Models run in float32 by default: CPUs without bf16 units (like the ones specdec
 from __future__ import annotations
 
 import gc
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -48,7 +49,7 @@ def resolve(name: str | None, role: str = "target") -> str:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, local_files_only: bool = False):
     """The model's tokenizer; None for a local directory that ships none. A tokenizer that is there but does
     not load is an error, never silently dropped."""
     from transformers import AutoTokenizer
@@ -57,7 +58,7 @@ def load_tokenizer(path: str):
     if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
         return None
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     except (OSError, ValueError, TypeError) as e:
         raise InputError(f"cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from None
 
@@ -72,9 +73,21 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
     local = Path(path).expanduser()
     if local.exists():
         path = str(local)
+    if is_gguf(local):  # until GGUF targets land (transformers would call it "not a valid JSON file")
+        raise InputError(
+            f"{path!r} is a GGUF file: GGUF files are not yet supported as {role} models (give a Hugging Face "
+            "model directory or hub name)"
+        )
+    # a hub name off the hub: the cache only, at once (the hub's client retries for ~20 s before giving up)
+    offline = not local.exists() and HUB_NAME.fullmatch(path) is not None and hub_unreachable()
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=bool(offline))
     except (OSError, ValueError) as e:
+        if offline:
+            raise InputError(
+                f"model {path!r} is not available offline: no such directory, not in the local Hugging Face "
+                f"cache, and {offline}"
+            ) from None
         if not local.exists():
             raise InputError(
                 f"model {path!r} not found: no such directory, and not a model in the local Hugging Face cache"
@@ -87,7 +100,9 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
     if saved_as and not any("CausalLM" in name or "LMHead" in name for name in saved_as):
         raise InputError(f"{path!r} holds a {saved_as[0]} (no language-model head), not a causal LM")
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], output_loading_info=True)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], output_loading_info=True, local_files_only=bool(offline)
+        )
         # transformers types from_pretrained as returning the model alone, even with output_loading_info=True
         model, info = cast("tuple[Any, dict[str, Any]]", loaded)
     except (OSError, ValueError) as e:
@@ -98,7 +113,49 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
             f"{path!r} lacks weights for {len(missing)} parameters (e.g. {missing[0]}): not a usable causal LM"
         )
     model.eval()
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(path, local_files_only=bool(offline))
+
+
+def is_gguf(path: Path) -> bool:
+    """A GGUF file (llama.cpp's format), by its magic bytes."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # a directory, or nothing there
+        return False
+
+
+HUB_CONNECT_SECONDS = 2.0
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # a repo id ("org/name", "gpt2"), not a path
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached ("HF_HUB_OFFLINE is set", "... cannot be reached"), or
+    None: one TCP connection to it (or to the proxy that reaches it), at most HUB_CONNECT_SECONDS."""
+    import os
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{var} is set"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        target = urllib.parse.urlsplit(proxy if "//" in proxy else f"//{proxy}")
+    else:
+        target = endpoint
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=HUB_CONNECT_SECONDS).close()
+    except (OSError, ValueError):
+        return f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached"
+    return None
 
 
 @dataclass

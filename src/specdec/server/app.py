@@ -28,15 +28,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from specdec import __version__
-from specdec.api import SpecDecoder, sampling_params
+from specdec.api import SpecDecoder, encode_text, sampling_params
 from specdec.errors import InputError
 from specdec.server.errors import APIError
 from specdec.server.schemas import ChatCompletionRequest, CompletionRequest
 from specdec.server.worker import Delta, EngineWorker, Failed, Finished, Job, Prompt, Started
-
-DISCONNECT_POLL_SECONDS = (
-    0.5  # how often a waiting non-streaming request checks that its client is still there
-)
 
 
 @dataclass
@@ -185,12 +181,9 @@ def create_app(
                 param="messages",
                 code="chat_template_missing",
             )
-        messages = [
-            {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-            for m in body.messages
-        ]
+        messages = [m.for_template() for m in body.messages]
         params = _generation_params(body, body.requested_max_tokens, limits)
-        encode = partial(_render_chat, decoder.tokenizer, messages)
+        encode = partial(_render_chat, decoder, messages)
         job = Job(
             decoder, method, Prompt(encode, "messages", limits.max_prompt_tokens, limits.max_tokens), params
         )
@@ -223,11 +216,13 @@ def _generation_params(body, max_tokens: int | None, limits: Limits) -> dict:
 async def _respond(worker: EngineWorker, request: Request, job: Job, body, fmt: _Format) -> Response:
     """Queue the job; answer with its error, its whole result, or a stream of its events."""
     worker.submit(job)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        first = await _next_event(request, job)
+        first = await _next_event(job, gone)
         if isinstance(first, Failed):
             raise first.error
         if body.stream:
+            gone.cancel()  # from here the response's own sending notices a client that left
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
                 _sse(job, fmt, include_usage),
@@ -236,7 +231,7 @@ async def _respond(worker: EngineWorker, request: Request, job: Job, body, fmt: 
                 background=BackgroundTask(job.cancel),  # also when the client left before the first chunk
             )
         while isinstance(first, Started | Delta):
-            first = await _next_event(request, job)
+            first = await _next_event(job, gone)
         if isinstance(first, Failed):
             raise first.error
         return JSONResponse(fmt.full(first))
@@ -245,23 +240,31 @@ async def _respond(worker: EngineWorker, request: Request, job: Job, body, fmt: 
     except BaseException:
         job.cancel()
         raise
+    finally:
+        gone.cancel()
 
 
 class _ClientGone(Exception):
     pass
 
 
-async def _next_event(request: Request, job: Job):
-    """The job's next event; polls for a client disconnect meanwhile (then cancels the job)."""
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone. The body is read by now, so the ASGI server's next message is the
+    disconnect, sent the moment the connection closes (a poll once waited for a pause between events,
+    which never came while tokens flowed, so a generation whose client had left ran to its end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _next_event(job: Job, gone: asyncio.Future):
+    """The job's next event; if the client leaves first, the job is cancelled (it stops at its next step)."""
     getter = asyncio.ensure_future(job.events.get())
     try:
-        while True:
-            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return getter.result()
-            if await request.is_disconnected():
-                job.cancel()
-                raise _ClientGone
+        await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if gone.done():
+            job.cancel()
+            raise _ClientGone
+        return getter.result()
     finally:
         getter.cancel()
 
@@ -293,16 +296,41 @@ def _data(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _render_chat(tokenizer, messages: list[dict]) -> list[int]:
+def _render_chat(decoder: SpecDecoder, messages: list[dict]) -> list[int]:
+    tokenizer = decoder.tokenizer
+    text = _apply_template(tokenizer, messages)
+    if any("tool_calls" in m for m in messages):
+        try:
+            ignored = _apply_template(tokenizer, [_without_calls(m) for m in messages]) == text
+        except APIError:  # it needs them: it renders them
+            ignored = False
+        if ignored:  # a template that knows no tool calls would drop them silently: they go in the content
+            text = _apply_template(tokenizer, [_calls_as_content(m) for m in messages])
+    # the template wrote any BOS itself
+    return encode_text(decoder.model, tokenizer, text, "the messages", add_special_tokens=False)
+
+
+def _apply_template(tokenizer, messages: list[dict]) -> str:
     from jinja2 import TemplateError
 
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except TemplateError as e:
         raise APIError(
             400, f"the model's chat template refused these messages: {e}", param="messages"
         ) from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS itself
+
+
+def _without_calls(message: dict) -> dict:
+    return {k: v for k, v in message.items() if k != "tool_calls"}
+
+
+def _calls_as_content(message: dict) -> dict:
+    if "tool_calls" not in message:
+        return message
+    calls = json.dumps({"tool_calls": message["tool_calls"]}, ensure_ascii=False)
+    content = f"{message['content']}\n{calls}" if message["content"] else calls
+    return {**_without_calls(message), "content": content}
 
 
 async def read_body(request: Request, schema: type[BaseModel], limit: int):
@@ -335,7 +363,47 @@ async def read_body(request: Request, schema: type[BaseModel], limit: int):
     try:
         return schema.model_validate_json(bytes(raw))
     except ValidationError as e:
-        raise _validation_error(e.errors(include_url=False, include_input=False)) from None
+        errors = e.errors(include_url=False, include_input=False)
+        if errors[0]["type"] == "json_invalid":
+            _refuse_lone_surrogates(bytes(raw))
+        raise _validation_error(errors) from None
+
+
+def _refuse_lone_surrogates(raw: bytes) -> None:
+    """A body pydantic's parser calls invalid that is valid JSON holds a lone surrogate escape ("\\udce9",
+    or "\\ud83d" with no low half after it): JSON's syntax allows it, but it encodes no character. Said so,
+    naming the field, rather than "not valid JSON"."""
+    try:
+        value = json.loads(raw)
+    except ValueError:  # really not JSON (or not UTF-8)
+        return
+    found = _surrogate_in(value, "")
+    if found is not None:
+        param, code = found
+        raise APIError(
+            400,
+            f"{param or 'the request body'}: a lone surrogate escape (\\u{code:04x}) encodes no character; "
+            "strings must be valid Unicode",
+            param=param or None,
+        )
+
+
+def _surrogate_in(value: Any, path: str) -> tuple[str, int] | None:
+    """(where, code point) of the first lone surrogate in a parsed JSON value, keys included."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, ord(value[e.start])
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip(".")
+        found = _surrogate_in(key, where) if isinstance(key, str) else None
+        found = found or _surrogate_in(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def _validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
@@ -348,6 +416,8 @@ def _validation_error(errors: Sequence[Mapping[str, Any]]) -> APIError:
         return APIError(400, f"unrecognized request argument supplied: {param}", param=param)
     if first["type"] == "missing":
         return APIError(400, f"missing required parameter: {param}", param=param)
+    if first["type"] == "finite_number":  # NaN or Infinity, which Python's json module writes
+        return APIError(400, f"{param}: must be a finite number", param=param)
     message = first["msg"].removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, param=param)
 

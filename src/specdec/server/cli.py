@@ -10,17 +10,10 @@ import sys
 import threading
 from pathlib import Path
 
-from specdec.cli import add_model_arguments
+from specdec.cliargs import add_model_arguments, non_negative_int, port_number, positive_int
 from specdec.errors import InputError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {value})")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -30,13 +23,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {text})")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {value})")
     return value
 
 
@@ -58,7 +44,9 @@ def register(subparsers) -> None:
         help='comma-separated methods to load; a request picks one with "specdec_method" (default: --method)',
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=_non_negative, default=8000, help="0 = any free port (printed at start)")
+    p.add_argument(
+        "--port", type=port_number, default=8000, help="0-65535; 0 = any free port (printed at start)"
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("SPECDEC_API_KEY"),
@@ -68,26 +56,26 @@ def register(subparsers) -> None:
         "--served-model-name", default=None, help="the model id clients see (default: from --model)"
     )
     p.add_argument(
-        "--max-prompt-tokens", type=_positive, default=None, help="longest prompt (default: model context)"
+        "--max-prompt-tokens", type=positive_int, default=None, help="longest prompt (default: model context)"
     )
     p.add_argument(
         "--max-tokens",
-        type=_positive,
+        type=positive_int,
         default=1024,
         help="largest max_tokens a request may ask for; also chat's default (default: 1024)",
     )
     p.add_argument(
-        "--max-body-bytes", type=_positive, default=1 << 20, help="request body limit (default: 1 MiB)"
+        "--max-body-bytes", type=positive_int, default=1 << 20, help="request body limit (default: 1 MiB)"
     )
     p.add_argument(
         "--max-queued",
-        type=_non_negative,
+        type=non_negative_int,
         default=64,
         help="requests that may wait behind the running ones; more get 503 (default: 64)",
     )
     p.add_argument(
         "--max-batch",
-        type=_positive,
+        type=positive_int,
         default=8,
         help="generations that advance together: each step scores all of a method's live generations in one "
         "forward where it can (native runtime, methods reading no hidden states; others step one by one); "
@@ -184,26 +172,60 @@ def _diffusion_decoders(args: argparse.Namespace) -> dict | None:
     return {policy: decoder}
 
 
-def listen(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, not yet listening: `serve` binds before loading the models, so that a
+    wrong host or a taken port costs nothing, while a client connecting during the load is refused rather
+    than left waiting (as `socket.create_server` sets it up, less its listen)."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-        return socket.create_server((host, port), family=family)
+        sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def listen(host: str, port: int) -> socket.socket:
+    sock = bind(host, port)
+    sock.listen()
+    return sock
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What `serve` checks before loading anything (argparse checked the numbers): the server extra, the
+    API key, the method names."""
+    try:
+        import uvicorn  # noqa: F401
+
+        from specdec.server.app import check_api_key
+    except ModuleNotFoundError as e:
+        raise InputError(
+            f"specdec serve needs the server extra ({e.name} is not installed): pip install 'specdec[server]'"
+        ) from None
+    check_api_key(args.api_key)
+    if args.method is not None or args.methods is not None:
+        from specdec.drafters import REGISTRY, methods
+
+        unknown = [m for m in resolve_methods(args.method, args.methods, args.draft) if m not in REGISTRY]
+        if unknown:
+            raise InputError(f"unknown method {unknown[0]!r} (choose from {', '.join(methods())})")
 
 
 def build_server(args: argparse.Namespace, engine_thread: bool = True):
     """The uvicorn server for parsed `serve` arguments (models loaded, not yet listening); `engine_thread`
     as in `create_app`."""
-    try:
-        import uvicorn
+    check_arguments(args)  # before the models load: a mistake here should cost nothing
+    import uvicorn
 
-        from specdec.server.app import Limits, check_api_key, create_app
-    except ModuleNotFoundError as e:
-        raise InputError(
-            f"specdec serve needs the server extra ({e.name} is not installed): pip install 'specdec[server]'"
-        ) from None
-    check_api_key(args.api_key)  # before the models load: a mistake here should cost nothing
+    from specdec.server.app import Limits, create_app
 
     decoders = _diffusion_decoders(args)
     if decoders is None:
@@ -257,8 +279,14 @@ def uvicorn_config(
 def cmd_serve(args: argparse.Namespace) -> int:
     # the engine loop runs here, on the thread that loaded the models, and HTTP on another (EngineWorker.run
     # says why); uvicorn off the main thread installs no signal handlers, so Ctrl-C reaches this thread
-    server = build_server(args, engine_thread=False)
-    sock = listen(args.host, args.port)
+    check_arguments(args)
+    sock = bind(args.host, args.port)  # before the models load, too
+    try:
+        server = build_server(args, engine_thread=False)
+    except BaseException:
+        sock.close()
+        raise
+    sock.listen()
     host, port = sock.getsockname()[:2]
     state = server.config.app.state
     where = f"[{host}]" if ":" in host else host

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOPS = 16
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
@@ -36,8 +36,9 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None  # accepted and ignored: the server's model is fixed at start
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
+    # NaN and Infinity (which Python's json writes) are refused as such, not as "less than or equal to 2"
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: int = Field(0, ge=0)  # extension; 0 = off
     n: int = 1
     stream: bool = False
@@ -61,6 +62,13 @@ class _Common(BaseModel):
     def _one_choice(cls, v: int) -> int:
         if v != 1:
             raise ValueError("only n=1 is supported (one completion per request)")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streaming(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream", False):  # as OpenAI answers
+            raise ValueError("only allowed when stream is true")
         return v
 
     @field_validator("stop")
@@ -133,20 +141,89 @@ def _is_text_part(part: Any) -> bool:
     )
 
 
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    """One of an assistant message's `tool_calls` (earlier turns of a conversation that used tools)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = None  # a string, a list of text parts, or null; checked below
+    content: Any = None  # a string or a list of text parts; null only beside tool_calls; checked below
     name: str | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    tool_calls: list[ToolCall] | None = None  # an assistant message: the calls it made
 
     @field_validator("content")
     @classmethod
-    def _content(cls, v: Any) -> str:
+    def _content(cls, v: Any) -> str | None:
         if v is None or isinstance(v, str):
-            return v or ""
+            return v
         if isinstance(v, list) and all(_is_text_part(p) for p in v):
             return "\n".join(p["text"] for p in v)
         raise ValueError("content must be a string or a list of text parts (specdec serves text only)")
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_only(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("role") != "tool":
+            raise ValueError("only a tool message has a tool_call_id")
+        return v
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_only(cls, v: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if v is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        return v
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # an absent or null content once reached the template as None, which it printed: the prompt "None"
+        if self.content is None and not self.tool_calls:
+            what = "content or tool_calls" if self.role == "assistant" else "content"
+            raise ValueError(
+                f"a {self.role} message needs {what} (content: a string or a list of text parts)"
+            )
+        return self
+
+    def for_template(self) -> dict:
+        """The message as transformers' apply_chat_template takes it: a tool call's arguments as the object
+        they encode (templates `tojson` them; vLLM passes them so too), a null content as empty."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content or ""}
+        if self.name:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": c.type,
+                    "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)},
+                }
+                for c in self.tool_calls
+            ]
+        return message
+
+
+def _arguments(text: str) -> Any:
+    """A tool call's arguments: the JSON object they encode; text that is not one stays text."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
 
 
 class ChatCompletionRequest(_Common):

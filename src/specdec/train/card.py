@@ -1,8 +1,8 @@
-"""Write MODEL_CARD.md for the shipped pair from what was recorded and what is measured now.
+"""MODEL_CARD.md for the shipped pair and for trained drafter heads, from what was recorded and measured.
 
 Numbers come from each model's training_metrics.json (written by export), the corpus manifest, and fresh
 measurements on this machine: per-token forward latency (1 token after a 256-token prefix, median of repeats)
-and a few greedy completions.
+and, for the pair, a few greedy completions.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from specdec.models.loading import load_causal_lm
+from specdec.train.head_corpus import DataConfig
+from specdec.train.head_recipe import HeadRecipe, draft_vocab_size
 
 PROMPTS = [
     "def binary_search(items, target):\n",
@@ -110,3 +112,79 @@ tokens/byte of the held-out text. Latency: one forward of 1 token after a 256-to
 """
     (shipped / "MODEL_CARD.md").write_text(card)
     return card
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A trained drafter head's card (`specdec train-drafter`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def head_card(m: dict, data: DataConfig, kind: HeadRecipe) -> str:
+    """MODEL_CARD.md of an exported head, from its training_metrics.json (`m`) and the data settings."""
+    lat = m["latency_ms"]
+    ratio = lat["head_step_1"] / lat["target_forward_1"]
+    windows = m["feature_windows"]["train"] * m["seq_len"]
+    return f"""# {kind.title} for {m["target"]}
+
+{kind.card_intro(m)}
+
+## Data
+{m["data"]}
+The target was run once over {m["feature_windows"]["train"]:,} windows of {m["seq_len"]} tokens
+({windows / 1e6:.2f}M tokens, random distinct windows) and its aux hidden states, final hidden state and top token
+cached to disk (float16 memmaps; {m["feature_seconds"] / 60:.0f} min for all feature sets). Soft labels = the
+target's lm_head on the cached final hidden state, restricted to the draft vocabulary (the {draft_vocab_size(m):,}
+tokens the target itself predicts most often on those windows).
+
+{_head_training(m, kind, windows)}
+
+![loss](loss.png)
+
+{_head_acceptance(m, data, kind)}
+
+## Cost
+{kind.card_cost(lat)}; the target's forward of 1 token after 256: {lat["target_forward_1"]:.2f} ms (1-entry step = {ratio:.0%}
+of it), float32, {lat["threads"]} thread(s), this machine.
+
+## Reproduce
+```bash
+{m["command"]}
+```
+"""
+
+
+def _head_training(m: dict, kind: HeadRecipe, windows: int) -> str:
+    tc, lat = m["train_config"], m["latency_ms"]
+    changes = " ".join(
+        f"The token budget was changed from {c['budget_changed']['from']:,} to {c['budget_changed']['to']:,} "
+        f"at step {c['step']} (the cosine schedule was recomputed from there)."
+        for c in m["budget_changes"]
+    )
+    return f"""## Training
+{m["tokens_seen"]:,} tokens ({m["tokens_seen"] / windows:.2f} epochs), {m["steps"]:,} optimizer steps of
+{tc["batch_seqs"]} windows, {m["train_seconds"] / 3600:.2f} h on {lat["threads"]} CPU thread(s). AdamW (betas
+0.9/0.95, weight decay {tc["weight_decay"]}), peak lr {tc["lr"]}, cosine to {tc["min_lr_ratio"]:.0%} after
+{tc["warmup_fraction"]:.0%} warmup, gradient clipping {tc["grad_clip"]}.
+{kind.card_objective(m)} {changes}"""
+
+
+def _head_acceptance(m: dict, data: DataConfig, kind: HeadRecipe) -> str:
+    def row(label: str, e: dict) -> str:
+        cells = " | ".join(f"{a:.3f}" for a in e["acceptance_by_depth"])
+        return f"| {label} | {e['anchors']:,} | {cells} | {e['tau']:.2f} |"
+
+    depth = m["acceptance"]["greedy"]["depth"]
+    head_cols = " | ".join(f"depth {j}" for j in range(1, depth + 1))
+    return f"""## Held-out acceptance (teacher-forced greedy chain drafting)
+At every anchor position the head drafts {depth} tokens {kind.drafting}; a draft counts while it equals the target's
+greedy token. *greedy*: {data.greedy_prompts} prompts of {data.greedy_prompt_len} tokens from held-out files,
+continued {data.greedy_new_tokens} tokens by the target's own greedy decoding (exactly what greedy speculative
+decoding sees). *real text*: {data.heldout_windows} held-out windows of {data.seq_len} tokens; a draft is only
+counted while the text itself follows the target's greedy choice, so this is a lower bound. Columns: fraction of
+anchors with at least j tokens accepted; tau = 1 + their sum = expected tokens per target forward with a chain of
+depth {depth} (a tree does better).
+
+| text | anchors | {head_cols} | tau |
+|---|---|{"---|" * depth}---|
+{row("greedy (target's own continuations)", m["acceptance"]["greedy"])}
+{row("real held-out text", m["acceptance"]["heldout"])}"""

@@ -9,32 +9,39 @@ which is what it sees when decoding. The masked token at j is predicted from the
 shift); a block's first token is the clean stream's next-token prediction.
 
 Block sizes are drawn per step from `block_sizes` so that decoding with another block length (adablock) stays
-in distribution. Same working-directory discipline as `specdec.train.lm`: the tokenized corpus, an atomic
-checkpoint every few minutes, and batches that are a pure function of (seed, step).
+in distribution. Same working-directory discipline as `specdec.train.lm`, and the same loop
+(`specdec.train.loop`): the tokenized corpus, an atomic checkpoint every few minutes, and batches that are a
+pure function of (seed, step).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from specdec.dllm.model import MASK_TOKEN, DllmSpec, convert_from_ar, training_mask
-from specdec.train.lm import _batch, _lr, budget_changes, heldout_loss
+from specdec.train.lm import (
+    STREAM_RESUME,
+    heldout_loss,
+    heldout_tokens_per_byte,
+    prepare,
+    save_hf_dir,
+    token_batch,
+    token_stream,
+)
+from specdec.train.loop import LoopPlan, RunFiles, StepFn, StepOutput, open_run, run_metrics, train_run
 
 
-@dataclass
+@dataclass(frozen=True)
 class DllmTrainConfig:
-    # clean tokens; each is also a masked target once (complementary masks). 1M (244 steps) took 55 min on
-    # the 2 cores the shipped model was trained on, and kept its AR held-out loss within 1.4% of the base's
+    # clean tokens; each is also a masked target once (complementary masks). 1M kept the shipped model's AR
+    # held-out loss within 1.4% of the base's (its wall time on the training machine: docs/dllm.md)
     total_tokens: int = 1_000_000
     batch_tokens: int = 4096  # clean tokens per optimizer step
     seq_len: int = 512  # windows of 512: 3 streams make 1536-token inputs, still cheap attention on 2 cores
@@ -126,89 +133,36 @@ def train_dllm(
     cosine decay then follows the new end from the current step; the change is logged for the card)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    data = np.memmap(workdir / "train.bin", dtype=np.uint16, mode="r")
+    files = RunFiles(workdir, name)
+    data = token_stream(workdir, "train")
     model, tokenizer = _load_start(base_model)
-    ckpt_path = workdir / f"{name}.ckpt"
-    log_path = workdir / f"{name}.log.jsonl"
-    step, tokens_seen, elapsed = 0, 0, 0.0
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
-    if state is not None:  # the run keeps the schedule it started with; only how it runs may change
-        cfg = DllmTrainConfig(
-            **{**state["config"], "threads": cfg.threads, "checkpoint_minutes": cfg.checkpoint_minutes}
-        )
-        if new_budget is not None and new_budget != cfg.total_tokens:
-            with log_path.open("a") as f:
-                f.write(
-                    json.dumps(
-                        {
-                            "step": state["step"],
-                            "budget_changed": {"from": cfg.total_tokens, "to": new_budget},
-                        }
-                    )
-                    + "\n"
-                )
-            cfg = replace(cfg, total_tokens=new_budget)
-    spec = convert_from_ar(model, tokenizer, cfg.block_size)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
+    state, cfg = open_run(files, cfg, STREAM_RESUME, new_budget)  # train-lm's rule: the schedule is kept
+    spec = convert_from_ar(model, tokenizer, cfg.block_size)  # before the optimizer: it adds an embedding row
+    plan = LoopPlan(
+        files,
+        max(1, cfg.total_tokens // cfg.batch_tokens),
+        cfg,
+        "train-dllm",
+        log_every=10,
+        saved={"config": asdict(cfg), "base_model": base_model},
     )
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-    total_steps = max(1, cfg.total_tokens // cfg.batch_tokens)
+    train_run(model, _dllm_step(model, data, spec, cfg), plan, state)
+    return files.ckpt
 
-    def save() -> None:
-        payload = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "elapsed": elapsed,
-            "config": asdict(cfg),
-            "base_model": base_model,
-        }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, ckpt_path)
 
-    model.train()
-    bar = tqdm(total=total_steps, initial=step, desc="train-dllm", unit="step")
-    last_save = time.monotonic()
-    while step < total_steps:
-        t0 = time.monotonic()
-        rng = np.random.default_rng([cfg.seed, step, 7])
+def _dllm_step(model, data: np.ndarray, spec: DllmSpec, cfg: DllmTrainConfig) -> StepFn:
+    """Step i: a block size and the noise drawn from (seed, i), windows from `token_batch`."""
+
+    def step(i: int) -> StepOutput:
+        rng = np.random.default_rng([cfg.seed, i, 7])
         block = int(rng.choice(cfg.block_sizes))
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        batch = _batch(data, cfg.seed, step, cfg.seq_len, max(1, cfg.batch_tokens // cfg.seq_len))
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step, total_steps)  # type: ignore[arg-type]
+        batch = token_batch(data, cfg.seed, i, cfg.seq_len, max(1, cfg.batch_tokens // cfg.seq_len))
         loss, parts = dllm_loss(model, batch, spec, block, gen, cfg.ar_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += batch[:, 1:].numel()
-        dt = time.monotonic() - t0
-        elapsed += dt
-        bar.update(1)
-        bar.set_postfix(
-            ar=f"{parts['ar']:.3f}", masked=f"{parts['masked']:.3f}", block=block, s_step=f"{dt:.1f}"
-        )
-        if step % 10 == 0 or step == total_steps:
-            record = {"step": step, **parts, "block": block, "tokens_seen": tokens_seen, "elapsed": elapsed}
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
-            save()
-            last_save = time.monotonic()
-    bar.close()
-    return ckpt_path
+        postfix = {"ar": f"{parts['ar']:.3f}", "masked": f"{parts['masked']:.3f}", "block": block}
+        return StepOutput(loss, batch[:, 1:].numel(), record={**parts, "block": block}, postfix=postfix)
+
+    return step
 
 
 def export_dllm(
@@ -216,34 +170,24 @@ def export_dllm(
 ) -> dict:
     """Write the HF directory (16-bit safetensors, tokenizer with the mask token, the spec in config.json) and
     training_metrics.json; returns the metrics."""
-    state = torch.load(workdir / f"{name}.ckpt", weights_only=False)
+    files = RunFiles(workdir, name)
+    state = torch.load(files.ckpt, weights_only=False)
     cfg = DllmTrainConfig(**state["config"])
     model, tokenizer = _load_start(state["base_model"])
     spec = convert_from_ar(model, tokenizer, cfg.block_size)
     model.load_state_dict(state["model"])
-    held = np.asarray(np.memmap(workdir / "heldout.bin", dtype=np.uint16, mode="r"))
-    held_info = json.loads((workdir / "heldout.json").read_text())
-    tokens_per_byte = held_info["tokens"] / held_info["bytes"]
+    held = np.asarray(token_stream(workdir, "heldout"))
     ar_nats = heldout_loss(model, held)
     masked = {str(b): heldout_masked_loss(model, spec, held, b) for b in cfg.block_sizes}
     metrics = {
         "heldout_ar_nats_per_token": ar_nats,
-        "heldout_ar_bits_per_byte": ar_nats / math.log(2) * tokens_per_byte,
+        "heldout_ar_bits_per_byte": ar_nats / math.log(2) * heldout_tokens_per_byte(workdir),
         "heldout_masked_nats_per_token_by_block": masked,
-        "tokens_seen": state["tokens_seen"],
-        "train_seconds": state["elapsed"],
-        "steps": state["step"],
-        "parameters": sum(p.numel() for p in model.parameters()),
+        **run_metrics(state, model, files, "config"),
         "base_model": "default" if "shipped" in str(state["base_model"]) else state["base_model"],
-        "train_config": state["config"],
         "mask_token_id": spec.mask_id,
-        "budget_changes": budget_changes(workdir / f"{name}.log.jsonl"),
     }
-    model.to(dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
+    save_hf_dir(model, tokenizer, out_dir, metrics, dtype)
     return metrics
 
 
@@ -334,15 +278,13 @@ def run(args) -> int:
 
     out_dir = args.export_dir or SHIPPED_DIR / "dllm"
     if args.filter:
-        from specdec.dllm.policies.learn2pd import train_filter
+        from specdec.dllm.learn2pd_train import train_filter
 
         train_filter(out_dir, args.workdir, threads=args.threads)
         return 0
     if (args.tokens is not None and args.tokens < 1) or args.block_size < 2:
         raise InputError("--tokens must be >= 1 and --block-size >= 2")
     if args.stage in ("prepare", "all"):
-        from specdec.train.lm import prepare
-
         tok_dir = args.workdir / "tokenizer"
         if not (tok_dir / "tokenizer.json").exists():  # the base model's tokenizer, not a new one
             from specdec.models.loading import load_causal_lm

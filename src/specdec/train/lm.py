@@ -12,8 +12,7 @@ import json
 import math
 import os
 import random
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,11 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from specdec.train.corpus import CorpusConfig, collect_files, iter_texts, write_manifest
+from specdec.train.loop import LoopPlan, ResumeRule, RunFiles, StepOutput, open_run, run_metrics, train_run
 from specdec.train.tokenizer import EOS, train_tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSize:
     hidden_size: int
     num_layers: int
@@ -40,7 +40,7 @@ SIZES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     size: str = "target"
     total_tokens: int = 16_000_000
@@ -57,6 +57,11 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     threads: int = 2
 
+
+# A resumed run keeps the schedule it started with (token budget, lr, windows); only how it runs may change.
+STREAM_RESUME = ResumeRule(
+    saved_key="config", runtime=("threads", "checkpoint_minutes"), budget="total_tokens"
+)
 
 VOCAB_SIZE = 8192
 MAX_POSITIONS = 2048
@@ -126,18 +131,17 @@ def build_model(size: ModelSize, tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def _batch(data: np.memmap, seed: int, step: int, seq_len: int, batch_size: int) -> torch.Tensor:
+def token_stream(workdir: Path, split: str) -> np.memmap:
+    """The tokenized split ("train" or "heldout") that `prepare` wrote (uint16: the vocabulary is 8192)."""
+    return np.memmap(workdir / f"{split}.bin", dtype=np.uint16, mode="r")
+
+
+def token_batch(data: np.ndarray, seed: int, step: int, seq_len: int, batch_size: int) -> torch.Tensor:
+    """[batch_size, seq_len + 1] windows at random offsets: a pure function of (seed, step), so a resumed run
+    sees the batches an uninterrupted one would have."""
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, data.size - seq_len - 1, size=batch_size)
     return torch.from_numpy(np.stack([data[s : s + seq_len + 1].astype(np.int64) for s in starts]))
-
-
-def _lr(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    warmup = max(1, int(total_steps * cfg.warmup_fraction))
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @torch.no_grad()
@@ -169,126 +173,58 @@ def train(workdir: Path, name: str, cfg: TrainConfig, new_budget: int | None = N
     """
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    files = RunFiles(workdir, name)
+    state, cfg = open_run(files, cfg, STREAM_RESUME, new_budget)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
-    data = np.memmap(workdir / "train.bin", dtype=np.uint16, mode="r")
+    data = token_stream(workdir, "train")
     model = build_model(SIZES[cfg.size], tokenizer)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-        fused=True,
-    )
-    ckpt_path = workdir / f"{name}.ckpt"
-    log_path = workdir / f"{name}.log.jsonl"
-    step, tokens_seen, elapsed = 0, 0, 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, tokens_seen, elapsed = state["step"], state["tokens_seen"], state["elapsed"]
-        # A resumed run keeps the schedule it started with (token budget, lr, windows); only how it runs may change.
-        cfg = TrainConfig(
-            **{**state["config"], "threads": cfg.threads, "checkpoint_minutes": cfg.checkpoint_minutes}
-        )
-        if new_budget is not None and new_budget != cfg.total_tokens:
-            change = {"step": step, "budget_changed": {"from": cfg.total_tokens, "to": new_budget}}
-            with log_path.open("a") as f:
-                f.write(json.dumps(change) + "\n")
-            cfg = replace(cfg, total_tokens=new_budget)
     total_steps = cfg.total_tokens // cfg.batch_tokens
     long_from = int(total_steps * (1 - cfg.long_fraction))
 
-    def save() -> None:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "elapsed": elapsed,
-            "config": asdict(cfg),
-        }
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, ckpt_path)
-
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {name} ({n_params / 1e6:.1f}M)", unit="step")
-    last_save = time.monotonic()
-    while step < total_steps:
-        t0 = time.monotonic()
-        seq_len = cfg.long_seq_len if step >= long_from else cfg.seq_len
-        batch = _batch(data, cfg.seed, step, seq_len, max(1, cfg.batch_tokens // seq_len))
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step, total_steps)
+    def step(i: int) -> StepOutput:
+        seq_len = cfg.long_seq_len if i >= long_from else cfg.seq_len
+        batch = token_batch(data, cfg.seed, i, seq_len, max(1, cfg.batch_tokens // seq_len))
         logits = model(input_ids=batch[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += batch[:, 1:].numel()
-        dt = time.monotonic() - t0
-        elapsed += dt
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}",
-            tok_s=f"{batch[:, 1:].numel() / dt:.0f}",
-            seen=f"{tokens_seen / 1e6:.1f}M",
-        )
-        if step % 50 == 0 or step == total_steps:
-            with log_path.open("a") as f:
-                f.write(
-                    json.dumps(
-                        {"step": step, "loss": loss.item(), "tokens_seen": tokens_seen, "elapsed": elapsed}
-                    )
-                    + "\n"
-                )
-        if time.monotonic() - last_save > cfg.checkpoint_minutes * 60 or step == total_steps:
-            save()
-            last_save = time.monotonic()
-    bar.close()
-    return ckpt_path
+        return StepOutput(loss, batch[:, 1:].numel())
+
+    n_params = sum(p.numel() for p in model.parameters())
+    desc = f"train {name} ({n_params / 1e6:.1f}M)"
+    plan = LoopPlan(files, total_steps, cfg, desc, log_every=50, saved={"config": asdict(cfg)})
+    train_run(model, step, plan, state, fused=True)
+    return files.ckpt
 
 
-def budget_changes(log_path: Path) -> list[dict]:
-    """The `train(..., new_budget=...)` records of a training log, oldest first."""
-    if not log_path.exists():
-        return []
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "budget_changed" in r]
+def heldout_tokens_per_byte(workdir: Path) -> float:
+    """Tokens per byte of the held-out text (bits/byte = nats/token / ln 2 x this)."""
+    info = json.loads((workdir / "heldout.json").read_text())
+    return info["tokens"] / info["bytes"]
+
+
+def save_hf_dir(model, tokenizer, out_dir: Path, metrics: dict, dtype: torch.dtype) -> None:
+    """A standard HF model directory: 16-bit safetensors, the tokenizer and training_metrics.json."""
+    model.to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
 def export(workdir: Path, name: str, out_dir: Path, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Write a standard HF model directory (16-bit safetensors + tokenizer) and return its held-out metrics."""
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
-    state = torch.load(workdir / f"{name}.ckpt", weights_only=False)
+    files = RunFiles(workdir, name)
+    state = torch.load(files.ckpt, weights_only=False)
     cfg = TrainConfig(**state["config"])
     model = build_model(SIZES[cfg.size], tokenizer)
     model.load_state_dict(state["model"])
-    held = np.memmap(workdir / "heldout.bin", dtype=np.uint16, mode="r")
-    held_info = json.loads((workdir / "heldout.json").read_text())
-    nats = heldout_loss(model, np.asarray(held))
-    tokens_per_byte = held_info["tokens"] / held_info["bytes"]
+    nats = heldout_loss(model, np.asarray(token_stream(workdir, "heldout")))
     metrics = {
         "heldout_nats_per_token": nats,
-        "heldout_bits_per_byte": nats / math.log(2) * tokens_per_byte,
-        "tokens_seen": state["tokens_seen"],
-        "train_seconds": state["elapsed"],
-        "steps": state["step"],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "train_config": state["config"],
-        "budget_changes": budget_changes(workdir / f"{name}.log.jsonl"),
+        "heldout_bits_per_byte": nats / math.log(2) * heldout_tokens_per_byte(workdir),
+        **run_metrics(state, model, files, "config"),
     }
     eos = tokenizer.convert_tokens_to_ids(EOS)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    # transformers wraps `to` with functools.wraps(nn.Module.to), which mypy types as taking the module itself.
-    model.to(dtype)  # type: ignore[arg-type]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "training_metrics.json").write_text(json.dumps(metrics, indent=1))
+    save_hf_dir(model, tokenizer, out_dir, metrics, dtype)
     return metrics

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, unit_interval
-from specdec.errors import InputError
+from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, positive_int, unit_interval
 
 
 class AdaBlock(Policy):
@@ -24,8 +23,7 @@ class AdaBlock(Policy):
     def check(self) -> None:
         unit_interval("threshold", self.threshold)
         unit_interval("delimiter_threshold", self.delimiter_threshold)
-        if not isinstance(self.min_block, int) or isinstance(self.min_block, bool) or self.min_block < 1:
-            raise InputError(f"min_block must be an integer >= 1 (got {self.min_block!r})")
+        positive_int("min_block", self.min_block)
 
     def block_length(self, view: BlockView) -> int | None:
         if view.delimiters is None:

@@ -115,3 +115,9 @@ def unit_interval(name: str, value: float, open_low: bool = True) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not ok:
         interval = "(0, 1]" if open_low else "[0, 1]"
         raise InputError(f"{name} must be in {interval} (got {value!r})")
+
+
+def positive_int(name: str, value: int) -> None:
+    """An integer >= 1 check (a bool is no integer here)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be an integer >= 1 (got {value!r})")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, unit_interval
+from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, positive_int, unit_interval
 from specdec.errors import InputError
 
 
@@ -26,8 +26,7 @@ class LocalLeap(Policy):
         unit_interval("relaxed_threshold", self.relaxed_threshold)
         if self.relaxed_threshold > self.threshold:
             raise InputError("relaxed_threshold must not exceed threshold")
-        if not isinstance(self.radius, int) or isinstance(self.radius, bool) or self.radius < 1:
-            raise InputError(f"radius must be an integer >= 1 (got {self.radius!r})")
+        positive_int("radius", self.radius)
 
     def select(self, view: BlockView) -> Selection:
         anchors = view.eligible & (view.confidence >= self.threshold)

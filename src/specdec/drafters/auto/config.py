@@ -1,0 +1,50 @@
+"""`auto`'s options (`AutoConfig`) and what its members are built with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class AutoConfig:
+    # candidate members: registered names (comma-separated or a list) or Drafter objects; one needing a draft
+    # model joins only when one is given, one refusing the model at bind (InputError) is left out
+    # they run in this order, each judged by what it adds to the ones before it: the strongest retrieval member
+    # first (suffix finds every match pld does, and more: it was ahead of pld on every bench task), then the
+    # cheaper ones as add-ons, then the model drafters, which cost a forward per token
+    members: str | list = "suffix,pld,recycle,draft,eagle"
+    max_nodes: int = 32  # most drafted nodes verified in one step (the cost model usually picks fewer)
+    # nodes each retrieval member offers: more than their own defaults (auto cuts), fewer than max_nodes (the
+    # cost model verifies far fewer on average, docs/methods.md, and valuing and merging a node costs Python
+    # time every step)
+    member_nodes: int = 16
+    max_depth: int = 8  # deepest node a member is asked for
+    head: Any = None  # the eagle member's head (directory or Eagle3Head); None: the shipped target's, if any
+    memory: float = 0.95  # discount per trial of this generation's counts: about the last 20 trials per cell
+    shared_memory: float = 0.99  # the same for the counts carried across requests
+    warm_weight: float = 8.0  # most pseudo-trials per cell a generation starts with from the shared counts
+    probe_overhead: float = 0.002  # share of plain decoding's time a member not worth running may still cost
+    # a fixed forward cost per tree size for every runtime (no measuring, no online refinement): for tests, or
+    # where measuring at the first generation is unwanted; None: measured per runtime (the default)
+    cost: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_nodes", "max_depth", "member_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (got {value!r})")
+        for name in ("memory", "shared_memory", "probe_overhead"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1]")
+        if self.warm_weight < 0:
+            raise ValueError("warm_weight must be >= 0")
+
+
+def member_options(name: str, config: AutoConfig) -> dict:
+    """Members offer more nodes than their fixed budgets: auto picks how many are verified."""
+    if name in ("pld", "suffix", "recycle"):
+        return {"max_nodes": max(1, config.member_nodes)} | ({"max_candidates": 4} if name == "pld" else {})
+    if name == "eagle":
+        return {"head": config.head}
+    return {}

@@ -1,0 +1,122 @@
+"""auto's members from construction to release: which drafters are candidates, which of them bind to the
+model, how each starts a generation (on trial, or benched for not paying its keep), and its `MemberTrack`
+within one generation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from specdec.drafters.auto.config import AutoConfig, member_options
+from specdec.drafters.base import REGISTRY, Drafter, Request
+from specdec.errors import InputError
+from specdec.tree import DraftTree
+
+LOG = logging.getLogger("specdec.auto")
+
+GATE_EMA = 0.2  # weight of the newest step in a member's lift
+RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again after this many generations
+
+
+@dataclass
+class MemberTrack:
+    """One member within one generation."""
+
+    state: Any  # the member's own per-generation state
+    # moving average of the factor by which running it raised the step's expected tokens per second, over the
+    # other members' trees it was run after (1: no help; None: not measured yet)
+    lift: float | None
+    tree: DraftTree | None = None  # this step's proposal (None: it did not run)
+    values: list[float] = field(default_factory=list)
+    cell: int = 0  # the cells (see `Acceptance`) its proposal this step was valued with
+    idle: int = 1 << 30  # steps since it last ran
+    active: bool = True  # False: benched for this generation (not run, not observing; its state released)
+    # 1 when the first token of its last proposal was right: acceptance comes in runs (a copied block), so each
+    # member has two sets of cells, one for each case
+    streak: int = 0
+    ran: int = 0  # steps it ran in
+    chosen: int = 0  # steps in which the verified tree held one of its nodes
+
+    def add_lift(self, lift: float) -> None:
+        self.lift = lift if self.lift is None else self.lift + GATE_EMA * (lift - self.lift)
+
+
+def candidates(config: AutoConfig, draft_model, exclude: type[Drafter]) -> list[Drafter]:
+    """The members `config.members` names, built (`exclude`: auto itself, which cannot be its own member)."""
+    names = config.members.split(",") if isinstance(config.members, str) else list(config.members)
+    built: list[Drafter] = []
+    for m in names:
+        if isinstance(m, Drafter):
+            drafter = m
+        else:
+            cls = REGISTRY.get(str(m).strip())
+            if cls is None or cls is exclude:
+                raise ValueError(f"unknown member {m!r}")
+            if cls.needs_draft_model and draft_model is None:
+                continue  # no draft model given: not a candidate
+            drafter = cls.create(draft_model=draft_model, **member_options(cls.name, config))
+        # A member must cope with observing trees that are not its own (merged, cut, or another's): point
+        # masses that learn from any tree, a draft model (it syncs on the emitted tokens), or a head that
+        # reads the accepted path's hidden states. `lookahead` needs its own window verified whole.
+        if not (drafter.mergeable or drafter.samples_drafts or drafter.needs_hidden_states):
+            raise ValueError(f"member {drafter.name!r} cannot observe trees other than its own")
+        built.append(drafter)
+    return built
+
+
+def bind(candidates: list[Drafter], model, runtime) -> tuple[list[Drafter], dict[str, str]]:
+    """The candidates that accept the model on its runtime (a `RuntimeChoice`), and why each other one
+    refused it."""
+    members: list[Drafter] = []
+    left_out: dict[str, str] = {}
+    for m in candidates:
+        try:
+            if m.needs_hidden_states and not runtime.hidden_states:
+                raise InputError(f"the {runtime.name} runtime returns no hidden states")
+            m.bind(model)
+        except InputError as e:
+            left_out[m.name] = str(e)
+            LOG.info("auto: %s left out: %s", m.name, e)
+            continue
+        members.append(m)
+    return members, left_out
+
+
+def start(
+    members: list[Drafter],
+    request: Request,
+    lifts: list[float | None],
+    benched: list[int],
+    pays: Callable[[int, float | None], bool],
+) -> list[MemberTrack]:
+    """Each member's track for a new generation, from the lifts and bench counts of its temperature (`benched`
+    is updated). A member that `pays` its keep starts, and so does one never measured or benched for
+    RETRY_GENERATIONS generations (on trial); one reading hidden states sits out on a runtime without them."""
+    runtime = request.runtime
+    no_hidden = runtime is not None and not runtime.hidden_states
+    tracks = []
+    for i, (m, lift) in enumerate(zip(members, lifts, strict=True)):
+        if no_hidden and m.needs_hidden_states:  # this generation's runtime returns none: sits out
+            tracks.append(MemberTrack(None, lift, active=False))
+            continue
+        trial = lift is None or benched[i] >= RETRY_GENERATIONS
+        active = trial or pays(i, lift)
+        benched[i] = 0 if active else benched[i] + 1
+        # a member measured before waits for its next probe; a new one (or one on trial) is tried at once
+        idle = 1 << 30 if trial else 0
+        tracks.append(MemberTrack(m.start(request) if active else None, lift, idle=idle, active=active))
+    return tracks
+
+
+def bench(member: Drafter, track: MemberTrack) -> None:
+    """Out for the rest of the generation: not run, not observing (so not drafting stale), state freed."""
+    track.active = False
+    member.release(track.state)
+
+
+def release(members: list[Drafter], tracks: list[MemberTrack]) -> None:
+    for m, track in zip(members, tracks, strict=True):
+        if track.active:
+            m.release(track.state)
