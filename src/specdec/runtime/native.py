@@ -358,17 +358,7 @@ class NativeModel:
             normed = self._norm(x, w.ln1)
             packed = w.packed if t >= PACKED_ROWS else None
             qkv = product(normed, w.wqkv_t, packed and packed[0], w.bqkv)
-            qk = qkv[:, : (h + kv) * d].view(t, h + kv, d)  # [T, heads + kv_heads, D]
-            if w.q_norm is not None and w.k_norm is not None:
-                qk = torch.cat(
-                    [
-                        self._norm(qk[:, :h], w.q_norm),
-                        self._norm(qk[:, h:], w.k_norm),
-                    ],
-                    dim=1,
-                )
-            pairs = qk.to(rot.real.dtype).reshape(t, h + kv, d // 2, 2)
-            qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(t, h + kv, d).to(self.dtype)
+            qk = self._rotated_qk(qkv[:, : (h + kv) * d].view(t, h + kv, d), w, rot)
             v_flat = qkv[:, (h + kv) * d :]
             if real is not None:  # onto the [B, N] grid attention works on
                 qk = qk.new_zeros(grid, h + kv, d).index_copy_(0, real, qk)
@@ -381,24 +371,7 @@ class NativeModel:
             keys = cache.k[slot, :b, :, :end]  # [B, kv_heads, S, D]
             values = cache.v[slot, :b, :, :end]
             q = qk[:, :h].view(b, n, h, d).transpose(1, 2)  # [B, heads, N, D]
-            if rowwise:  # one query per row sees all its keys: no mask needed
-                out = torch.cat(
-                    [
-                        F.scaled_dot_product_attention(
-                            q[r : r + 1],
-                            keys[r : r + 1, :, :e],
-                            values[r : r + 1, :, :e],
-                            attn_mask=None if n == 1 else mask[r : r + 1, :, :, :e],
-                            scale=self.scale,
-                            enable_gqa=kv != h,
-                        )
-                        for r, e in enumerate(ends)
-                    ]
-                )
-            else:
-                out = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=kv != h, is_causal=causal
-                )  # [B, heads, N, D]
+            out = self._attend(q, keys, values, mask, ends if rowwise else None, causal)  # [B, heads, N, D]
             attended = out.transpose(1, 2).reshape(grid, h * d)
             if real is not None:
                 attended = attended.index_select(0, real)
@@ -407,6 +380,46 @@ class NativeModel:
                 x = x + w.bo
             gate, up = product(self._norm(x, w.ln2), w.wgu_t, packed and packed[2]).chunk(2, dim=-1)
             x = product(F.silu(gate) * up, w.wdown_t, packed and packed[3], residual=x)
+        return self._outputs(x, hidden, wanted, logits, logits_from)
+
+    def _rotated_qk(self, qk: torch.Tensor, w: Any, rot: torch.Tensor) -> torch.Tensor:
+        """Queries and keys [T, heads + kv_heads, D], normed per head where the model does (Qwen3) and rotated
+        by `rot` [T, 1, D/2] (complex), in the model's dtype."""
+        t, heads, d = qk.shape
+        h = self.heads
+        if w.q_norm is not None and w.k_norm is not None:
+            qk = torch.cat([self._norm(qk[:, :h], w.q_norm), self._norm(qk[:, h:], w.k_norm)], dim=1)
+        pairs = qk.to(rot.real.dtype).reshape(t, heads, d // 2, 2)
+        return torch.view_as_real(torch.view_as_complex(pairs) * rot).view(t, heads, d).to(self.dtype)
+
+    def _attend(self, q, keys, values, mask, ends: list[int] | None, causal: bool) -> torch.Tensor:
+        """Attention of q [B, heads, N, D] over keys/values [B, kv_heads, S, D]; `ends`: row by row, each over
+        its own first ends[r] keys (rows of uneven lengths; see ROWWISE), else over all S under `mask`."""
+        gqa = self.kv_heads != self.heads
+        if ends is None:
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=gqa, is_causal=causal
+            )
+        one_query = q.shape[2] == 1  # one query per row sees all its keys: no mask needed
+        return torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    q[r : r + 1],
+                    keys[r : r + 1, :, :e],
+                    values[r : r + 1, :, :e],
+                    attn_mask=None if one_query else mask[r : r + 1, :, :, :e],
+                    scale=self.scale,
+                    enable_gqa=gqa,
+                )
+                for r, e in enumerate(ends)
+            ]
+        )
+
+    def _outputs(
+        self, x, hidden: dict[int, torch.Tensor], wanted: set[int], logits: str, logits_from: int
+    ) -> Scores:
+        """The final norm and the LM head over the last layer's output x [T, H]: logits for "all" tokens (from
+        `logits_from` on), the "last" one or "none", and the final hidden state when it was asked for."""
         out_layer = len(self.layers) if len(self.layers) == self.num_layers else None
         if logits == "none" and out_layer not in wanted:
             return Scores(torch.empty(0), hidden)

@@ -85,7 +85,7 @@ def create_app(
         raise InputError(f"default method {default_method!r} is not among the loaded: {', '.join(decoders)}")
     limits = limits or Limits()
     worker = EngineWorker(limits.max_queued, limits.max_batch, own_thread=engine_thread)
-    created = int(time.time())
+    served = _Served(decoders, model_name, default_method, api_key, limits, worker, int(time.time()))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -106,57 +106,86 @@ def create_app(
     app.state.methods = list(decoders)
     app.state.default_method = default_method
     _install_error_handlers(app)
+    _add_model_routes(app, served)
+    _add_generation_routes(app, served)
+    return app
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
+
+@dataclass(frozen=True)
+class _Served:
+    """What the routes of one app share: the loaded decoders and the server's settings."""
+
+    decoders: dict[str, SpecDecoder]
+    model_name: str
+    default_method: str
+    api_key: str | None
+    limits: Limits
+    worker: EngineWorker
+    created: int  # the model card's creation time: when the app was built
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        ):
             raise APIError(
                 401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
             )
 
-    def pick(method: str | None) -> tuple[str, SpecDecoder]:
-        method = method or default_method
-        if method not in decoders:
+    def pick(self, method: str | None) -> tuple[str, SpecDecoder]:
+        method = method or self.default_method
+        if method not in self.decoders:
             raise APIError(
                 400,
-                f"method {method!r} is not loaded on this server (loaded: {', '.join(decoders)})",
+                f"method {method!r} is not loaded on this server (loaded: {', '.join(self.decoders)})",
                 param="specdec_method",
             )
-        return method, decoders[method]
+        return method, self.decoders[method]
 
-    def model_card() -> dict:
+    def model_card(self) -> dict:
         return {
-            "id": model_name,
+            "id": self.model_name,
             "object": "model",
-            "created": created,
+            "created": self.created,
             "owned_by": "specdec",
-            "specdec_methods": list(decoders),
-            "specdec_default_method": default_method,
+            "specdec_methods": list(self.decoders),
+            "specdec_default_method": self.default_method,
         }
+
+
+def _add_model_routes(app: FastAPI, served: _Served) -> None:
+    """/health and the OpenAI model listing."""
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_name, **worker.snapshot()}
+        return {"status": "ok", "model": served.model_name, **served.worker.snapshot()}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
-        authorize(request)
-        return {"object": "list", "data": [model_card()]}
+        served.authorize(request)
+        return {"object": "list", "data": [served.model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(request: Request, model_id: str) -> dict:
-        authorize(request)
-        if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} is not served here (this server serves {model_name!r})")
-        return model_card()
+        served.authorize(request)
+        if model_id != served.model_name:
+            raise APIError(
+                404, f"model {model_id!r} is not served here (this server serves {served.model_name!r})"
+            )
+        return served.model_card()
+
+
+def _add_generation_routes(app: FastAPI, served: _Served) -> None:
+    """/v1/completions and /v1/chat/completions."""
+    limits, worker, model_name = served.limits, served.worker, served.model_name
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        authorize(request)
+        served.authorize(request)
         body = await read_body(request, CompletionRequest, limits.max_body_bytes)
-        method, decoder = pick(body.specdec_method)
+        method, decoder = served.pick(body.specdec_method)
         if isinstance(body.prompt, list):
             vocab = decoder.model.config.get_text_config(decoder=True).vocab_size
             if not all(0 <= t < vocab for t in body.prompt):
@@ -170,9 +199,9 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        authorize(request)
+        served.authorize(request)
         body = await read_body(request, ChatCompletionRequest, limits.max_body_bytes)
-        method, decoder = pick(body.specdec_method)
+        method, decoder = served.pick(body.specdec_method)
         if not getattr(decoder.tokenizer, "chat_template", None):
             raise APIError(
                 400,
@@ -188,8 +217,6 @@ def create_app(
             decoder, method, Prompt(encode, "messages", limits.max_prompt_tokens, limits.max_tokens), params
         )
         return await _respond(worker, request, job, body, _ChatFormat(model_name))
-
-    return app
 
 
 def _generation_params(body, max_tokens: int | None, limits: Limits) -> dict:
