@@ -11,6 +11,7 @@ import json
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -34,15 +35,29 @@ from specdec.drafters.base import Scored
 from specdec.drafters.draft_model import BreakEven, Calibration, DraftModel
 from specdec.drafters.eagle import Eagle
 from specdec.drafters.recycle import TokenRecycling
+from specdec.runtime import RuntimeChoice, select_runtime
 
 import tiny
 
-TOKENIZER = tiny.tokenizer()
-MODEL = tiny.model("llama", seed=0)
-OTHER = tiny.model("llama", seed=7)  # a draft model that is often wrong
 PROMPTS = ([5, 6, 7, 8, 5, 6, 7, 8, 5, 6], list(range(40, 70)), [9])
 FLAT = CostModel.fit([1, 64], [1e-3, 1e-3])  # verifying more tokens costs nothing: any useful node is drafted
 STEEP = CostModel.fit([1, 2, 64], [1e-3, 1.0, 63.0])  # each drafted node costs a thousand plain steps
+
+
+# Models in module fixtures: built when a test first asks for them, not at collection.
+@pytest.fixture(scope="module")
+def model():
+    return tiny.model("llama", seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_model():
+    return tiny.model("llama", seed=7)  # a draft model that is often wrong
+
+
+def native(model) -> RuntimeChoice:
+    """The runtime an engine under `--runtime auto` binds auto to (auto picks llama.cpp per request itself)."""
+    return select_runtime(model, "native")
 
 
 def with_cost(drafter, cost: CostModel):
@@ -52,19 +67,27 @@ def with_cost(drafter, cost: CostModel):
     return drafter
 
 
-def auto_decoder(model=MODEL, cost: CostModel = FLAT, drafter: Auto | None = None, **options) -> SpecDecoder:
-    dec = SpecDecoder(model, TOKENIZER, drafter or "auto", **options)
-    with_cost(dec.drafter, cost)
-    return dec
+@pytest.fixture(scope="module")
+def auto_decoder(model, tok) -> Callable[..., SpecDecoder]:
+    """auto_decoder(target=model, cost=FLAT, drafter=None, **options): a decoder running `auto` (or `drafter`)
+    under a fixed cost model."""
+
+    def make(target=None, cost: CostModel = FLAT, drafter: Auto | None = None, **options) -> SpecDecoder:
+        dec = SpecDecoder(model if target is None else target, tok, drafter or "auto", **options)
+        with_cost(dec.drafter, cost)
+        return dec
+
+    return make
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Greedy: generate()'s tokens whatever is chosen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("draft", [None, "same", "other"])
-def test_auto_equals_generate(arch, draft):
+def test_auto_equals_generate(auto_decoder, arch, draft):
     model = tiny.model(arch, seed=1)
     draft_model = {None: None, "same": model, "other": tiny.model(arch, seed=5)}[draft]
     dec = auto_decoder(model, draft_model=draft_model)
@@ -76,7 +99,7 @@ def test_auto_equals_generate(arch, draft):
     assert drafted > 0  # trees were verified, not only roots
 
 
-def test_auto_with_an_eagle_member_equals_generate():
+def test_auto_with_an_eagle_member_equals_generate(auto_decoder):
     model = tiny.model("llama", seed=1, layers=4)
     dec = auto_decoder(model, head=tiny.random_head(model))
     assert [m.name for m in dec.drafter.members] == ["suffix", "pld", "recycle", "eagle"]
@@ -89,11 +112,11 @@ def test_auto_with_an_eagle_member_equals_generate():
     assert ran > 0
 
 
-def test_when_no_tree_pays_it_decodes_plainly_through_the_same_engine():
+def test_when_no_tree_pays_it_decodes_plainly_through_the_same_engine(model, auto_decoder):
     dec = auto_decoder(cost=STEEP)
     for prompt in PROMPTS:
         out = dec.generate(prompt, max_new_tokens=16)
-        assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 16)
+        assert out.token_ids == tiny.hf_greedy(model, prompt, 16)
         assert out.stats.draft_nodes == 0 and out.stats.target_forwards == 16
         assert out.stats.drafter["chosen"]["none"] == 16
 
@@ -162,11 +185,11 @@ def set_acceptance(acceptance: Acceptance, rate: float) -> None:
 
 
 @pytest.mark.parametrize(("rate", "expected_nodes"), [(0.95, 7), (0.01, 0)])
-def test_auto_picks_the_merged_tree_when_acceptance_is_high_and_nothing_when_low(rate, expected_nodes):
+def test_auto_picks_the_merged_tree_when_acceptance_is_high_and_nothing_when_low(model, rate, expected_nodes):
     a = Fixed("a", [[11, 12, 13, 14], [15]])
     b = Fixed("b", [[11, 12, 20], [16]])  # shares 11 12 with a: merged, 7 distinct nodes in all
     auto = Auto(members=[a, b])
-    auto.bind(MODEL)
+    auto.bind(model, native(model))
     with_cost(auto, CostModel.fit([1, 2, 64], [10e-3, 11e-3, 73e-3]))
     state = auto.start(Request([1, 2, 3], SamplingParams(), torch.Generator()))
     set_acceptance(state.acceptance, rate)
@@ -177,9 +200,9 @@ def test_auto_picks_the_merged_tree_when_acceptance_is_high_and_nothing_when_low
         assert {(11, 12, 13, 14), (15,), (11, 12, 20), (16,)} <= paths
 
 
-def test_a_member_not_worth_running_is_still_probed_now_and_then():
+def test_a_member_not_worth_running_is_still_probed_now_and_then(model):
     auto = Auto(members=[Fixed("a", [[11]])])
-    auto.bind(MODEL)
+    auto.bind(model, native(model))
     with_cost(auto, STEEP)
     state = auto.start(Request([1, 2, 3], SamplingParams(), torch.Generator()))
     assert auto.probe_due(state, 0)  # nothing is known about a new member: it runs at once
@@ -247,30 +270,32 @@ def spy_propose(member: Drafter, snapshot=lambda state: None) -> list:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_a_draft_model_left_out_for_many_steps_drafts_correctly_when_chosen_again(temperature):
-    member = DraftModel(OTHER, break_even=False, adaptive=False, num_tokens=4)
+def test_a_draft_model_left_out_for_many_steps_drafts_correctly_when_chosen_again(
+    model, other_model, auto_decoder, temperature
+):
+    member = DraftModel(other_model, break_even=False, adaptive=False, num_tokens=4)
     calls = spy_propose(member)
     dec = auto_decoder(drafter=Holdout("draft", 8, members=["pld", "recycle", member]))
     prompt = PROMPTS[1]
     out = dec.generate(prompt, max_new_tokens=64, temperature=temperature, seed=0)
     if temperature == 0:
-        assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 64)
+        assert out.token_ids == tiny.hf_greedy(model, prompt, 64)
     assert out.stats.target_forwards > 8 and calls  # it ran after sitting out 8 steps
     assert len(calls[0][0]) >= len(prompt) + 8
     for context, tree, _ in calls:
         chain = tree.tokens[1:]
         assert chain, "a fixed length of 4"
         if temperature == 0:  # its cache caught up with every token it had not seen: its own greedy chain
-            assert chain == tiny.hf_greedy(OTHER, context, len(chain))
+            assert chain == tiny.hf_greedy(other_model, context, len(chain))
         else:  # sampled: q at each node is the draft's distribution after the context and the drafts before it
             with torch.inference_mode():
-                logits = OTHER(torch.tensor([context + chain[:-1]])).logits[0, len(context) - 1 :]
+                logits = other_model(torch.tensor([context + chain[:-1]])).logits[0, len(context) - 1 :]
             torch.testing.assert_close(
                 tree.probs[1:], torch.softmax(logits.float(), -1), rtol=1e-5, atol=1e-6
             )
 
 
-def test_an_eagle_head_left_out_keeps_its_feature_cache_complete():
+def test_an_eagle_head_left_out_keeps_its_feature_cache_complete(auto_decoder):
     model = tiny.model("llama", seed=1, layers=4)
     member = Eagle(head=tiny.random_head(model), max_nodes=8)
     calls = spy_propose(member, lambda state: (state.committed, state.cache.length, state.root_pos))
@@ -283,7 +308,7 @@ def test_an_eagle_head_left_out_keeps_its_feature_cache_complete():
         assert committed == entries == root_pos == len(context) - 1
 
 
-def test_recycle_left_out_keeps_learning_its_table():
+def test_recycle_left_out_keeps_learning_its_table(auto_decoder):
     recycle = TokenRecycling()
     calls = spy_propose(recycle)
     dec = auto_decoder(drafter=Holdout("recycle", 1000, members=["pld", recycle]))
@@ -318,13 +343,13 @@ class Costly(Fixed):
         self.clock.now += 0.02
 
 
-def test_a_member_that_does_not_pay_its_keep_is_benched_and_retried_later():
+def test_a_member_that_does_not_pay_its_keep_is_benched_and_retried_later(model, auto_decoder):
     clock = Clock()
     costly = Costly(clock)
     dec = auto_decoder(drafter=Auto(members=["pld", costly], clock=clock))
     prompt = PROMPTS[1]
     out = dec.generate(prompt, max_new_tokens=16)
-    assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 16)
+    assert out.token_ids == tiny.hf_greedy(model, prompt, 16)
     assert out.stats.drafter["benched"] == ["costly"] and costly.observed < 4
     for generation in range(RETRY_GENERATIONS + 1):  # benched from the start for a while, then on trial
         out = dec.generate(prompt, max_new_tokens=4)
@@ -335,9 +360,9 @@ def test_a_member_that_does_not_pay_its_keep_is_benched_and_retried_later():
 # Sampling
 
 
-def test_a_sampled_draft_is_verified_alone_and_point_masses_are_merged(monkeypatch):
+def test_a_sampled_draft_is_verified_alone_and_point_masses_are_merged(model, auto_decoder, monkeypatch):
     member = DraftModel(
-        MODEL, break_even=False, adaptive=False, num_tokens=3
+        model, break_even=False, adaptive=False, num_tokens=3
     )  # the target itself: a sure bet
     dec = auto_decoder(drafter=Auto(members=["pld", "recycle", member]))
     auto = dec.drafter
@@ -376,13 +401,15 @@ class RandomGate(Auto):
         return True
 
 
+@pytest.mark.slow
 def test_auto_samples_the_exact_distribution_whatever_it_chooses():
     """As test_sampling's engine test (400 seeded generations of 4 tokens, chi-square against the exact
     distribution), with choices that vary step to step: merged point masses, a sampled draft alone, nothing."""
     import test_sampling as ts
 
-    auto = with_cost(RandomGate(members="pld,suffix,recycle,draft", draft_model=ts.OTHER), FLAT)
-    dec = SpecDecoder(ts.TARGET, ts.TOKENIZER, auto)
+    target, other = ts.vocab_model(0), ts.vocab_model(1)  # test_sampling's target and other model
+    auto = with_cost(RandomGate(members="pld,suffix,recycle,draft", draft_model=other), FLAT)
+    dec = SpecDecoder(target, ts.word_tokenizer(), auto)
     counts: Counter = Counter()
     kinds = set()
     for seed in range(400):
@@ -390,15 +417,15 @@ def test_auto_samples_the_exact_distribution_whatever_it_chooses():
         counts[tuple(out.token_ids)] += 1
         kinds |= {name for name, n in out.stats.drafter["chosen"].items() if n}
     assert {"none", "draft", "pld", "suffix", "recycle"} <= kinds
-    assert ts.chi_square_pvalue(counts, ts.ENGINE.exact(ts.PLAIN)) > 1e-3
+    assert ts.chi_square_pvalue(counts, ts.Continuations(target, 4).exact(ts.PLAIN)) > 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # What it reports
 
 
-def test_stats_report_the_choices_tree_size_and_cost_fit(caplog):
-    dec = auto_decoder(draft_model=OTHER)
+def test_stats_report_the_choices_tree_size_and_cost_fit(other_model, auto_decoder, caplog):
+    dec = auto_decoder(draft_model=other_model)
     with caplog.at_level(logging.DEBUG, logger="specdec.auto"):
         out = dec.generate(PROMPTS[0], max_new_tokens=20)
     s = out.stats
@@ -417,16 +444,16 @@ def test_stats_report_the_choices_tree_size_and_cost_fit(caplog):
     assert len(steps) == s.target_forwards and steps[0].startswith("step 1: ran ")
 
 
-def test_other_drafters_report_nothing():
-    out = SpecDecoder(MODEL, TOKENIZER, "pld").generate(PROMPTS[0], max_new_tokens=4)
+def test_other_drafters_report_nothing(model, tok):
+    out = SpecDecoder(model, tok, "pld").generate(PROMPTS[0], max_new_tokens=4)
     assert out.stats.drafter == {}
 
 
-def test_members_follow_what_was_given():
+def test_members_follow_what_was_given(other_model):
     names = [m.name for m in Auto().members]  # not bound yet: candidates only
     assert names == []
     assert [m.name for m in Auto().candidates] == ["suffix", "pld", "recycle", "eagle"]  # no draft model
-    assert [m.name for m in Auto(draft_model=OTHER).candidates] == [
+    assert [m.name for m in Auto(draft_model=other_model).candidates] == [
         "suffix",
         "pld",
         "recycle",
@@ -485,44 +512,43 @@ def test_calibration_learns_what_a_confidence_is_worth():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_draft_stops_at_the_break_even_point(temperature):
+def test_draft_stops_at_the_break_even_point(model, tok, temperature):
     kwargs = dict(max_new_tokens=24, temperature=temperature, seed=1)
-    steep = SpecDecoder(MODEL, TOKENIZER, "draft", draft_model=MODEL)
+    steep = SpecDecoder(model, tok, "draft", draft_model=model)
     steep.drafter.cost = STEEP
-    flat = SpecDecoder(MODEL, TOKENIZER, "draft", draft_model=MODEL)
+    flat = SpecDecoder(model, tok, "draft", draft_model=model)
     flat.drafter.cost = FLAT
     none, many = steep.generate(PROMPTS[1], **kwargs), flat.generate(PROMPTS[1], **kwargs)
     # not one draft pays: only the first, which `draft` always drafts (whether to draft at all is auto's call)
     assert none.stats.proposed_by_depth[1:] == [] and none.stats.draft_nodes == none.stats.target_forwards
     assert many.stats.draft_nodes > 0 and many.stats.target_forwards < 24
     if temperature == 0:
-        assert none.token_ids == many.token_ids == tiny.hf_greedy(MODEL, PROMPTS[1], 24)
+        assert none.token_ids == many.token_ids == tiny.hf_greedy(model, PROMPTS[1], 24)
 
 
-def test_draft_model_observes_a_tree_that_was_not_its_own():
+def test_draft_model_observes_a_tree_that_was_not_its_own(model, other_model):
     """Emitted tokens that repeat its own fed drafts up to the bonus (another member's tree said the same):
     the next root must still be fed, and the next chain is the draft's own continuation of the context."""
-    drafter = DraftModel(OTHER, break_even=False, adaptive=False, num_tokens=3)
-    drafter.bind(MODEL)
+    drafter = DraftModel(other_model, break_even=False, adaptive=False, num_tokens=3)
+    drafter.bind(model, native(model))
     prompt = list(PROMPTS[1])
     state = drafter.start(Request(prompt, SamplingParams(max_new_tokens=32), torch.Generator()))
     chain = drafter.propose(state, prompt, 8).tokens[1:]
-    assert chain == tiny.hf_greedy(OTHER, prompt, 3)
+    assert chain == tiny.hf_greedy(other_model, prompt, 3)
     other = DraftTree.chain(prompt[-1], [chain[0]])  # someone else's tree: one node, accepted; then chain[1]
     drafter.observe(state, Scored(other, Verdict([0, 1], chain[:2]), torch.zeros(2, 8)))
     context = prompt + chain[:2]
-    assert drafter.propose(state, context, 8).tokens[1:] == tiny.hf_greedy(OTHER, context, 3)
+    assert drafter.propose(state, context, 8).tokens[1:] == tiny.hf_greedy(other_model, context, 3)
 
 
-def test_auto_picks_the_runtime_its_usage_makes_fastest():
+def test_auto_picks_the_runtime_its_usage_makes_fastest(model):
     """One runtime with a cheap one-token forward and dear trees (llama.cpp's shape), one the other way: mostly
     plain decoding picks the first, mostly large trees the second, nothing known yet (or too little) the
     engine's default."""
     from specdec.drafters.auto import USAGE_STEPS, Timing, Usage
-    from specdec.runtime import RuntimeChoice
 
     auto = Auto(members="pld")
-    auto.bind(MODEL)
+    auto.bind(model, native(model))
     trees, plain = RuntimeChoice("trees", lambda: None), RuntimeChoice("plain", lambda: None)
     auto.timings = {
         "trees": Timing(OnlineCost(CostModel.fit([1, 16], [2.5e-3, 6.0e-3]), rate=0.0)),
@@ -543,16 +569,15 @@ def test_auto_picks_the_runtime_its_usage_makes_fastest():
     assert auto.choose_runtime(hot, [trees, plain]) == 0
 
 
-def test_auto_runtime_choice_lends_a_measured_step_overhead_to_a_runtime_not_run_yet():
+def test_auto_runtime_choice_lends_a_measured_step_overhead_to_a_runtime_not_run_yet(model):
     """Plain steps' overhead (bookkeeping, sampling) is measured only where generations ran: a runtime with
     none measured must not look cheaper by that much. The default ran (1 ms overhead + a 2 ms forward); the
     other's 1.6 ms forward plus the same overhead is within the margin, so the default stays; a 1 ms forward
     is not."""
     from specdec.drafters.auto import USAGE_STEPS, Timing, Usage
-    from specdec.runtime import RuntimeChoice
 
     auto = Auto(members="pld")
-    auto.bind(MODEL)
+    auto.bind(model, native(model))
     ran, fresh = RuntimeChoice("ran", lambda: None), RuntimeChoice("fresh", lambda: None)
     auto.timings = {
         "ran": Timing(OnlineCost(CostModel.fit([1, 16], [2.0e-3, 6.0e-3]), rate=0.0), overhead=1e-3),

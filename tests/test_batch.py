@@ -27,6 +27,7 @@ def _decoder(arch: str, method: str) -> SpecDecoder:
     return SpecDecoder(model, tiny.tokenizer(), method, **draft)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 @pytest.mark.parametrize("method", ["vanilla", "pld", "suffix", "merge", "recycle", "draft", "auto"])
 def test_each_row_equals_generate(arch, method):

@@ -56,6 +56,7 @@ def bench(capsys, dirs, *extra):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_bench_report_schema_and_plot(capsys, dirs, tmp_path):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     code, out, err = bench(capsys, dirs, "--draft", dirs["draft"], "--json", out_json, "--plot", out_png)
@@ -231,9 +232,11 @@ def test_a_snapshot_shares_prepacked_weights():
     the drafter learned (its calibration), not its head, and a restore leaves the head in place."""
     import torch
 
+    from specdec.runtime import select_runtime
+
     model = tiny.model("llama", seed=3, dtype=torch.float32)  # (oneDNN packs float32 weights only)
     drafter = make_drafter("eagle", head=tiny.untrained_head("eagle", model))
-    drafter.bind(model)
+    drafter.bind(model, select_runtime(model, hidden_states=True))  # the runtime an engine gives eagle
     packed = drafter.packed
     assert packed is not None and packed.wqkv.packed is not None
     snapshot = drafter.snapshot_learned()
@@ -482,6 +485,7 @@ class Refuses(Drafter):
         raise InputError("refuses: needs trained heads this model does not have")
 
 
+@pytest.mark.slow
 def test_default_methods_that_refuse_are_skipped_with_the_reason(capsys, dirs, tmp_path, monkeypatch):
     monkeypatch.setitem(REGISTRY, "refuses", Refuses)
     out_json = tmp_path / "r.json"
@@ -500,6 +504,7 @@ def test_default_methods_that_refuse_are_skipped_with_the_reason(capsys, dirs, t
     assert code == 2 and "trained heads" in err
 
 
+@pytest.mark.slow
 def test_bench_serve_drives_real_servers(capsys, dirs, tmp_path):
     """`specdec bench-serve` end to end on the tiny model: servers started, driven at two concurrencies,
     transformers' batched generate() beside them; the batched server's greedy answers equal the one-at-a-time

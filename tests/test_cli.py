@@ -58,6 +58,7 @@ def test_generate_streams_text(capsys, model_dir):
     assert "tau" in err
 
 
+@pytest.mark.slow
 def test_prompts_file_in_order_with_overrides(capsys, model_dir, draft_dir, tmp_path):
     f = tmp_path / "p.jsonl"
     lines = [
@@ -129,6 +130,7 @@ def test_help_exits_0(capsys):
     assert code == 0 and "generate" in out and err == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", ["1e-300", "5e-324"])
 def test_tiny_temperature_is_greedy(capsys, model_dir, temperature):
     """Too small to sample from (logits / temperature overflow): greedy, as documented in --help."""
@@ -193,6 +195,7 @@ def test_stdin_that_is_not_utf8_is_one_line(capsys, model_dir, monkeypatch):
     assert err.count("\n") == 1 and "stdin is not valid UTF-8" in err and "0xe9" in err, err
 
 
+@pytest.mark.slow
 def test_a_utf8_bom_is_not_prompt_text(capsys, model_dir, monkeypatch, tmp_path):
     """Windows editors start UTF-8 files with a BOM: stripped on stdin and in prompts files alike."""
     argv = ("--model", model_dir, "--max-new-tokens", 4, "--json")
@@ -211,6 +214,7 @@ def test_a_utf8_bom_is_not_prompt_text(capsys, model_dir, monkeypatch, tmp_path)
     assert json.loads(out)["token_ids"] == want["token_ids"]
 
 
+@pytest.mark.slow
 def test_a_stop_string_may_be_dashes(capsys, model_dir):
     """argparse drops a '--' value even in --stop=-- (it takes it for the end of the options)."""
     code, out, err = run(capsys, "generate", "x = 1\n", "--model", model_dir, "--stop=--", "--json")
@@ -306,6 +310,7 @@ def test_model_ignoring_4d_masks_is_refused(tok):
         SpecDecoder(m, tok, method="pld").generate("def f():", max_new_tokens=4)
 
 
+@pytest.mark.slow
 def test_auto_takes_a_head_directory_and_verbose_shows_each_step(capsys):
     """--draft HEAD_DIR with auto hands the head to its eagle member (it once tried to load it as a draft
     model); --verbose prints the runtime and every step's choice."""

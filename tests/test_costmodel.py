@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specdec.costmodel import CostModel, chain_gains
+from specdec.runtime import select_runtime
 
 import tiny
 
@@ -77,4 +78,5 @@ def test_measure_on_a_model():
     assert cost.sizes == (1, 4, 16)
     assert all(t > 0 for t in cost.seconds)
     assert list(cost.seconds) == sorted(cost.seconds)
-    assert CostModel.for_model(m) is CostModel.for_model(m)  # measured once per model
+    runtime = select_runtime(m)  # the runtime an engine would take for a drafting method
+    assert CostModel.for_runtime(m, runtime) is CostModel.for_runtime(m, runtime)  # measured once per runtime

@@ -252,6 +252,7 @@ class Checked(Policy):
                 assert tokens[j] == t, "a committed token was rewritten"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("cache", ["dual", "prefix"])
@@ -411,6 +412,7 @@ def test_cli_generates_with_a_saved_diffusion_lm(tmp_path, capsys):
     assert len(out["token_ids"]) == 9 and out["stats"]["drafter"]["policy"] == "threshold"
 
 
+@pytest.mark.slow
 def test_server_answers_with_a_diffusion_lm(dllm):
     from fastapi.testclient import TestClient
 
@@ -455,6 +457,7 @@ def test_parallel_suite_answers_are_right_and_scoring_works():
     assert rows["threshold"].python_ok == 0.0
 
 
+@pytest.mark.slow
 def test_the_trade_off_plot_is_written(tmp_path):
     from specdec.bench.dllm import Sample, _short, plot, summarise
 

@@ -24,9 +24,6 @@ from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 import tiny
 
 ARCHS = ["llama", "qwen2", "gemma"]
-MODELS = {arch: tiny.model(arch, seed=10 + i, layers=4) for i, arch in enumerate(ARCHS)}
-TOKENIZER = tiny.tokenizer()
-REFERENCE: dict = {}
 
 # Options beside the defaults: a small lookahead, and a layerskip that searches its layer set every step.
 VARIANTS = {
@@ -48,11 +45,15 @@ def released_states(dec: SpecDecoder) -> list:
     return states
 
 
-def reference(arch: str, prompt: tuple[int, ...], n: int) -> list[int]:
-    key = (arch, prompt, n)
-    if key not in REFERENCE:
-        REFERENCE[key] = tiny.hf_greedy(MODELS[arch], list(prompt), n)
-    return REFERENCE[key]
+@pytest.fixture(scope="module")
+def models() -> dict:
+    """One four-layer tiny model per architecture, built when a test first asks for it (not at collection)."""
+    return {arch: tiny.model(arch, seed=10 + i, layers=4) for i, arch in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="module")
+def reference(models) -> tiny.Reference:
+    return tiny.Reference(models)
 
 
 prompts = st.tuples(st.lists(st.integers(1, 40), min_size=1, max_size=8), st.integers(1, 3)).map(
@@ -60,29 +61,28 @@ prompts = st.tuples(st.lists(st.integers(1, 40), min_size=1, max_size=8), st.int
 )  # repeated segments give the n-gram pool something to find
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lookahead", "layerskip"])
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(arch=st.sampled_from(ARCHS), prompt=prompts, n=st.integers(1, 20), variant=st.integers(0, 2))
-def test_greedy_equals_transformers(method, arch, prompt, n, variant):
-    dec = SpecDecoder(MODELS[arch], TOKENIZER, method, **VARIANTS[method][variant])
+def test_greedy_equals_transformers(tok, models, reference, method, arch, prompt, n, variant):
+    dec = SpecDecoder(models[arch], tok, method, **VARIANTS[method][variant])
     out = dec.generate(list(prompt), max_new_tokens=n)
     assert out.token_ids == reference(arch, prompt, n)
 
 
 @pytest.mark.parametrize("method", ["lookahead", "layerskip"])
-def test_sampling_is_deterministic_with_a_seed(method):
-    model = MODELS["llama"]
-    dec = SpecDecoder(model, TOKENIZER, method)
+def test_sampling_is_deterministic_with_a_seed(tok, models, method):
+    model = models["llama"]
+    dec = SpecDecoder(model, tok, method)
     kwargs = dict(max_new_tokens=16, ignore_eos=True, temperature=0.9, top_k=20)
     first = dec.generate([3, 4, 5, 3, 4], seed=11, **kwargs).token_ids
     dec.generate([7, 8], seed=12, **kwargs)  # another call in between changes nothing
     assert dec.generate([3, 4, 5, 3, 4], seed=11, **kwargs).token_ids == first
-    assert (
-        SpecDecoder(model, TOKENIZER, method).generate([3, 4, 5, 3, 4], seed=11, **kwargs).token_ids == first
-    )
+    assert SpecDecoder(model, tok, method).generate([3, 4, 5, 3, 4], seed=11, **kwargs).token_ids == first
     assert dec.generate([3, 4, 5, 3, 4], seed=13, **kwargs).token_ids != first
     if method == "lookahead":  # point-mass drafts: one draw y ~ p per emitted token, as vanilla decoding does
-        vanilla = SpecDecoder(model, TOKENIZER, "vanilla")
+        vanilla = SpecDecoder(model, tok, "vanilla")
         assert vanilla.generate([3, 4, 5, 3, 4], seed=11, **kwargs).token_ids == first
 
 
@@ -90,10 +90,10 @@ def test_sampling_is_deterministic_with_a_seed(method):
 # layerskip
 
 
-def test_view_skips_exactly_the_chosen_layers():
+def test_view_skips_exactly_the_chosen_layers(models):
     """The view equals the full model with the skipped layers turned into identities (by hooks, here only)."""
     ids = torch.tensor([[5, 9, 2, 7, 7, 1]])
-    for arch, model in MODELS.items():
+    for arch, model in models.items():
         keep = [0, 2, 3]
         handle = model.model.layers[1].register_forward_hook(lambda mod, args, out: args[0])
         try:
@@ -108,10 +108,10 @@ def test_view_skips_exactly_the_chosen_layers():
             assert torch.allclose(full, model(ids, use_cache=False).logits, atol=1e-12, rtol=0), arch
 
 
-def test_view_cache_maps_original_layer_indices():
+def test_view_cache_maps_original_layer_indices(models):
     """Prefill + extends through the kept-layer cache give the logits of one uncached forward."""
     tokens = [4, 8, 15, 16, 23, 42]
-    for model in MODELS.values():
+    for model in models.values():
         runner = ViewRunner(model, [0, 3])
         with torch.inference_mode():
             full = runner.model(torch.tensor([tokens]), use_cache=False).logits[0]
@@ -121,14 +121,14 @@ def test_view_cache_maps_original_layer_indices():
         assert torch.allclose(steps[0][0], full[2], atol=1e-12, rtol=0)
 
 
-def test_the_users_model_and_config_are_unchanged():
+def test_the_users_model_and_config_are_unchanged(tok):
     model = tiny.model("qwen2", seed=5, layers=6)
     params = {k: v.clone() for k, v in model.state_dict().items()}
     config = model.config.to_dict()
     layers = list(model.model.layers)
     prompt = [9, 8, 7, 9, 8, 7, 6]
     before = tiny.hf_greedy(model, prompt, 12)
-    dec = SpecDecoder(model, TOKENIZER, "layerskip", adapt_every=1, adapt_window=4, stop_at=1.0)
+    dec = SpecDecoder(model, tok, "layerskip", adapt_every=1, adapt_window=4, stop_at=1.0)
     states = released_states(dec)
     dec.generate(prompt, max_new_tokens=24, ignore_eos=True)
     dec.generate(prompt, max_new_tokens=8, temperature=1.0, seed=0)
@@ -142,9 +142,9 @@ def test_the_users_model_and_config_are_unchanged():
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_zero_layers_skipped_accepts_everything(temperature):
+def test_zero_layers_skipped_accepts_everything(tok, models, temperature):
     """The view of all layers is the target: every drafted token at every depth is accepted."""
-    dec = SpecDecoder(MODELS["gemma"], TOKENIZER, "layerskip", skip=(), threshold=0.0)
+    dec = SpecDecoder(models["gemma"], tok, "layerskip", skip=(), threshold=0.0)
     out = dec.generate([1, 2, 3], max_new_tokens=30, ignore_eos=True, temperature=temperature, seed=1)
     stats = out.stats
     assert len(stats.acceptance_by_depth) >= 4 and all(a == 1.0 for a in stats.acceptance_by_depth)
@@ -159,11 +159,11 @@ def test_default_skip_keeps_the_first_and_last_layers():
         assert all(0 < i < n - 1 for i in skip)
 
 
-def test_bad_layerskip_options_are_input_errors():
-    model = MODELS["llama"]
+def test_bad_layerskip_options_are_input_errors(tok, models):
+    model = models["llama"]
     for options in ({"skip": (0, 1, 2, 3)}, {"skip": (7,)}, {"skip": "1,x"}, {"skip_ratio": 2.0}):
         with pytest.raises(InputError):
-            SpecDecoder(model, TOKENIZER, "layerskip", **options)
+            SpecDecoder(model, tok, "layerskip", **options)
     assert make_drafter("layerskip", skip="1, 2").config.skip == (1, 2)
 
 
@@ -182,12 +182,13 @@ def _exact_distribution(model, prompt: list[int], length: int, params: SamplingP
     return {s: w / total for s, w in probs.items()}
 
 
-def test_layerskip_sampling_matches_the_target_distribution():
+@pytest.mark.slow
+def test_layerskip_sampling_matches_the_target_distribution(tok):
     """A view that differs from the target (one of 3 layers skipped): the output is still exactly p."""
     model = tiny.model("llama", seed=4, vocab_size=8, hidden=16, layers=3)
     prompt, params = [1, 2, 3, 1], SamplingParams(temperature=1.0)
     exact = _exact_distribution(model, prompt, 3, params)
-    dec = SpecDecoder(model, TOKENIZER, "layerskip", skip=(1,), adapt=False)
+    dec = SpecDecoder(model, tok, "layerskip", skip=(1,), adapt=False)
     counts: Counter = Counter()
     rejected = 0
     for seed in range(300):
@@ -255,12 +256,12 @@ def test_lookahead_pool_holds_the_targets_ngrams_and_drafts_them():
     assert all(a >= 3 for a in accepted[first_lap + 1 :]) and len(accepted) > first_lap + 3
 
 
-def test_lookahead_pool_fills_and_drafts_are_accepted():
+def test_lookahead_pool_fills_and_drafts_are_accepted(tok, models, reference):
     """A repetitive case: the prompt's n-grams, then the generated loop's, get drafted and accepted."""
-    model = MODELS["llama"]
+    model = models["llama"]
     prompt = [5, 6, 7, 8] * 4
     for options in ({}, {"seed_context": False}):
-        dec = SpecDecoder(model, TOKENIZER, "lookahead", **options)
+        dec = SpecDecoder(model, tok, "lookahead", **options)
         states = released_states(dec)
         out = dec.generate(prompt, max_new_tokens=40)
         assert out.token_ids == reference("llama", tuple(prompt), 40)

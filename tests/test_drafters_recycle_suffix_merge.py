@@ -31,18 +31,25 @@ import tiny
 
 ARCHS = ["llama", "qwen2", "gemma"]
 METHODS = ["recycle", "suffix", "merge"]
-MODELS = {arch: tiny.model(arch, seed=i) for i, arch in enumerate(ARCHS)}
+
+
+# Cached functions rather than fixtures: a hypothesis strategy below draws from repetitive_prompt(), and a
+# strategy cannot take a fixture. Still built on first use, never at collection.
+@functools.cache
+def models() -> dict:
+    """One tiny model per architecture."""
+    return {arch: tiny.model(arch, seed=i) for i, arch in enumerate(ARCHS)}
 
 
 @functools.cache
 def reference(arch: str, prompt: tuple[int, ...], n: int) -> list[int]:
-    return tiny.hf_greedy(MODELS[arch], list(prompt), n)
+    return tiny.hf_greedy(models()[arch], list(prompt), n)
 
 
 @functools.cache
 def decoder(method: str, arch: str) -> SpecDecoder:
     """One decoder per (method, arch) for the whole module: learned state carries over between examples."""
-    return SpecDecoder(MODELS[arch], tiny.tokenizer(), method=method)
+    return SpecDecoder(models()[arch], tiny.tokenizer(), method=method)
 
 
 @functools.cache
@@ -67,6 +74,7 @@ def repeated_fraction(prompt: tuple[int, ...], out: list[int], n: int = 4) -> fl
 # End to end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -83,13 +91,14 @@ def test_greedy_equals_generate(tok, arch, method, prompt, n):
     assert out.token_ids == reference(arch, prompt, n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", METHODS)
 def test_drafts_are_accepted_on_repetitive_text(tok, arch, method):
     prompt = repetitive_prompt(arch)
     expected = reference(arch, prompt, 40)
     assert repeated_fraction(prompt, expected) > 0.5  # the premise: the model's own output repeats itself
-    dec = SpecDecoder(MODELS[arch], tok, method=method)  # fresh: nothing learned before this prompt
+    dec = SpecDecoder(models()[arch], tok, method=method)  # fresh: nothing learned before this prompt
     out = dec.generate(list(prompt), max_new_tokens=40)
     assert out.token_ids == expected
     assert out.stats.mean_accepted_tokens > 1.3  # recycle starts from an empty table: it learns as it goes
@@ -98,11 +107,12 @@ def test_drafts_are_accepted_on_repetitive_text(tok, arch, method):
     assert again.stats.mean_accepted_tokens > 2.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_seeded_sampling_is_deterministic_and_equals_vanilla(tok, method):
     """Point-mass trees draw one token per emitted position: a seed gives vanilla's tokens, whatever was drafted
     and whatever the drafter learned from earlier calls."""
-    m = MODELS["llama"]
+    m = models()["llama"]
     prompt = list(repetitive_prompt("llama"))
     dec = SpecDecoder(m, tok, method=method)
     vanilla = SpecDecoder(m, tok, method="vanilla")
@@ -228,7 +238,7 @@ def test_recycle_learns_rank_acceptance_from_emitted_tokens():
 
 
 def test_recycle_table_persists_and_round_trips(tmp_path, tok):
-    dec = SpecDecoder(MODELS["llama"], tok, method="recycle")
+    dec = SpecDecoder(models()["llama"], tok, method="recycle")
     dec.generate([5, 9, 14, 3], max_new_tokens=12)
     drafter = dec.drafter
     table, seen = drafter.table.clone(), drafter.seen.clone()
@@ -242,7 +252,7 @@ def test_recycle_table_persists_and_round_trips(tmp_path, tok):
     other.load(path)
     assert torch.equal(other.table, drafter.table) and torch.equal(other.seen, drafter.seen)
     assert other.acceptance() == drafter.acceptance()  # the measured rank statistics came along
-    assert table.shape == (MODELS["llama"].config.vocab_size, 8)
+    assert table.shape == (models()["llama"].config.vocab_size, 8)
     with pytest.raises(ValueError):
         TokenRecycling(k=4).load(path)
 
@@ -273,7 +283,7 @@ def test_template_growth_takes_the_most_valuable_nodes(acc, n):
 
 
 def test_recycle_auto_size_uses_the_measured_cost(tok):
-    dec = SpecDecoder(MODELS["qwen2"], tok, method="recycle", max_nodes="auto")
+    dec = SpecDecoder(models()["qwen2"], tok, method="recycle", max_nodes="auto")
     prompt = repetitive_prompt("qwen2")
     assert dec.generate(list(prompt), max_new_tokens=20).token_ids == reference("qwen2", prompt, 20)
     assert not dec.drafter.stale and len(dec.drafter.template) <= 65
@@ -353,7 +363,7 @@ def test_suffix_drafts_a_self_overlapping_copy():
 
 
 def test_suffix_history_is_retrieved_and_bounded(tok):
-    m = MODELS["gemma"]
+    m = models()["gemma"]
     dec = SpecDecoder(m, tok, method="suffix", history_tokens=200)
     prompt = [5, 9, 14, 3, 77, 1]
     expected = reference("gemma", tuple(prompt), 40)

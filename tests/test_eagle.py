@@ -21,60 +21,60 @@ from specdec.models.loading import load_causal_lm
 import tiny
 from tiny import random_head
 
-TOKENIZER = tiny.tokenizer()
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("options", [{}, {"max_nodes": 12, "top_k": 3, "beam": 2, "depth": 4}])
-def test_eagle_equals_generate(arch, options):
+def test_eagle_equals_generate(tok, arch, options):
     model = tiny.model(arch, seed=1, layers=4)
-    dec = SpecDecoder(model, TOKENIZER, "eagle", head=random_head(model), **options)
+    dec = SpecDecoder(model, tok, "eagle", head=random_head(model), **options)
     for prompt in ([5], [5, 9, 14, 3, 77, 1], list(range(40, 70))):
         out = dec.generate(prompt, max_new_tokens=20, ignore_eos=True)
         assert out.token_ids == tiny.hf_greedy(model, prompt, 20)
 
 
-def test_eagle_accepts_drafts_on_a_small_vocabulary():
+def test_eagle_accepts_drafts_on_a_small_vocabulary(tok):
     """Vocabulary 8, top-8 children: the target's token is always among the root's children."""
     model = tiny.model("llama", seed=2, vocab_size=8, layers=2, eos=99)  # an EOS it never emits
-    dec = SpecDecoder(model, TOKENIZER, "eagle", head=random_head(model), max_nodes=16)
+    dec = SpecDecoder(model, tok, "eagle", head=random_head(model), max_nodes=16)
     out = dec.generate([1, 2, 3, 1, 2], max_new_tokens=30, ignore_eos=True)
     assert out.token_ids == tiny.hf_greedy(model, [1, 2, 3, 1, 2], 30)
     assert out.stats.accepted_by_depth[0] == out.stats.target_forwards  # depth 1 always right
     assert out.stats.mean_accepted_tokens > 1.5
 
 
-def test_eagle_head_cache_keeps_one_entry_per_verified_position():
+def test_eagle_head_cache_keeps_one_entry_per_verified_position(tok):
     model = tiny.model("llama", seed=3, layers=4)
     drafter = Eagle(head=random_head(model), max_nodes=10)
     states = []
     release = drafter.release
     drafter.release = lambda s: (states.append(s), release(s))  # type: ignore[method-assign]
     prompt = [7, 8, 9, 10, 11]
-    out = SpecDecoder(model, TOKENIZER, drafter).generate(prompt, max_new_tokens=17, ignore_eos=True)
+    out = SpecDecoder(model, tok, drafter).generate(prompt, max_new_tokens=17, ignore_eos=True)
     state = states[0]
     # every position but the newest token's (the next root) has its verified entry, and nothing else
     assert state.committed == state.cache.length == len(prompt) + len(out.token_ids) - 1
     assert state.root_pos == len(prompt) + len(out.token_ids) - 1
 
 
-def test_eagle_refuses_a_head_for_another_model(tmp_path):
+def test_eagle_refuses_a_head_for_another_model(tok, tmp_path):
     model = tiny.model("llama", seed=1, layers=4)
     other = tiny.model("llama", seed=1, layers=4, hidden=64)
     head = random_head(other)
     with pytest.raises(InputError, match="hidden size"):
-        SpecDecoder(model, TOKENIZER, "eagle", head=head)
+        SpecDecoder(model, tok, "eagle", head=head)
     save_head(head, tmp_path / "head")
     with pytest.raises(InputError, match="hidden size"):
-        SpecDecoder(model, TOKENIZER, "eagle", head=str(tmp_path / "head"))
+        SpecDecoder(model, tok, "eagle", head=str(tmp_path / "head"))
     (tmp_path / "head" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(InputError, match="corrupt"):
-        SpecDecoder(model, TOKENIZER, "eagle", head=str(tmp_path / "head"))
+        SpecDecoder(model, tok, "eagle", head=str(tmp_path / "head"))
     for bad in ({"top_k": 0}, {"max_nodes": "lots"}, {"depth": 1.5}):
         with pytest.raises(InputError):
-            SpecDecoder(model, TOKENIZER, "eagle", head=head, **bad)
+            SpecDecoder(model, tok, "eagle", head=head, **bad)
 
 
+@pytest.mark.slow
 def test_a_head_directory_is_the_draft_of_from_pretrained(tmp_path):
     """`--draft HEAD_DIR` with a head method: the directory is loaded as the head, not as a draft model."""
     tiny.save(tmp_path / "model", layers=4)
@@ -96,10 +96,11 @@ def test_drafting_stops_where_another_level_cannot_pay():
     import math
 
     from specdec.costmodel import CostModel, OnlineCost
+    from specdec.runtime import select_runtime
 
     model = tiny.model("llama", seed=1, layers=4)
     drafter = Eagle(head=random_head(model))
-    drafter.bind(model)
+    drafter.bind(model, select_runtime(model, hidden_states=True))  # the runtime an engine gives eagle
     drafter.cost = OnlineCost(CostModel.fit([1, 2, 64], [10e-3, 11e-3, 73e-3]), rate=0.0)  # 10 ms + 1 ms/node
     parents, scores = [-1, 0, 0], [0.0, math.log(0.9), math.log(0.05)]  # the root's two children
     drafter.level_seconds = 0.5e-3
@@ -173,6 +174,7 @@ def test_the_shipped_head_is_read_by_its_training_record(tmp_path):
         load_config(d)
 
 
+@pytest.mark.slow
 def test_layer_ids_from_on_the_command_line(tmp_path, capsys):
     tiny.save(tmp_path / "model", layers=6)
     model, _ = load_causal_lm(str(tmp_path / "model"))

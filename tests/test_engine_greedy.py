@@ -16,15 +16,17 @@ from specdec.runtime.native import NativeModel, NativeRunner
 import tiny
 
 ARCHS = ["llama", "qwen2", "gemma"]
-MODELS = {arch: tiny.model(arch, seed=i) for i, arch in enumerate(ARCHS)}
-REFERENCE: dict = {}
 
 
-def reference(arch: str, prompt: tuple[int, ...], n: int) -> list[int]:
-    key = (arch, prompt, n)
-    if key not in REFERENCE:
-        REFERENCE[key] = tiny.hf_greedy(MODELS[arch], list(prompt), n)
-    return REFERENCE[key]
+@pytest.fixture(scope="module")
+def models() -> dict:
+    """One tiny model per architecture, built when a test first asks for it (not at collection)."""
+    return {arch: tiny.model(arch, seed=i) for i, arch in enumerate(ARCHS)}
+
+
+@pytest.fixture(scope="module")
+def reference(models) -> tiny.Reference:
+    return tiny.Reference(models)
 
 
 class ScriptedDrafter(Drafter):
@@ -69,6 +71,7 @@ class ScriptedDrafter(Drafter):
         return DraftTree.from_sequences(context[-1], sequences)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     arch=st.sampled_from(ARCHS),
@@ -77,8 +80,8 @@ class ScriptedDrafter(Drafter):
     seed=st.integers(0, 10**6),
     right=st.sampled_from([0.0, 0.5, 1.0]),
 )
-def test_scripted_trees_equal_generate(tok, arch, prompt, n, seed, right):
-    m = MODELS[arch]
+def test_scripted_trees_equal_generate(tok, models, reference, arch, prompt, n, seed, right):
+    m = models[arch]
     truth = reference(arch, prompt, n + 8)
     drafter = ScriptedDrafter(truth, list(prompt), seed, right, m.config.vocab_size)
     dec = SpecDecoder(m, tok, method=drafter)
@@ -90,6 +93,7 @@ def test_scripted_trees_equal_generate(tok, arch, prompt, n, seed, right):
         assert out.stats.target_forwards <= n  # an oracle never makes it slower than vanilla
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("method", ["vanilla", "pld"])
 @settings(max_examples=8, deadline=None)
@@ -99,14 +103,15 @@ def test_scripted_trees_equal_generate(tok, arch, prompt, n, seed, right):
     ),  # small alphabet: repeats for pld
     n=st.integers(1, 30),
 )
-def test_builtin_methods_equal_generate(tok, arch, method, prompt, n):
-    out = SpecDecoder(MODELS[arch], tok, method=method).generate(list(prompt), max_new_tokens=n)
+def test_builtin_methods_equal_generate(tok, models, reference, arch, method, prompt, n):
+    out = SpecDecoder(models[arch], tok, method=method).generate(list(prompt), max_new_tokens=n)
     assert out.token_ids == reference(arch, prompt, n)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
-def test_draft_model_same_and_random(tok, arch):
-    m = MODELS[arch]
+def test_draft_model_same_and_random(tok, models, reference, arch):
+    m = models[arch]
     prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
     expected = reference(arch, tuple(prompt), 40)
     same = SpecDecoder(m, tok, method="draft", draft_model=m).generate(prompt, max_new_tokens=40)
@@ -119,9 +124,9 @@ def test_draft_model_same_and_random(tok, arch):
     assert rand.token_ids == expected
 
 
-def test_eos_inside_accepted_draft_stops_there(tok):
+def test_eos_inside_accepted_draft_stops_there(tok, models):
     """An oracle drafts past an EOS; the output ends at the EOS, exactly like generate()."""
-    base = MODELS["llama"]
+    base = models["llama"]
     prompt = [5, 9, 14, 3]
     free = tiny.hf_greedy(base, prompt, 20)
     eos = free[6]  # make the 7th generated token an EOS
@@ -146,12 +151,12 @@ def _kv(runtime, length: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("runtime", ["native", "transformers"])
-def test_cache_holds_exactly_the_accepted_path(tok, arch, runtime, monkeypatch):
+def test_cache_holds_exactly_the_accepted_path(tok, models, reference, arch, runtime, monkeypatch):
     """After every commit the target's cache equals a fresh prefill of the emitted sequence (all but the
     last emitted token, which is the next tree's root)."""
-    if runtime == "native" and not NativeModel.supports(MODELS[arch]):
+    if runtime == "native" and not NativeModel.supports(models[arch]):
         runtime = "transformers"  # gemma: the native runtime does not run it (test_native.py)
-    m = MODELS[arch]
+    m = models[arch]
     prompt = [7, 3, 11, 19, 2]
     truth = reference(arch, tuple(prompt), 40)
     fresh = tiny.model(arch, seed=ARCHS.index(arch))
@@ -179,8 +184,8 @@ def test_cache_holds_exactly_the_accepted_path(tok, arch, runtime, monkeypatch):
     assert checks[-1] == len(prompt) + 30 - 1 - (len(out.token_ids) - 30)
 
 
-def test_max_new_tokens_exact_even_when_more_accepted(tok):
-    m = MODELS["llama"]
+def test_max_new_tokens_exact_even_when_more_accepted(tok, models, reference):
+    m = models["llama"]
     prompt = [1, 2, 3]
     truth = reference("llama", tuple(prompt), 30)
     for n in (1, 2, 5, 13):

@@ -17,12 +17,11 @@ from specdec.heads.medusa import save_medusa
 
 import tiny
 
-TOKENIZER = tiny.tokenizer()
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["eagle", "medusa"])
 @pytest.mark.parametrize("fmt", ["vllm", "sglang"])
-def test_export_round_trip(tmp_path, capsys, method, fmt):
+def test_export_round_trip(tok, tmp_path, capsys, method, fmt):
     model = tiny.model("llama", seed=4, layers=4, dtype=torch.float32)
     head = tiny.untrained_head(method, model)
     src = tmp_path / "head"
@@ -54,7 +53,7 @@ def test_export_round_trip(tmp_path, capsys, method, fmt):
     prompt = [5, 9, 14, 3, 77, 1]
     runs = []
     for where in (src, out):  # the same drafts: the same tree sizes and acceptance, step for step
-        dec = SpecDecoder(model, TOKENIZER, method, head=str(where), max_nodes=8)
+        dec = SpecDecoder(model, tok, method, head=str(where), max_nodes=8)
         runs.append(dec.generate(prompt, max_new_tokens=16, ignore_eos=True))
     assert runs[0].token_ids == runs[1].token_ids == tiny.hf_greedy(model, prompt, 16)
     assert runs[0].stats.accepted_by_depth == runs[1].stats.accepted_by_depth
@@ -140,9 +139,9 @@ def layer_states(model, ids: list[int]) -> tuple[list, list]:
     return inputs, outputs
 
 
-def specdec_features(model, head, prompt: list[int]) -> torch.Tensor:
+def specdec_features(tok, model, head, prompt: list[int]) -> torch.Tensor:
     """The features specdec's own forward feeds the head at the prefill (positions 0 .. P-2): [P - 1, 3H]."""
-    dec = SpecDecoder(model, TOKENIZER, "eagle", head=head, max_nodes=4)
+    dec = SpecDecoder(model, tok, "eagle", head=head, max_nodes=4)
     packed = dec.drafter.packed
     fed = []
     step = packed.step
@@ -169,7 +168,7 @@ def shifted(config: dict, by: int) -> dict:
 
 
 @pytest.mark.parametrize("fmt", ["vllm", "sglang"])
-def test_each_engine_reads_the_export_as_the_layers_specdec_feeds_the_head(tmp_path, fmt):
+def test_each_engine_reads_the_export_as_the_layers_specdec_feeds_the_head(tok, tmp_path, fmt):
     """The export read through the engine's own capture rule feeds the head exactly the hidden states specdec's
     forward does; the same file one layer off does not (the bug this guards against: SGLang was given HF
     numbers, and read every layer one too deep)."""
@@ -180,7 +179,7 @@ def test_each_engine_reads_the_export_as_the_layers_specdec_feeds_the_head(tmp_p
     assert main(["export-drafter", str(tmp_path / "head"), "--format", fmt, "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     prompt = list(range(20, 44))
-    want = specdec_features(model, head, prompt)
+    want = specdec_features(tok, model, head, prompt)
     inputs, outputs = layer_states(model, prompt[:-1])
 
     def fed(cfg: dict) -> torch.Tensor:

@@ -123,7 +123,7 @@ def test_packed_head_step_equals_the_reference_step(target, norm_before_residual
     """Drafting's packed kernel computes Eagle3Head.step: prefill, a tree level with a sibling mask, a chain.
     In float64 any difference beyond rounding is a bug (a wrong rotary pairing, norm or residual); float32
     runs its products of 2+ rows through oneDNN's prepacked weights (`Matrix`), a different rounding."""
-    from specdec.heads.eagle3 import PackedHead
+    from specdec.heads.eagle3_packed import PackedHead
 
     head = make_head(target, dtype=dtype)
     head.config.norm_before_residual = norm_before_residual
@@ -221,6 +221,7 @@ def test_shape_mismatch_in_checkpoint_is_one_line_error(target, tmp_path):
     assert "config.json implies" in one_line_error(lambda: load_head(tmp_path / "h"))
 
 
+@pytest.mark.slow
 def test_train_drafter_smoke(tmp_path):
     """prepare features -> train -> interrupt -> resume -> export -> load, on a tiny target and corpus."""
     from specdec.train import drafter as d

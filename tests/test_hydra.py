@@ -17,16 +17,14 @@ from specdec.sampling import SamplingParams
 import tiny
 from tiny import random_hydra
 
-TOKENIZER = tiny.tokenizer()
 
-
-def test_a_nodes_children_are_ranked_for_its_own_path():
+def test_a_nodes_children_are_ranked_for_its_own_path(tok):
     """Two depth-1 siblings get their children from head 1 run on their own paths: what Medusa's
     independent heads cannot do. Each child equals head 1's ranking for that path."""
     model = tiny.model("llama", seed=3)
     heads = random_hydra(model)
     drafter = Hydra(head=heads, max_nodes=12, width=4)
-    SpecDecoder(model, TOKENIZER, drafter)  # binds
+    SpecDecoder(model, tok, drafter)  # binds
     state = drafter.start(Request([1, 2, 3], SamplingParams(), torch.Generator()))
     state.hidden = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(
         model.dtype
@@ -63,23 +61,23 @@ def test_packed_heads_compute_what_the_heads_compute(dtype):
             torch.testing.assert_close(packed.head(k, hidden, path), want)
 
 
-def test_hydra_round_trip_and_bad_heads(tmp_path):
+def test_hydra_round_trip_and_bad_heads(tok, tmp_path):
     model = tiny.model("llama", seed=1).float()
     heads = random_hydra(model)
     save_hydra(heads, tmp_path / "h", dtype=torch.float32)
     loaded = load_hydra(tmp_path / "h", model)
     prompt = [5, 9, 14, 3, 77, 1]
-    a = SpecDecoder(model, TOKENIZER, "hydra", head=heads).generate(prompt, max_new_tokens=16)
-    b = SpecDecoder(model, TOKENIZER, "hydra", head=str(tmp_path / "h")).generate(prompt, max_new_tokens=16)
+    a = SpecDecoder(model, tok, "hydra", head=heads).generate(prompt, max_new_tokens=16)
+    b = SpecDecoder(model, tok, "hydra", head=str(tmp_path / "h")).generate(prompt, max_new_tokens=16)
     assert a.token_ids == b.token_ids and a.stats.target_forwards == b.stats.target_forwards
     assert torch.equal(loaded.fcs[1].weight, heads.fcs[1].weight)
 
     other = tiny.model("llama", seed=1, hidden=64)
     with pytest.raises(InputError, match="hidden size"):
-        SpecDecoder(model, TOKENIZER, "hydra", head=random_hydra(other))
+        SpecDecoder(model, tok, "hydra", head=random_hydra(other))
     save_hydra(random_hydra(other), tmp_path / "wide", dtype=torch.float32)
     with pytest.raises(InputError, match="hidden size"):
-        SpecDecoder(model, TOKENIZER, "hydra", head=str(tmp_path / "wide"))
+        SpecDecoder(model, tok, "hydra", head=str(tmp_path / "wide"))
     (tmp_path / "h" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(InputError, match="corrupt"):
         load_hydra(tmp_path / "h", model)
@@ -88,4 +86,4 @@ def test_hydra_round_trip_and_bad_heads(tmp_path):
         load_hydra(tmp_path / "m", model)
     for bad in ({"width": 0}, {"max_nodes": "lots"}, {"regrow_every": 0}):
         with pytest.raises(InputError):
-            SpecDecoder(model, TOKENIZER, "hydra", head=random_hydra(model), **bad)
+            SpecDecoder(model, tok, "hydra", head=random_hydra(model), **bad)

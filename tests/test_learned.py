@@ -60,6 +60,7 @@ def model():
     return tiny.model("llama", seed=3, dtype=torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(LEARNERS))
 def test_a_restore_brings_back_what_the_drafter_had_learned(model, method):
     options, timed = LEARNERS[method]

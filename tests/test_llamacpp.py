@@ -9,6 +9,7 @@ import torch
 from specdec import SpecDecoder
 from specdec.bench.llamacpp import LlamaCppMethod
 from specdec.drafters import REGISTRY, methods
+from specdec.drafters.base import Reads
 from specdec.errors import InputError
 from specdec.runtime.hf import ModelRunner
 from specdec.runtime.llamacpp import LlamaCppModel, LlamaCppRunner
@@ -17,22 +18,26 @@ from specdec.tree import DraftTree
 
 import tiny
 
-MODEL = tiny.model("llama", seed=1, dtype=torch.float32)
+
+@pytest.fixture(scope="module")
+def model():
+    """The float32 Llama the tests here convert, built when a test first asks for it (not at collection)."""
+    return tiny.model("llama", seed=1, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("handover", [True, False], ids=["native-prefill", "llamacpp-prefill"])
-def test_trees_after_commits_match_transformers(handover):
+def test_trees_after_commits_match_transformers(model, handover):
     """With the prompt prefilled by llama.cpp, or by the native runtime and handed over as a sequence state."""
-    shared = LlamaCppModel(MODEL)
+    shared = LlamaCppModel(model)
     if handover:
         shared.probe_state_layout()
         assert shared.state_header  # the layout llama.cpp writes is the one specdec writes
-    vocab = MODEL.config.vocab_size
+    vocab = model.config.vocab_size
     prompt = [(7 * i + 2) % vocab for i in range(10)]
     trees = [DraftTree([5, 6, 7, 8, 9, 6], [-1, 0, 0, 1, 3, 2]), DraftTree([4, 3, 2, 1], [-1, 0, 1, 0])]
     results = []
     with torch.inference_mode():
-        for runtime in (LlamaCppRunner(shared), ModelRunner(MODEL)):
+        for runtime in (LlamaCppRunner(shared), ModelRunner(model)):
             runtime.reset(32, slack=8)
             runtime.prefill(prompt)
             out = []
@@ -75,24 +80,24 @@ def test_auto_runtime_for_drafting_is_the_one_timed_cheaper(tok, monkeypatch, fa
     assert [r.name for r in engine.runtimes] == ["native", "llamacpp"]
 
 
-def test_llamacpp_returns_the_final_hidden_state_as_native_does():
+def test_llamacpp_returns_the_final_hidden_state_as_native_does(model):
     """Layer L (the LM head's input) for a prefill, by llama.cpp itself or handed over, and for a tree after a
     commit; any other layer is refused."""
     from specdec.errors import UnsupportedModelError
     from specdec.runtime.native import NativeModel, NativeRunner
 
-    final = MODEL.config.num_hidden_layers
+    final = model.config.num_hidden_layers
     prompt, tree = (
-        [(5 * i + 3) % MODEL.config.vocab_size for i in range(12)],
+        [(5 * i + 3) % model.config.vocab_size for i in range(12)],
         DraftTree([4, 3, 2, 1], [-1, 0, 1, 0]),
     )
     for handover in (True, False):
-        shared = LlamaCppModel(MODEL)
+        shared = LlamaCppModel(model)
         if handover:
             shared.probe_state_layout()
         results = []
         with torch.inference_mode():
-            for runtime in (LlamaCppRunner(shared), NativeRunner(NativeModel(MODEL))):
+            for runtime in (LlamaCppRunner(shared), NativeRunner(NativeModel(model))):
                 runtime.reset(32, slack=8)
                 first = runtime.prefill(prompt, (final,))
                 results.append((first.hidden[final], runtime.score(tree, (final,)).hidden[final]))
@@ -103,67 +108,66 @@ def test_llamacpp_returns_the_final_hidden_state_as_native_does():
             LlamaCppRunner(shared).score(tree, (1,))
 
 
-def test_methods_reading_hidden_states_never_get_llamacpp(tok):
-    head = tiny.untrained_head("eagle", MODEL)
+def test_methods_reading_hidden_states_never_get_llamacpp(tok, model):
+    head = tiny.untrained_head("eagle", model)
     with pytest.raises(InputError, match="hidden states"):
-        SpecDecoder(MODEL, tok, "eagle", head=head, runtime="llamacpp")
-    auto = SpecDecoder(MODEL, tok, "auto", runtime="llamacpp")  # auto runs without its eagle member there
+        SpecDecoder(model, tok, "eagle", head=head, runtime="llamacpp")
+    auto = SpecDecoder(model, tok, "auto", runtime="llamacpp")  # auto runs without its eagle member there
     assert auto.engine.runtime.name == "llamacpp"
     assert "eagle" not in [m.name for m in auto.drafter.members]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method",
-    [
-        m
-        for m in methods()
-        if not REGISTRY[m].needs_hidden_states or REGISTRY[m].final_hidden_only or m == "auto"
-    ],
+    [m for m in methods() if not REGISTRY[m].reads.requires_all_layers],
 )
-def test_every_drafter_is_lossless_on_llamacpp(tok, method):
+def test_every_drafter_is_lossless_on_llamacpp(tok, model, method):
     prompt = tok("def add(a, b):\n    return a + b\n\ndef add(a, b):\n")["input_ids"]
     extra = {"draft_model": tiny.model("llama", seed=9)} if REGISTRY[method].needs_draft_model else {}
-    if REGISTRY[method].final_hidden_only:  # medusa, hydra: heads on the final hidden state llama.cpp returns
-        extra["head"] = tiny.untrained_head(method, MODEL)
-    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp", **extra)
+    if REGISTRY[method].reads is Reads.FINAL_HIDDEN:  # medusa, hydra: heads on a state llama.cpp returns
+        extra["head"] = tiny.untrained_head(method, model)
+    dec = SpecDecoder(model, tok, method, runtime="llamacpp", **extra)
     out = dec.generate(prompt, max_new_tokens=24)
     assert out.stats.runtime == "llamacpp"
-    assert out.token_ids == tiny.hf_greedy(MODEL, prompt, 24)
+    assert out.token_ids == tiny.hf_greedy(model, prompt, 24)
 
 
 @pytest.mark.parametrize("name", ["llamacpp", "llamacpp-lookup"])
-def test_bench_methods_reproduce_generate(tok, name):
+def test_bench_methods_reproduce_generate(tok, model, name):
     prompt = tok("x = 1\ny = 2\nx = 1\ny = 2\nx = 1\n")["input_ids"]
-    run = LlamaCppMethod(name, MODEL, tok, threads=1).run(prompt, SamplingParams(max_new_tokens=20))
-    assert run.token_ids == tiny.hf_greedy(MODEL, prompt, 20)
+    run = LlamaCppMethod(name, model, tok, threads=1).run(prompt, SamplingParams(max_new_tokens=20))
+    assert run.token_ids == tiny.hf_greedy(model, prompt, 20)
     assert 1 <= run.target_forwards <= 20
 
 
-def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok):
+def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok, model):
     """auto has both runtimes; where its generations decode plainly it takes llama.cpp's, and stays lossless."""
     from specdec.drafters.auto import USAGE_STEPS, Usage
 
-    dec = SpecDecoder(MODEL, tok, "auto")
+    dec = SpecDecoder(model, tok, "auto")
     assert [r.name for r in dec.engine.runtimes] == ["native", "llamacpp"]
     prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
     first = dec.generate(prompt, max_new_tokens=16)
-    assert first.stats.runtime == "native" and first.token_ids == tiny.hf_greedy(MODEL, prompt, 16)
+    assert first.stats.runtime == "native" and first.token_ids == tiny.hf_greedy(model, prompt, 16)
     dec.drafter.profile(0.0).usage = Usage(plain_share=1.0, tree_nodes=2.0, steps=USAGE_STEPS)
     second = dec.generate(prompt, max_new_tokens=16)
     assert second.stats.runtime == "llamacpp" and second.token_ids == first.token_ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["vanilla", "pld", "medusa", "hydra"])
-def test_sampled_tokens_are_what_generate_samples_on_llamacpp(tok, method):
+def test_sampled_tokens_are_what_generate_samples_on_llamacpp(tok, model, method):
     """Seeded sampling through the llamacpp runtime: one draw per emitted token from the target's own p, so
     the same tokens as transformers' sampler with the same seed (as test_sampling checks for the others)."""
     prompt = tok("x = 1\ny = 2\nx = 1\ny = 2\n")["input_ids"]
-    head = {"head": tiny.untrained_head(method, MODEL)} if REGISTRY[method].final_hidden_only else {}
-    dec = SpecDecoder(MODEL, tok, method, runtime="llamacpp", **head)
+    heads = REGISTRY[method].reads is Reads.FINAL_HIDDEN  # medusa, hydra
+    head = {"head": tiny.untrained_head(method, model)} if heads else {}
+    dec = SpecDecoder(model, tok, method, runtime="llamacpp", **head)
     ids = torch.tensor([prompt])
     for seed in range(6):
         torch.manual_seed(seed)
-        hf = MODEL.generate(
+        hf = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=20, top_k=0,
             eos_token_id=None, pad_token_id=0,
         )[0, len(prompt) :].tolist()  # fmt: skip

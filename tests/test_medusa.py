@@ -15,27 +15,26 @@ from specdec.heads.medusa import PackedMedusa, save_medusa
 import tiny
 from tiny import random_medusa
 
-TOKENIZER = tiny.tokenizer()
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["medusa", "hydra"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma"])
 @pytest.mark.parametrize("options", [{}, {"max_nodes": 10, "width": 3}])
-def test_medusa_and_hydra_equal_generate(method, arch, options):
+def test_medusa_and_hydra_equal_generate(tok, method, arch, options):
     model = tiny.model(arch, seed=1)
-    dec = SpecDecoder(model, TOKENIZER, method, head=tiny.untrained_head(method, model), **options)
+    dec = SpecDecoder(model, tok, method, head=tiny.untrained_head(method, model), **options)
     for prompt in ([5], [5, 9, 14, 3, 77, 1], list(range(40, 70))):
         out = dec.generate(prompt, max_new_tokens=20, ignore_eos=True)
         assert out.token_ids == tiny.hf_greedy(model, prompt, 20)
 
 
 @pytest.mark.parametrize("cls", [Medusa, Hydra])
-def test_medusa_and_hydra_learn_which_ranks_are_right(cls):
+def test_medusa_and_hydra_learn_which_ranks_are_right(tok, cls):
     """Vocabulary 8 and 8 ranks per head: the first head's truth is always among its candidates, so its
     measured rank acceptance sums to one and the template follows it."""
     model = tiny.model("llama", seed=2, vocab_size=8, layers=2, eos=99)  # an EOS it never emits
     drafter = cls(head=tiny.untrained_head(cls.name, model), max_nodes=12, regrow_every=4)
-    dec = SpecDecoder(model, TOKENIZER, drafter)
+    dec = SpecDecoder(model, tok, drafter)
     prompt = [1, 2, 3, 1, 2]
     out = dec.generate(prompt, max_new_tokens=40, ignore_eos=True)
     assert out.token_ids == tiny.hf_greedy(model, prompt, 40)
@@ -69,14 +68,14 @@ def test_packed_heads_compute_what_the_heads_compute(dtype):
             torch.testing.assert_close(g_k, w_k.reshape(-1, w_k.shape[-1]))
 
 
-def test_medusa_refuses_heads_for_another_model(tmp_path):
+def test_medusa_refuses_heads_for_another_model(tok, tmp_path):
     model = tiny.model("llama", seed=1)
     other = tiny.model("llama", seed=1, hidden=64)
     with pytest.raises(InputError, match="hidden size"):
-        SpecDecoder(model, TOKENIZER, "medusa", head=random_medusa(other))
+        SpecDecoder(model, tok, "medusa", head=random_medusa(other))
     save_medusa(random_medusa(other), tmp_path / "heads", dtype=torch.float32)
     with pytest.raises(InputError, match="hidden size"):
-        SpecDecoder(model, TOKENIZER, "medusa", head=str(tmp_path / "heads"))
+        SpecDecoder(model, tok, "medusa", head=str(tmp_path / "heads"))
     for bad in ({"width": 0}, {"max_nodes": "lots"}, {"regrow_every": 0}):
         with pytest.raises(InputError):
-            SpecDecoder(model, TOKENIZER, "medusa", head=random_medusa(model), **bad)
+            SpecDecoder(model, tok, "medusa", head=random_medusa(model), **bad)

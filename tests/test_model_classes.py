@@ -638,6 +638,7 @@ def reference(case_id: str) -> list[int]:
     return tiny.hf_greedy(build(case_id), prompt(), N)
 
 
+@pytest.mark.slow
 def test_cases_cover_every_family():
     families = " ".join(c.family for c in CASES)
     for word in (
@@ -657,6 +658,7 @@ def test_cases_cover_every_family():
         assert hasattr(transformers, case.model_class)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", EXACT)
 def test_chain_same_model_accepts_everything(tok, case_id):
     m = build(case_id)
@@ -667,6 +669,7 @@ def test_chain_same_model_accepts_everything(tok, case_id):
     assert out.stats.accepted_by_depth == out.stats.proposed_by_depth  # its own argmax: every draft right
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", EXACT)
 def test_chain_other_model_is_rejected(tok, case_id):
     out = SpecDecoder(build(case_id), tok, method="draft", draft_model=wrong_draft()).generate(
@@ -676,6 +679,7 @@ def test_chain_other_model_is_rejected(tok, case_id):
     assert sum(out.stats.accepted_by_depth) < out.stats.draft_nodes  # some drafts rejected and rolled back
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", EXACT)
 def test_branching_tree(tok, case_id):
     m = build(case_id)
@@ -729,6 +733,7 @@ def test_tree_probe_alone_catches_alibi(tok, case_id, monkeypatch):
     assert ("fails when scoring" in message) == (case_id != "mpt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", WINDOWED)
 def test_request_filling_the_window_is_served_exactly(tok, case_id):
     """The window check counts the positions a request reaches, not the cache's spare slots for trees."""

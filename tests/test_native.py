@@ -136,11 +136,12 @@ def test_unsupported_models_fall_back_with_a_notice(tok, caplog):
 def _decoder(method: str, model, tok, runtime: str) -> SpecDecoder:
     if method == "draft":
         return SpecDecoder(model, tok, "draft", draft_model=tiny.model("llama", seed=9), runtime=runtime)
-    if REGISTRY[method].needs_hidden_states:
+    if REGISTRY[method].reads.any:
         return SpecDecoder(model, tok, method, head=tiny.untrained_head(method, model), runtime=runtime)
     return SpecDecoder(model, tok, method, runtime=runtime)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["native", "transformers"])
 @pytest.mark.parametrize("method", methods())
 def test_every_drafter_is_lossless_on_either_runtime(tok, method, runtime):

@@ -32,6 +32,7 @@ import functools
 import itertools
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import scipy.stats
@@ -62,7 +63,13 @@ def _tied_model():
     return m
 
 
-HF_MODELS = {"random": tiny.model("llama", seed=2), "tied": _tied_model()}
+HF_MODELS = {"random": lambda: tiny.model("llama", seed=2), "tied": _tied_model}  # name -> how to build it
+
+
+@pytest.fixture(scope="module")
+def hf_models() -> dict:
+    """HF_MODELS built, when the test first asks for them (not at collection)."""
+    return {name: build() for name, build in HF_MODELS.items()}
 
 
 @settings(max_examples=30, deadline=None)
@@ -73,8 +80,8 @@ HF_MODELS = {"random": tiny.model("llama", seed=2), "tied": _tied_model()}
     top_k=st.sampled_from([0, 1, 2, 5, 50, 384, 1000]),
     top_p=st.sampled_from([1.0, 0.99, 0.9, 0.5, 0.1, 1e-4]),
 )
-def test_p_equals_what_generate_samples_from(which, prompt, temperature, top_k, top_p):
-    model, ids = HF_MODELS[which], torch.tensor([prompt])
+def test_p_equals_what_generate_samples_from(hf_models, which, prompt, temperature, top_k, top_p):
+    model, ids = hf_models[which], torch.tensor([prompt])
     out = model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -123,7 +130,7 @@ def test_integer_temperature_is_accepted():
         {"seed": 2**64},
     ],
 )
-def test_bad_sampling_parameters_are_input_errors(bad):
+def test_bad_sampling_parameters_are_input_errors(decoder, bad):
     with pytest.raises(InputError):
         decoder("vanilla").generate(PROMPT, max_new_tokens=2, **{"temperature": 1.0, **bad})
 
@@ -305,6 +312,7 @@ child = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(
     p_root=sixteenths,
@@ -461,11 +469,35 @@ class Continuations:
         return {s: w / total for s, w in probs.items()}
 
 
-TARGET, OTHER = vocab_model(0), vocab_model(1)
-TOKENIZER = word_tokenizer()
-DIRECT = Continuations(TARGET, 3)  # a verify step of depth <= 2 emits <= 3 tokens
-DIRECT_OTHER = Continuations(OTHER, 3)
-ENGINE = Continuations(TARGET, 4)  # the prefill's token, then a tree of depth <= 2
+# This section's models, tokenizer and exact continuations: module fixtures, built when a test first asks.
+@pytest.fixture(scope="module")
+def target():
+    return vocab_model(0)
+
+
+@pytest.fixture(scope="module")
+def other():
+    return vocab_model(1)
+
+
+@pytest.fixture(scope="module")
+def word_tok() -> PreTrainedTokenizerFast:
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def direct(target) -> Continuations:
+    return Continuations(target, 3)  # a verify step of depth <= 2 emits <= 3 tokens
+
+
+@pytest.fixture(scope="module")
+def direct_other(other) -> Continuations:
+    return Continuations(other, 3)
+
+
+@pytest.fixture(scope="module")
+def engine(target) -> Continuations:
+    return Continuations(target, 4)  # the prefill's token, then a tree of depth <= 2
 
 
 def chi_square_pvalue(
@@ -542,15 +574,21 @@ class Sampler:
         self.cum: dict[int, list[float]] = {}
 
     def draw(self, row: torch.Tensor) -> int:
-        key = id(row)  # rows live in the Continuations caches for the whole session
+        key = id(row)  # rows live in the Continuations caches (module fixtures) for the whole module
         if key not in self.cum:
             self.cum[key] = list(itertools.accumulate(row.double().tolist()))
         return self.rng.choices(range(V), cum_weights=self.cum[key])[0]
 
 
-def draft_tree(shape: list[list[str]], params: SamplingParams, sampler: Sampler):
+def draft_tree(
+    shape: list[list[str]],
+    params: SamplingParams,
+    sampler: Sampler,
+    target: Continuations,
+    drafter: Continuations,
+):
     """(tree, the drafted path after the root of every node); shape[d] lists each depth-d node's children."""
-    p, q, ranked = DIRECT.p(params), DIRECT_OTHER.p(params), DIRECT_OTHER.ranked(params)
+    p, q, ranked = target.p(params), drafter.p(params), drafter.ranked(params)
     point_only = all(kind.startswith("top") for kinds in shape for kind in kinds)
     tokens, parents, rows, paths = [PROMPT[-1]], [-1], [EYE[0]], [()]
     frontier = [0]
@@ -574,14 +612,22 @@ def draft_tree(shape: list[list[str]], params: SamplingParams, sampler: Sampler)
     return DraftTree(tokens, parents, None if point_only else torch.stack(rows)), paths
 
 
-def direct_counts(shape, params: SamplingParams, verify=verify_sampled, n: int = 20_000, seed: int = 0):
+def direct_counts(
+    shape,
+    params: SamplingParams,
+    target: Continuations,
+    drafter: Continuations,
+    verify=verify_sampled,
+    n: int = 20_000,
+    seed: int = 0,
+):
     """n independent steps: draft a tree, verify it on the target's logits, continue to 3 tokens from p."""
     generator, sampler = torch.Generator().manual_seed(seed), Sampler(seed)
-    dist, p = TargetDistribution(params), DIRECT.p(params)
+    dist, p = TargetDistribution(params), target.p(params)
     counts: Counter = Counter()
     for _ in range(n):
-        tree, paths = draft_tree(shape, params, sampler)
-        logits = torch.stack([DIRECT.logits[path] for path in paths])
+        tree, paths = draft_tree(shape, params, sampler, target, drafter)
+        logits = torch.stack([target.logits[path] for path in paths])
         seq = verify(tree, logits, dist, generator).tokens
         while len(seq) < 3:
             seq.append(sampler.draw(p[tuple(seq)]))
@@ -589,17 +635,19 @@ def direct_counts(shape, params: SamplingParams, verify=verify_sampled, n: int =
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("shape", "params"),
     [pytest.param(shape, PLAIN, id=shape) for shape in SHAPES if not shape.startswith("mixed")]
     + [pytest.param("mixed: q, p and a point mass", WARPED, id="mixed, temperature + top-k + top-p")],
 )
-def test_verify_sampled_matches_the_exact_distribution(shape, params):
+def test_verify_sampled_matches_the_exact_distribution(direct, direct_other, shape, params):
     """20 000 steps per case; under top-k/top-p, p and q have zeros and a zero-probability output fails."""
-    counts = direct_counts(SHAPES[shape], params)
-    assert chi_square_pvalue(counts, DIRECT.exact(params)) > 1e-3
+    counts = direct_counts(SHAPES[shape], params, direct, direct_other)
+    assert chi_square_pvalue(counts, direct.exact(params)) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("broken", "shape"),
     [
@@ -608,9 +656,9 @@ def test_verify_sampled_matches_the_exact_distribution(shape, params):
         (residual_is_p, "point masses (probs=None)"),
     ],
 )
-def test_the_direct_test_rejects_broken_rules(broken, shape):
-    counts = direct_counts(SHAPES[shape], PLAIN, verify=broken)
-    assert chi_square_pvalue(counts, DIRECT.exact(PLAIN)) < 1e-3
+def test_the_direct_test_rejects_broken_rules(direct, direct_other, broken, shape):
+    counts = direct_counts(SHAPES[shape], PLAIN, direct, direct_other, verify=broken)
+    assert chi_square_pvalue(counts, direct.exact(PLAIN)) < 1e-3
 
 
 class PointMassTree(Drafter):
@@ -651,18 +699,24 @@ class SampledTree(Drafter):
         return DraftTree(tokens, parents, torch.stack(rows))
 
 
-def decoder(method: str):
-    if method == "draft (another model)":
-        return SpecDecoder(TARGET, TOKENIZER, "draft", draft_model=OTHER)
-    if method == "draft (the target itself)":
-        return SpecDecoder(TARGET, TOKENIZER, "draft", draft_model=TARGET)
-    if method == PointMassTree.name:
-        return SpecDecoder(TARGET, TOKENIZER, PointMassTree())
-    if method == SampledTree.name:
-        return SpecDecoder(TARGET, TOKENIZER, SampledTree())
-    if REGISTRY[method].needs_hidden_states:  # trained heads: an untrained one drafts for TARGET
-        return SpecDecoder(TARGET, TOKENIZER, method, head=tiny.untrained_head(method, TARGET))
-    return SpecDecoder(TARGET, TOKENIZER, method)
+@pytest.fixture(scope="module")
+def decoder(target, other, word_tok) -> Callable[[str], SpecDecoder]:
+    """A fresh decoder on `target` for `method` at each call, or for one of the scripted drafters above."""
+
+    def make(method: str) -> SpecDecoder:
+        if method == "draft (another model)":
+            return SpecDecoder(target, word_tok, "draft", draft_model=other)
+        if method == "draft (the target itself)":
+            return SpecDecoder(target, word_tok, "draft", draft_model=target)
+        if method == PointMassTree.name:
+            return SpecDecoder(target, word_tok, PointMassTree())
+        if method == SampledTree.name:
+            return SpecDecoder(target, word_tok, SampledTree())
+        if REGISTRY[method].reads.any:  # trained heads: an untrained one drafts for target
+            return SpecDecoder(target, word_tok, method, head=tiny.untrained_head(method, target))
+        return SpecDecoder(target, word_tok, method)
+
+    return make
 
 
 ENGINE_METHODS = [m for m in methods() if not REGISTRY[m].needs_draft_model] + [
@@ -673,8 +727,7 @@ ENGINE_METHODS = [m for m in methods() if not REGISTRY[m].needs_draft_model] + [
 ENGINE_SAMPLES = 400
 
 
-def engine_counts(method: str, params: SamplingParams, n: int = ENGINE_SAMPLES) -> Counter:
-    dec = decoder(method)
+def engine_counts(dec: SpecDecoder, params: SamplingParams, n: int = ENGINE_SAMPLES) -> Counter:
     kwargs = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
     counts: Counter = Counter()
     for seed in range(n):
@@ -683,24 +736,27 @@ def engine_counts(method: str, params: SamplingParams, n: int = ENGINE_SAMPLES) 
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ENGINE_METHODS)
-def test_engine_matches_the_exact_distribution(method):
+def test_engine_matches_the_exact_distribution(decoder, engine, method):
     """400 seeded generations of 4 tokens per method (every registered drafter that needs no extra model)."""
     params = WARPED if method == SampledTree.name else PLAIN
-    assert chi_square_pvalue(engine_counts(method, params), ENGINE.exact(params)) > 1e-3
+    assert chi_square_pvalue(engine_counts(decoder(method), params), engine.exact(params)) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("broken", "method"), [(accept_everything, "pld"), (residual_is_p, PointMassTree.name)]
 )
-def test_the_engine_test_rejects_broken_rules(monkeypatch, broken, method):
+def test_the_engine_test_rejects_broken_rules(decoder, engine, monkeypatch, broken, method):
     monkeypatch.setattr("specdec.engine.verify_sampled", broken)
-    counts = engine_counts(method, PLAIN)
-    assert chi_square_pvalue(counts, ENGINE.exact(PLAIN)) < 1e-3
+    counts = engine_counts(decoder(method), PLAIN)
+    assert chi_square_pvalue(counts, engine.exact(PLAIN)) < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("params", [PLAIN, WARPED], ids=["plain", "top-k + top-p"])
-def test_point_mass_drafters_reproduce_generate_token_for_token(params):
+def test_point_mass_drafters_reproduce_generate_token_for_token(decoder, target, params):
     """One draw y ~ p per emitted token, in order: the same tokens as vanilla and as transformers' sampler."""
     kwargs = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
     decoders = {m: decoder(m) for m in ("vanilla", "pld", PointMassTree.name)}
@@ -708,7 +764,7 @@ def test_point_mass_drafters_reproduce_generate_token_for_token(params):
     ids = torch.tensor([PROMPT])
     for seed in range(8):
         torch.manual_seed(seed)
-        hf = TARGET.generate(
+        hf = target.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=24, eos_token_id=None,
             pad_token_id=0, **kwargs,
         )[0, len(PROMPT) :].tolist()  # fmt: skip
@@ -727,7 +783,7 @@ SEED_METHODS = ["vanilla", "pld", "draft (another model)", SampledTree.name]
 
 
 @pytest.mark.parametrize("method", SEED_METHODS)
-def test_seed_reproducibility_and_the_global_rng(method):
+def test_seed_reproducibility_and_the_global_rng(decoder, method):
     """Same seed, same tokens (also after other calls, and on a fresh decoder); other seeds differ; the global
     torch RNG is neither read nor advanced, with a seed or without one."""
     dec = decoder(method)
@@ -753,11 +809,10 @@ def test_seed_reproducibility_and_the_global_rng(method):
 BATCH_METHODS = ["vanilla", "pld", "recycle", "auto", SampledTree.name]
 
 
-def batch_counts(method: str, params: SamplingParams, n: int = ENGINE_SAMPLES, rows: int = 8) -> Counter:
+def batch_counts(dec: SpecDecoder, params: SamplingParams, n: int = ENGINE_SAMPLES, rows: int = 8) -> Counter:
     from specdec.api import sampling_params
     from specdec.batch import run_batch
 
-    dec = decoder(method)
     counts: Counter = Counter()
     for first in range(0, n, rows):
         seeds = range(first, min(n, first + rows))
@@ -778,13 +833,14 @@ def batch_counts(method: str, params: SamplingParams, n: int = ENGINE_SAMPLES, r
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", BATCH_METHODS)
-def test_batched_rows_match_the_exact_distribution(method):
+def test_batched_rows_match_the_exact_distribution(decoder, engine, method):
     """400 generations of 4 tokens, 8 rows a forward: each row's output has the target's distribution."""
     params = WARPED if method == SampledTree.name else PLAIN
-    assert chi_square_pvalue(batch_counts(method, params), ENGINE.exact(params)) > 1e-3
+    assert chi_square_pvalue(batch_counts(decoder(method), params), engine.exact(params)) > 1e-3
 
 
-def test_the_batched_test_rejects_a_broken_rule(monkeypatch):
+def test_the_batched_test_rejects_a_broken_rule(decoder, engine, monkeypatch):
     monkeypatch.setattr("specdec.engine.verify_sampled", accept_everything)
-    assert chi_square_pvalue(batch_counts("pld", PLAIN), ENGINE.exact(PLAIN)) < 1e-3
+    assert chi_square_pvalue(batch_counts(decoder("pld"), PLAIN), engine.exact(PLAIN)) < 1e-3

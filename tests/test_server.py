@@ -161,6 +161,7 @@ def sse_events(response: httpx.Response) -> list:
 # --- completions and chat, streamed and not, equal to SpecDecoder.generate ----------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pld", "vanilla"])
 def test_completion_equals_generate(client, ref, method):
     prompt = PROMPTS[0]
@@ -218,6 +219,7 @@ def test_chat_equals_generate_streamed_and_not(client, ref):
     assert chunks[-1].model_extra["specdec"]["method"] == "vanilla"
 
 
+@pytest.mark.slow
 def test_cli_generate_json_equals_server(client, chat_dir, capsys):
     prompt = PROMPTS[3]
     assert main(["generate", prompt, "--model", str(chat_dir), "--json", "--max-new-tokens", "14"]) == 0
@@ -307,6 +309,7 @@ BAD_COMPLETIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body,param", BAD_COMPLETIONS, ids=[json.dumps(b)[:40] for b, _ in BAD_COMPLETIONS])
 def test_bad_completion_requests(server, body, param):
     r = httpx.post(f"{server.base_url}/v1/completions", json=body, headers=AUTH, timeout=TIMEOUT)
@@ -439,6 +442,7 @@ def test_transport_level_errors(server):
         assert c.post(url, json={"prompt": "x", "max_tokens": 2}, headers=AUTH).status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "content_type",
     [
@@ -515,6 +519,7 @@ def test_serve_timeouts_are_positive_seconds(capsys, option, value):
     assert err.count("\n") == 1 and err.startswith(f"specdec: error: argument {option}:"), err
 
 
+@pytest.mark.slow
 def test_chat_without_template_is_a_clear_400(model_dir):
     """The shipped code model has no chat template: chat must say so, completions must work."""
     dec = SpecDecoder.from_pretrained(str(model_dir))
@@ -546,6 +551,7 @@ KEYS = st.sampled_from(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(
     endpoint=st.sampled_from(["completions", "chat/completions"]),
@@ -565,6 +571,7 @@ def test_random_bodies_never_5xx(server, endpoint, body):
 # --- concurrency, cancellation, the queue -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_clients_get_their_solo_results(client, server, ref):
     cases = []
     for i in range(32):
@@ -681,6 +688,7 @@ def test_disconnect_mid_stream_cancels_and_server_stays_correct(server, client, 
     assert got.choices[0].text == want.text
 
 
+@pytest.mark.slow
 def test_non_streaming_client_that_gives_up_cancels_its_generation(server, client, ref):
     worker = server.config.app.state.worker
     before = worker.snapshot()
@@ -702,6 +710,7 @@ def test_non_streaming_client_that_gives_up_cancels_its_generation(server, clien
     assert got.choices[0].text == solo(ref, "pld", PROMPTS[1], max_new_tokens=9).text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
 def test_non_streaming_client_leaving_while_tokens_flow_cancels_its_generation(server, ref, endpoint):
     """Tokens every 40 ms: the disconnect check once ran only after 0.5 s without one, so it never ran and
@@ -732,6 +741,7 @@ def test_non_streaming_client_leaving_while_tokens_flow_cancels_its_generation(s
     assert worker.snapshot()["completed"] == before["completed"]
 
 
+@pytest.mark.slow
 def test_eos_ends_with_finish_reason_stop(tok):
     from fastapi.testclient import TestClient
 
@@ -804,6 +814,7 @@ def serve_command(model_dir, tmp_path_factory):
         proc.wait(timeout=TIMEOUT)
 
 
+@pytest.mark.slow
 def test_specdec_serve_command(serve_command, model_dir):
     """`specdec serve` binds loopback, prints where, serves the README's requests, and stops on Ctrl-C."""
     proc, log = serve_command

@@ -9,6 +9,7 @@ import sysconfig
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,6 +20,7 @@ from specdec.train.loop import LoopPlan, RunFiles, StepOutput, cosine_lr, open_r
 from specdec.train.recipes import METHODS, RECIPES
 
 
+@pytest.mark.slow
 def test_prepare_train_resume_export(tmp_path):
     # The stdlib's json package: small, and its encoder.py is a held-out file (sha1 split), so both splits exist.
     corpus = CorpusConfig(roots={"stdlib/json": str(Path(sysconfig.get_paths()["stdlib"]) / "json")})

@@ -10,10 +10,6 @@ import pytest
 from specdec.bench.yardstick import _edit_answer, real_continuation, teacher_forced_tau
 from specdec.drafters import make_drafter
 
-import tiny
-
-TOKENIZER = tiny.tokenizer()
-
 
 def test_tau_counts_reference_tokens_per_step():
     prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
@@ -79,7 +75,7 @@ def test_a_prompt_whose_file_ends_there_is_left_out(tmp_path, monkeypatch, tok):
 
 
 @pytest.mark.parametrize("method", ["eagle", "medusa", "hydra"])
-def test_a_head_is_forced_along_any_reference_and_along_the_model_output_decodes_as_usual(method):
+def test_a_head_is_forced_along_any_reference_and_along_the_model_output_decodes_as_usual(tok, method):
     """Through the target: forcing emits exactly the reference (forced_tau checks it), whatever the model would
     say; forced along the model's own greedy output the steps are those of ordinary decoding."""
     from specdec.api import SpecDecoder
@@ -93,12 +89,12 @@ def test_a_head_is_forced_along_any_reference_and_along_the_model_output_decodes
     own = tiny.hf_greedy(model, prompt, 24)
 
     def engine():
-        return SpecDecoder(model, TOKENIZER, method, head=head, max_nodes=6).engine
+        return SpecDecoder(model, tok, method, head=head, max_nodes=6).engine
 
     unlike = [(t * 7 + 3) % model.config.vocab_size for t in own]  # not what the model writes
     assert unlike != own
     assert 1.0 <= forced_tau(engine(), prompt, unlike) <= len(unlike)
-    decoded = SpecDecoder(model, TOKENIZER, method, head=head, max_nodes=6).generate(
+    decoded = SpecDecoder(model, tok, method, head=head, max_nodes=6).generate(
         prompt, max_new_tokens=len(own), ignore_eos=True
     )
     assert decoded.token_ids == own

@@ -111,6 +111,21 @@ def hf_greedy(m, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+class Reference:
+    """generate()'s greedy tokens for (arch, prompt, n) on `models[arch]`, each computed once (the tests
+    compare many methods against the same few references)."""
+
+    def __init__(self, models: dict) -> None:
+        self.models = models
+        self.done: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
+
+    def __call__(self, arch: str, prompt: tuple[int, ...], n: int) -> list[int]:
+        key = (arch, prompt, n)
+        if key not in self.done:
+            self.done[key] = hf_greedy(self.models[arch], list(prompt), n)
+        return self.done[key]
+
+
 def save(path: Path, arch: str = "llama", **kwargs) -> Path:
     """A tiny float32 model plus the tiny tokenizer as a from_pretrained directory."""
     model(arch, dtype=torch.float32, **kwargs).save_pretrained(path)

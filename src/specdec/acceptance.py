@@ -41,18 +41,17 @@ class Verdict:
 
 
 def _descend(tree: DraftTree, choose: Callable[[int], int]) -> Verdict:
-    """Follow the child whose token equals `choose(node)` from the root (called once per visited node)."""
+    """Follow the child whose token equals `choose(node)` from the root (called once per visited node, in
+    order: a sampled choice is a draw at that node). `DraftTree.follow` walks a known token list; here the
+    next token is known only once its node is reached, so the walk is its own, by the same step."""
     node, path = 0, [0]
-    tokens = tree.tokens
     while True:
         want = choose(node)
-        for child in tree.children[node]:
-            if tokens[child] == want:
-                node = child
-                path.append(child)
-                break
-        else:
-            return Verdict(path, [tokens[i] for i in path[1:]] + [want])
+        child = tree.child_with(node, want)
+        if child is None:
+            return Verdict(path, [tree.tokens[i] for i in path[1:]] + [want])
+        node = child
+        path.append(child)
 
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> Verdict:

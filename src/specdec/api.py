@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator
 from dataclasses import fields
 
+import specdec.checks as checks
 from specdec.drafters import Drafter, make_drafter
 from specdec.engine import Engine, Generation, Stats, Step
 from specdec.errors import ContextLengthError, InputError
@@ -44,7 +44,7 @@ def encode_prompt(model, tokenizer, prompt: str | list[int]) -> list[int]:
         raise InputError(f"the prompt must be a string or a list of token ids (got {type(prompt).__name__})")
     vocab = model.config.get_text_config(decoder=True).vocab_size
     for t in prompt:
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+        if not checks.is_integer(t, integral=True):
             raise InputError(f"prompt token ids must be integers (got {t!r})")
         if not 0 <= t < vocab:
             raise InputError(f"prompt token id {t} is outside the model's vocabulary [0, {vocab})")
@@ -54,7 +54,7 @@ def encode_prompt(model, tokenizer, prompt: str | list[int]) -> list[int]:
 def encode_text(model, tokenizer, text: str, what: str = "the prompt", **kwargs) -> list[int]:
     """Token ids of `text` (`kwargs` go to the tokenizer). A text that cannot fit in the model's context
     whatever its tokens (more characters than the context times the most one token stands for) is refused
-    before tokenizing: a 10 MB line took 15 s and 2 GB to tokenize only to be refused then."""
+    before tokenizing: a huge line cost seconds and gigabytes to tokenize only to be refused then (README)."""
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
     per_token = max_token_chars(tokenizer) if limit else None
     if limit and per_token:

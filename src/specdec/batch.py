@@ -20,8 +20,8 @@ Tree budget across the batch: with B rows a step already scores B roots, and one
 whole batch's step a little time, so a row should draft only nodes likely enough to pay for that. A drafter
 that sizes its tree by cost (`auto`) gets its row's view of the step (`RowBudget`, as `Request.batch`): the
 batch forward's cost per tree size with the other rows' planned trees in it (`BatchCost`, measured for B rows
-and T tree tokens, not the one-row curve: 8 rows of 1 token cost ~2x one row of 8 here) and the tokens the
-other rows expect, and it maximises the step's total tokens per second, not its own.
+and T tree tokens, not the one-row curve: each row reads its own keys and values, docs/runtime.md) and the
+tokens the other rows expect, and it maximises the step's total tokens per second, not its own.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from specdec.costmodel import REFINE_CLIP, REFINE_RATE, CostModel, _binary_tree
+from specdec.drafters.base import BatchSizer
 from specdec.errors import InputError, UnsupportedModelError
 from specdec.runtime import RuntimeChoice, select_runtime
 from specdec.runtime.base import Scores
@@ -90,7 +91,7 @@ class BatchCost:
     def measure(cls, native: NativeModel, past: int = 512, repeats: int = 2) -> BatchCost:
         """Times every (B, tree tokens per row) of BATCH_ROWS x ROW_TOKENS after a `past`-token prefill of
         every row (each size after an untimed forward of its own; the least of `repeats` kept: other load
-        only slows a forward). ~1-2 s for the shipped model on 2 cores."""
+        only slows a forward; docs/runtime.md says how long it takes)."""
         vocab = native.lm_head.shape[0]
         biggest, deepest = max(BATCH_ROWS), max(ROW_TOKENS)
         limit = getattr(native.model.config, "max_position_embeddings", None) or past + deepest + 1
@@ -273,7 +274,7 @@ def batch_runtime(engine) -> RuntimeChoice:
     whose solo runtime `auto` timed to llama.cpp batches on native all the same (it runs every model llama.cpp
     does here, and is checked against transformers alike): which runtime won a timing must not decide what
     the engine can do."""
-    if engine.layers and not engine.drafter.hidden_states_optional:  # auto leaves its eagle member out
+    if engine.layers and engine.drafter.reads.required:  # auto leaves its eagle member out: it may batch
         raise InputError(
             f"batched decoding does not yet serve {engine.drafter.name}, which reads hidden states"
         )
@@ -285,7 +286,7 @@ def batch_runtime(engine) -> RuntimeChoice:
             f"{engine.runtime_name} (use native or auto)"
         )
     try:
-        return select_runtime(engine.model, "native", remember=False)
+        return select_runtime(engine.model, "native")
     except UnsupportedModelError as err:
         raise InputError(
             f"batched decoding runs on the native runtime (Llama, Mistral, Qwen2, Qwen3): {err}"
@@ -316,8 +317,8 @@ class Batch:
         native = native_model(self.runtime)
         self.rows = BatchRows(native, rows, capacity)
         self.budget = BatchBudget(native)
-        if engine.drafter.sizes_batch_trees:
-            self.budget.measure()  # now (~2 s for the shipped model), not in the first request's step
+        if isinstance(engine.drafter, BatchSizer):  # it measures the step's cost now, not in a request's step
+            engine.drafter.prepare_batch(self.budget)
         self.members: list[Member] = []
 
     @property

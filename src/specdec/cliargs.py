@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import specdec.checks as checks
 from specdec.errors import InputError
 from specdec.text import decode_utf8
 
@@ -16,18 +17,17 @@ PROMPT_LINE_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p",
 
 
 def integer(minimum: int, maximum: int | None = None, what: str = "an integer") -> Callable[[str], int]:
-    """An argparse type: an integer in [minimum, maximum] (no maximum: >= minimum), refused in one line."""
-    bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-    noun = "" if what == "an integer" else f"{what} "
+    """An argparse type: an integer in [minimum, maximum] (no maximum: >= minimum), refused in one line by the
+    rule of `checks.integer` (argparse names the option: "argument --port: must be ...")."""
+    noun = "" if what == "an integer" else what  # "must be >= 1": the option's name says it is a count
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be {noun}{bounds} (got {value})")
-        return value
+            expected = f"{what} {checks.bounds(minimum, maximum)}"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return checks.integer("", value, minimum, maximum, error=argparse.ArgumentTypeError, what=noun)
 
     return parse
 
@@ -37,11 +37,15 @@ non_negative_int = integer(0)
 port_number = integer(0, 65535, "a port number")
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that loads models (generate, bench, serve)."""
+def add_model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default="default", help="target model path or hub name (default: the shipped code model)"
     )
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads models (generate, bench, serve)."""
+    add_model_argument(p)
     p.add_argument(
         "--draft",
         default=None,
@@ -80,6 +84,25 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int | Non
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
+
+
+def add_report_arguments(p: argparse.ArgumentParser, json_help: str, plot_help: str) -> None:
+    """A benchmark's files, --json OUT and --plot OUT.png (checked by `check_report_arguments`)."""
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help=json_help)
+    p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help=plot_help)
+
+
+def check_report_arguments(args: argparse.Namespace) -> None:
+    """Checked before the benchmark runs, since its files are written only once it is over: each one's
+    directory exists, and --plot's matplotlib is installed."""
+    for flag, out in (("--json", args.json), ("--plot", args.plot)):
+        if out is not None and not out.resolve().parent.is_dir():
+            raise InputError(f"cannot write {flag} {str(out)!r}: no such directory")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib (pip install 'specdec[bench]')") from None
 
 
 def read_prompts_file(path: Path) -> list[dict]:

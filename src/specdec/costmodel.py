@@ -1,14 +1,14 @@
 """What a bigger draft tree costs on this machine, and the tree size that pays off.
 
-A target forward over n tree tokens costs cost(n): almost flat on a GPU, but on a CPU it grows with n (a 14M
-Llama here: 1 token 7.4 ms, 8 tokens 10.8 ms, 16 tokens 12.2 ms, 64 tokens 20 ms). A drafter that knows, for
+A target forward over n tree tokens costs cost(n): almost flat on a GPU, but on a CPU it grows with n (the
+shipped target's figures: docs/methods.md, The cost model). A drafter that knows, for
 each tree size n, the expected number of accepted drafted tokens gain(n) should draft the n that maximises
 
     tokens per second = (1 + gain(n)) / (t_draft(n) + cost(n + 1))          (the +1: the root is scored too)
 
 (see docs/methods.md, The cost model). `CostModel.measure` times real tree forwards after a prefill on the running model
 (well under a second for the shipped model) and fits a monotone piecewise-linear cost(n); `CostModel.reference()`
-is the table above, for when measuring is not wanted. `CostModel.for_runtime` measures once per model object
+is a table measured once, for when measuring is not wanted. `CostModel.for_runtime` measures once per model object
 and runtime, and `CostModel.recheck` measures again (on `specdec.timing`'s schedule, by its callers), keeping
 per size the least time ever seen: a burst of load during the first measurement cannot shape the curve for the
 process's life.
@@ -22,11 +22,15 @@ import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from specdec.timing import Fastest
 from specdec.tree import DraftTree
+
+if TYPE_CHECKING:  # for annotations only: choosing a runtime times forwards with this module
+    from specdec.runtime import RuntimeChoice
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
 # model -> {runtime name: (the fitted CostModel, the least seconds seen per size)}
@@ -61,7 +65,7 @@ class CostModel:
 
     @classmethod
     def reference(cls) -> CostModel:
-        """The 14M-parameter Llama target on this project's 2-core development machine (milliseconds above)."""
+        """The 14M-parameter Llama target on this project's 2-core development machine (docs/methods.md)."""
         return cls.fit((1, 8, 16, 64), (7.4e-3, 10.8e-3, 12.2e-3, 20e-3))
 
     @classmethod
@@ -76,8 +80,8 @@ class CostModel:
     ) -> CostModel:
         """Time `repeats` forwards per tree size after a `past`-token prefill; the least per size is fitted.
         `runtime` makes the target runtime to time (default: transformers'). `past`: a typical request's
-        context (attention's share of a forward grows with it, and differently per runtime: llama.cpp's trees
-        cost 1.5x more after 900 tokens than after 64, native's 1.3x), capped by the model's positions.
+        context (attention's share of a forward grows with it, and differently per runtime: docs/methods.md,
+        The cost model), capped by the model's positions.
         `clock`: what times the forwards (tests inject one)."""
         from specdec.models.support import attention_window
         from specdec.runtime.hf import ModelRunner
@@ -97,7 +101,7 @@ class CostModel:
             samples: dict[int, list[float]] = {n: [] for n in sizes}
             # one size at a time, as decoding uses them (tree sizes change slowly), each after two untimed
             # forwards of its size: a forward right after a much larger one costs more for a few calls
-            # (allocator, caches: 1 token after a 64-node tree ~1.2x on native, more on llama.cpp), which made
+            # (allocator, caches; docs/methods.md, The cost model, says how much), which made
             # small trees look dear and large ones cheap beside them when sizes were timed round robin
             for n in sizes:
                 for timed in [False, False] + [True] * repeats:
@@ -107,28 +111,26 @@ class CostModel:
                         samples[n].append(clock() - start)
                     runner.crop(past)
             # the least: other load only ever slows a forward, and auto compares runtimes by these curves, so a
-            # burst must not decide (medians of 5 moved llama.cpp's 1-token forward between 1.9 and 2.4 ms)
+            # burst must not decide (medians moved llama.cpp's 1-token forward from run to run: docs/methods.md)
             times = [min(samples[n]) for n in sizes]
         return cls.fit(sizes, times)
 
     @classmethod
-    def for_model(cls, model) -> CostModel:
-        """`measure(model)` once per model object (kept while the model lives)."""
-        from specdec.runtime import runtime_for
-
-        return cls.for_runtime(model, runtime_for(model))
-
-    @classmethod
-    def for_runtime(cls, model, runtime, clock: Callable[[], float] = time.perf_counter) -> CostModel:
-        """`measure(model)` on a runtime (a `RuntimeChoice`) once per model object and runtime (the latest
-        `recheck` after that)."""
+    def for_runtime(
+        cls, model, runtime: RuntimeChoice, clock: Callable[[], float] = time.perf_counter
+    ) -> CostModel:
+        """`measure(model)` on a runtime once per model object and runtime (the latest `recheck` after that;
+        kept while the model lives): a drafter measures the runtime its engine bound it to
+        (`Drafter.bind`)."""
         measured = _MEASURED.setdefault(model, {})
         if runtime.name not in measured:
             return cls.recheck(model, runtime, clock)
         return measured[runtime.name][0]
 
     @classmethod
-    def recheck(cls, model, runtime, clock: Callable[[], float] = time.perf_counter) -> CostModel:
+    def recheck(
+        cls, model, runtime: RuntimeChoice, clock: Callable[[], float] = time.perf_counter
+    ) -> CostModel:
         """Measure again and fit, per size, the least time of this and every earlier measurement on the runtime
         (other load only ever slows a forward); what `for_runtime` returns from now on."""
         measured = _MEASURED.setdefault(model, {})
@@ -168,9 +170,8 @@ class OnlineCost:
     """A measured `CostModel`, refined by the forward times seen while decoding.
 
     The measurement can be wrong for the rest of the run: taken while another job was busy, the machine's load
-    changed since (docs/methods.md, The cost model), or the requests' contexts differ from the 512 tokens it was
-    measured after (a forward after 1500 tokens costs 1.7x one after 64 for 1 token, 1.5x for 16, on the shipped
-    target). Such changes move every size alike, while decoding times only the sizes it uses (mostly
+    changed since, or the requests' contexts differ from the 512 tokens it was measured after (a forward's cost
+    grows with the context: docs/methods.md, The cost model, has the shipped target's figures). Such changes move every size alike, while decoding times only the sizes it uses (mostly
     small ones): so most of each surprise (log of measured / predicted, times `rate`) scales the whole curve,
     and for a tree (n > 1) a `REFINE_LOCAL` share moves the measured sizes around n, which fixes a shape the
     measurement got wrong without letting the sizes in use drift away from the ones not in use. (A root alone,

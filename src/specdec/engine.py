@@ -15,12 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from specdec.acceptance import verify_greedy, verify_sampled
-from specdec.drafters.base import Drafter, Request, Scored
+from specdec.drafters.base import Drafter, Request, RuntimeChooser, Scored
 from specdec.errors import ContextLengthError, InputError
 from specdec.runtime import RuntimeChoice, select_runtime, timed_choice
 from specdec.runtime.base import Scores
@@ -29,6 +29,9 @@ from specdec.runtime.hf import ModelRunner
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
 from specdec.tree import DraftTree
+
+if TYPE_CHECKING:  # specdec.batch builds on this module
+    from specdec.batch import RowBudget
 
 
 @dataclass
@@ -173,31 +176,29 @@ class Engine:
         self.drafter = drafter
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.runtime_name = runtime  # as asked ("auto": chosen below, and re-timed for drafting methods)
+        # a drafter that picks the runtime per request (auto), checked once: not on every generation's path
+        self.chooser: RuntimeChooser | None = drafter if isinstance(drafter, RuntimeChooser) else None
         # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards, and a
         # drafter whose hidden-state readers are optional (auto's eagle member) leaves them out without them
-        needs_hidden = (
-            drafter.needs_hidden_states
-            and not drafter.hidden_states_optional
-            and not drafter.final_hidden_only
-        )
+        all_layers = drafter.reads.requires_all_layers
         self.runtime = select_runtime(
             model,
             runtime,
-            hidden_states=needs_hidden,
+            hidden_states=all_layers,
             drafts=drafter.drafts,
-            timed=not drafter.chooses_runtime,
+            timed=self.chooser is None,
             tree_tokens=drafter.tree_tokens,
         )
         # a drafting method's runtime was timed against the other's: that race runs again now and then, and
         # every generation takes its current winner (`next_runtime`)
-        timed = runtime == "auto" and drafter.drafts and not needs_hidden and not drafter.chooses_runtime
+        timed = runtime == "auto" and drafter.drafts and not all_layers and self.chooser is None
         self.race = timed_choice(model, drafter.tree_tokens) if timed else None
-        drafter.bind(model)
-        self.layers = tuple(drafter.hidden_layers()) if drafter.needs_hidden_states else ()
-        # a drafter that picks the runtime per request (auto) may also use plain decoding's fastest one
+        drafter.bind(model, self.runtime)
+        self.layers = tuple(drafter.hidden_layers()) if drafter.reads.any else ()
+        # a drafter that picks the runtime per request may also use plain decoding's fastest one
         self.runtimes = [self.runtime]
-        if runtime == "auto" and drafter.chooses_runtime:
-            plain = select_runtime(model, "auto", drafts=False, remember=False)
+        if runtime == "auto" and self.chooser is not None:
+            plain = select_runtime(model, "auto", drafts=False)
             if plain.name != self.runtime.name:
                 self.runtimes.append(plain)
 
@@ -207,7 +208,9 @@ class Engine:
         if self.race is not None:
             self.runtime = self.runtimes[0] = self.race.next_generation(self.model)
             return self.runtime
-        return self.runtimes[self.drafter.choose_runtime(params, self.runtimes)]
+        if self.chooser is None:
+            return self.runtimes[0]
+        return self.runtimes[self.chooser.choose_runtime(params, self.runtimes)]
 
     @property
     def max_positions(self) -> int | None:
@@ -245,14 +248,15 @@ class Decoding:
             runtime = engine.next_runtime(params)
         else:  # a batch row: the batch runs on its own runtime (`target.runtime`) and scores no hidden states
             runtime = replace(target.runtime, hidden_states=False)
-        self.layers = engine.layers if runtime.hidden_states or self.drafter.final_hidden_only else ()
+        self.layers = engine.layers if self.drafter.reads.on(runtime) else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params
         self.generator = make_generator(params.seed)
         self.dist = None if params.greedy else TargetDistribution(params)
         self.out = Output(engine.tokenizer, prompt_ids, params, engine.eos_ids)
         self.target = runtime.new() if target is None else target  # this generation's cache
-        budget = getattr(self.target, "budget", None)  # a batch row's (`specdec.batch.RowTarget`)
+        # a batch row's (`specdec.batch.RowTarget`): the step as its drafter sees it
+        budget: RowBudget | None = getattr(self.target, "budget", None)
         self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator, runtime, budget))
         self.context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
 

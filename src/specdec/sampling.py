@@ -7,7 +7,6 @@ from with the same settings. Temperature 0 means greedy.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+import specdec.checks as checks
 from specdec.errors import InputError
 
 # Temperatures below this are greedy (as in vLLM). Sampling at such a temperature is the argmax anyway (bar
@@ -37,34 +37,21 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self) -> None:
-        if (
-            not isinstance(self.max_new_tokens, int)
-            or isinstance(self.max_new_tokens, bool)
-            or self.max_new_tokens < 1
-        ):
-            raise InputError(f"max_new_tokens must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not _is_number(self.temperature) or not 0 <= self.temperature < math.inf:
-            raise InputError(f"temperature must be a finite number >= 0 (got {self.temperature!r})")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (got {self.top_k!r})")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (got {self.top_p!r})")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64
-        ):
-            raise InputError(f"seed must be an integer in [-2**63, 2**64) (got {self.seed!r})")
+        checks.integer("max_new_tokens", self.max_new_tokens, 1, error=InputError)
+        checks.number("temperature", self.temperature, 0, error=InputError)
+        checks.integer("top_k", self.top_k, 0, error=InputError)
+        checks.fraction("top_p", self.top_p, error=InputError)
+        if self.seed is not None:  # what torch.Generator.manual_seed takes
+            checks.integer(
+                "seed", self.seed, -(2**63), 2**64 - 1, error=InputError, shown="in [-2**63, 2**64)"
+            )
         if not isinstance(self.stop, list | tuple) or any(not isinstance(s, str) or not s for s in self.stop):
             raise InputError(f"stop must be a list of non-empty strings (got {self.stop!r})")
-        if not isinstance(self.ignore_eos, bool):
-            raise InputError(f"ignore_eos must be True or False (got {self.ignore_eos!r})")
+        checks.flag("ignore_eos", self.ignore_eos, error=InputError)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class TargetDistribution:
@@ -75,8 +62,8 @@ class TargetDistribution:
     """
 
     def __init__(self, params: SamplingParams) -> None:
-        # A plain list: LogitsProcessorList.__call__ inspects every processor's signature on every call
-        # (~0.1 ms each), and these warpers take (input_ids, scores) only.
+        # A plain list: LogitsProcessorList.__call__ inspects every processor's signature on every call (a cost
+        # per step that docs/methods.md gives), and these warpers take (input_ids, scores) only.
         self.warpers: list = []
         if params.temperature not in (0, 1.0):
             self.warpers.append(TemperatureLogitsWarper(float(params.temperature)))  # it rejects an int

@@ -94,19 +94,24 @@ class DraftTree:
         probs = self.probs[keep] if self.probs is not None else None
         return DraftTree([self.tokens[i] for i in keep], parents, probs)
 
+    def child_with(self, node: int, token: int) -> int | None:
+        """The child of `node` whose token is `token`, or None. Where siblings repeat a token (sampled
+        children), the first: the one step of every walk by tokens (`follow`, greedy acceptance)."""
+        tokens = self.tokens
+        for child in self.children[node]:
+            if tokens[child] == token:
+                return child
+        return None
+
     def follow(self, tokens: list[int]) -> list[int]:
         """Node indices from the root down the path whose tokens are `tokens`, as far as the tree has it
         (root first: [0] when not even the first token is a child of the root). With the emitted tokens: the
-        path they took through the tree, which is what it alone would have had accepted. Where siblings repeat
-        a token (sampled children), the first is followed."""
+        path they took through the tree, which is what it alone would have had accepted."""
         node, path = 0, [0]
-        children, mine = self.children, self.tokens
         for token in tokens:
-            for child in children[node]:
-                if mine[child] == token:
-                    break
-            else:
-                return path
+            child = self.child_with(node, token)
+            if child is None:
+                break
             node = child
             path.append(node)
         return path
@@ -144,12 +149,13 @@ class Trie:
     def full(self) -> bool:
         return self.max_nodes is not None and len(self.tokens) - 1 >= self.max_nodes
 
-    def child(self, parent: int, token: int) -> int | None:
-        """The node for `token` under `parent`: existing, else new; None when a new one is over budget."""
+    def child(self, parent: int, token: int, cap: int | None = None) -> int | None:
+        """The node for `token` under `parent`: existing, else new; None when a new one is over budget (or
+        over `cap` drafted nodes, a caller's tighter bound for this call)."""
         key = (parent, token)
         node = self.index.get(key)
         if node is None:
-            if self.full:
+            if self.full or (cap is not None and len(self.tokens) - 1 >= cap):
                 return None
             node = self.index[key] = len(self.tokens)
             self.tokens.append(token)
@@ -165,14 +171,19 @@ class Trie:
             parent = node
         return parent
 
-    def graft(self, tree: DraftTree, node_map: list[int] | None = None) -> list[int]:
-        """Insert the drafted nodes of `tree` (rooted at this trie's root token) in its own node order, as far
-        as the budget allows. Returns `node_map`, tree node -> trie node for the nodes inserted so far; given
-        one back (after the budget was raised), it goes on where that one stopped."""
+    def graft(
+        self, tree: DraftTree, node_map: list[int] | None = None, limit: int | None = None
+    ) -> list[int]:
+        """The trie union: insert the drafted nodes of `tree` (rooted at this trie's root token) in its own node
+        order, nodes it shares with what is in already merged, as far as the budget allows and at most `limit`
+        new nodes. Returns `node_map`, tree node -> trie node for the nodes inserted so far; given one back, it
+        goes on where that one stopped (`drafters.merge.union` grafts each tree in rounds of quotas; auto's
+        `Union` keeps a value per node on top)."""
         node_map = [0] if node_map is None else node_map
         parents, tokens, child = tree.parents, tree.tokens, self.child
+        cap = None if limit is None else len(self.tokens) - 1 + limit
         for i in range(len(node_map), len(tokens)):
-            node = child(node_map[parents[i]], tokens[i])
+            node = child(node_map[parents[i]], tokens[i], cap)
             if node is None:
                 break
             node_map.append(node)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import specdec.checks as checks
 from specdec.errors import InputError
 
 QUICK_PROMPTS = 2  # per task
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
     from specdec.bench.methods import HF_PROMPT_LOOKUP_TOKENS
     from specdec.bench.runner import all_methods
     from specdec.bench.tasks import suites
-    from specdec.cliargs import add_model_arguments, add_sampling_arguments
+    from specdec.cliargs import add_model_arguments, add_report_arguments, add_sampling_arguments
 
     b = subparsers.add_parser(
         "bench",
@@ -84,12 +85,7 @@ def register(subparsers) -> None:
         help="timed rounds per prompt; each method keeps its fastest (other work on the machine only slows a "
         "run), every round's output is checked",
     )
-    b.add_argument(
-        "--json", type=Path, default=None, metavar="OUT", help="write every number and the environment"
-    )
-    b.add_argument(
-        "--plot", type=Path, default=None, metavar="OUT.png", help="bar chart of speedup, tau annotated"
-    )
+    add_report_arguments(b, "write every number and the environment", "bar chart of speedup, tau annotated")
     b.add_argument(
         "--yardstick",
         action="store_true",
@@ -117,22 +113,14 @@ def _limit(prompts: list, n: int | None) -> list:
 
 
 def _params(args: argparse.Namespace):
+    from specdec.cliargs import check_report_arguments
     from specdec.sampling import SamplingParams
 
-    if args.prompts is not None and args.prompts < 1:
-        raise InputError("--prompts must be >= 1")
-    if args.warmup < 0:
-        raise InputError("--warmup must be >= 0")
-    if args.repeats < 1:
-        raise InputError("--repeats must be >= 1")
-    for out in (args.json, args.plot):
-        if out is not None and not out.resolve().parent.is_dir():
-            raise InputError(f"cannot write {str(out)!r}: no such directory")
-    if args.plot is not None:  # checked now: the plot is drawn only after the whole benchmark has run
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InputError("--plot needs matplotlib (pip install 'specdec[bench]')") from None
+    if args.prompts is not None:
+        checks.integer("--prompts", args.prompts, 1, error=InputError)
+    checks.integer("--warmup", args.warmup, 0, error=InputError)
+    checks.integer("--repeats", args.repeats, 1, error=InputError)
+    check_report_arguments(args)
     sampled = args.temperature != 0
     default_tokens = QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS
     params = SamplingParams(  # --max-new-tokens 0 is refused below, as by generate (not taken for "unset")

@@ -299,8 +299,8 @@ def warm_prompts(
 ) -> list[list[int]]:
     """The first prompt of every task (its first 256 tokens), for the warm-up: each generation there is long
     enough for the one-time costs to land in it and not in whichever method runs first on a new shape:
-    first-call allocations and kernel selection for new sizes (the first method on the first short edit prompt
-    paid ~0.18 s more than the next one), the cost-model measurement, and auto's first generation at this
+    first-call allocations and kernel selection for new sizes (docs/bench.md: what the first method on a new
+    shape paid), the cost-model measurement, and auto's first generation at this
     temperature, which it spends on its default runtime learning what pays (docs/methods.md, auto)."""
     firsts: dict[str, list[int]] = {}
     for prompt, ids in zip(prompts, static_ids, strict=True):

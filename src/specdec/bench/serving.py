@@ -23,6 +23,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import specdec.checks as checks
+from specdec.cliargs import (
+    add_model_argument,
+    add_report_arguments,
+    add_threads_argument,
+    check_report_arguments,
+)
 from specdec.errors import InputError
 
 # name -> (serve arguments, what it shows)
@@ -254,7 +261,6 @@ def plot(rows: list[Row], out: Path) -> None:
 
 def register(subparsers) -> None:
     from specdec.bench.tasks import suites
-    from specdec.cliargs import add_threads_argument
 
     p = subparsers.add_parser(
         "bench-serve",
@@ -267,9 +273,7 @@ def register(subparsers) -> None:
             "percentiles, and counts greedy responses that differ from the one-at-a-time server's. Greedy only."
         ),
     )
-    p.add_argument(
-        "--model", default="default", help="target model path or hub name (default: the shipped code model)"
-    )
+    add_model_argument(p)
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated N (default: 1,2,4,8,16)")
     p.add_argument(
         "--configs",
@@ -295,8 +299,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=96, help="max_tokens of every request (default 96)")
     add_threads_argument(p, help="torch threads of the servers and transformers")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every row and the settings")
-    p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="throughput against N")
+    add_report_arguments(p, "write every row and the settings", "throughput against N")
     p.set_defaults(func=run)
 
 
@@ -348,13 +351,9 @@ def check_settings(args) -> tuple[list[int], list[str]]:
         raise InputError(
             f"unknown config {unknown[0] if unknown else '(none)'!r} (choose from {', '.join([*CONFIGS, HF])})"
         )
-    if args.requests < 1 or args.max_tokens < 1:
-        raise InputError("--requests and --max-tokens must be >= 1")
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ModuleNotFoundError:
-            raise InputError("--plot needs matplotlib (pip install 'specdec[bench]')") from None
+    checks.integer("--requests", args.requests, 1, error=InputError)
+    checks.integer("--max-tokens", args.max_tokens, 1, error=InputError)
+    check_report_arguments(args)
     try:
         import fastapi  # noqa: F401  (the servers it starts)
         import httpx  # noqa: F401  (its clients)
@@ -363,8 +362,6 @@ def check_settings(args) -> tuple[list[int], list[str]]:
         raise InputError(
             f"bench-serve needs the server extra ({e.name} is not installed): pip install 'specdec[server]'"
         ) from None
-    if args.json is not None and not args.json.parent.is_dir():
-        raise InputError(f"--json {args.json}: no such directory {str(args.json.parent)!r}")
     return concurrency, configs
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import specdec.checks as checks
 from specdec.errors import InputError
 
 CUSTOM = "custom"
@@ -66,9 +67,10 @@ def load_prompts_file(path: Path) -> list[BenchPrompt]:
                 f"{path}:{row['line']}: the bench runs every prompt with the same sampling settings "
                 f"(command-line options); remove {', '.join(fixed)}"
             )
-        n = row.get("max_new_tokens")
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise InputError(f"{path}:{row['line']}: max_new_tokens must be an integer >= 1 (got {n!r})")
+        if row.get("max_new_tokens") is not None:
+            checks.integer(
+                f"{path}:{row['line']}: max_new_tokens", row["max_new_tokens"], 1, error=InputError
+            )
         kind = row.get("kind", CUSTOM)
         if not isinstance(kind, str) or not kind:
             raise InputError(f'{path}:{row["line"]}: "kind" must be a non-empty string')

@@ -71,7 +71,7 @@ def _help(flag: str) -> str:
     from specdec.dllm.policies import POLICIES
 
     users = [name for name, p in POLICIES.items() if POLICY_FLAGS[flag][0] in p.params]
-    first = POLICIES[users[0]].params[POLICY_FLAGS[flag][0]]
+    first = POLICIES[users[0]].params[POLICY_FLAGS[flag][0]].help
     return f"{first} [{', '.join(users)}]"
 
 

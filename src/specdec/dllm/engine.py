@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+import specdec.checks as checks
 from specdec.dllm.model import DllmSpec, require_dllm
 from specdec.dllm.policies import Policy
 from specdec.dllm.policies.base import BlockView, Selection
@@ -48,13 +49,10 @@ class DllmSettings:
 
     def check(self) -> None:
         for name in ("block_size", "sub_block"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise InputError(f"{name} must be an integer >= 1 (got {value!r})")
-        if self.cache not in CACHES:
-            raise InputError(f"unknown cache {self.cache!r} (choose from {', '.join(CACHES)})")
-        if self.floor not in ("left", "confidence"):
-            raise InputError(f"floor must be 'left' or 'confidence' (got {self.floor!r})")
+            if getattr(self, name) is not None:
+                checks.integer(name, getattr(self, name), 1, error=InputError)
+        checks.choice("cache", self.cache, CACHES, error=InputError)
+        checks.choice("floor", self.floor, ("left", "confidence"), error=InputError)
 
 
 class DllmEngine:

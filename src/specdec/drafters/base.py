@@ -17,15 +17,23 @@ if the drafter asked for any), then repeatedly `propose` (a token tree rooted at
 from __future__ import annotations
 
 import copy
+import enum
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 
 from specdec.acceptance import Verdict
+from specdec.runtime import RuntimeChoice
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
+
+if TYPE_CHECKING:  # specdec.batch builds on the engine, which builds on this module
+    from specdec.batch import BatchBudget, RowBudget
+
+S = TypeVar("S")  # a drafter's per-generation state (`Drafter.start`)
 
 
 @dataclass
@@ -35,10 +43,10 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator  # the call's private RNG; sampled drafts must draw from it for seeded runs
-    runtime: Any = None  # the `RuntimeChoice` this generation's target runs on (None: outside an engine)
-    # a batch row's view of the shared step (`specdec.batch.RowBudget`: the other rows' expected tokens and the
-    # step's cost per tree size), for drafters that size trees by cost; None: decoded alone
-    batch: Any = None
+    runtime: RuntimeChoice | None = None  # what this generation's target runs on (None: outside an engine)
+    # a batch row's view of the shared step (the other rows' expected tokens and the step's cost per tree size),
+    # for drafters that size trees by cost; None: decoded alone
+    batch: RowBudget | None = None
 
 
 @dataclass(frozen=True)
@@ -56,30 +64,66 @@ class Scored:
     verify_seconds: float = 0.0
 
 
-class Drafter(ABC):
+class Reads(enum.Enum):
+    """What a drafter reads of the target's forwards besides the logits (`Drafter.reads`): it decides which
+    runtimes can serve the drafter, and whether the engine asks the target for hidden states at all (a forward
+    that returns none is cheaper). The properties below are the one place these cases are told apart."""
+
+    NOTHING = "nothing"
+    """Logits only (copy and retrieval drafters, a draft model): every runtime serves it, and no forward
+    returns hidden states for it."""
+
+    FINAL_HIDDEN = "final hidden"
+    """The target's final hidden state alone (layer L, the LM head's input: medusa, hydra). Every runtime
+    returns it, llama.cpp's included, so such a drafter is not confined to the runtimes that return every
+    layer."""
+
+    HIDDEN_LAYERS = "hidden layers"
+    """Hidden states at inner layers (eagle's three): only a runtime that returns every layer serves it
+    (native, transformers; not llama.cpp)."""
+
+    HIDDEN_LAYERS_IF_AVAILABLE = "hidden layers if available"
+    """Inner layers where the runtime returns them, and nothing elsewhere (auto: its members that read them sit
+    out on a runtime without them), so it does not confine the runtime choice."""
+
+    @property
+    def any(self) -> bool:
+        """It may read some hidden state: the engine asks for its `hidden_layers()`."""
+        return self is not Reads.NOTHING
+
+    @property
+    def requires_all_layers(self) -> bool:
+        """It runs only on a runtime that returns every layer's hidden states (`RuntimeChoice.hidden_states`)."""
+        return self is Reads.HIDDEN_LAYERS
+
+    @property
+    def required(self) -> bool:
+        """It cannot decode without the hidden states it reads (a batch row, which scores none, cannot serve
+        it)."""
+        return self is Reads.FINAL_HIDDEN or self is Reads.HIDDEN_LAYERS
+
+    def on(self, runtime: RuntimeChoice) -> bool:
+        """It reads hidden states from this runtime's forwards: the final one from any runtime, inner layers
+        only from one that returns every layer."""
+        return self is Reads.FINAL_HIDDEN or (self.any and runtime.hidden_states)
+
+
+class Drafter(ABC, Generic[S]):
     """Subclasses set `name` and the capability flags, and implement `propose` (plus `start` when they keep
-    per-generation state, `observe` when they learn from the target)."""
+    per-generation state, `observe` when they learn from the target). `S` is the type of that state: a
+    subclass declares it (`class PromptLookup(Drafter[NgramIndex])`; `Drafter[None]` for one that keeps
+    none), so that each method's `state` is checked against what its `start` returns."""
 
     name: ClassVar[str]
     # Capabilities, declared here rather than discovered by introspection:
     needs_draft_model: ClassVar[bool] = False  # built with a second causal LM of the same vocabulary
-    needs_hidden_states: ClassVar[bool] = False  # reads the target's hidden states (see `hidden_layers`)
-    # ...but can do without them (auto: its members that read them are left out on a runtime without them)
-    hidden_states_optional: ClassVar[bool] = False
-    # reads only the target's final hidden state (the LM head's input, layer L), which every runtime returns,
-    # llama.cpp's included: such a drafter is not confined to the runtimes that return every layer
-    final_hidden_only: ClassVar[bool] = False
+    reads: ClassVar[Reads] = Reads.NOTHING  # of the target's hidden states (see `hidden_layers`)
     # proposes drafts (False: every tree is the root alone, so the target runtime with the cheapest one-token
     # forward is the fastest; see specdec.runtime)
     drafts: ClassVar[bool] = True
     # tree tokens (root included) its steps typically verify: `--runtime auto` times llama.cpp against native
     # over a tree this size (which forward is cheaper depends on it: specdec.runtime)
     tree_tokens: ClassVar[int] = 8
-    # picks the target runtime per request among the engine's candidates (`choose_runtime`; auto)
-    chooses_runtime: ClassVar[bool] = False
-    # in a batch, sizes its trees by the batch step's cost (`Request.batch`; auto): the batch measures that cost
-    # when it is made, not inside a request
-    sizes_batch_trees: ClassVar[bool] = False
     samples_drafts: ClassVar[bool] = False  # under sampling its nodes carry the q they were drawn from
     mergeable: ClassVar[bool] = False  # drafts point masses and learns from any scored tree: can join `merge`
     uses_head: ClassVar[bool] = (
@@ -87,19 +131,16 @@ class Drafter(ABC):
     )
 
     @classmethod
-    def create(cls, draft_model=None, **options) -> Drafter:
+    def create(cls, draft_model=None, **options) -> Drafter[Any]:
         """Build from CLI/API options; drafters with a config dataclass take its fields as options."""
         if cls.needs_draft_model:
             return cls(draft_model, **options)  # type: ignore[call-arg]
         return cls(**options)
 
-    def choose_runtime(self, params: SamplingParams, runtimes: list) -> int:
-        """For `chooses_runtime` drafters: the index of the runtime (`RuntimeChoice`, the engine's default
-        first) a request with these parameters should run on."""
-        return 0
-
-    def bind(self, model) -> None:  # noqa: B027 - optional hook
-        """Called once by the engine with the target model (for drafters that run or measure it)."""
+    def bind(self, model, runtime: RuntimeChoice) -> None:  # noqa: B027 - optional hook
+        """Called once by the engine with the target model and the runtime it chose for it (its default, for a
+        drafter that picks one per request: `RuntimeChooser`), before any generation: for drafters that run
+        the model or measure what its forwards cost there (`CostModel.for_runtime`)."""
 
     def hidden_layers(self) -> tuple[int, ...]:
         """Layer ids of the target's hidden states this drafter reads (after `bind`), as Hugging Face's
@@ -107,29 +148,30 @@ class Drafter(ABC):
         final hidden state the LM head reads. Drafters that read none pay nothing."""
         return ()
 
-    def start(self, request: Request) -> Any:
+    def start(self, request: Request) -> S:
         """A generation starts: return its private state (None for drafters that keep none)."""
-        return None
+        # a drafter that keeps state overrides this; one that keeps none is a `Drafter[None]`
+        return cast(S, None)
 
-    def prefilled(self, state: Any, hidden: dict[int, torch.Tensor]) -> None:  # noqa: B027
+    def prefilled(self, state: S, hidden: dict[int, torch.Tensor]) -> None:  # noqa: B027
         """The prompt minus its last token was prefilled; `hidden` maps layer id -> [P - 1, H] (empty unless
         the drafter asked for layers, or when the prompt is one token)."""
 
     @abstractmethod
-    def propose(self, state: Any, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: S, context: list[int], max_depth: int) -> DraftTree:
         """Guess continuations of `context` (prompt + emitted tokens; `context[-1]` is the tree root).
 
         `context` is the engine's own list, append-only within a generation: read it, never mutate it.
         No node may be deeper than `max_depth` (the engine trims if one is, but drafting it was wasted work).
         """
 
-    def observe(self, state: Any, scored: Scored) -> None:  # noqa: B027
+    def observe(self, state: S, scored: Scored) -> None:  # noqa: B027
         """The target scored the proposed tree and accepted `scored.verdict`."""
 
-    def release(self, state: Any) -> None:  # noqa: B027
+    def release(self, state: S) -> None:  # noqa: B027
         """The generation ended (finished, failed or cancelled): drop per-generation memory such as caches."""
 
-    def report(self, state: Any) -> dict[str, Any]:
+    def report(self, state: S) -> dict[str, Any]:
         """What the drafter has to say about a finished generation (say, which members it chose how often):
         JSON-serialisable; the engine puts it in `Stats.drafter` before `release`. Most drafters have nothing."""
         return {}
@@ -150,6 +192,32 @@ class Drafter(ABC):
         it); `snapshot` itself stays as it was, for the next restore. Call it between generations only."""
         for name, value in copy.deepcopy(snapshot).items():
             setattr(self, name, value)
+
+
+# Hooks for what few drafters do (auto alone, so far): apart from `Drafter`, so that the base class carries no
+# flag or default method for them; the engine and the batch check for each (`isinstance`).
+
+
+@runtime_checkable
+class RuntimeChooser(Protocol):
+    """Picks the target runtime per request among the engine's candidates (auto: llama.cpp where it mostly
+    decodes plainly). For such a drafter the engine runs no timed race of its own, offers plain decoding's
+    fastest runtime beside its default, and asks `choose_runtime` at every generation."""
+
+    def choose_runtime(self, params: SamplingParams, runtimes: Sequence[RuntimeChoice]) -> int:
+        """The index in `runtimes` (the engine's default first) of the runtime a request with these parameters
+        runs on."""
+        ...
+
+
+@runtime_checkable
+class BatchSizer(Protocol):
+    """In a batch, sizes its rows' trees by the batch step's cost (`Request.batch`; auto)."""
+
+    def prepare_batch(self, budget: BatchBudget) -> None:
+        """A batch that drafts with this drafter was made; `budget` is the step cost its rows' trees will be
+        sized by (what must be measured is measured now, not inside the first request's step)."""
+        ...
 
 
 REGISTRY: dict[str, type[Drafter]] = {}

@@ -22,11 +22,13 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
 from specdec.costmodel import CostModel
 from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.runtime import RuntimeChoice
 from specdec.runtime.hf import ModelRunner
 from specdec.runtime.native import NativeModel, NativeRunner
 from specdec.runtime.skipview import ViewRunner
@@ -140,41 +142,20 @@ class DraftState:
     calibration: Calibration = field(default_factory=Calibration)  # per generation: a seed gives one text
 
 
-@register
-class DraftModel(Drafter):
-    """Chain drafting with a cached model; `layerskip` reuses it with a view of the target as the model."""
+DS = TypeVar("DS", bound=DraftState)  # a chain drafter's per-generation state (layerskip's adds to it)
 
-    name = "draft"
-    needs_draft_model = True
+
+class ChainDrafter(Drafter[DS]):
+    """Chain drafting with a cached model, on a `DraftState`: the draft length (or its break-even stop) and the
+    cache kept in sync with the context. `draft` drafts with a second model, `layerskip` with a view of the
+    target."""
+
     samples_drafts = True
+    config: DraftModelConfig
     cost: CostModel | None = None  # the target's, when the length stops at the break-even point
     draft_seconds: float = 0.0  # one draft forward
 
-    def __init__(self, model, config: DraftModelConfig | None = None, **options) -> None:
-        if model is None:
-            raise ValueError("the draft method needs a draft model (--draft PATH, or --draft default)")
-        self.config = config or DraftModelConfig(**options)
-        self.draft = model
-        self.runner = make_runner(model, None, self.config.lean)
-
-    def bind(self, model) -> None:
-        self.target = model
-
-    def start(self, request: Request) -> DraftState:
-        if self.config.break_even and self.cost is None:  # measured here: the engine has checked the target
-            self.cost = CostModel.for_model(self.target)
-            self.draft_seconds = feed_seconds(self.runner, self.draft)
-        runner = copy.copy(self.runner)  # shares the weights; the cache below is this generation's own
-        runner.cache = None
-        dist = None if request.params.greedy else TargetDistribution(request.params)
-        # The draft length adapts within a generation only: carried over, it would change how many random
-        # numbers a step draws, and the same seed would give different text depending on earlier calls.
-        return DraftState(runner, request, dist, self.config.num_tokens)
-
-    def release(self, state: DraftState) -> None:
-        state.runner.cache = None
-
-    def _feed(self, state: DraftState, tokens: list[int]) -> torch.Tensor:
+    def _feed(self, state: DS, tokens: list[int]) -> torch.Tensor:
         if state.runner.cache is None:
             positions = len(state.request.prompt_ids) + state.request.params.max_new_tokens
             logits = state.runner.start(tokens, positions, slack=self.config.max_tokens + 2)[None]
@@ -183,7 +164,7 @@ class DraftModel(Drafter):
         state.fed.extend(tokens)
         return logits[-1]
 
-    def propose(self, state: DraftState, context: list[int], max_depth: int) -> DraftTree:
+    def propose(self, state: DS, context: list[int], max_depth: int) -> DraftTree:
         state.fed_drafts, state.drafts, state.confidence = 0, [], []
         stop = BreakEven(self.cost, self.draft_seconds) if self.cost is not None else None
         k = min(self.config.max_tokens if stop is not None else state.num_tokens, max_depth)
@@ -219,7 +200,7 @@ class DraftModel(Drafter):
         q = torch.stack([torch.zeros_like(probs[0]), *probs]) if probs else None  # row 0: the root, unused
         return DraftTree.chain(context[-1], drafts, q)
 
-    def observe(self, state: DraftState, scored: Scored) -> None:
+    def observe(self, state: DS, scored: Scored) -> None:
         """Works after any scored tree, ours or not (`auto` merges our chain, skips us for a step, or verifies
         another tree than our sampled one): our drafts count as accepted as far as they agree with the emitted
         tokens but the last, which keeps `fed` a prefix of the context without its last token, the next root
@@ -245,3 +226,35 @@ class DraftModel(Drafter):
             else:
                 state.num_tokens = max(1, state.num_tokens - 1)
         state.fed_drafts, state.drafts, state.confidence = 0, [], []
+
+
+@register
+class DraftModel(ChainDrafter[DraftState]):
+    """Chain drafting with a second causal LM of the target's vocabulary."""
+
+    name = "draft"
+    needs_draft_model = True
+
+    def __init__(self, model, config: DraftModelConfig | None = None, **options) -> None:
+        if model is None:
+            raise ValueError("the draft method needs a draft model (--draft PATH, or --draft default)")
+        self.config = config or DraftModelConfig(**options)
+        self.draft = model
+        self.runner = make_runner(model, None, self.config.lean)
+
+    def bind(self, model, runtime: RuntimeChoice) -> None:
+        self.target, self.runtime = model, runtime
+
+    def start(self, request: Request) -> DraftState:
+        if self.config.break_even and self.cost is None:  # measured here: the engine has checked the target
+            self.cost = CostModel.for_runtime(self.target, self.runtime)
+            self.draft_seconds = feed_seconds(self.runner, self.draft)
+        runner = copy.copy(self.runner)  # shares the weights; the cache below is this generation's own
+        runner.cache = None
+        dist = None if request.params.greedy else TargetDistribution(request.params)
+        # The draft length adapts within a generation only: carried over, it would change how many random
+        # numbers a step draws, and the same seed would give different text depending on earlier calls.
+        return DraftState(runner, request, dist, self.config.num_tokens)
+
+    def release(self, state: DraftState) -> None:
+        state.runner.cache = None

@@ -18,7 +18,7 @@ Per step (see docs/methods.md, EAGLE):
      scores above its parent, so they form a tree. N maximises expected tokens per second, with each node's
      calibrated chance of acceptance (`Calibration`: the head's cumulative probability, corrected by how
      often nodes like it were accepted) and the target's measured cost per tree size
-     (`CostModel.for_model`), or is fixed by `max_nodes`.
+     (`CostModel.for_runtime`), or is fixed by `max_nodes`.
 The head runs through `PackedHead` (packed weights, one op per step of the layer).
 The tree's nodes are deterministic top-k guesses (point masses), so greedy and sampled verification are the
 engine's usual lossless rules.
@@ -33,10 +33,13 @@ from pathlib import Path
 
 import torch
 
+import specdec.checks as checks
 from specdec.costmodel import CostModel, OnlineCost
-from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.drafters.base import Drafter, Reads, Request, Scored, register
 from specdec.errors import InputError
-from specdec.heads.eagle3 import Eagle3Head, HeadCache, PackedHead, check_target, load_head
+from specdec.heads.eagle3 import Eagle3Head, HeadCache, check_target, load_head
+from specdec.heads.eagle3_packed import PackedHead
+from specdec.runtime import RuntimeChoice
 from specdec.tree import DraftTree
 
 SHIPPED_HEAD = "heads/eagle"  # under models/shipped/: the head trained for the shipped target
@@ -64,13 +67,8 @@ class EagleConfig:
                 f"layer_ids_from must be one of {', '.join(SEMANTICS)} (got {self.layer_ids_from!r})"
             )
         for name in ("top_k", "beam", "depth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
-        if self.max_nodes != "auto" and (
-            isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int) or self.max_nodes < 0
-        ):
-            raise ValueError(f"max_nodes must be an integer >= 0 or 'auto' (got {self.max_nodes!r})")
+            checks.integer(name, getattr(self, name), 1)
+        checks.integer("max_nodes", self.max_nodes, 0, also=("auto",))
 
 
 @dataclass
@@ -124,9 +122,9 @@ def shipped_head_dir() -> Path:
 
 
 @register
-class Eagle(Drafter):
+class Eagle(Drafter[EagleState]):
     name = "eagle"
-    needs_hidden_states = True
+    reads = Reads.HIDDEN_LAYERS  # three inner layers' (`hidden_layers`)
     uses_head = True
     # what sizes its trees: acceptance by draft probability, the refined forward cost, a level's time
     learned_attributes = ("calibration", "cost", "level_seconds")
@@ -139,7 +137,7 @@ class Eagle(Drafter):
         self.calibration = Calibration()
         self.level_seconds = 0.0  # moving average of one expansion level's time (0: not measured yet)
 
-    def bind(self, model) -> None:
+    def bind(self, model, runtime: RuntimeChoice) -> None:
         source = self.config.head
         if isinstance(source, Eagle3Head):
             if self.config.layer_ids_from is not None:
@@ -158,7 +156,8 @@ class Eagle(Drafter):
             head = load_head(path, model, dtype=dtype, layer_ids_from=self.config.layer_ids_from)
         self.head = head.eval()
         self.packed = PackedHead(self.head)
-        self.cost = OnlineCost(CostModel.for_model(model)) if self.config.max_nodes == "auto" else None
+        auto = self.config.max_nodes == "auto"
+        self.cost = OnlineCost(CostModel.for_runtime(model, runtime)) if auto else None
         self.level_seconds = 0.0
 
     def hidden_layers(self) -> tuple[int, ...]:

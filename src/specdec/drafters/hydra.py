@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from specdec.acceptance import Verdict
-from specdec.drafters.base import register
-from specdec.drafters.medusa import Medusa, MedusaConfig, MedusaState
+from specdec.drafters.base import Request, register
+from specdec.drafters.medusa import HeadsDrafter, MedusaConfig, MedusaState
 from specdec.heads.hydra import HydraHeads, PackedHydra, load_hydra
 from specdec.tree import DraftTree, Trie
 
@@ -32,10 +32,10 @@ class HydraState(MedusaState):
 
 
 @register
-class Hydra(Medusa):
+class Hydra(HeadsDrafter[HydraState]):
     name = "hydra"
     shipped_head = "heads/hydra"
-    learned_attributes = (*Medusa.learned_attributes, "children")  # `children` indexes the template
+    learned_attributes = (*HeadsDrafter.learned_attributes, "children")  # `children` indexes the template
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         super().__init__(config or MedusaConfig(**options))  # the same options: a head, width, max_nodes...
@@ -50,7 +50,7 @@ class Hydra(Medusa):
     def _attach(self, heads: HydraHeads, model) -> None:
         heads.bind_embedding(model.get_input_embeddings().weight)
 
-    def start(self, request) -> HydraState:
+    def start(self, request: Request) -> HydraState:
         return HydraState()
 
     def _grow(self) -> None:
@@ -61,7 +61,7 @@ class Hydra(Medusa):
         for i in range(1, len(tpl)):
             self.children[tpl.parents[i]].append(i)
 
-    def propose(self, state: HydraState, context: list[int], max_depth: int) -> DraftTree:  # type: ignore[override]
+    def propose(self, state: HydraState, context: list[int], max_depth: int) -> DraftTree:
         root = context[-1]
         tpl, heads, packed = self.template, self.heads, self.packed
         assert tpl is not None and heads is not None and packed is not None and self.hits is not None
@@ -94,7 +94,7 @@ class Hydra(Medusa):
             frontier = grown
         return trie.tree()
 
-    def _learn(self, state: HydraState, verdict: Verdict) -> None:  # type: ignore[override]
+    def _learn(self, state: HydraState, verdict: Verdict) -> None:
         """Along the accepted path: the rank the head gave the true next token at each node it ranked."""
         assert self.hits is not None and self.trials is not None
         width = self.hits.shape[1]

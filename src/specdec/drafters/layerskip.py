@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+import specdec.checks as checks
 from specdec.drafters.base import Request, Scored, register
-from specdec.drafters.draft_model import DraftModel, DraftModelConfig, DraftState, make_runner
+from specdec.drafters.draft_model import ChainDrafter, DraftModelConfig, DraftState, make_runner
 from specdec.errors import InputError
+from specdec.runtime import RuntimeChoice
 from specdec.runtime.hf import ModelRunner
 from specdec.runtime.native import NativeRunner
 from specdec.runtime.skipview import decoder_layers, skipping_view
@@ -76,14 +78,13 @@ class LayerSkipConfig(DraftModelConfig):
                 raise ValueError(f"skip must list layer indices, e.g. '2,4' (got {self.skip!r})") from None
         elif self.skip is not None:
             self.skip = tuple(self.skip)
-        if not 0 <= self.skip_ratio <= 1:
-            raise ValueError(f"skip_ratio must be in [0, 1] (got {self.skip_ratio!r})")
-        if not 1 <= self.num_tokens <= self.max_tokens:
-            raise ValueError("need 1 <= num_tokens <= max_tokens")
-        if not 0 <= self.threshold <= 1 or not 0 <= self.stop_at <= 1:
-            raise ValueError("threshold and stop_at must be in [0, 1]")
-        if self.adapt_every < 1 or self.adapt_window < 2 or self.max_trials < 0:
-            raise ValueError("need adapt_every >= 1, adapt_window >= 2, max_trials >= 0")
+        for name in ("skip_ratio", "threshold", "stop_at"):
+            checks.fraction(name, getattr(self, name), open_low=False)
+        for name, least in (("num_tokens", 1), ("max_tokens", 1), ("adapt_every", 1), ("adapt_window", 2)):
+            checks.integer(name, getattr(self, name), least)
+        checks.integer("max_trials", self.max_trials, 0)
+        if self.num_tokens > self.max_tokens:
+            raise ValueError(f"need num_tokens <= max_tokens (got {self.num_tokens} > {self.max_tokens})")
 
 
 def default_skip(num_layers: int, ratio: float) -> tuple[int, ...]:
@@ -109,7 +110,7 @@ def match_rate(model, keep: list[int], tokens: list[int], start: int, targets: l
 
 @dataclass
 class LayerSkipState(DraftState):
-    """DraftModel's per-generation state plus the layer-set search of this generation."""
+    """A chain drafter's per-generation state plus the layer-set search of this generation."""
 
     skip: tuple[int, ...] = ()
     rng: random.Random = field(default_factory=random.Random)
@@ -121,11 +122,10 @@ class LayerSkipState(DraftState):
 
 
 @register
-class LayerSkip(DraftModel):
-    """DraftModel's chain drafting, with a weight-sharing view of the target (some layers skipped) as the model."""
+class LayerSkip(ChainDrafter[LayerSkipState]):
+    """`draft`'s chain drafting, with a weight-sharing view of the target (some layers skipped) as the model."""
 
     name = "layerskip"
-    needs_draft_model = False
     learned_attributes = ("learned",)  # the skipped set carried across generations (`persist`)
     config: LayerSkipConfig
 
@@ -136,7 +136,7 @@ class LayerSkip(DraftModel):
         # with `persist`: (skipped set, still adapting, trials, search RNG) carried to the next generation
         self.learned: tuple[tuple[int, ...], bool, int, random.Random] | None = None
 
-    def bind(self, model) -> None:
+    def bind(self, model, runtime: RuntimeChoice) -> None:
         n = len(decoder_layers(model))
         skip = self.config.skip
         if skip is None:
@@ -165,7 +165,9 @@ class LayerSkip(DraftModel):
 
     def start(self, request: Request) -> LayerSkipState:
         if self.model is None:
-            raise RuntimeError("layerskip drafts with the target: Engine binds it (call bind(model) first)")
+            raise RuntimeError(
+                "layerskip drafts with the target: Engine binds it (call bind(model, runtime) first)"
+            )
         cfg = self.config
         if cfg.persist and self.learned is not None:
             skip, adapting, trials, rng = self.learned
@@ -183,19 +185,16 @@ class LayerSkip(DraftModel):
             trials=trials,
         )
 
-    def release(self, state: DraftState) -> None:
-        assert isinstance(state, LayerSkipState)  # made by start()
+    def release(self, state: LayerSkipState) -> None:
         state.runner.cache = None
         if self.config.persist:
             self.learned = (state.skip, state.adapting, state.trials, state.rng)
 
-    def propose(self, state: DraftState, context: list[int], max_depth: int) -> DraftTree:
-        assert isinstance(state, LayerSkipState)  # made by start()
+    def propose(self, state: LayerSkipState, context: list[int], max_depth: int) -> DraftTree:
         state.root_pos = len(context) - 1
         return super().propose(state, context, max_depth)
 
-    def observe(self, state: DraftState, scored: Scored) -> None:
-        assert isinstance(state, LayerSkipState)  # made by start()
+    def observe(self, state: LayerSkipState, scored: Scored) -> None:
         super().observe(state, scored)
         nodes = scored.verdict.accepted_nodes
         argmax = scored.logits[nodes].argmax(dim=-1).tolist()

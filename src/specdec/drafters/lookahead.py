@@ -30,10 +30,9 @@ What differs from the paper:
   - Sampling: drafts are point masses (no q), verified with the point-mass rule; the window iterates on the
     target's argmax whatever the temperature, as the pool only needs likely n-grams.
 
-Defaults W = N = G = 4 keep a step at <= 16 drafted nodes: on this project's 2-core CPU a 14M-parameter
-target costs about 7.4 ms for 1 token, 10.8 ms for 8 and 12.2 ms for 16 (64 tokens: 20 ms), so a 17-token
-tree costs ~1.7 single-token forwards and pays off from ~0.7 accepted tokens per step. The values were chosen
-from those costs, not tuned by measurement of acceptance.
+Defaults W = N = G = 4 keep a step at <= 16 drafted nodes, a tree that `CostModel.reference()` (this
+project's 2-core CPU) prices at well under two one-token forwards (docs/methods.md, The cost model). The
+values were chosen from those costs, not tuned by measurement of acceptance.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import specdec.checks as checks
 from specdec.drafters.base import Drafter, Request, Scored, register
 from specdec.tree import DraftTree
 
@@ -55,12 +55,9 @@ class LookaheadConfig:
     seed: int = 0  # RNG for the context tokens that fill the window (drafts only; never the output)
 
     def __post_init__(self) -> None:
-        for name in ("window", "guesses"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
-        if isinstance(self.ngram, bool) or not isinstance(self.ngram, int) or self.ngram < 2:
-            raise ValueError(f"ngram must be an integer >= 2 (got {self.ngram!r})")
+        checks.integer("window", self.window, 1)
+        checks.integer("ngram", self.ngram, 2)
+        checks.integer("guesses", self.guesses, 1)
 
 
 class NgramPool:
@@ -115,7 +112,7 @@ class LookaheadState:
 
 
 @register
-class Lookahead(Drafter):
+class Lookahead(Drafter[LookaheadState]):
     name = "lookahead"
 
     def __init__(self, config: LookaheadConfig | None = None, **options) -> None:

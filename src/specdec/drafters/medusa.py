@@ -6,7 +6,7 @@ a template of (depth, rank) slots filled from those rankings: node [r1, r2] is h
 followed by head 1's rank-r2 candidate. The template is grown greedily from how often each head's rank-r
 candidate turned out to be right (measured online from every step, warm-started across requests, starting
 from a prior), and its size is the one that maximises expected tokens per second under the target's measured
-cost per tree size (`CostModel.for_model`), unless `max_nodes` fixes it. See docs/methods.md, trained heads.
+cost per tree size (`CostModel.for_runtime`), unless `max_nodes` fixes it. See docs/methods.md, trained heads.
 
 The heads cost one small matrix product per head per step and no cache. Their drafts are deterministic top-k
 guesses (point masses), so greedy and sampled verification are the engine's usual lossless rules (Medusa's own
@@ -15,18 +15,21 @@ guesses (point masses), so greedy and sampled verification are the engine's usua
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import nn
 
+import specdec.checks as checks
 from specdec.acceptance import Verdict
 from specdec.costmodel import CostModel
-from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.drafters.base import Drafter, Reads, Request, Scored, register
 from specdec.errors import InputError
 from specdec.heads.medusa import PackedMedusa, load_medusa
+from specdec.runtime import RuntimeChoice
 from specdec.templates import Template, grow_template, rank_acceptance
 from specdec.tree import DraftTree, Trie
 
@@ -45,18 +48,9 @@ class MedusaConfig:
     regrow_every: int = 16  # re-grow the template from the measured acceptance every this many steps
 
     def __post_init__(self) -> None:
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
-            raise ValueError(f"width must be an integer >= 1 (got {self.width!r})")
-        if self.max_nodes != "auto" and (
-            isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int) or self.max_nodes < 0
-        ):
-            raise ValueError(f"max_nodes must be an integer >= 0 or 'auto' (got {self.max_nodes!r})")
-        if (
-            isinstance(self.regrow_every, bool)
-            or not isinstance(self.regrow_every, int)
-            or self.regrow_every < 1
-        ):
-            raise ValueError(f"regrow_every must be an integer >= 1 (got {self.regrow_every!r})")
+        checks.integer("width", self.width, 1)
+        checks.integer("max_nodes", self.max_nodes, 0, also=("auto",))
+        checks.integer("regrow_every", self.regrow_every, 1)
 
 
 @dataclass
@@ -66,6 +60,9 @@ class MedusaState:
     steps: int = 0
 
 
+MS = TypeVar("MS", bound=MedusaState)  # a heads drafter's per-generation state (Hydra's adds to Medusa's)
+
+
 def shipped_head_dir(name: str = "heads/medusa") -> Path:
     """Heads trained for the shipped target, under models/shipped/."""
     from specdec.models.shipped import SHIPPED_DIR
@@ -73,18 +70,19 @@ def shipped_head_dir(name: str = "heads/medusa") -> Path:
     return SHIPPED_DIR / name
 
 
-@register
-class Medusa(Drafter):
-    name = "medusa"
-    needs_hidden_states = True
+class HeadsDrafter(Drafter[MS]):
+    """What Medusa and Hydra share: trained heads on the target's final hidden state fill a template of
+    (depth, rank) slots, grown from how often each rank was right and sized by the target's measured cost.
+    A subclass loads and packs its heads, and drafts and learns on its own state (`MS`)."""
+
+    reads = Reads.FINAL_HIDDEN  # the heads read h_t, the LM head's input (llama.cpp returns it too)
     uses_head = True
-    final_hidden_only = True  # the heads read h_t, the LM head's input (llama.cpp returns it too)
     # its cost-sized trees are small where the one-token forward is cheap: Hydra's verified 2-3 tokens a step on
-    # llama.cpp here (tau 1.6-1.9), so --runtime auto compares the runtimes at 3 (compared at 8, native's forward
-    # won on the AMD EPYC of docs/runtime.md, where Hydra then ran at 2.03x hf-vanilla against 2.33x on llama.cpp)
+    # llama.cpp, so --runtime auto compares the runtimes at 3 (compared at 8, native's forward won, and Hydra ran
+    # slower there than on llama.cpp: docs/runtime.md)
     tree_tokens = 3
     # under models/shipped/: the heads trained for the shipped target
-    shipped_head: ClassVar[str] = "heads/medusa"
+    shipped_head: ClassVar[str]
     # the heads' rank statistics (warm-started across requests) and the template grown from them
     learned_attributes: ClassVar[tuple[str, ...]] = ("hits", "trials", "template")
 
@@ -98,7 +96,7 @@ class Medusa(Drafter):
         self.trials: torch.Tensor | None = None  # [K]: steps where head d's token became known
         self.template: Template | None = None
 
-    def bind(self, model) -> None:
+    def bind(self, model, runtime: RuntimeChoice) -> None:
         source = self.config.head
         dtype = next(model.parameters()).dtype
         heads: Any
@@ -120,16 +118,16 @@ class Medusa(Drafter):
         k, width = heads.config.num_heads, min(self.config.width, heads.config.draft_vocab_size)
         self.hits = torch.zeros(k, width, dtype=torch.float64)
         self.trials = torch.zeros(k, dtype=torch.float64)
-        self.cost = CostModel.for_model(model) if self.config.max_nodes == "auto" else None
+        self.cost = CostModel.for_runtime(model, runtime) if self.config.max_nodes == "auto" else None
         self._grow()
 
-    def _load(self, path: Path, model, dtype: torch.dtype):
+    @abstractmethod
+    def _load(self, path: Path, model, dtype: torch.dtype) -> Any:
         """The heads of the directory `path`, checked against (and bound to) the target."""
-        return load_medusa(path, model, dtype=dtype)
 
+    @abstractmethod
     def _pack(self, heads) -> Any:
-        """What drafting calls: the same function as the heads, on faster kernels (`PackedMedusa`)."""
-        return PackedMedusa(heads)
+        """What drafting calls: the same function as the heads, on faster kernels."""
 
     def _attach(self, heads, model) -> None:
         """Heads given as an object: bind what they read from the target (Medusa's read nothing more)."""
@@ -150,12 +148,38 @@ class Medusa(Drafter):
         full = grow_template(self.acceptance(), MAX_TEMPLATE)
         self.template = full.prefix(self.cost.best_size(full.gains()))
 
-    def start(self, request: Request) -> MedusaState:
-        return MedusaState()
-
-    def prefilled(self, state: MedusaState, hidden: dict[int, torch.Tensor]) -> None:
+    def prefilled(self, state: MS, hidden: dict[int, torch.Tensor]) -> None:
         if hidden and hidden[self.layer].shape[0]:
             state.hidden = hidden[self.layer][-1]  # position P - 2: its next token is the root
+
+    def observe(self, state: MS, scored: Scored) -> None:
+        verdict = scored.verdict
+        self._learn(state, verdict)
+        state.hidden = scored.hidden[self.layer][verdict.accepted_nodes[-1]]  # its next token: the new root
+        state.steps += 1
+        if state.steps % self.config.regrow_every == 0:
+            self._grow()
+
+    @abstractmethod
+    def _learn(self, state: MS, verdict: Verdict) -> None:
+        """Count, for the rank statistics, what this verification says about the heads' last rankings."""
+
+
+@register
+class Medusa(HeadsDrafter[MedusaState]):
+    """K independent heads, each ranking its depth's candidates from h_t alone (the module docstring)."""
+
+    name = "medusa"
+    shipped_head = "heads/medusa"
+
+    def _load(self, path: Path, model, dtype: torch.dtype) -> Any:
+        return load_medusa(path, model, dtype=dtype)
+
+    def _pack(self, heads) -> PackedMedusa:
+        return PackedMedusa(heads)
+
+    def start(self, request: Request) -> MedusaState:
+        return MedusaState()
 
     def propose(self, state: MedusaState, context: list[int], max_depth: int) -> DraftTree:
         root = context[-1]
@@ -178,14 +202,6 @@ class Medusa(Drafter):
                 continue
             node_of[i] = trie.insert([ranked[depth - 1][tpl.ranks[i]]], node_of[tpl.parents[i]])
         return trie.tree()
-
-    def observe(self, state: MedusaState, scored: Scored) -> None:
-        verdict = scored.verdict
-        self._learn(state, verdict)
-        state.hidden = scored.hidden[self.layer][verdict.accepted_nodes[-1]]  # its next token: the new root
-        state.steps += 1
-        if state.steps % self.config.regrow_every == 0:
-            self._grow()
 
     def _learn(self, state: MedusaState, verdict: Verdict) -> None:
         """The next token after each accepted depth is now known: count the rank each head gave it."""

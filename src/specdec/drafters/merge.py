@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import specdec.checks as checks
 from specdec.drafters.base import REGISTRY, Drafter, Request, Scored, register
+from specdec.runtime import RuntimeChoice
 from specdec.tree import DraftTree, Trie
 
 EMA = 0.2  # weight of the newest step in a member's accepted-length average
@@ -31,8 +33,7 @@ class MergeConfig:
     max_nodes: int = 16  # drafted nodes of the merged tree
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int) or self.max_nodes < 0:
-            raise ValueError(f"max_nodes must be an integer >= 0 (got {self.max_nodes!r})")
+        checks.integer("max_nodes", self.max_nodes, 0)
 
 
 def _build(member) -> Drafter:
@@ -61,7 +62,7 @@ class MergeState:
 
 
 @register
-class Merge(Drafter):
+class Merge(Drafter[MergeState]):
     name = "merge"
     mergeable = True
 
@@ -72,9 +73,9 @@ class Merge(Drafter):
         if not self.members:
             raise ValueError("merge needs at least one member")
 
-    def bind(self, model) -> None:
+    def bind(self, model, runtime: RuntimeChoice) -> None:
         for m in self.members:
-            m.bind(model)
+            m.bind(model, runtime)
 
     def snapshot_learned(self) -> dict[str, Any]:
         """Its members' (merge's own weights are per generation)."""
@@ -111,17 +112,10 @@ def union(root: int, trees: list[DraftTree], quotas: list[int], max_nodes: int) 
     node order; then the rest of each tree, in the same tree order, while the budget lasts."""
     trie = Trie(root, max_nodes)
     maps = [[0] for _ in trees]  # per tree: own node -> merged node, for the nodes inserted so far
-
-    def insert(j: int, limit: int) -> None:
-        budget = trie.max_nodes
-        trie.max_nodes = min(max_nodes, len(trie) - 1 + limit)  # this round's share of new nodes
-        trie.graft(trees[j], maps[j])
-        trie.max_nodes = budget
-
-    for j, quota in enumerate(quotas):
-        insert(j, quota)
-    for j in range(len(trees)):
-        insert(j, max_nodes)
+    for tree, node_map, quota in zip(trees, maps, quotas, strict=True):
+        trie.graft(tree, node_map, limit=quota)
+    for tree, node_map in zip(trees, maps, strict=True):
+        trie.graft(tree, node_map)
     return trie.tree()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import specdec.checks as checks
 from specdec.drafters.base import Drafter, Request, register
 from specdec.tree import DraftTree
 
@@ -23,10 +24,10 @@ class PromptLookupConfig:
     max_nodes: int = 16  # drafted nodes per step: bounds the verification cost
 
     def __post_init__(self) -> None:
-        if not 1 <= self.min_ngram <= self.max_ngram:
-            raise ValueError("need 1 <= min_ngram <= max_ngram")
-        if self.num_tokens < 1 or self.max_candidates < 1 or self.max_nodes < 1:
-            raise ValueError("num_tokens, max_candidates and max_nodes must be >= 1")
+        for name in ("max_ngram", "min_ngram", "num_tokens", "max_candidates", "max_nodes"):
+            checks.integer(name, getattr(self, name), 1)
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"need min_ngram <= max_ngram (got {self.min_ngram} > {self.max_ngram})")
 
 
 class NgramIndex:
@@ -49,7 +50,7 @@ class NgramIndex:
 
 
 @register
-class PromptLookup(Drafter):
+class PromptLookup(Drafter[NgramIndex]):
     name = "pld"
     mergeable = True  # point masses; learns nothing from the target
 

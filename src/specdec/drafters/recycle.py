@@ -13,7 +13,7 @@ probabilities start from an assumed prior (`PRIOR`, a guess: the top-1 candidate
 and are re-estimated online from every step's true continuation, whatever tree was drafted, then the
 template is re-grown. Its size: the paper's 80 nodes suit a GPU, where a forward costs about the same for 1 or
 80 tokens; here a forward over n tokens costs `CostModel.reference()` (the 14M Llama target on this project's
-2-core machine: 7.4 ms for 1 token, 10.8 ms for 8, 20 ms for 64). With that cost the expected tokens per
+2-core machine; its figures: docs/methods.md, The cost model). With that cost the expected tokens per
 second peaks at 3-5 nodes for a top-1 acceptance of 0.45-0.9 (the prior's and better); the default of 8 nodes
 (`RecycleConfig.max_nodes`) is within 3-7% of that peak everywhere in that range, and nearer still if the
 real cost rises early and then flattens between the two measured points (1 and 8 tokens), which makes small
@@ -29,9 +29,11 @@ from typing import Literal
 
 import torch
 
+import specdec.checks as checks
 from specdec.acceptance import Verdict
 from specdec.costmodel import CostModel
 from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.runtime import RuntimeChoice
 from specdec.templates import Template, grow_template, rank_acceptance
 from specdec.tree import DraftTree, Trie
 
@@ -50,16 +52,14 @@ class RecycleConfig:
     adapt_every: int = 32  # re-grow the template from measured acceptance every this many steps (0 = never)
 
     def __post_init__(self) -> None:
-        if self.max_nodes != "auto" and (
-            isinstance(self.max_nodes, bool) or not isinstance(self.max_nodes, int) or self.max_nodes < 0
-        ):
-            raise ValueError(f"max_nodes must be an integer >= 0 or 'auto' (got {self.max_nodes!r})")
-        if self.k < 1 or self.max_depth < 1 or self.adapt_every < 0:
-            raise ValueError("k and max_depth must be >= 1, adapt_every >= 0")
+        checks.integer("max_nodes", self.max_nodes, 0, also=("auto",))
+        checks.integer("k", self.k, 1)
+        checks.integer("max_depth", self.max_depth, 1)
+        checks.integer("adapt_every", self.adapt_every, 0)
 
 
 @register
-class TokenRecycling(Drafter):
+class TokenRecycling(Drafter[None]):
     name = "recycle"
     mergeable = True  # learns from whatever tree was scored (the merge drafter relies on it)
     # the table, the acceptance counts and the template grown from them
@@ -68,6 +68,7 @@ class TokenRecycling(Drafter):
     def __init__(self, config: RecycleConfig | None = None, **options) -> None:
         self.config = config or RecycleConfig(**options)
         self.model = None
+        self.runtime: RuntimeChoice | None = None  # the target's, once bound: what "auto" measures
         self.stale = False  # the template must be re-grown before the next generation
         self.table: torch.Tensor | None = None  # [V, width] int32, width = min(k, V)
         self.seen: torch.Tensor | None = None  # [V] bool: rows written at least once (others draft nothing)
@@ -85,8 +86,8 @@ class TokenRecycling(Drafter):
 
     # -- table -------------------------------------------------------------------------------------------
 
-    def bind(self, model) -> None:
-        self.model = model
+    def bind(self, model, runtime: RuntimeChoice) -> None:
+        self.model, self.runtime = model, runtime
         self.stale = self.config.max_nodes == "auto"  # measure the cost lazily, when a generation starts
 
     def start(self, request: Request) -> None:
@@ -153,7 +154,8 @@ class TokenRecycling(Drafter):
         if self.config.max_nodes != "auto":
             return grow_template(self.acceptance(), self.config.max_nodes)
         full = grow_template(self.acceptance(), AUTO_MAX_NODES)
-        cost = CostModel.reference() if self.model is None else CostModel.for_model(self.model)
+        runtime = self.runtime  # set with the model, by `bind`
+        cost = CostModel.reference() if runtime is None else CostModel.for_runtime(self.model, runtime)
         return full.prefix(cost.best_size(full.gains()))
 
     # -- drafting ----------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ class TokenRecycling(Drafter):
         tree, verdict, logits = scored.tree, scored.verdict, scored.logits  # logits: [N, V]
         self._ensure_table(logits.shape[-1])
         table, seen, hits, trials = self._learned()
-        if len(tree) == 1:  # a plain step (auto's, when no tree pays): one row, nothing to dedupe; 4x cheaper
+        if len(tree) == 1:  # a plain step (auto's, when no tree pays): one row, nothing to dedupe: cheaper
             root, truth = tree.tokens[0], verdict.tokens[0]
             trials[0] += 1
             if seen[root]:

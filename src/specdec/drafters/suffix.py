@@ -22,14 +22,15 @@ O(1) amortized in both; the context is never rescanned. Per step:
 Memory is bounded by `history_tokens`: when the history outgrows it, the oldest documents are dropped and the
 automaton is rebuilt from the newest half (O(1) amortized per token as well). At the default 32768 tokens the
 automaton of code text takes about 20 MB of Python objects.
-Defaults (not tuned): 16 nodes, depth 8, the same budget as `pld`; with `CostModel.reference()` a 17-token
-forward costs 1.67x a 1-token one, so a step must gain about 0.7 accepted tokens on average to pay off.
+Defaults (not tuned): 16 nodes, depth 8, the same budget as `pld`; what a step must gain to pay for that
+budget by `CostModel.reference()`: docs/methods.md, The cost model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import specdec.checks as checks
 from specdec.drafters.base import Drafter, Request, register
 from specdec.tree import DraftTree, Trie
 
@@ -45,10 +46,9 @@ class SuffixConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "num_tokens", "max_occurrences", "min_match"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        if self.history_tokens < 0 or self.backoff < 0:
-            raise ValueError("history_tokens and backoff must be >= 0")
+            checks.integer(name, getattr(self, name), 1)
+        checks.integer("backoff", self.backoff, 0)
+        checks.integer("history_tokens", self.history_tokens, 0)
 
 
 class SuffixAutomaton:
@@ -67,7 +67,7 @@ class SuffixAutomaton:
         self.owner: list[int] = [-1]  # the end position the state was created for (-1: root or clone)
         # suffix-link tree children as linked lists in flat int lists (a list per state would be one more
         # object for the garbage collector per state: a long prompt's automaton then triggered full
-        # collections of the whole process, ~0.2 s each); an entry is stale when its child was re-linked under
+        # collections of the whole process, each a pause in some generation, docs/methods.md); an entry is stale when its child was re-linked under
         # a clone since
         self.first_entry: list[int] = [-1]  # per state: its newest child entry (-1: none)
         self.entry_child: list[int] = []  # per entry: the child state
@@ -156,7 +156,7 @@ class SuffixState:
 
 
 @register
-class SuffixLookup(Drafter):
+class SuffixLookup(Drafter[SuffixState]):
     name = "suffix"
     mergeable = True  # point masses; learns nothing from the target (the history grows from contexts)
     learned_attributes = ("history", "docs", "separator", "version")  # the earlier generations' contexts

@@ -7,7 +7,7 @@ from specdec.tree import DraftTree
 
 
 @register
-class Vanilla(Drafter):
+class Vanilla(Drafter[None]):
     name = "vanilla"
     drafts = False
 

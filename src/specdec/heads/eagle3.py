@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import specdec.heads.layer_ids as layer_ids
 from specdec.errors import InputError
-from specdec.heads import layer_ids
 from specdec.heads.checkpoint import WEIGHTS_FILE, read_config, write_checkpoint
 
 ARCHITECTURES = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")  # SGLang's name first; vLLM takes both
@@ -240,6 +240,32 @@ class HeadCache:
     def capacity(self) -> int:
         return self.k.shape[1]
 
+    def reserve(self, m: int) -> int:
+        """Where `m` new entries go (the current length); refused when they do not fit."""
+        if self.length + m > self.capacity:
+            raise ValueError(f"head cache full: {self.length} + {m} entries > capacity {self.capacity}")
+        return self.length
+
+
+def head_input(features: torch.Tensor, fc, fc_width: int, hidden_size: int) -> torch.Tensor:
+    """A step's features as its layer reads them, [m, H]: the target's aux states [m, 3H_t] through `fc`, the
+    head's own output features as they are."""
+    width = features.shape[-1]
+    if width == fc_width and width != hidden_size:
+        return fc(features)
+    if width != hidden_size:
+        raise ValueError(f"features of width {width}: expected {fc_width} or {hidden_size}")
+    return features
+
+
+def chain_visible(start: int, m: int, device: torch.device | None = None) -> torch.Tensor | None:
+    """[m, start + m] bool: m new cache entries after `start` old ones see all old ones and, among themselves,
+    those before them (a chain); None for one entry, which sees everything."""
+    if m == 1:
+        return None
+    col = torch.arange(start + m, device=device)
+    return col[None, :] <= (start + torch.arange(m, device=device))[:, None]
+
 
 class Eagle3Head(nn.Module):
     """The head. State dict names == the vLLM/SGLang checkpoint names; the embedding is the target's (bound,
@@ -405,110 +431,21 @@ class Eagle3Head(nn.Module):
         positions [m]. visible [m, length + m] bool: which cache entries (old and new) each new entry attends
         to; default: all old entries and causal among the new ones (a chain). A tree passes ancestor masks.
         """
-        c = self.config
         m = tokens.shape[0]
-        width = features.shape[-1]
-        if width == self.fc.in_features and width != c.hidden_size:
-            features = self.fc(features)
-        elif width != c.hidden_size:
-            raise ValueError(f"features of width {width}: expected {self.fc.in_features} or {c.hidden_size}")
-        start = cache.length
-        if start + m > cache.capacity:
-            raise ValueError(f"head cache full: {start} + {m} entries > capacity {cache.capacity}")
+        features = head_input(features, self.fc, self.fc.in_features, self.config.hidden_size)
+        start = cache.reserve(m)
         q, k, v, residual = self._qkv(features[None], tokens[None], positions)
         cache.k[:, start : start + m] = k[0]
         cache.v[:, start : start + m] = v[0]
         cache.length = start + m
         keys = self._expand_kv(cache.k[None, :, : start + m])  # [1, nh, L, D]
         vals = self._expand_kv(cache.v[None, :, : start + m])
-        if visible is None and m > 1:
-            col = torch.arange(start + m, device=tokens.device)
-            visible = col[None, :] <= (start + torch.arange(m, device=tokens.device))[:, None]
+        if visible is None:
+            visible = chain_visible(start, m, tokens.device)
         mask = None if visible is None else visible[None, None]
         attn = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask)
         out = self._finish(residual, attn)[0]  # [m, H]
         return self.logits(out), out
-
-
-class PackedHead:
-    """The head's weights packed for drafting, the way `specdec.runtime.native` packs a target layer: q/k/v in
-    one matrix with the q and k rows of each head in rotary-pair order (rotary as one complex multiply; a fixed
-    permutation of the head dimension on both sides changes no q.k), gate/up in one, residual adds fused,
-    products by the target forward's kernels (`Matrix`: oneDNN on prepacked weights from two rows on),
-    RMSNorm as one op, rotations from a table. `Eagle3Head.step` computes the same function (the
-    reference: training and tests use it); this one is what drafting calls every level, so its ~30 small ops
-    per call are what it saves. A cache written by one must not be read by the other (key layouts differ).
-    """
-
-    def __init__(self, head: Eagle3Head) -> None:
-        from specdec.runtime.native import Matrix, RotaryTable, qkv_row_order
-
-        c, layer = head.config, head.midlayer
-        attn, mlp = layer.self_attn, layer.mlp
-        self.head, self.config = head, c
-        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        order = qkv_row_order(self.heads, self.kv_heads, c.head_dim)
-        with torch.no_grad():
-            self.fc_width = head.fc.weight.shape[1]
-            self.fc = Matrix(head.fc.weight)
-            self.wqkv = Matrix(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[order])
-            self.wo = Matrix(attn.o_proj.weight)
-            self.wgu = Matrix(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-            self.wdown = Matrix(mlp.down_proj.weight)
-            self.lm_head = Matrix(head.lm_head.weight)
-        self.ln_in, self.ln_hidden = layer.input_layernorm.weight, layer.hidden_norm.weight
-        self.ln_post, self.ln_final = layer.post_attention_layernorm.weight, head.norm.weight
-        self.dtype = head.lm_head.weight.dtype
-        self._rotary = RotaryTable(head.inv_freq, self.dtype)  # the reference's cos/sin, in inv_freq's dtype
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], weight, self.config.rms_norm_eps)
-
-    @torch.inference_mode()
-    def step(
-        self,
-        cache: HeadCache,
-        features: torch.Tensor,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        visible: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`Eagle3Head.step`, the same arguments and results."""
-        c = self.config
-        m = tokens.shape[0]
-        h, kv, d = self.heads, self.kv_heads, self.head_dim
-        width = features.shape[-1]
-        if width == self.fc_width and width != c.hidden_size:
-            features = self.fc(features)
-        elif width != c.hidden_size:
-            raise ValueError(f"features of width {width}: expected {self.fc_width} or {c.hidden_size}")
-        start = cache.length
-        if start + m > cache.capacity:
-            raise ValueError(f"head cache full: {start} + {m} entries > capacity {cache.capacity}")
-        normed = self._norm(features, self.ln_hidden)
-        residual = normed if c.norm_before_residual else features
-        emb = self.head.embed_tokens[tokens].to(features.dtype)
-        qkv = self.wqkv(torch.cat([self._norm(emb, self.ln_in), normed], dim=-1))  # [m, (h+2kv)*D]
-        rot = self._rotary(positions, int(positions.max()) + 1)
-        pairs = qkv[:, : (h + kv) * d].to(rot.real.dtype).reshape(m, h + kv, d // 2, 2)
-        qk = torch.view_as_real(torch.view_as_complex(pairs) * rot).view(m, h + kv, d).to(self.dtype)
-        cache.k[:, start : start + m] = qk[:, h:].transpose(0, 1)
-        cache.v[:, start : start + m] = qkv[:, (h + kv) * d :].view(m, kv, d).transpose(0, 1)
-        cache.length = end = start + m
-        if visible is None and m > 1:
-            col = torch.arange(end)
-            visible = col[None, :] <= (start + torch.arange(m))[:, None]
-        attn = F.scaled_dot_product_attention(
-            qk[:, :h].transpose(0, 1)[None],  # [1, heads, m, D]
-            cache.k[None, :, :end],
-            cache.v[None, :, :end],
-            attn_mask=None if visible is None else visible[None, None],
-            enable_gqa=kv != h,
-        )  # [1, heads, m, D]
-        x = self.wo(attn[0].transpose(0, 1).reshape(m, h * d), residual=residual)
-        gate, up = self.wgu(self._norm(x, self.ln_post)).chunk(2, dim=-1)
-        out = self.wdown(F.silu(gate) * up, residual=x)  # [m, H]: the next features (pre-norm)
-        return self.lm_head(self._norm(out, self.ln_final)), out
 
 
 # ----------------------------------------------------------------------------------------------------------

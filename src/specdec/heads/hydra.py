@@ -104,9 +104,8 @@ class HydraHeads(nn.Module):
 
 class PackedHydra:
     """The heads' weights packed for drafting (`Matrix`: the target forward's kernels, oneDNN on prepacked
-    weights from two rows on; nn.Linear's MKL call repacks the weight every time, which cost 2-4x more than
-    the product itself for the 2-4 rows a depth drafts here: 660 against 235 us for two rows of head 0 on the
-    shipped heads). `HydraHeads.head` computes the same function (the reference: training and tests use it);
+    weights from two rows on; nn.Linear's MKL call repacks the weight every time, which cost more than the
+    product itself for the 2-4 rows a depth drafts: docs/methods.md has the figures). `HydraHeads.head` computes the same function (the reference: training and tests use it);
     the weights are read once, when the drafter binds."""
 
     def __init__(self, heads: HydraHeads) -> None:

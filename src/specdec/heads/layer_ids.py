@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import specdec.checks as checks
 from specdec.errors import InputError
 
 SEMANTICS = ("vllm", "sglang")
@@ -158,8 +159,6 @@ def _default_why(config: dict) -> str:
 def _ids(value, where: str) -> tuple[int, ...]:
     if value is None:
         return ()
-    if not isinstance(value, list | tuple) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in value
-    ):
+    if not isinstance(value, list | tuple) or not all(checks.is_integer(i) for i in value):
         raise InputError(f"{where}: {FIELD} must be a list of integers (got {value!r})")
     return tuple(value)

@@ -124,7 +124,7 @@ def linears(modules: nn.Module) -> list[nn.Linear]:
 
 class PackedMedusa:
     """The heads' weights for drafting through `Matrix` (the target forward's kernels: MKL on the transposed
-    weight for one row, where nn.Linear's call repacks the weight first; 237 against 160 us a head here).
+    weight for one row, where nn.Linear's call repacks the weight first: docs/methods.md has the figures).
     Called as `MedusaHeads` is (the reference: training and tests use it); the weights are read once, when
     the drafter binds."""
 

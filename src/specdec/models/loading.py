@@ -170,8 +170,8 @@ class LoadedModels:
 def freeze_heap() -> None:
     """For the long-running commands (bench, serve), once the models are loaded: collect, then move every
     object alive out of the garbage collector's sight (`gc.freeze`). The imports and models leave ~400k tracked
-    objects, and a full collection over them took ~0.2 s here, landing in whichever generation happened to
-    trigger it (a bench method, a served request). Frozen objects are still freed by reference counting."""
+    objects, and a full collection over them is a pause (docs/methods.md, auto), landing in whichever generation
+    happened to trigger it (a bench method, a served request). Frozen objects are still freed by reference counting."""
     gc.collect()
     gc.freeze()
 

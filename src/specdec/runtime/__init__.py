@@ -54,7 +54,6 @@ class RuntimeChoice:
 
 
 _CHOSEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(name, ...): RuntimeChoice}
-_LAST: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the RuntimeChoice made last
 _RACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {tree tokens: TimedChoice}
 
 
@@ -102,18 +101,18 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool, tree_tokens: in
     candidate = not hidden_states and (timed or not drafts)
     if candidate and not llamacpp_reason() and not unsupported_reason(model):
         try:
-            fast = select_runtime(model, "llamacpp", remember=False)
+            fast = select_runtime(model, "llamacpp")
         except UnsupportedModelError as err:
-            fallback = select_runtime(model, "native", remember=False)
+            fallback = select_runtime(model, "native")
             log.warning("%s; using the native runtime", err)
             return RuntimeChoice(fallback.name, fallback.new, fallback.hidden_states, f"{err}; using native")
         if not drafts:
             return fast
-        native = select_runtime(model, "native", remember=False)
+        native = select_runtime(model, "native")
         race = _RACES.setdefault(model, {}).setdefault(tree_tokens, TimedChoice((native, fast), tree_tokens))
         return race.choose(model)
     try:
-        return select_runtime(model, "native", remember=False)
+        return select_runtime(model, "native")
     except UnsupportedModelError as err:
         choice = _transformers(model, notice=f"{err}; using the transformers runtime")
         log.warning("%s", choice.notice)
@@ -121,7 +120,7 @@ def _auto(model, hidden_states: bool, drafts: bool, timed: bool, tree_tokens: in
 
 
 def _tree_seconds(model, choice: RuntimeChoice, tokens: int, clock: Callable[[], float]) -> float:
-    """A `tokens`-token tree forward on this runtime after a typical context (least of 5; ~0.1 s)."""
+    """A `tokens`-token tree forward on this runtime after a typical context (least of 5)."""
     from specdec.costmodel import CostModel
 
     return CostModel.measure(model, sizes=(tokens,), repeats=5, runtime=choice.new, clock=clock)(tokens)
@@ -176,16 +175,15 @@ def select_runtime(
     name: str = "auto",
     hidden_states: bool = False,
     drafts: bool = True,
-    remember: bool = True,
     timed: bool = True,
     tree_tokens: int = TREE_TOKENS,
 ) -> RuntimeChoice:
     """The runtime `name` for `model` ("auto": see the module docstring); `hidden_states`: the drafter reads
     the target's hidden states, which the llamacpp runtime does not return; `drafts`: the drafter proposes
-    drafts (else every forward is one token); `remember`: this is the model's runtime from now on
-    (`runtime_for`), False for an alternative; `timed`: with drafts, time llamacpp against native over a
+    drafts (else every forward is one token); `timed`: with drafts, time llamacpp against native over a
     `tree_tokens`-token tree (False: native, for a drafter offered both anyway). Decided once per model and
-    arguments; the load-time check runs at the first choice."""
+    arguments; the load-time check runs at the first choice. The engine hands its choice to its drafter
+    (`Drafter.bind`): nothing here remembers which choice a model's engine took."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
     if name == "llamacpp" and hidden_states:
@@ -206,8 +204,6 @@ def select_runtime(
             chosen[key] = _llamacpp(model)
         else:
             chosen[key] = _auto(model, hidden_states, drafts, timed, tree_tokens)
-    if remember:
-        _LAST[model] = chosen[key]
     return chosen[key]
 
 
@@ -217,19 +213,12 @@ def timed_choice(model, tree_tokens: int = TREE_TOKENS) -> TimedChoice | None:
     return _RACES.get(model, {}).get(tree_tokens)
 
 
-def runtime_for(model) -> RuntimeChoice:
-    """The runtime last chosen for `model` (what its engine decodes with, chosen before the drafter binds),
-    else the `auto` choice: what cost models must time."""
-    return _LAST.get(model) or select_runtime(model, "auto")
-
-
 __all__ = [
     "RUNTIMES",
     "Runtime",
     "RuntimeChoice",
     "Scores",
     "TimedChoice",
-    "runtime_for",
     "select_runtime",
     "timed_choice",
 ]

@@ -1,8 +1,8 @@
 """llama.cpp as the target runtime: specdec's drafting and acceptance over llama.cpp's forward.
 
-On this project's CPU llama.cpp's one-token forward of the shipped target is ~1.6 ms against ~2.5 ms for
-specdec's own fused PyTorch forward (`native`) and ~3.7 ms for transformers': its per-op overhead is close
-to nothing, and plain decoding is almost all one-token forwards. This runtime converts the model to GGUF in
+llama.cpp's one-token forward of the shipped target is the cheapest of the three runtimes' on the CPUs
+measured (docs/runtime.md), ahead of specdec's own fused PyTorch forward (`native`) and transformers': its
+per-op overhead is close to nothing, and plain decoding is almost all one-token forwards. This runtime converts the model to GGUF in
 its own dtype (`specdec.runtime.gguf`), loads it through llama-cpp-python's C API and scores token trees
 with llama.cpp's own batch semantics:
 
@@ -11,8 +11,8 @@ with llama.cpp's own batch semantics:
   ancestors (the cells of its sequences at smaller positions); positions are past + depth;
 - committing the accepted path keeps one sequence through the accepted node (`seq_keep`), drops the cells
   deeper than it (`seq_rm`) and renames it sequence 0: no KV data moves;
-- the prompt is prefilled by the native runtime, whose batched matrix products are ~1.8x faster than
-  llama.cpp's float32 ones, and its keys and values are handed to llama.cpp as a sequence state
+- the prompt is prefilled by the native runtime, whose batched matrix products are faster than llama.cpp's
+  float32 ones (docs/runtime.md), and its keys and values are handed to llama.cpp as a sequence state
   (`llama_state_seq_set_data`, the layout llama.cpp itself writes; float32 models, whose KV cache is float32
   here). The layout is confirmed against a state llama.cpp wrote at load; where it differs, llama.cpp
   prefills itself.

@@ -6,19 +6,18 @@ the same weights, in the same dtype, with a handful of tensor ops per layer:
 
 - weights packed once: q/k/v in one matrix and gate/up in another, so a layer is 4 matrix products, each
   stored transposed ([in, out]) for `x @ W`: MKL's few-row products with a row-major [out, in] weight (what
-  `F.linear` hands it) ran 1.6x slower on an AMD EPYC here (1 token, all weights: 5.7 vs 3.4 ms);
+  `F.linear` hands it) ran markedly slower on the AMD EPYC of docs/runtime.md (Why these designs);
 - the residual adds fused into those products (`addmm`), RMSNorm as one op (`F.rms_norm`);
 - from PACKED_ROWS tokens on (trees, batches), float32 weights go through oneDNN's product on a copy prepacked
-  once in its blocked layout: MKL repacks the weight at every call, which dominates few-row products (8
-  rows through the 384 x 8192 LM head: 1.9 ms against 0.3 ms on the AMD EPYC here; 384 x 2048: 0.26 vs 0.11);
-  for one token MKL's product on the transposed weight stays (it was the faster there);
+  once in its blocked layout: MKL repacks the weight at every call, which dominates few-row products
+  (docs/runtime.md, Batches); for one token MKL's product on the transposed weight stays (it was the faster);
 - rotary embeddings as one complex multiply on q and k together: the q and k rows of each head are stored
   with their rotary pairs (i, i + d/2) side by side, a fixed permutation of the head dimension that changes
   no dot product q.k (both sides are permuted alike) and lets `view_as_complex` rotate each pair;
 - attention through `F.scaled_dot_product_attention` on 4D inputs over its own preallocated cache
   [layers, kv_heads, capacity, head_dim], each layer's keys contiguous: the layout for which PyTorch's CPU
-  flash-attention kernel applies (a token-major cache sends it to the unfused math path, 7x slower for one
-  token after 600); keeping an accepted tree path is one gather for all layers.
+  flash-attention kernel applies (a token-major cache sends it to the unfused math path, several times slower:
+  docs/runtime.md); keeping an accepted tree path is one gather for all layers.
 
 It computes the function transformers computes, differing only in float rounding; `specdec.runtime.check`
 compares both on the real model before this forward is trusted as a target (`NativeModel.supports` only
@@ -42,9 +41,8 @@ from specdec.tree import DraftTree
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 PACKED_ROWS = 2  # tokens from which a forward's products use the prepacked weights (module docstring)
 # a batch's attention runs row by row when the rows' own keys are at most this share of the padded grid's:
-# 8 rows of 115-1018 positions (39% of the grid), six layers: 5.6 ms row by row against 8.7 ms padded for one
-# token a row, 7.2 against 15.2 for four (keys and values are read from memory either way: only the padding's
-# are saved); rows of even lengths stay in one call
+# reading keys and values is most of its cost, and row by row reads no padding's (docs/runtime.md, Batches,
+# has the measurement); rows of even lengths stay in one call
 ROWWISE = 0.75
 _STATIC_ROPE = {"default", "linear", "llama3"}  # inv_freq fixed at load time (no per-length update)
 

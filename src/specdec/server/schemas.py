@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+import specdec.checks as checks
+
 MAX_STOPS = 16
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
@@ -109,7 +111,7 @@ class CompletionRequest(_Common):
             v = v[0]  # a batch of one prompt
         if isinstance(v, str):
             return v
-        if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        if isinstance(v, list) and v and all(checks.is_integer(t) for t in v):
             return v
         if isinstance(v, list) and len(v) > 1 and all(isinstance(p, str | list) for p in v):
             raise ValueError("batched prompts are not supported (send one prompt per request)")

@@ -175,10 +175,9 @@ class EngineWorker:
 
     def run(self) -> None:
         """The engine loop on the calling thread, until `shutdown`. Call it from the thread that loaded the
-        models: PyTorch's CPU forwards run ~2.5x slower on a thread other than the one whose OpenMP workers
-        did the earlier work (measured here: 96 tokens on the shipped model, 0.30 s on the loading thread,
-        0.78 s on a second one with 2 threads), so `specdec serve` keeps the engine on its main thread and
-        serves HTTP from another."""
+        models: PyTorch's CPU forwards run far slower on a thread other than the one whose OpenMP workers did
+        the earlier work (docs/serve.md has the measurement), so `specdec serve` keeps the engine on its main
+        thread and serves HTTP from another."""
         self._loop()
 
     def _loop(self) -> None:

@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+from specdec.cliargs import positive_int
 from specdec.train.corpus import CorpusConfig
 
 # The budgets the shipped pair was trained with (the target's was cut from 20M to 11M at step 298 to fit a
@@ -18,24 +19,28 @@ from specdec.train.corpus import CorpusConfig
 DEFAULT_TOKENS = {"target": 11_000_000, "draft": 12_000_000}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", type=Path, default=Path("runs/train"), help="resumable working directory")
+def add_run_arguments(p: argparse.ArgumentParser, workdir: Path) -> None:
+    """The options every resumable training command has (train-lm, train-dllm)."""
+    p.add_argument("--workdir", type=Path, default=workdir, help="resumable working directory")
     p.add_argument("--stage", choices=["prepare", "train", "export", "all"], default="all")
+    p.add_argument("--threads", type=positive_int, default=2)
+
+
+def add_tokens_argument(p: argparse.ArgumentParser, flag: str, what: str, default: int) -> None:
+    """A training-token budget; None (not given) is the default, and a given one moves a resumed run's end."""
+    p.add_argument(
+        flag,
+        type=positive_int,
+        default=None,
+        help=f"{what} (default {default:,}); given when resuming, it moves the end of the recorded schedule",
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, Path("runs/train"))
     p.add_argument("--models", default="draft,target", help="comma-separated subset of: draft,target")
-    p.add_argument(
-        "--target-tokens",
-        type=int,
-        default=None,
-        help=f"training tokens for the target (default {DEFAULT_TOKENS['target']:,}); given when resuming, "
-        "it moves the end of the recorded schedule",
-    )
-    p.add_argument(
-        "--draft-tokens",
-        type=int,
-        default=None,
-        help=f"training tokens for the draft (default {DEFAULT_TOKENS['draft']:,}); as --target-tokens",
-    )
-    p.add_argument("--threads", type=int, default=2)
+    add_tokens_argument(p, "--target-tokens", "training tokens for the target", DEFAULT_TOKENS["target"])
+    add_tokens_argument(p, "--draft-tokens", "training tokens for the draft", DEFAULT_TOKENS["draft"])
     p.add_argument("--stdlib-only", action="store_true", help="leave out installed packages' sources")
     p.add_argument("--export-dir", type=Path, default=None, help="where to write <name>/ HF directories")
 

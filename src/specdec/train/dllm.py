@@ -25,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from specdec.cliargs import integer
 from specdec.dllm.model import MASK_TOKEN, DllmSpec, convert_from_ar, training_mask
+from specdec.train.cli import add_run_arguments, add_tokens_argument
 from specdec.train.lm import (
     STREAM_RESUME,
     heldout_loss,
@@ -249,20 +251,12 @@ def register(sub) -> None:
         "the same command again after an interruption), export (a HF directory with MODEL_CARD.md). --filter "
         "instead trains the learn2pd policy's small filter on decoding traces of an exported model.",
     )
-    p.add_argument("--workdir", type=Path, default=Path("runs/dllm"), help="resumable working directory")
-    p.add_argument("--stage", choices=["prepare", "train", "export", "all"], default="all")
+    add_run_arguments(p, Path("runs/dllm"))
     p.add_argument("--base", default="default", help="the AR model to convert (default: the shipped target)")
+    add_tokens_argument(p, "--tokens", "clean training tokens", DllmTrainConfig.total_tokens)
     p.add_argument(
-        "--tokens",
-        type=int,
-        default=None,
-        help=f"clean training tokens (default {DllmTrainConfig.total_tokens:,}); given when resuming, it moves "
-        "the end of the recorded schedule",
+        "--block-size", type=integer(2), default=DllmTrainConfig.block_size, help="default decoding block"
     )
-    p.add_argument(
-        "--block-size", type=int, default=DllmTrainConfig.block_size, help="default decoding block"
-    )
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--export-dir", type=Path, default=None, help="default: the shipped dllm directory")
     p.add_argument(
         "--filter",
@@ -273,7 +267,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from specdec.errors import InputError
     from specdec.models.shipped import SHIPPED_DIR
 
     out_dir = args.export_dir or SHIPPED_DIR / "dllm"
@@ -282,8 +275,6 @@ def run(args) -> int:
 
         train_filter(out_dir, args.workdir, threads=args.threads)
         return 0
-    if (args.tokens is not None and args.tokens < 1) or args.block_size < 2:
-        raise InputError("--tokens must be >= 1 and --block-size >= 2")
     if args.stage in ("prepare", "all"):
         tok_dir = args.workdir / "tokenizer"
         if not (tok_dir / "tokenizer.json").exists():  # the base model's tokenizer, not a new one

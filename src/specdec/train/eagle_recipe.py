@@ -4,13 +4,13 @@ load."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 from specdec.heads.eagle3 import Eagle3Head, config_for_target, load_head, save_head
 from specdec.train.features import FeatureStore
-from specdec.train.head_recipe import Batch, HeadRecipe, HeadTrainConfig, median_ms, vocab_phrase
+from specdec.train.head_recipe import WARMUP, Batch, HeadRecipe, HeadTrainConfig, vocab_phrase
 from specdec.train.teacher import Teacher
 
 
@@ -56,14 +56,17 @@ class EagleRecipe(HeadRecipe):
         # to t and the token t + 1.
         return head.forward_train(b["aux"], b["ids"], steps=depth)
 
-    @torch.inference_mode()
-    def latency_ms(self, head, width: int, prefix: int = 256, repeats: int = 40) -> float:
+    save = staticmethod(save_head)
+    load = staticmethod(load_head)
+
+    def drafting_step(self, head, width: int, prefix: int, repeats: int) -> Callable[[int], object]:
         # `width` new entries after a `prefix`-entry cache: its layer, logits over the draft vocabulary and
         # a top-4.
         gen = torch.Generator().manual_seed(0)
-        cache = head.new_cache(prefix + (repeats + 5) * width)
+        length = prefix + (repeats + WARMUP) * width  # every timed and warm-up call's entries
+        cache = head.new_cache(length)
         aux = torch.randn(prefix, head.fc.in_features, generator=gen)
-        tokens = torch.randint(0, head.config.vocab_size, (prefix + (repeats + 5) * width,), generator=gen)
+        tokens = torch.randint(0, head.config.vocab_size, (length,), generator=gen)
         _, feat = head.step(cache, aux, tokens[:prefix], torch.arange(prefix))
         feat = feat[-1:].expand(width, -1)
 
@@ -73,13 +76,7 @@ class EagleRecipe(HeadRecipe):
             logits, feat = head.step(cache, feat, tokens[pos : pos + width], torch.full((width,), pos))
             logits.topk(4, dim=-1)
 
-        return median_ms(step, repeats)
-
-    def save(self, head, out_dir: Path, dtype: torch.dtype) -> None:
-        save_head(head, out_dir, dtype)
-
-    def load(self, out_dir: Path, target) -> Eagle3Head:
-        return load_head(out_dir, target)
+        return step
 
     def card_intro(self, m: dict) -> str:
         layers = m["head_config"]["eagle_config"]["eagle_aux_hidden_state_layer_ids"]

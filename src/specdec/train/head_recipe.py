@@ -13,7 +13,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -81,14 +80,18 @@ class HeadRecipe(ABC):
         target's distribution at t + k + 1), teacher-forced on the text's tokens and the target's features."""
 
     @abstractmethod
+    def drafting_step(self, head, width: int, prefix: int, repeats: int) -> Callable[[int], object]:
+        """step(i): one drafting step on `width` entries as the drafter runs it, the i-th of the timed calls
+        (`repeats` and median_ms's warm-up; after a `prefix`-entry cache where the kind has one)."""
+
+    @torch.inference_mode()
     def latency_ms(self, head, width: int, prefix: int = 256, repeats: int = 40) -> float:
         """Median time of one drafting step on `width` entries, as the drafter runs it."""
+        return median_ms(self.drafting_step(head, width, prefix, repeats), repeats)
 
-    @abstractmethod
-    def save(self, head, out_dir: Path, dtype: torch.dtype) -> None: ...
-
-    @abstractmethod
-    def load(self, out_dir: Path, target) -> Any: ...
+    # The kind's files, by its heads module: save(head, out_dir, dtype), load(out_dir, target) -> head.
+    save: ClassVar[Callable[..., None]]
+    load: ClassVar[Callable[..., Any]]
 
     @abstractmethod
     def card_intro(self, m: dict) -> str:
@@ -124,7 +127,10 @@ the token k + 2 ahead, over the draft vocabulary (masked where the target's top 
 target's next-token guess."""
 
 
-def median_ms(run: Callable[[int], object], repeats: int, warmup: int = 5) -> float:
+WARMUP = 5  # untimed calls before a latency's timed ones
+
+
+def median_ms(run: Callable[[int], object], repeats: int, warmup: int = WARMUP) -> float:
     """Median wall time (ms) of run(i) over i = 0 .. warmup + repeats - 1, the first `warmup` calls left out."""
     times = []
     for i in range(repeats + warmup):

@@ -3,13 +3,13 @@ drafts; stored in specdec's own layout (no serving engine loads Hydra heads)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 from specdec.heads.hydra import HydraConfig, HydraHeads, load_hydra, save_hydra
 from specdec.train.features import FeatureStore
-from specdec.train.head_recipe import Batch, HeadTrainConfig, PerDepthHeads, median_ms, vocab_phrase
+from specdec.train.head_recipe import Batch, HeadTrainConfig, PerDepthHeads, vocab_phrase
 
 
 class HydraRecipe(PerDepthHeads):
@@ -34,8 +34,10 @@ class HydraRecipe(PerDepthHeads):
         # Head k on the target's final hidden state at t and the text's tokens t + 1 .. t + k + 1.
         return head.forward_train(b["final"], b["ids"], depth)
 
-    @torch.inference_mode()
-    def latency_ms(self, head, width: int, prefix: int = 256, repeats: int = 40) -> float:
+    save = staticmethod(save_hydra)
+    load = staticmethod(load_hydra)
+
+    def drafting_step(self, head, width: int, prefix: int, repeats: int) -> Callable[[int], object]:
         # Every head in turn on `width` paths, as a tree is drafted depth by depth (`prefix` is unused).
         gen = torch.Generator().manual_seed(0)
         hidden = torch.randn(width, head.config.hidden_size, generator=gen)
@@ -45,13 +47,7 @@ class HydraRecipe(PerDepthHeads):
             for k in range(head.config.num_heads):
                 head.head(k, hidden, paths[:, : k + 1]).topk(4, dim=-1)
 
-        return median_ms(step, repeats)
-
-    def save(self, head, out_dir: Path, dtype: torch.dtype) -> None:
-        save_hydra(head, out_dir, dtype)
-
-    def load(self, out_dir: Path, target) -> HydraHeads:
-        return load_hydra(out_dir, target)
+        return step
 
     def card_intro(self, m: dict) -> str:
         tc = m["train_config"]

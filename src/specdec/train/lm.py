@@ -33,7 +33,8 @@ class ModelSize:
     intermediate_size: int
 
 
-# Sizes chosen for 2 CPU cores without bf16 hardware (fp32 training measured at ~1.5k tok/s for the target).
+# Sizes chosen for 2 CPU cores without bf16 hardware, by fp32 training's throughput there (the shipped
+# MODEL_CARD.md records each model's training time).
 SIZES = {
     "target": ModelSize(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024),  # ~14M params
     "draft": ModelSize(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=384),  # ~1.5M params

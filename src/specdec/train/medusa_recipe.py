@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
 from specdec.heads.medusa import MedusaConfig, MedusaHeads, load_medusa, save_medusa
 from specdec.train.features import FeatureStore
-from specdec.train.head_recipe import Batch, HeadTrainConfig, PerDepthHeads, median_ms, vocab_phrase
+from specdec.train.head_recipe import Batch, HeadTrainConfig, PerDepthHeads, vocab_phrase
 
 
 class MedusaRecipe(PerDepthHeads):
@@ -37,8 +37,10 @@ class MedusaRecipe(PerDepthHeads):
         # Head k on the target's final hidden state at t (the target's own lm_head gives token t + 1).
         return head(b["final"])[:depth]
 
-    @torch.inference_mode()
-    def latency_ms(self, head, width: int, prefix: int = 256, repeats: int = 40) -> float:
+    save = staticmethod(save_medusa)
+    load = staticmethod(load_medusa)
+
+    def drafting_step(self, head, width: int, prefix: int, repeats: int) -> Callable[[int], object]:
         # Every head on `width` hidden states: logits and a top-4 per head (no cache: `prefix` is unused).
         hidden = torch.randn(width, head.config.hidden_size, generator=torch.Generator().manual_seed(0))
 
@@ -46,13 +48,7 @@ class MedusaRecipe(PerDepthHeads):
             for logits in head(hidden):
                 logits.topk(4, dim=-1)
 
-        return median_ms(step, repeats)
-
-    def save(self, head, out_dir: Path, dtype: torch.dtype) -> None:
-        save_medusa(head, out_dir, dtype)
-
-    def load(self, out_dir: Path, target) -> MedusaHeads:
-        return load_medusa(out_dir, target)
+        return step
 
     def card_intro(self, m: dict) -> str:
         tc = m["train_config"]

@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import torch
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, positive_int, unit_interval
+from specdec.dllm.policies.base import BlockView, Param, count, fraction
+from specdec.dllm.policies.threshold import Threshold
 
 
-class AdaBlock(Policy):
+class AdaBlock(Threshold):  # its blocks' ends are its own, what it commits inside them is threshold's
     name = "adablock"
-    params = {
-        "threshold": "commit positions whose candidate's probability is >= this, in (0, 1] (default 0.9)",
-        "delimiter_threshold": "a predicted line end this likely ends the block, in (0, 1] (default 0.4)",
-        "min_block": "the shortest block it makes, >= 1 (default 4)",
+    params = Threshold.params | {
+        "delimiter_threshold": Param(
+            "a predicted line end this likely ends the block, in (0, 1] (default 0.4)", fraction
+        ),
+        "min_block": Param("the shortest block it makes, >= 1 (default 4)", count),
     }
-    threshold = 0.9
     delimiter_threshold = 0.4
     min_block = 4
-
-    def check(self) -> None:
-        unit_interval("threshold", self.threshold)
-        unit_interval("delimiter_threshold", self.delimiter_threshold)
-        positive_int("min_block", self.min_block)
 
     def block_length(self, view: BlockView) -> int | None:
         if view.delimiters is None:
@@ -36,6 +32,3 @@ class AdaBlock(Policy):
         conf = torch.where(is_delim, view.confidence, torch.full_like(view.confidence, -1.0))
         end = int(conf.argmax()) + 1
         return end if end < n else None
-
-    def select(self, view: BlockView) -> Selection:
-        return Selection(at_least_one(view, view.confidence >= self.threshold))

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+import specdec.checks as checks
 from specdec.errors import InputError
 
 # Picks a candidate per row of logits [n, V]: (tokens [n], their probabilities [n]) under the request's
@@ -68,13 +69,43 @@ def at_least_one(
     return leftmost(view) if view.floor == "left" else most_confident(view, confidence)
 
 
+# checks a parameter's value, named for the message: InputError in one line
+Rule = Callable[[str, Any], object]
+
+
+def fraction(name: str, value: Any) -> object:
+    """In (0, 1]: a probability threshold."""
+    return checks.fraction(name, value, error=InputError)
+
+
+def share(name: str, value: Any) -> object:
+    """In [0, 1]: a share kept or a decay."""
+    return checks.fraction(name, value, open_low=False, error=InputError)
+
+
+def count(name: str, value: Any) -> object:
+    """An integer >= 1 (a bool is no integer here)."""
+    return checks.integer(name, value, 1, error=InputError)
+
+
+def nonnegative(name: str, value: Any) -> object:
+    """A finite number >= 0."""
+    return checks.number(name, value, 0, error=InputError)
+
+
+@dataclass(frozen=True)
+class Param:
+    help: str  # what it means, its range and its default (the CLI help says it)
+    rule: Rule | None = None  # its check; None where the policy's own `check` does it (a file that must load)
+
+
 class Policy:
     """One parallel-decoding rule. Subclasses set `name`, their parameters (dataclass-style class attributes
-    listed in `params`, each checked by `check`), and `select`. A policy object serves one generation at a
-    time (the engine makes a fresh one per generation with `fresh`)."""
+    listed in `params` with the rule each must meet, which `check` applies), and `select`. A policy object
+    serves one generation at a time (the engine makes a fresh one per generation with `fresh`)."""
 
     name: ClassVar[str] = ""
-    params: ClassVar[dict[str, str]] = {}  # parameter -> what it means (the CLI help and the errors say it)
+    params: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.params))
@@ -87,7 +118,10 @@ class Policy:
         self.check()
 
     def check(self) -> None:
-        """Range checks of the parameters: InputError in one line."""
+        """Every parameter meets its rule (InputError in one line); subclasses add what spans several."""
+        for key, param in self.params.items():
+            if param.rule is not None:
+                param.rule(key, getattr(self, key))
 
     def settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.params}
@@ -107,17 +141,3 @@ class Policy:
 
     def end_block(self, tokens: list[int]) -> None:
         """The block is over: `tokens` is what it committed (learn2pd's trace collection labels with it)."""
-
-
-def unit_interval(name: str, value: float, open_low: bool = True) -> None:
-    """(0, 1] check (or [0, 1] with open_low=False)."""
-    ok = (0 < value <= 1) if open_low else (0 <= value <= 1)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not ok:
-        interval = "(0, 1]" if open_low else "[0, 1]"
-        raise InputError(f"{name} must be in {interval} (got {value!r})")
-
-
-def positive_int(name: str, value: int) -> None:
-    """An integer >= 1 check (a bool is no integer here)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InputError(f"{name} must be an integer >= 1 (got {value!r})")

@@ -8,27 +8,31 @@ from __future__ import annotations
 
 import torch
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, unit_interval
-from specdec.errors import InputError
+from specdec.dllm.policies.base import (
+    BlockView,
+    Param,
+    Policy,
+    Selection,
+    at_least_one,
+    fraction,
+    nonnegative,
+    share,
+)
 
 
 class Credit(Policy):
     name = "credit"
     params = {
-        "threshold": "commit where the re-ranked candidate's probability is >= this, in (0, 1] (default 0.9)",
-        "decay": "credit kept from one forward to the next, in [0, 1] (default 0.65)",
-        "weight": "how much credit moves the logits, >= 0 (default 0.7)",
+        "threshold": Param(
+            "commit where the re-ranked candidate's probability is >= this, in (0, 1] (default 0.9)", fraction
+        ),
+        "decay": Param("credit kept from one forward to the next, in [0, 1] (default 0.65)", share),
+        "weight": Param("how much credit moves the logits, >= 0 (default 0.7)", nonnegative),
     }
     threshold = 0.9
     decay = 0.65
     weight = 0.7
     credit: torch.Tensor | None = None  # [n, V]: this block's credits, per position and token
-
-    def check(self) -> None:
-        unit_interval("threshold", self.threshold)
-        unit_interval("decay", self.decay, open_low=False)
-        if not isinstance(self.weight, int | float) or isinstance(self.weight, bool) or self.weight < 0:
-            raise InputError(f"weight must be a number >= 0 (got {self.weight!r})")
 
     def start_block(self, length: int) -> None:
         self.credit = None

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, unit_interval
+from specdec.dllm.policies.base import BlockView, Param, Policy, Selection, at_least_one, fraction
 from specdec.errors import InputError
 
 FEATURES = (
@@ -86,15 +86,19 @@ def shipped_filter() -> str:
 class Learn2PD(Policy):
     name = "learn2pd"
     params = {
-        "threshold": "commit where the filter's probability that the candidate is final is >= this, in (0, 1] "
-        "(default 0.9)",
-        "filter": "the filter's file or model directory (default: the shipped dllm's)",
+        "threshold": Param(
+            "commit where the filter's probability that the candidate is final is >= this, in (0, 1] "
+            "(default 0.9)",
+            fraction,
+        ),
+        # no rule: `check` loads it, which is its check
+        "filter": Param("the filter's file or model directory (default: the shipped dllm's)"),
     }
     threshold = 0.9
     filter = ""
 
     def check(self) -> None:
-        unit_interval("threshold", self.threshold)
+        super().check()
         self.net = load_filter(self.filter or shipped_filter())
 
     def select(self, view: BlockView) -> Selection:

@@ -6,27 +6,27 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, positive_int, unit_interval
+from specdec.dllm.policies.base import BlockView, Param, Policy, Selection, at_least_one, count, fraction
 from specdec.errors import InputError
 
 
 class LocalLeap(Policy):
     name = "localleap"
     params = {
-        "threshold": "an anchor's probability, in (0, 1] (default 0.9)",
-        "relaxed_threshold": "a neighbour's probability, in (0, 1], at most threshold (default 0.6)",
-        "radius": "how far from an anchor a neighbour may be, in positions, >= 1 (default 2)",
+        "threshold": Param("an anchor's probability, in (0, 1] (default 0.9)", fraction),
+        "relaxed_threshold": Param(
+            "a neighbour's probability, in (0, 1], at most threshold (default 0.6)", fraction
+        ),
+        "radius": Param("how far from an anchor a neighbour may be, in positions, >= 1 (default 2)", count),
     }
     threshold = 0.9
     relaxed_threshold = 0.6
     radius = 2
 
     def check(self) -> None:
-        unit_interval("threshold", self.threshold)
-        unit_interval("relaxed_threshold", self.relaxed_threshold)
+        super().check()
         if self.relaxed_threshold > self.threshold:
             raise InputError("relaxed_threshold must not exceed threshold")
-        positive_int("radius", self.radius)
 
     def select(self, view: BlockView) -> Selection:
         anchors = view.eligible & (view.confidence >= self.threshold)

@@ -3,18 +3,17 @@ and the most confident one when none is."""
 
 from __future__ import annotations
 
-from specdec.dllm.policies.base import BlockView, Policy, Selection, at_least_one, unit_interval
+from specdec.dllm.policies.base import BlockView, Param, Policy, Selection, at_least_one, fraction
 
 
 class Threshold(Policy):
     name = "threshold"
     params = {
-        "threshold": "commit positions whose candidate's probability is >= this, in (0, 1] (default 0.9)"
+        "threshold": Param(
+            "commit positions whose candidate's probability is >= this, in (0, 1] (default 0.9)", fraction
+        )
     }
     threshold = 0.9
-
-    def check(self) -> None:
-        unit_interval("threshold", self.threshold)
 
     def select(self, view: BlockView) -> Selection:
         return Selection(at_least_one(view, view.confidence >= self.threshold))

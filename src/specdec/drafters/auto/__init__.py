@@ -18,9 +18,10 @@ its own per-generation state inside auto's. A step (docs/methods.md, auto):
 
        (1 + sum of the n values) / (step overhead + cost(n + 1)),
 
-   where cost is the target's forward time per tree size (`CostModel.for_model`, measured at the first
-   generation, refined by every timed verification: `OnlineCost`), and the step overhead is what a step costs
-   besides drafting and verification, measured separately for plain steps and steps with drafts. Drafting
+   where cost is the target's forward time per tree size on the generation's runtime
+   (`CostModel.for_runtime`, measured at the first generation, refined by every timed verification:
+   `OnlineCost`), and the step overhead is what a step costs besides drafting and verification, measured
+   separately for plain steps and steps with drafts. Drafting
    time is spent by then and does not count. n = 0 is plain decoding through the same engine. A tree is taken
    only when its rate beats plain decoding's by the bar (`Realized`: how much more steps with drafts fell
    short of their predicted rate, in wall time, than plain steps did).

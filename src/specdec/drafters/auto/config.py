@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import specdec.checks as checks
+
 
 @dataclass
 class AutoConfig:
@@ -31,14 +33,10 @@ class AutoConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_nodes", "max_depth", "member_nodes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0 (got {value!r})")
+            checks.integer(name, getattr(self, name), 0)
         for name in ("memory", "shared_memory", "probe_overhead"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in (0, 1]")
-        if self.warm_weight < 0:
-            raise ValueError("warm_weight must be >= 0")
+            checks.fraction(name, getattr(self, name))
+        checks.number("warm_weight", self.warm_weight, 0)
 
 
 def member_options(name: str, config: AutoConfig) -> dict:

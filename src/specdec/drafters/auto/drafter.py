@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import specdec.drafters.auto.members as lifecycle
 from specdec.drafters.auto.config import AutoConfig
@@ -22,18 +22,25 @@ from specdec.drafters.auto.timing import (
     remeasure,
     usage_to_choose_by,
 )
-from specdec.drafters.base import Drafter, Request, register
+from specdec.drafters.base import Drafter, Reads, Request, register
+from specdec.runtime import RuntimeChoice
+from specdec.sampling import SamplingParams
 from specdec.timing import Recheck
+
+if TYPE_CHECKING:  # specdec.batch builds on the engine, which builds on the drafters
+    from specdec.batch import BatchBudget
 
 
 @register
-class Auto(Steps, Drafter):
+class Auto(Steps, Drafter[AutoState]):
+    """Also a `RuntimeChooser` (per request: llamacpp where it mostly decodes plainly) and a `BatchSizer` (a
+    batch row's tree is sized for the whole step: `Request.batch`)."""
+
     name = "auto"
-    needs_hidden_states = True  # when a member reads them (eagle); `hidden_layers` is empty otherwise: free
-    hidden_states_optional = True  # on a runtime without them (llamacpp) those members are left out
+    # inner layers when a member reads them (eagle; `hidden_layers` is empty otherwise: free); on a runtime
+    # without them (llamacpp) such members are left out
+    reads = Reads.HIDDEN_LAYERS_IF_AVAILABLE
     uses_head = True  # --draft HEAD_DIR: its eagle member drafts with that head
-    chooses_runtime = True  # per request: llamacpp where it mostly decodes plainly (`choose_runtime`)
-    sizes_batch_trees = True  # a batch row's tree is sized for the whole step (`Request.batch`)
     # what `start` and `release` carry across requests (`runtimes` is not: it only caches the choices offered,
     # and grows with `timings`, so every restored timing's runtime is in it)
     learned_attributes = ("timings", "profiles", "seconds", "keep", "default_runtime", "recheck")
@@ -53,13 +60,14 @@ class Auto(Steps, Drafter):
         self.members: list[Drafter] = []
         self.left_out: dict[str, str] = {}  # member -> why it refused the model
         self.model = None  # the target, once bound
+        self.runtime: RuntimeChoice | None = None  # the engine's default runtime for it, once bound
         self.timings: dict[str, Timing] = {}  # per target runtime (name), measured at its first generation
         # per temperature (`temperature_key`): what is learned there, carried across requests
         self.profiles: dict[float, Profile] = {}
         self.seconds: list[float] = []  # per member: moving average of its propose time (the machine's)
         self.keep: list[float] = []  # per member: moving average of its observe time, paid every step
         self.default_runtime: str | None = None  # the engine's default runtime, once it offered a choice
-        self.runtimes: dict[str, Any] = {}  # name -> its `RuntimeChoice`, as `timings`
+        self.runtimes: dict[str, RuntimeChoice] = {}  # name -> the runtime, as `timings`
         # when the cost curves are measured again (`_remeasure`): a burst of load at the first measurement
         # must not shape every tree for the process's life
         self.recheck = Recheck()
@@ -70,9 +78,9 @@ class Auto(Steps, Drafter):
 
     # -- the member lifecycle and what is carried across requests -------------------------------------------
 
-    def bind(self, model) -> None:
-        self.model = model
-        self.members, self.left_out = lifecycle.bind(self.candidates, model, self._runtime())
+    def bind(self, model, runtime: RuntimeChoice) -> None:
+        self.model, self.runtime = model, runtime
+        self.members, self.left_out = lifecycle.bind(self.candidates, model, runtime)
         self.timings = {}  # each measured at the first start on it, once the engine checked the model
         self.runtimes, self.recheck = {}, Recheck()
         self.profiles = {}
@@ -89,21 +97,15 @@ class Auto(Steps, Drafter):
             m.restore_learned(learned)
 
     def hidden_layers(self) -> tuple[int, ...]:
-        layers = {i for m in self.members if m.needs_hidden_states for i in m.hidden_layers()}
+        layers = {i for m in self.members if m.reads.any for i in m.hidden_layers()}
         return tuple(sorted(layers))
 
-    def _runtime(self, runtime=None):
-        """`runtime` (a `RuntimeChoice`), else the one the model was last given: the one place auto asks
-        `specdec.runtime` for it."""
-        if runtime is not None:
-            return runtime
-        from specdec.runtime import runtime_for
-
-        return runtime_for(self.model)
-
-    def _timing(self, runtime) -> Timing:
-        """The timing of a runtime (a `RuntimeChoice`; None: the one the model was last given)."""
-        runtime = self._runtime(runtime)
+    def _timing(self, runtime: RuntimeChoice | None) -> Timing:
+        """The timing of a runtime (None: the one auto was bound with, for a request from outside an
+        engine)."""
+        if runtime is None:
+            assert self.runtime is not None, "bind first"
+            runtime = self.runtime
         if runtime.name not in self.timings:
             self.runtimes[runtime.name] = runtime
             self.timings[runtime.name] = measured(self.model, runtime, self.config.cost)
@@ -116,7 +118,7 @@ class Auto(Steps, Drafter):
             profile = self.profiles[key] = Profile.new(len(self.members))
         return profile
 
-    def choose_runtime(self, params, runtimes: list) -> int:
+    def choose_runtime(self, params: SamplingParams, runtimes: Sequence[RuntimeChoice]) -> int:
         """Index of the runtime (`RuntimeChoice`s, the engine's default first) whose expected step time is the
         least at the usage auto has for the default runtime at this temperature: measured on it, or, in
         generations elsewhere, what its plan would have verified there (`AutoState.default`). (The usage on
@@ -136,6 +138,11 @@ class Auto(Steps, Drafter):
 
     def _remeasure(self) -> None:
         remeasure(self.timings, self.model, self.runtimes)
+
+    def prepare_batch(self, budget: BatchBudget) -> None:
+        """A batch row's tree is sized by the batch step's cost: measured now, when the batch is made, not in
+        the first request's step."""
+        budget.measure()
 
     def start(self, request: Request) -> AutoState:
         if self.recheck.tick() and self.config.cost is None:

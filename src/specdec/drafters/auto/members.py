@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specdec.drafters.auto.config import AutoConfig, member_options
-from specdec.drafters.base import REGISTRY, Drafter, Request
+from specdec.drafters.base import REGISTRY, Drafter, Reads, Request
 from specdec.errors import InputError
+from specdec.runtime import RuntimeChoice
 from specdec.tree import DraftTree
 
 LOG = logging.getLogger("specdec.auto")
@@ -60,22 +61,28 @@ def candidates(config: AutoConfig, draft_model, exclude: type[Drafter]) -> list[
         # A member must cope with observing trees that are not its own (merged, cut, or another's): point
         # masses that learn from any tree, a draft model (it syncs on the emitted tokens), or a head that
         # reads the accepted path's hidden states. `lookahead` needs its own window verified whole.
-        if not (drafter.mergeable or drafter.samples_drafts or drafter.needs_hidden_states):
+        if not (drafter.mergeable or drafter.samples_drafts or drafter.reads.any):
             raise ValueError(f"member {drafter.name!r} cannot observe trees other than its own")
         built.append(drafter)
     return built
 
 
-def bind(candidates: list[Drafter], model, runtime) -> tuple[list[Drafter], dict[str, str]]:
-    """The candidates that accept the model on its runtime (a `RuntimeChoice`), and why each other one
-    refused it."""
+def sits_out(member: Drafter, runtime: RuntimeChoice | None) -> bool:
+    """`member` reads hidden states and auto is handed none on `runtime`: auto reads them only where the
+    runtime returns every layer (`Reads.HIDDEN_LAYERS_IF_AVAILABLE`), so such a member cannot draft there.
+    (None: outside an engine, nothing known against it.)"""
+    return member.reads.any and runtime is not None and not Reads.HIDDEN_LAYERS_IF_AVAILABLE.on(runtime)
+
+
+def bind(candidates: list[Drafter], model, runtime: RuntimeChoice) -> tuple[list[Drafter], dict[str, str]]:
+    """The candidates that accept the model on its runtime, and why each other one refused it."""
     members: list[Drafter] = []
     left_out: dict[str, str] = {}
     for m in candidates:
         try:
-            if m.needs_hidden_states and not runtime.hidden_states:
+            if sits_out(m, runtime):
                 raise InputError(f"the {runtime.name} runtime returns no hidden states")
-            m.bind(model)
+            m.bind(model, runtime)
         except InputError as e:
             left_out[m.name] = str(e)
             LOG.info("auto: %s left out: %s", m.name, e)
@@ -94,11 +101,9 @@ def start(
     """Each member's track for a new generation, from the lifts and bench counts of its temperature (`benched`
     is updated). A member that `pays` its keep starts, and so does one never measured or benched for
     RETRY_GENERATIONS generations (on trial); one reading hidden states sits out on a runtime without them."""
-    runtime = request.runtime
-    no_hidden = runtime is not None and not runtime.hidden_states
     tracks = []
     for i, (m, lift) in enumerate(zip(members, lifts, strict=True)):
-        if no_hidden and m.needs_hidden_states:  # this generation's runtime returns none: sits out
+        if sits_out(m, request.runtime):  # this generation's runtime returns no hidden states
             tracks.append(MemberTrack(None, lift, active=False))
             continue
         trial = lift is None or benched[i] >= RETRY_GENERATIONS

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from specdec.costmodel import OnlineCost
 from specdec.tree import DraftTree, Trie
 
 
@@ -92,7 +91,7 @@ class Union:
 class StepCost:
     """cost(k) for integer k, each computed once per step (plans ask for the same sizes again and again)."""
 
-    def __init__(self, cost: OnlineCost) -> None:
+    def __init__(self, cost: Callable[[int], float]) -> None:  # an `OnlineCost`, or a batch step's
         self.cost, self.known = cost, [0.0]
 
     def __call__(self, k: int) -> float:

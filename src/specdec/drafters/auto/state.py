@@ -5,13 +5,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from specdec.drafters.auto.estimates import Acceptance
 from specdec.drafters.auto.members import MemberTrack
 from specdec.drafters.auto.timing import Realized, Timing, Usage
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
+
+if TYPE_CHECKING:  # specdec.batch builds on the engine, which builds on the drafters
+    from specdec.batch import RowBudget
 
 
 def temperature_key(params: SamplingParams) -> float:
@@ -70,7 +73,7 @@ class AutoState:
     default: Timing | None
     # a batch row's view of the shared step (`Request.batch`): trees are sized for the whole step's tokens per
     # second, on the batch's cost; None: decoded alone
-    batch: Any = None
+    batch: RowBudget | None = None
     # the per-step choice goes to the debug log: asked once per generation (a step should touch no more code
     # than it needs: after a forward the interpreter's caches are cold and every call costs microseconds)
     debug: bool = False

@@ -75,9 +75,10 @@ class Steps:
     def _choose(self, state: AutoState, context: list[int], depth: int) -> Choice:
         """Steps 1-3: the gate, the offers of the members it let through, the decision."""
         timing = state.timing
+        step_cost: Callable[[int], float]  # the forward's seconds per tree size
         if state.batch is None:
             base, step_cost = 0.0, timing.cost
-            plain = timing.overhead + step_cost.one
+            plain = timing.overhead + timing.cost.one
         else:  # a batch row: the step's rate over all rows, on the batch forward's cost
             base, step_cost = state.batch.terms()
             plain = timing.overhead + step_cost(1)

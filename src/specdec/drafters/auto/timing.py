@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from specdec.costmodel import CostModel, OnlineCost
+from specdec.runtime import RuntimeChoice
 
 TIME_EMA = 0.1  # weight of the newest step in measured times
 USAGE_EMA = 0.3  # weight of the newest generation in `Usage` (a full one: shorter ones weigh less)
@@ -51,14 +52,14 @@ class Timing:
             self.overhead += TIME_EMA * (sample - self.overhead)
 
 
-def measured(model, runtime, fixed) -> Timing:
-    """A runtime's (a `RuntimeChoice`) timing: its forward cost per tree size measured now
+def measured(model, runtime: RuntimeChoice, fixed: CostModel | None) -> Timing:
+    """A runtime's timing: its forward cost per tree size measured now
     (`CostModel.for_runtime`) and refined by every timed verification; or `fixed` (`AutoConfig.cost`), neither
     measured nor refined."""
     return Timing(OnlineCost(fixed, rate=0.0) if fixed else OnlineCost(CostModel.for_runtime(model, runtime)))
 
 
-def remeasure(timings: dict[str, Timing], model, runtimes: dict) -> None:
+def remeasure(timings: dict[str, Timing], model, runtimes: dict[str, RuntimeChoice]) -> None:
     """Every runtime's cost curve measured again, each size keeping its least time so far
     (`CostModel.recheck`); the online refinements start over from it."""
     for name, timing in timings.items():
