@@ -149,3 +149,26 @@ def test_batching_works_whichever_runtime_won_the_timing(tok, monkeypatch, metho
         ids = tok(text)["input_ids"]
         assert row.token_ids == tiny.hf_greedy(model, ids, 12)
         assert row.stats.runtime == "native"
+
+
+@pytest.mark.parametrize("method", ["medusa", "hydra"])
+def test_trees_are_sized_for_the_runtime_a_generation_runs_on(tok, monkeypatch, method):
+    """The heads' tree size is chosen by the target's cost per tree size. When the re-timed race moves the
+    generations to the other runtime, the next generation's trees are sized by that runtime's cost, not by the
+    one bound at load (on a runtime where a tree costs what a token costs, the template grows)."""
+    import specdec.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_tree_seconds", Script(native=[1.0], llamacpp=[1.5, 0.5]))
+    steep = CostModel.fit([1, 2, 64], [1e-3, 2e-3, 64e-3])  # every token in a tree costs a forward
+    flat = CostModel.fit([1, 2, 64], [1e-3, 1e-3, 1.001e-3])  # a tree costs what one token costs
+    curves = {"native": steep, "llamacpp": flat}
+    monkeypatch.setattr(CostModel, "for_runtime", classmethod(lambda cls, m, r, clock=None: curves[r.name]))
+    model = tiny.model("llama", seed=1, dtype=torch.float32)
+    dec = SpecDecoder(model, tok, method, head=tiny.untrained_head(method, model))
+    drafter = dec.engine.drafter
+    assert dec.engine.runtime.name == "native" and drafter.sized_for == "native"
+    bound = len(drafter.template)
+    prompt = "def f(x):\n    return x\n"
+    runs = [dec.generate(prompt, max_new_tokens=4).stats.runtime for _ in range(2)]
+    assert runs == ["native", "llamacpp"]  # the recheck after the first generation found llamacpp faster
+    assert drafter.sized_for == "llamacpp" and len(drafter.template) > bound

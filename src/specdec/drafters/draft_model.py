@@ -154,6 +154,7 @@ class ChainDrafter(Drafter[DS]):
     config: DraftModelConfig
     cost: CostModel | None = None  # the target's, when the length stops at the break-even point
     draft_seconds: float = 0.0  # one draft forward
+    costed = ""  # the runtime `cost` was measured on (a generation on another one measures that one's)
 
     def _feed(self, state: DS, tokens: list[int]) -> torch.Tensor:
         if state.runner.cache is None:
@@ -246,9 +247,14 @@ class DraftModel(ChainDrafter[DraftState]):
         self.target, self.runtime = model, runtime
 
     def start(self, request: Request) -> DraftState:
-        if self.config.break_even and self.cost is None:  # measured here: the engine has checked the target
-            self.cost = CostModel.for_runtime(self.target, self.runtime)
-            self.draft_seconds = feed_seconds(self.runner, self.draft)
+        runtime = (
+            request.runtime or self.runtime
+        )  # a generation may run elsewhere than bound (`--runtime auto`)
+        if self.config.break_even and (self.cost is None or runtime.name != self.costed):
+            # measured here: the engine has checked the target
+            self.cost, self.costed = CostModel.for_runtime(self.target, runtime), runtime.name
+            if not self.draft_seconds:
+                self.draft_seconds = feed_seconds(self.runner, self.draft)
         runner = copy.copy(self.runner)  # shares the weights; the cache below is this generation's own
         runner.cache = None
         dist = None if request.params.greedy else TargetDistribution(request.params)

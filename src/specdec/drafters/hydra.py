@@ -51,6 +51,7 @@ class Hydra(HeadsDrafter[HydraState]):
         heads.bind_embedding(model.get_input_embeddings().weight)
 
     def start(self, request: Request) -> HydraState:
+        self._follow(request.runtime)
         return HydraState()
 
     def _grow(self) -> None:

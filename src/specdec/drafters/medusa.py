@@ -84,13 +84,16 @@ class HeadsDrafter(Drafter[MS]):
     # under models/shipped/: the heads trained for the shipped target
     shipped_head: ClassVar[str]
     # the heads' rank statistics (warm-started across requests) and the template grown from them
-    learned_attributes: ClassVar[tuple[str, ...]] = ("hits", "trials", "template")
+    learned_attributes: ClassVar[tuple[str, ...]] = ("hits", "trials", "template", "sized_for")
 
     def __init__(self, config: MedusaConfig | None = None, **options) -> None:
         self.config = config or MedusaConfig(**options)
         self.heads: Any = None  # MedusaHeads (HydraHeads in the Hydra subclass), once bound
         self.packed: Any = None  # their weights packed for drafting (`_pack`), once bound
-        self.cost: CostModel | None = None
+        # max_nodes "auto": the target's cost per tree size on each runtime a generation ran on, by its name,
+        # and the one the template's size was chosen by
+        self.costs: dict[str, CostModel] = {}
+        self.sized_for = ""
         self.layer = 0  # the target's final hidden state: the LM head's input
         self.hits: torch.Tensor | None = None  # [K, width]: head d's rank-r candidate was the next token
         self.trials: torch.Tensor | None = None  # [K]: steps where head d's token became known
@@ -118,7 +121,26 @@ class HeadsDrafter(Drafter[MS]):
         k, width = heads.config.num_heads, min(self.config.width, heads.config.draft_vocab_size)
         self.hits = torch.zeros(k, width, dtype=torch.float64)
         self.trials = torch.zeros(k, dtype=torch.float64)
-        self.cost = CostModel.for_runtime(model, runtime) if self.config.max_nodes == "auto" else None
+        self.model = model
+        if self.config.max_nodes == "auto":
+            self.costs[runtime.name] = CostModel.for_runtime(model, runtime)
+        self.sized_for = runtime.name
+        self._grow()
+
+    @property
+    def cost(self) -> CostModel | None:
+        """What the template is sized by (None: `max_nodes` fixes its size)."""
+        return self.costs.get(self.sized_for)
+
+    def _follow(self, runtime: RuntimeChoice | None) -> None:
+        """A generation starts on `runtime` (`Request.runtime`): the template's size is the one that pays on
+        the runtime the target runs on. `--runtime auto` re-times its choice now and then, so a generation may
+        run elsewhere than the runtime bound: the template is re-sized for that runtime's cost."""
+        if self.config.max_nodes != "auto" or runtime is None or runtime.name == self.sized_for:
+            return
+        if runtime.name not in self.costs:
+            self.costs[runtime.name] = CostModel.for_runtime(self.model, runtime)
+        self.sized_for = runtime.name
         self._grow()
 
     @abstractmethod
@@ -179,6 +201,7 @@ class Medusa(HeadsDrafter[MedusaState]):
         return PackedMedusa(heads)
 
     def start(self, request: Request) -> MedusaState:
+        self._follow(request.runtime)
         return MedusaState()
 
     def propose(self, state: MedusaState, context: list[int], max_depth: int) -> DraftTree:

@@ -92,6 +92,15 @@ class TokenRecycling(Drafter[None]):
 
     def start(self, request: Request) -> None:
         """No per-generation state: the table and the template are learned across requests on purpose."""
+        moved = (
+            request.runtime is not None
+            and self.runtime is not None
+            and request.runtime.name != self.runtime.name
+        )
+        if (
+            moved and self.config.max_nodes == "auto"
+        ):  # `--runtime auto` re-timed its choice: size for that one
+            self.runtime, self.stale = request.runtime, True
         if self.stale:
             self.stale = False
             self._set_template()
