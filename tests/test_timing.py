@@ -169,6 +169,36 @@ def test_trees_are_sized_for_the_runtime_a_generation_runs_on(tok, monkeypatch, 
     assert dec.engine.runtime.name == "native" and drafter.sized_for == "native"
     bound = len(drafter.template)
     prompt = "def f(x):\n    return x\n"
-    runs = [dec.generate(prompt, max_new_tokens=4).stats.runtime for _ in range(2)]
-    assert runs == ["native", "llamacpp"]  # the recheck after the first generation found llamacpp faster
+    reference = tiny.hf_greedy(model, tok(prompt)["input_ids"], 12)
+    outs = [dec.generate(prompt, max_new_tokens=12, ignore_eos=True) for _ in range(2)]
+    assert [o.stats.runtime for o in outs] == ["native", "llamacpp"]  # the recheck found llamacpp faster
     assert drafter.sized_for == "llamacpp" and len(drafter.template) > bound
+    assert all(o.token_ids == reference for o in outs)  # lossless on either runtime, whatever the size
+
+
+@pytest.mark.parametrize("method", ["recycle", "draft"])
+def test_cost_sized_drafters_follow_a_runtime_switch(tok, monkeypatch, method):
+    """recycle (max_nodes "auto") and draft (break-even length) measure the cost of the runtime a generation
+    runs on once the re-timed race moves it; every generation's output stays generate()'s."""
+    import specdec.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_tree_seconds", Script(native=[1.0], llamacpp=[1.5, 0.5]))
+    measured: list[str] = []
+    flat = CostModel.fit([1, 2, 64], [1e-3, 1e-3, 1.001e-3])
+
+    def for_runtime(cls, m, r, clock=None):
+        measured.append(r.name)
+        return flat
+
+    monkeypatch.setattr(CostModel, "for_runtime", classmethod(for_runtime))
+    model = tiny.model("llama", seed=1, dtype=torch.float32)
+    options = {"max_nodes": "auto"} if method == "recycle" else {"draft_model": tiny.model("llama", seed=2)}
+    dec = SpecDecoder(model, tok, method, **options)
+    prompt = "def f(x):\n    return x\n"
+    reference = tiny.hf_greedy(model, tok(prompt)["input_ids"], 12)
+    outs = [dec.generate(prompt, max_new_tokens=12, ignore_eos=True) for _ in range(2)]
+    assert [o.stats.runtime for o in outs] == ["native", "llamacpp"]
+    drafter = dec.engine.drafter
+    costed = drafter.runtime.name if method == "recycle" else drafter.costed  # what its cost was measured on
+    assert costed == "llamacpp" and measured.count("native") >= 1
+    assert all(o.token_ids == reference for o in outs)
