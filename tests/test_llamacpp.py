@@ -141,10 +141,20 @@ def test_bench_methods_reproduce_generate(tok, model, name):
     assert 1 <= run.target_forwards <= 20
 
 
-def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok, model):
-    """auto has both runtimes; where its generations decode plainly it takes llama.cpp's, and stays lossless."""
+def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok, model, monkeypatch):
+    """auto has both runtimes; where its generations decode plainly it takes llama.cpp's, and stays lossless.
+    The runtimes' cost curves are scripted (llama.cpp's one-token forward far cheaper), so the choice does not
+    hang on how busy the machine is while they are measured."""
+    from specdec.costmodel import CostModel
     from specdec.drafters.auto import USAGE_STEPS, Usage
 
+    curves = {
+        "native": CostModel.fit([1, 2, 64], [1.0, 1.1, 4.0]),
+        "llamacpp": CostModel.fit([1, 2, 64], [0.01, 1.0, 8.0]),
+    }
+    scripted = classmethod(lambda cls, m, r, clock=None: curves[r.name])
+    monkeypatch.setattr(CostModel, "for_runtime", scripted)
+    monkeypatch.setattr(CostModel, "recheck", scripted)
     dec = SpecDecoder(model, tok, "auto")
     assert [r.name for r in dec.engine.runtimes] == ["native", "llamacpp"]
     prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
