@@ -13,7 +13,17 @@ import specdec.checks as checks
 from specdec.errors import InputError
 from specdec.text import decode_utf8
 
-PROMPT_LINE_KEYS = {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "kind"}
+PROMPT_LINE_KEYS = {
+    "prompt",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "seed",
+    "stop",
+    "kind",
+    "reference",
+}
 
 
 def integer(minimum: int, maximum: int | None = None, what: str = "an integer") -> Callable[[str], int]:
@@ -53,7 +63,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "with when none is given), or a trained head directory for --method eagle (default: the shipped head, "
         "with the shipped model)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "float64"],
+        help="the weights' precision (default: float32; bench --scale: the shape's release precision)",
+    )
     p.add_argument(
         "--runtime",
         default="auto",

@@ -8,7 +8,11 @@ Names ("stdlib/json/encoder.py") map to this machine's files through `default_ro
 ordered by a hash of (task, file, line), not by file order, so a suite spreads over many files; the same
 manifest, installation and tokenizer always give byte-identical output.
 
-Each line: {"prompt": ..., "kind": task, "source": held-out file name}. Tasks:
+Each line: {"prompt": ..., "kind": task, "source": held-out file name}, and "reference" where the text that
+really follows the prompt is known: the file's next REFERENCE_CHARS characters (complete, long) or the edit's
+answer (`specdec.bench.yardstick.real_continuation`). `specdec bench --scale` forces acceptance along it.
+`--references-only` adds references to the suites already written, reading the held-out files from the
+installation plus any `--root LABEL=DIR` (for files whose package is not installed here). Tasks:
   complete   a file prefix ending right after a function's signature and docstring;
   edit       a whole function, then a comment asking for it again with one small change, then the new `def`;
   long       a 1024-1792-token file prefix (room for 256 new tokens in a 2048-position context);
@@ -35,6 +39,7 @@ PER_FILE = 2  # at most this many prompts of one task from one file
 COMPLETE_TOKENS = (48, 1024)  # prompt length bounds
 FUNCTION_TOKENS = (60, 400)  # the function copied by edit / multiturn
 LONG_TOKENS = (1024, 1792)
+REFERENCE_CHARS = 2048  # of real continuation kept: more than 256 new tokens of the shipped tokenizer
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,31 @@ def build(manifest: dict, tokenizer, roots: dict[str, str] | None = None) -> dic
     return {task: getattr(builder, task)() for task in PROMPTS_PER_TASK}  # fixed order: `used` is shared
 
 
+def add_references(suites: dict[str, list[dict]], roots: dict[str, str]) -> int:
+    """Set each row's "reference" where its real continuation is known here; returns how many rows have one."""
+    from specdec.bench.yardstick import real_continuation
+
+    found = 0
+    for task, rows in suites.items():
+        for row in rows:
+            if "reference" not in row:
+                text = real_continuation(task, row["prompt"], row["source"], roots)
+                if text:
+                    row["reference"] = text[:REFERENCE_CHARS]
+            found += "reference" in row
+    return found
+
+
+def read_suites(folder: Path) -> dict[str, list[dict]]:
+    return {
+        task: [
+            json.loads(line) for line in (folder / f"{task}.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
+        for task in PROMPTS_PER_TASK
+        if (folder / f"{task}.jsonl").exists()
+    }
+
+
 def write(suites: dict[str, list[dict]], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, rows in suites.items():
@@ -240,13 +270,37 @@ def main(argv: list[str] | None = None) -> int:
         help="tokenizer that measures prompt lengths (default: the shipped target's)",
     )
     p.add_argument("--out", type=Path, default=TASKS_DIR)
+    p.add_argument(
+        "--references-only",
+        action="store_true",
+        help="add references to the suites in --out instead of building them",
+    )
+    p.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="also read held-out files named LABEL/... from DIR (repeatable)",
+    )
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
+    roots = [r.partition("=") for r in args.root]
+    if any(not label or not folder for label, _, folder in roots):
+        p.error("--root takes LABEL=DIR")
+    if args.references_only:
+        suites = read_suites(args.out)
+        found = 0
+        for extra in [default_roots()] + [{label: folder} for label, _, folder in roots]:
+            found = add_references(suites, extra)
+        write(suites, args.out)
+        print(f"{found} prompts have a reference", file=sys.stderr)
+        return 0
     if not args.manifest.exists():
         p.error(f"no manifest at {args.manifest}; pass --manifest")
     manifest = json.loads(args.manifest.read_text())
     suites = build(manifest, AutoTokenizer.from_pretrained(args.tokenizer))
+    add_references(suites, default_roots())
     write(suites, args.out)
     for task, rows in suites.items():
         print(f"{task}: {len(rows)} prompts from {len({r['source'] for r in rows})} files", file=sys.stderr)

@@ -94,10 +94,28 @@ def register(subparsers) -> None:
         "tau per task; the trained heads (eagle, medusa, hydra; those that load for the model) the same way "
         "through the target, which reads the reference text (see docs/bench.md)",
     )
+    scale = b.add_mutually_exclusive_group()
+    from specdec.models.scale import SCALES
+
+    scale.add_argument(
+        "--scale",
+        default=None,
+        choices=list(SCALES),
+        help="instead of the model: one of this published shape with random weights, in its release precision "
+        "(bfloat16; --dtype overrides), every method forced along each prompt's real continuation: the speed a "
+        "model of that size writing that text gets (tasks complete, long, edit by default; see docs/bench.md)",
+    )
+    scale.add_argument(
+        "--scale-config",
+        type=Path,
+        default=None,
+        metavar="CONFIG_JSON",
+        help="as --scale, for the shape in any Hugging Face causal LM config.json",
+    )
     from specdec.dllm.cli import add_policy_arguments
 
     add_policy_arguments(b, several=True)
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=cmd_bench, dtype=None)  # None: float32, or with --scale the shape's release dtype
 
 
 def _limit(prompts: list, n: int | None) -> list:
@@ -140,27 +158,36 @@ def _load_models(args: argparse.Namespace):
     from specdec.models.loading import freeze_heap, load_models
 
     wanted = select_methods(args.methods, True)
-    loaded = load_models(args.model, args.draft, any(needs_draft(m) for m in wanted), args.dtype)
+    loaded = load_models(args.model, args.draft, any(needs_draft(m) for m in wanted), args.dtype or "float32")
     freeze_heap()  # a full garbage collection must not land in whichever method runs when it triggers
     return loaded.target, loaded.tokenizer, loaded.draft, loaded.draft_name
 
 
 def _run(args, prompts, model, tokenizer, draft_model, params):
     """Build the methods and run them under one progress bar; returns (result, skipped methods)."""
+    from specdec.bench.runner import all_methods, select_methods
+
+    names = select_methods(args.methods, draft_model is not None)
+    result, skipped = run_methods(args, prompts, model, tokenizer, draft_model, params, names)
+    if args.methods is None:  # say why the draft-model methods are missing
+        skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
+    return result, skipped
+
+
+def run_methods(args, prompts, model, tokenizer, draft_model, params, names, references=None):
+    """Build the methods `names` and run them under one progress bar (forced along `references`, when
+    given: `run_bench`); returns (result, skipped methods), each skipped one said on stderr."""
     from tqdm import tqdm
 
     from specdec.bench.methods import ForwardCounter
-    from specdec.bench.runner import all_methods, build_methods, run_bench, select_methods
+    from specdec.bench.runner import build_methods, run_bench
 
     explicit = args.methods is not None
-    names = select_methods(args.methods, draft_model is not None)
     counter = ForwardCounter(model)
     try:
         methods, skipped = build_methods(
             names, model, tokenizer, draft_model, counter, explicit, args.runtime
         )
-        if not explicit:  # say why the draft-model methods are missing
-            skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
         for name, reason in skipped.items():
             print(f"specdec bench: skipping {name}: {reason}", file=sys.stderr)
         total = len(methods) * (args.warmup + args.repeats * len(prompts))
@@ -173,7 +200,16 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
 
             optional = frozenset() if explicit else frozenset(m.name for m in methods)
             result = run_bench(
-                prompts, methods, model, tokenizer, params, progress, args.warmup, optional, args.repeats
+                prompts,
+                methods,
+                model,
+                tokenizer,
+                params,
+                progress,
+                args.warmup,
+                optional,
+                args.repeats,
+                references,
             )
     finally:
         counter.close()
@@ -221,13 +257,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return dllm.run(args)
     per_task = args.prompts or (QUICK_PROMPTS if args.quick else None)
     tasks = args.tasks
+    scaled = args.scale is not None or args.scale_config is not None
     if tasks is None and args.prompts_file is None and args.spec_bench is None:
-        tasks = suites()
+        from specdec.bench.scale import SCALE_TASKS
+
+        tasks = list(SCALE_TASKS) if scaled else suites()
     prompts = [p for name in tasks or [] for p in _limit(load_suite(name), per_task)]
     from_file = (
         load_prompts_file(args.prompts_file) if args.prompts_file is not None else []
     )  # before loading
 
+    if scaled:
+        from specdec.bench import scale
+
+        if args.spec_bench is not None or args.yardstick or args.draft is not None:
+            raise InputError(
+                "--scale runs plain prompts with references: no --spec-bench, --yardstick or --draft"
+            )
+        return scale.run(args, prompts + _limit(from_file, per_task), params, per_task)
     model, tokenizer, draft_model, draft_name = _load_models(args)
     if args.spec_bench is not None:
         prompts += load_spec_bench(args.spec_bench, tokenizer, per_task)

@@ -73,16 +73,28 @@ class LlamaCppMethod(Method):
 
         self.llm.eval = counted  # type: ignore[method-assign]
 
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+    def run(self, prompt_ids: list[int], params: SamplingParams, force: list[int] | None = None) -> Run:
+        from llama_cpp import LogitsProcessorList
+
+        from specdec.bench.forcing import ForceReference
+
         if not params.greedy:
             raise InputError("the llamacpp methods run greedy decoding only")
         self.llm.reset()  # no prompt-prefix reuse between runs: every method prefills every prompt
         self.forwards = 0
         out: list[int] = []
+        forcing = None if force is None else ForceReference(len(prompt_ids), force)
+        processors = None if forcing is None else LogitsProcessorList([forcing])
+        eos = set() if forcing is not None else self.eos
+        first = None
         start = time.perf_counter()
-        for token in self.llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        for token in self.llm.generate(
+            prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True, logits_processor=processors
+        ):
             out.append(token)
-            if token in self.eos or len(out) >= params.max_new_tokens:
+            first = time.perf_counter() - start if first is None else first
+            if token in eos or len(out) >= params.max_new_tokens:
                 break
         seconds = time.perf_counter() - start
-        return Run(out, seconds, self.forwards)  # the prefill yields the first token, as a tree forward does
+        # the prefill yields the first token, as a tree forward does
+        return Run(out, seconds, self.forwards, first if forcing is not None else None)

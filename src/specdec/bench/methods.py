@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,6 +22,8 @@ class Run:
     token_ids: list[int]
     seconds: float
     target_forwards: int
+    first_seconds: float | None = None  # to the first new token (measured for forced runs)
+    stats: Any = None  # specdec's `Stats` of the generation (its methods only)
 
 
 class ForwardCounter:
@@ -41,7 +44,8 @@ class Method:
     name: str
     family: str  # "transformers" or "specdec"
 
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+    def run(self, prompt_ids: list[int], params: SamplingParams, force: list[int] | None = None) -> Run:
+        """One generation; `force`: greedy, decoding exactly these tokens (`specdec.bench.forcing`)."""
         raise NotImplementedError
 
     def snapshot(self) -> object:
@@ -63,10 +67,16 @@ class HFMethod(Method):
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self.pad = pad[0] if isinstance(pad, list) else pad
 
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+    def run(self, prompt_ids: list[int], params: SamplingParams, force: list[int] | None = None) -> Run:
+        from specdec.bench.forcing import ForceReference
+
         ids = torch.tensor([prompt_ids])
         kwargs = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self.pad, **self.extra}
-        if params.greedy:
+        forcing = None if force is None else ForceReference(len(prompt_ids), force)
+        if forcing is not None:
+            assert params.greedy and params.max_new_tokens == len(force)
+            kwargs.update(do_sample=False, logits_processor=[forcing])
+        elif params.greedy:
             kwargs["do_sample"] = False
         else:  # top_k explicitly: generate() would otherwise apply its default top_k=50
             kwargs.update(
@@ -79,7 +89,8 @@ class HFMethod(Method):
         with torch.inference_mode():
             out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
         seconds = time.perf_counter() - start
-        return Run(out[0, len(prompt_ids) :].tolist(), seconds, self.counter.count - before)
+        first = None if forcing is None or forcing.first_call is None else forcing.first_call - start
+        return Run(out[0, len(prompt_ids) :].tolist(), seconds, self.counter.count - before, first)
 
 
 class SpecdecMethod(Method):
@@ -108,7 +119,14 @@ class SpecdecMethod(Method):
         assert isinstance(snapshot, dict)  # made by `snapshot`
         self.decoder.engine.drafter.restore_learned(snapshot)
 
-    def run(self, prompt_ids: list[int], params: SamplingParams) -> Run:
+    def run(self, prompt_ids: list[int], params: SamplingParams, force: list[int] | None = None) -> Run:
+        if force is not None:
+            from specdec.bench.forcing import forced_generation
+
+            forced = forced_generation(self.decoder.engine, prompt_ids, force)
+            stats = forced.generation.stats  # type: ignore[attr-defined]
+            tokens = forced.generation.token_ids  # type: ignore[attr-defined]
+            return Run(tokens, forced.seconds, stats.target_forwards, forced.first_seconds, stats)
         start = time.perf_counter()
         result = self.decoder.generate(
             prompt_ids,
@@ -119,7 +137,7 @@ class SpecdecMethod(Method):
             seed=params.seed,
         )
         seconds = time.perf_counter() - start
-        return Run(result.token_ids, seconds, result.stats.target_forwards)
+        return Run(result.token_ids, seconds, result.stats.target_forwards, stats=result.stats)
 
 
 # `pld@transformers`: pld on that runtime, whatever --runtime says

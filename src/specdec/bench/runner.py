@@ -150,6 +150,11 @@ class Record:
     seconds: float
     target_forwards: int
     match: bool | None  # token ids equal hf-vanilla's (None when sampling)
+    first_seconds: float | None = None  # to the first new token (forced runs: `--scale`)
+    draft_seconds: float | None = None  # specdec's split of `seconds` (its methods only)
+    verify_seconds: float | None = None
+    other_seconds: float | None = None
+    draft_nodes: int | None = None  # drafted nodes the target scored, over all steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,6 +262,7 @@ def run_bench(
     warmup: int = 1,
     optional: frozenset[str] = frozenset(),
     repeats: int = 1,
+    references: list[list[int]] | None = None,
 ) -> BenchResult:
     """Warm up every method, then run them interleaved per prompt (hf-vanilla first, the others in an order
     rotated from prompt to prompt). `progress(desc, runs=1)` follows the runs.
@@ -272,6 +278,9 @@ def run_bench(
     drafter that cannot serve this model) is dropped with its reason instead of failing the whole bench.
 
     Under sampling, prompt i is generated with seed params.seed + i by every method.
+
+    `references` (greedy, plain prompts): every method decodes exactly references[i] after prompt i, its
+    verdicts forced along it (`specdec.bench.forcing`), and the warm-up is forced along the prompts' own text.
     """
     assert methods and methods[0].name == BASELINE
     config = model.config.get_text_config(decoder=True)
@@ -279,6 +288,9 @@ def run_bench(
     static_ids = [None if p.text is None else p.render(tokenizer, []) for p in prompts]
     check_lengths(prompts, static_ids, params, limit)
     warm = warm_prompts(prompts, static_ids, tokenizer)
+    if references is not None:
+        assert params.greedy and all(ids is not None for ids in static_ids)
+        warm = forced_warm_prompts(prompts, static_ids, references)
     share = repeats * len(prompts) + warmup  # a skipped method's runs on the progress bar
     methods, skipped = warm_up(methods, warm, warm_params(params), warmup, optional, progress, share)
     bench = Session(methods, tokenizer, Diagnoser(model), params.greedy, progress)
@@ -290,7 +302,11 @@ def run_bench(
             ids = render_turn(prompts, i, bench.answers, tokenizer)
             check_lengths([prompt], [ids], params, limit)
         where: Where = {"prompt": i, "task": prompt.task, "index": index, "source": prompt.source}
-        bench.records.extend(bench.rounds(Turn(where, ids), prompt_params(params, prompt, i), repeats))
+        turn_params = prompt_params(params, prompt, i)
+        force = None if references is None else references[i]
+        if force is not None:
+            turn_params.max_new_tokens = len(force)
+        bench.records.extend(bench.rounds(Turn(where, ids, force=force), turn_params, repeats))
     return BenchResult(bench.records, bench.mismatches, methods, skipped)
 
 
@@ -309,6 +325,27 @@ def warm_prompts(
     return list(firsts.values()) or [tokenizer("def f(x):\n")["input_ids"]]
 
 
+WARM_FORCED = 32  # tokens of a forced warm-up generation
+
+
+def forced_warm_prompts(
+    prompts: list[BenchPrompt], static_ids: list, references: list[list[int]]
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reference) per task for a forced warm-up: the first prompt's first tokens (at most 256) and
+    the next WARM_FORCED of its own text (its reference when the prompt is shorter). Forced, so that auto's
+    first estimates come from real text and not from what a random-weight model writes."""
+    firsts: dict[str, tuple[list[int], list[int]]] = {}
+    for prompt, ids, ref in zip(prompts, static_ids, references, strict=True):
+        if prompt.task in firsts:
+            continue
+        if len(ids) > 2 * WARM_FORCED:
+            cut = min(256, len(ids) - WARM_FORCED)
+            firsts[prompt.task] = (ids[:cut], ids[cut : cut + WARM_FORCED])
+        else:
+            firsts[prompt.task] = (ids, ref[:WARM_FORCED])
+    return list(firsts.values())
+
+
 def warm_params(params: SamplingParams) -> SamplingParams:
     """The bench's sampling settings, with at most 64 new tokens."""
     return SamplingParams(
@@ -322,7 +359,7 @@ def warm_params(params: SamplingParams) -> SamplingParams:
 
 def warm_up(
     methods: list[Method],
-    prompts: list[list[int]],
+    prompts: list[list[int]] | list[tuple[list[int], list[int]]],
     params: SamplingParams,
     rounds: int,
     optional: frozenset[str],
@@ -330,13 +367,20 @@ def warm_up(
     share: int,
 ) -> tuple[list[Method], dict[str, str]]:
     """`rounds` runs of every method over the warm-up prompts. Returns the methods left and, per method
-    dropped, why: one in `optional` that raised InputError (its `share` of the progress bar is passed on)."""
+    dropped, why: one in `optional` that raised InputError (its `share` of the progress bar is passed on).
+    A prompt given as (ids, reference) is decoded forced along the reference."""
     skipped: dict[str, str] = {}
     for _ in range(rounds):
         for method in list(methods):
             try:
-                for ids in prompts:
-                    method.run(ids, params)
+                for item in prompts:
+                    if isinstance(item, tuple):
+                        ids, force = item
+                        forced = copy.copy(params)
+                        forced.max_new_tokens = len(force)
+                        method.run(ids, forced, force)
+                    else:
+                        method.run(item, params)
             except InputError as e:
                 if method.name not in optional or method.name == BASELINE:
                     raise
@@ -384,6 +428,7 @@ class Turn:
     reference: list[int] | None = None  # hf-vanilla's tokens in the first round
     best: dict[str, Record] = field(default_factory=dict)  # per method: its fastest round
     mismatched: set[str] = field(default_factory=set)  # methods whose output differed in some round
+    force: list[int] | None = None  # the tokens every method's verdicts are forced along (`--scale`)
 
 
 @dataclass
@@ -412,14 +457,14 @@ class Session:
                     if snapshot is not None:
                         method.restore(snapshot)
             for method in rotation(methods, turn.where["prompt"] + round_):
-                self.take(turn, method, method.run(turn.ids, params))
+                self.take(turn, method, method.run(turn.ids, params, turn.force))
                 self.progress(f"{turn.where['task']} {turn.where['index']} {method.name}")
         return [turn.best[m.name] for m in methods]
 
     def take(self, turn: Turn, method: Method, run: Run) -> None:
         """Check a run against the reference (hf-vanilla's first run is it) and keep the method's fastest."""
-        if turn.reference is None:
-            turn.reference = run.token_ids
+        if turn.reference is None:  # forced: every method, hf-vanilla too, must emit the forced tokens
+            turn.reference = run.token_ids if turn.force is None else turn.force
             self.answers.append(self.tokenizer.decode(turn.reference, skip_special_tokens=True))
         if self.greedy:
             self.compare(turn, method.name, run.token_ids)
@@ -431,7 +476,13 @@ class Session:
             seconds=run.seconds,
             target_forwards=run.target_forwards,
             match=None,
+            first_seconds=run.first_seconds,
         )
+        if run.stats is not None:
+            record.draft_seconds = run.stats.draft_seconds
+            record.verify_seconds = run.stats.verify_seconds
+            record.other_seconds = run.stats.other_seconds
+            record.draft_nodes = run.stats.draft_nodes
         kept = turn.best.get(method.name)
         if kept is None or _rate(record) < _rate(kept):
             turn.best[method.name] = record

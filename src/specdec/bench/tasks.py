@@ -27,6 +27,7 @@ class BenchPrompt:
     turns: list[str] = field(default_factory=list)  # chat prompt: user turns; all but the last are answered
     previous: int | None = None  # index of the prompt whose hf-vanilla answer goes before the last turn
     max_new_tokens: int | None = None  # per-prompt override (prompt files only)
+    reference: str | None = None  # the text that really follows `text`, where known (`specdec bench --scale`)
 
     def render(self, tokenizer, answers: list[str]) -> list[int]:
         """Token ids; `answers` are the decoded hf-vanilla answers to the earlier turns, oldest first."""
@@ -52,11 +53,17 @@ def load_suite(name: str) -> list[BenchPrompt]:
         raise InputError(f"unknown task {name!r} (choose from {', '.join(suites())})")
     text = (resources.files("specdec.bench") / "tasks" / f"{name}.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [BenchPrompt(task=row["kind"], source=row["source"], text=row["prompt"]) for row in rows]
+    return [
+        BenchPrompt(
+            task=row["kind"], source=row["source"], text=row["prompt"], reference=row.get("reference")
+        )
+        for row in rows
+    ]
 
 
 def load_prompts_file(path: Path) -> list[BenchPrompt]:
-    """Any JSONL of {"prompt": ...}; optional "kind" (the task it is grouped under) and "max_new_tokens"."""
+    """Any JSONL of {"prompt": ...}; optional "kind" (the task it is grouped under), "max_new_tokens" and
+    "reference" (the prompt's real continuation, for `--scale`)."""
     from specdec.cliargs import read_prompts_file
 
     prompts = []
@@ -74,9 +81,16 @@ def load_prompts_file(path: Path) -> list[BenchPrompt]:
         kind = row.get("kind", CUSTOM)
         if not isinstance(kind, str) or not kind:
             raise InputError(f'{path}:{row["line"]}: "kind" must be a non-empty string')
+        reference = row.get("reference")
+        if reference is not None and (not isinstance(reference, str) or not reference):
+            raise InputError(f'{path}:{row["line"]}: "reference" must be a non-empty string')
         prompts.append(
             BenchPrompt(
-                kind, f"{path.name}:{row['line']}", row["prompt"], max_new_tokens=row.get("max_new_tokens")
+                kind,
+                f"{path.name}:{row['line']}",
+                row["prompt"],
+                max_new_tokens=row.get("max_new_tokens"),
+                reference=reference,
             )
         )
     return prompts

@@ -15,8 +15,8 @@ A stronger model writes text closer to the real continuation than to the shipped
 column is the better guide to what a copy drafter gives it.
 
 The trained heads (eagle, medusa, hydra) read the target's hidden states, so they cannot run without it: they
-go through the real engine and the real target forward (`ForcedTarget`), whose verdict alone is replaced by the
-reference's. Along the accepted path the target has then read exactly the reference text, so a head drafts
+go through the real engine and the real target forward (`specdec.bench.forcing.ForcedTarget`), whose verdict alone
+is replaced by the reference's. Along the accepted path the target has then read exactly the reference text, so a head drafts
 from the target's hidden states of that text, as it would for a target that wrote it. Their trees have a fixed
 `HEAD_NODES` drafted nodes (not the cost model's choice), so their τ is the same on any machine.
 """
@@ -26,17 +26,16 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from specdec.acceptance import _descend
+from specdec.bench.forcing import forced_generation
 from specdec.drafters import make_drafter
 from specdec.drafters.base import Drafter, Request, Scored
-from specdec.runtime.base import Scores
 from specdec.sampling import SamplingParams
-from specdec.tree import DraftTree
 
 TOKEN_ONLY = (
     "pld",
@@ -114,64 +113,15 @@ def teacher_forced_tau(drafter: Drafter, prompt_ids: list[int], reference: list[
     return emitted / steps
 
 
-class ForcedTarget:
-    """A generation's target whose forwards are real (cache, hidden states) but whose verdict is the
-    reference's: each tree node's logits put all their mass on the reference token that follows the node's
-    position, so greedy acceptance takes exactly the drafted prefix that matches the reference, and the bonus
-    token is the reference's next. Nodes off the reference path get logits too, but acceptance never reaches
-    them."""
-
-    def __init__(self, inner, prompt_len: int, reference: list[int]) -> None:
-        self.inner, self.prompt_len, self.reference = inner, prompt_len, reference
-
-    @property
-    def length(self) -> int:
-        return self.inner.length
-
-    def reset(self, positions: int, slack: int = 0) -> None:
-        self.inner.reset(positions, slack)
-
-    def prefill(self, token_ids: list[int], layers=()) -> Scores:
-        return self.inner.prefill(token_ids, layers)
-
-    def score(self, tree: DraftTree, layers=()) -> Scores:
-        # the root sits at position `start` (the cache holds every token before it); a node at depth d is at
-        # start + d, and the token after it is reference[start + d + 1 - prompt_len]
-        start = self.inner.length
-        scores = self.inner.score(tree, layers)
-        last = len(self.reference) - 1
-        truth = [self.reference[min(start + d + 1 - self.prompt_len, last)] for d in tree.depths]
-        logits = scores.logits.new_zeros(scores.logits.shape)  # [N, V], one-hot rows
-        logits[torch.arange(len(tree)), torch.tensor(truth)] = 1.0
-        return replace(scores, logits=logits)
-
-    def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
-        self.inner.commit(scores, accepted_nodes)
-
-    def free(self) -> None:
-        self.inner.free()
-
-
 def forced_tau(engine, prompt_ids: list[int], reference: list[int]) -> float:
-    """Tokens per target forward of the engine's drafter when the reference decides acceptance (`ForcedTarget`)."""
-    from specdec.engine import Decoding
-
+    """Tokens per target forward of the engine's drafter when the reference decides acceptance
+    (`specdec.bench.forcing`)."""
     if not reference:
         return 0.0
-    params = SamplingParams(max_new_tokens=len(reference), ignore_eos=True)
-    run = Decoding(engine, prompt_ids, params)
-    run.target = ForcedTarget(run.target, len(prompt_ids), reference)
-    try:
-        with torch.inference_mode():
-            run.prefill()
-            while True:
-                step = run.step()
-                if step.done:
-                    break
-    finally:
-        run.close()
-    assert run.out.token_ids == reference, "a forced generation must emit the reference"
-    return run.stats.mean_accepted_tokens
+    run = forced_generation(engine, prompt_ids, reference)
+    generation = run.generation
+    assert generation.token_ids == reference, "a forced generation must emit the reference"
+    return generation.stats.mean_accepted_tokens
 
 
 @dataclass

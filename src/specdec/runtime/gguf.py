@@ -39,7 +39,7 @@ def gguf_reason(model) -> str:
         return f"model type {config.model_type!r} (the GGUF conversion writes Llama models)"
     if getattr(config, "attention_bias", False):
         return "attention biases"
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
         return f"rope type {rope['rope_type']!r}"
     if next(model.parameters()).dtype not in _FILE_TYPES:
         return f"dtype {next(model.parameters()).dtype} (no GGUF type)"
@@ -90,12 +90,14 @@ def to_gguf(model, tokenizer, path: Path) -> None:
     else:
         tokens, merges = _tokenizer_vocab(tokenizer)
         special = set(tokenizer.all_special_ids)
+        types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+        # a model whose vocabulary is larger than its tokenizer's (padded embeddings; `bench --scale`'s
+        # shapes, read with the shipped tokenizer): llama.cpp needs a token for every row
+        unused = range(len(tokens), config.vocab_size)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_types(
-            [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
-        )
+        writer.add_token_list(tokens + [f"<unused{i}>" for i in unused])
+        writer.add_token_types(types + [gguf.TokenType.UNUSED] * len(unused))
         writer.add_token_merges(merges)
     eos = model.generation_config.eos_token_id
     writer.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
@@ -108,6 +110,12 @@ def to_gguf(model, tokenizer, path: Path) -> None:
             array = t.view(torch.int16).numpy()
         writer.add_tensor(name, array, raw_dtype=raw)
 
+    if rope.get("rope_type", "default") != "default":
+        # llama.cpp divides each rotary frequency by its factor in rope_freqs: the base frequency over the
+        # model's (scaled) one, whatever rule scaled it (linear, llama3)
+        d_half = torch.arange(0, d, 2, dtype=torch.float32) / d
+        base = 1.0 / float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))) ** d_half
+        writer.add_tensor("rope_freqs.weight", (base / native.inv_freq).numpy())
     add("token_embd.weight", native.embed)
     add("output_norm.weight", native.norm)
     if native.lm_head.data_ptr() != native.embed.data_ptr():
