@@ -152,7 +152,7 @@ class Scripted(Method):
     def __init__(self, name: str, tokens: list[int], seconds: list[float]) -> None:
         self.name, self.tokens, self.seconds = name, tokens, iter(seconds)
 
-    def run(self, prompt_ids, params):
+    def run(self, prompt_ids, params, force=None):
         return Run(list(self.tokens), next(self.seconds), len(self.tokens))
 
 
@@ -164,7 +164,7 @@ def test_repeats_keep_each_methods_fastest_round_and_check_every_round():
     # wrong only in the second round of the first prompt: still one mismatch, and the record says so
     slips = Scripted("slips", [5, 6, 7], [0.5, 0.1, 0.5, 1.0, 1.0, 1.0])
     tokens = iter([[5, 6, 7], [5, 9, 7], [5, 6, 7], [5, 6, 7], [5, 6, 7], [5, 6, 7]])
-    slips.run = lambda ids, params: Run(next(tokens), next(slips.seconds), 3)
+    slips.run = lambda ids, params, force=None: Run(next(tokens), next(slips.seconds), 3)
     params = SamplingParams(max_new_tokens=3)
     result = run_bench(prompts, [base, fast, slips], model, tok, params, warmup=0, repeats=3)
     seconds = {(r.prompt, r.method): r.seconds for r in result.records}
@@ -194,7 +194,7 @@ class Learner(Scripted):
     def restore(self, snapshot):
         self.seen = snapshot
 
-    def run(self, prompt_ids, params):
+    def run(self, prompt_ids, params, force=None):
         self.starts.append(self.seen)
         self.seen += 1
         return super().run(prompt_ids, params)

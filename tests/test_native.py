@@ -152,3 +152,51 @@ def test_every_drafter_is_lossless_on_either_runtime(tok, method, runtime):
     out = dec.generate(prompt, max_new_tokens=24)
     assert out.token_ids == tiny.hf_greedy(model, prompt, 24)
     assert out.stats.runtime == runtime
+
+
+def _bf16_tie(model, ids: list[int]) -> bool:
+    """transformers' bfloat16 logits after `ids` have their top two within one bfloat16 step of each other:
+    a tie, which rounding in another kernel may break either way."""
+    with torch.inference_mode():
+        top = model(input_ids=torch.tensor([ids])).logits[0, -1].float().topk(2).values
+    return float(top[0] - top[1]) <= float(top[0].abs()) * 2**-7
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_bfloat16_greedy_output_equals_generate(tok, arch):
+    """In bfloat16 (prepacked for oneDNN where the CPU has bf16 units, with either one-token kernel) the
+    native runtime's greedy output is transformers' bfloat16 generate()'s, for every family, up to where
+    generate() itself picks between two tokens whose bfloat16 logits tie (bfloat16 keeps 8 significant
+    bits, so tiny random models tie often; the products' rounding breaks a tie either way)."""
+    from specdec.runtime.native import PACKED_ROWS
+
+    model = _model(arch, seed=7, dtype=torch.bfloat16)
+    prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
+    want = tiny.hf_greedy(model, prompt, 24)
+    native = NativeModel(model)
+    for packed_from in (1, PACKED_ROWS):
+        native.packed_from = packed_from
+        runner = NativeRunner(native)
+        with torch.inference_mode():
+            logits = runner.start(prompt, len(prompt) + 24)
+            got = []
+            for _ in range(24):
+                got.append(int(logits.argmax()))
+                logits = runner.extend(got[-1:])[-1]
+        cut = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+        assert cut is None or _bf16_tie(model, prompt + want[:cut]), (packed_from, cut)
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_the_one_token_kernel_is_the_one_timed_faster(faster):
+    """`choose_one_token_kernel` keeps whichever kernel its clock times faster (a scripted clock here)."""
+    from specdec.runtime.native import choose_one_token_kernel
+
+    native = NativeModel(_model("llama", dtype=torch.float32))
+    now = [0.0]
+
+    def clock() -> float:  # each forward lasts 1 s, or 0.5 s with the kernel that should win
+        now[0] += 0.25 if native.packed_from == faster else 0.5
+        return now[0]
+
+    assert choose_one_token_kernel(native, clock) == faster == native.packed_from

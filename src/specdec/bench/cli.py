@@ -165,57 +165,13 @@ def _load_models(args: argparse.Namespace):
 
 def _run(args, prompts, model, tokenizer, draft_model, params):
     """Build the methods and run them under one progress bar; returns (result, skipped methods)."""
-    from specdec.bench.runner import all_methods, select_methods
+    from specdec.bench.runner import all_methods, run_methods, select_methods
 
     names = select_methods(args.methods, draft_model is not None)
     result, skipped = run_methods(args, prompts, model, tokenizer, draft_model, params, names)
     if args.methods is None:  # say why the draft-model methods are missing
         skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
     return result, skipped
-
-
-def run_methods(args, prompts, model, tokenizer, draft_model, params, names, references=None):
-    """Build the methods `names` and run them under one progress bar (forced along `references`, when
-    given: `run_bench`); returns (result, skipped methods), each skipped one said on stderr."""
-    from tqdm import tqdm
-
-    from specdec.bench.methods import ForwardCounter
-    from specdec.bench.runner import build_methods, run_bench
-
-    explicit = args.methods is not None
-    counter = ForwardCounter(model)
-    try:
-        methods, skipped = build_methods(
-            names, model, tokenizer, draft_model, counter, explicit, args.runtime
-        )
-        for name, reason in skipped.items():
-            print(f"specdec bench: skipping {name}: {reason}", file=sys.stderr)
-        total = len(methods) * (args.warmup + args.repeats * len(prompts))
-        bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=None, dynamic_ncols=True)
-        with bar:
-
-            def progress(desc: str, runs: int = 1) -> None:
-                bar.set_postfix_str(desc, refresh=False)
-                bar.update(runs)
-
-            optional = frozenset() if explicit else frozenset(m.name for m in methods)
-            result = run_bench(
-                prompts,
-                methods,
-                model,
-                tokenizer,
-                params,
-                progress,
-                args.warmup,
-                optional,
-                args.repeats,
-                references,
-            )
-    finally:
-        counter.close()
-    for name, reason in result.skipped.items():
-        print(f"specdec bench: skipped {name} after its warm-up failed: {reason}", file=sys.stderr)
-    return result, {**skipped, **result.skipped}
 
 
 def _yardstick(args, prompts, model, tokenizer, max_new_tokens: int) -> int:

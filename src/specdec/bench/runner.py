@@ -504,3 +504,46 @@ class Session:
 def _rate(record: Record) -> float:
     """Seconds per new token (what `repeats` minimises)."""
     return record.seconds / max(1, record.new_tokens)
+
+
+def run_methods(args, prompts, model, tokenizer, draft_model, params, names, references=None):
+    """Build the methods `names` and run them under one progress bar (forced along `references`, when
+    given: `run_bench`); returns (result, skipped methods), each skipped one said on stderr."""
+    import sys
+
+    from tqdm import tqdm
+
+    explicit = args.methods is not None
+    counter = ForwardCounter(model)
+    try:
+        methods, skipped = build_methods(
+            names, model, tokenizer, draft_model, counter, explicit, args.runtime
+        )
+        for name, reason in skipped.items():
+            print(f"specdec bench: skipping {name}: {reason}", file=sys.stderr)
+        total = len(methods) * (args.warmup + args.repeats * len(prompts))
+        bar = tqdm(total=total, desc="bench", unit="run", file=sys.stderr, disable=None, dynamic_ncols=True)
+        with bar:
+
+            def progress(desc: str, runs: int = 1) -> None:
+                bar.set_postfix_str(desc, refresh=False)
+                bar.update(runs)
+
+            optional = frozenset() if explicit else frozenset(m.name for m in methods)
+            result = run_bench(
+                prompts,
+                methods,
+                model,
+                tokenizer,
+                params,
+                progress,
+                args.warmup,
+                optional,
+                args.repeats,
+                references,
+            )
+    finally:
+        counter.close()
+    for name, reason in result.skipped.items():
+        print(f"specdec bench: skipped {name} after its warm-up failed: {reason}", file=sys.stderr)
+    return result, {**skipped, **result.skipped}

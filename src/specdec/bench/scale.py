@@ -210,7 +210,6 @@ def build(args: argparse.Namespace):
 
 def run(args: argparse.Namespace, prompts, params, per_task) -> int:
     """The `--scale` bench: build, run every method forced, report (module docstring)."""
-    from specdec.bench.cli import run_methods
     from specdec.bench.report import environment
     from specdec.models.loading import freeze_heap
 
@@ -221,7 +220,7 @@ def run(args: argparse.Namespace, prompts, params, per_task) -> int:
     model, tokenizer, dtype, label = build(args)
     freeze_heap()
     prompts, refs = scale_prompts(prompts, tokenizer, model, params.max_new_tokens)
-    from specdec.bench.runner import all_methods, select_methods
+    from specdec.bench.runner import all_methods, run_methods, select_methods
 
     if args.methods is None:  # each skipped with its reason where it cannot run (llamacpp: Llama shapes)
         names = [m for m in SCALE_METHODS if m in all_methods()]

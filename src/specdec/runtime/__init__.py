@@ -80,12 +80,13 @@ def _llamacpp(model) -> RuntimeChoice:
 def _native(model) -> RuntimeChoice:
     """The native runtime, checked against transformers; raises UnsupportedModelError when it cannot be used."""
     from specdec.runtime.check import check_runtime
-    from specdec.runtime.native import NativeModel, NativeRunner, unsupported_reason
+    from specdec.runtime.native import NativeModel, NativeRunner, choose_one_token_kernel, unsupported_reason
 
     reason = unsupported_reason(model)
     if reason:
         raise UnsupportedModelError(f"the native runtime does not run {type(model).__name__}: {reason}")
     native = NativeModel(model)
+    choose_one_token_kernel(native)  # before the check, which then covers the kernel chosen
     check_runtime(model, lambda: NativeRunner(native))
     return RuntimeChoice("native", lambda: NativeRunner(native))
 

@@ -90,7 +90,9 @@ def to_gguf(model, tokenizer, path: Path) -> None:
     else:
         tokens, merges = _tokenizer_vocab(tokenizer)
         special = set(tokenizer.all_special_ids)
-        types = [gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))]
+        types = [
+            gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))
+        ]
         # a model whose vocabulary is larger than its tokenizer's (padded embeddings; `bench --scale`'s
         # shapes, read with the shipped tokenizer): llama.cpp needs a token for every row
         unused = range(len(tokens), config.vocab_size)

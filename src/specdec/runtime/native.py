@@ -8,9 +8,11 @@ the same weights, in the same dtype, with a handful of tensor ops per layer:
   stored transposed ([in, out]) for `x @ W`: MKL's few-row products with a row-major [out, in] weight (what
   `F.linear` hands it) ran markedly slower on the AMD EPYC of docs/runtime.md (Why these designs);
 - the residual adds fused into those products (`addmm`), RMSNorm as one op (`F.rms_norm`);
-- from PACKED_ROWS tokens on (trees, batches), float32 weights go through oneDNN's product on a copy prepacked
+- float32 weights, and bfloat16 ones on CPUs with bf16 units, go through oneDNN's product on a copy prepacked
   once in its blocked layout: MKL repacks the weight at every call, which dominates few-row products
-  (docs/runtime.md, Batches); for one token MKL's product on the transposed weight stays (it was the faster);
+  (docs/runtime.md, Batches), and bfloat16 would otherwise take a slower path (no float32 upcast either way).
+  Trees and batches always use it; for one token `choose_one_token_kernel` times both kernels at load and
+  keeps the faster (which one wins depends on the CPU and the model's size: docs/runtime.md);
 - rotary embeddings as one complex multiply on q and k together: the q and k rows of each head are stored
   with their rotary pairs (i, i + d/2) side by side, a fixed permutation of the head dimension that changes
   no dot product q.k (both sides are permuted alike) and lets `view_as_complex` rotate each pair;
@@ -39,7 +41,7 @@ from specdec.runtime.base import Scores
 from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
-PACKED_ROWS = 2  # tokens from which a forward's products use the prepacked weights (module docstring)
+PACKED_ROWS = 2  # tokens from which products use the prepacked weights, unless a model measured 1 is faster
 # a batch's attention runs row by row when the rows' own keys are at most this share of the padded grid's:
 # reading keys and values is most of its cost, and row by row reads no padding's (docs/runtime.md, Batches,
 # has the measurement); rows of even lengths stay in one call
@@ -209,6 +211,7 @@ class NativeModel:
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
         self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.packed_from = PACKED_ROWS  # tokens from which products take the prepacked weights (module doc)
         self._rotary = RotaryTable(self.inv_freq, self.dtype, self.rope_scaling)
         with torch.no_grad():
             self.layers = [self._pack(decoder.layers[i]) for i in self.layer_ids]
@@ -354,7 +357,7 @@ class NativeModel:
             if slot in wanted:
                 hidden[slot] = x
             normed = self._norm(x, w.ln1)
-            packed = w.packed if t >= PACKED_ROWS else None
+            packed = w.packed if t >= self.packed_from else None
             qkv = product(normed, w.wqkv_t, packed and packed[0], w.bqkv)
             qk = self._rotated_qk(qkv[:, : (h + kv) * d].view(t, h + kv, d), w, rot)
             v_flat = qkv[:, (h + kv) * d :]
@@ -429,18 +432,55 @@ class NativeModel:
         if logits == "none":
             return Scores(torch.empty(0), hidden)
         rows = normed[-1:] if logits == "last" else normed[logits_from:]
-        head = self.lm_head_packed if rows.shape[0] >= PACKED_ROWS else None
+        head = self.lm_head_packed if rows.shape[0] >= self.packed_from else None
         return Scores(product(rows, self.lm_head_t, head), hidden)
 
 
 def prepack(w_t: torch.Tensor) -> Any:
-    """A weight [in, out] prepacked for oneDNN's product, or None (not float32 on the CPU, or no oneDNN)."""
-    if w_t.dtype != torch.float32 or w_t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    """A weight [in, out] prepacked for oneDNN's product, or None (not on the CPU, no oneDNN, or a dtype
+    oneDNN has no fast product for here: float32 always, bfloat16 where the CPU has bf16 units)."""
+    if w_t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if w_t.dtype != torch.float32 and not (w_t.dtype == torch.bfloat16 and bf16_units()):
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(w_t.detach().T.contiguous(), 16)
     except RuntimeError:  # a build without the op
         return None
+
+
+def bf16_units() -> bool:
+    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def choose_one_token_kernel(native: NativeModel, clock=None, repeats: int = 5) -> int:
+    """Time a one-token forward after a 64-token past with MKL's product and with oneDNN's prepacked one (the
+    least of `repeats` each, alternating, after one untimed each) and keep the faster in
+    `native.packed_from` (1: prepacked); returns it. Nothing to choose where the weights are not prepacked."""
+    import time
+
+    if native.lm_head_packed is None or any(w.packed is None for w in native.layers):
+        return native.packed_from
+    clock = clock or time.perf_counter
+    past, device = 64, native.device
+    cache = native.new_cache(past + 1)
+    native.forward(cache, torch.arange(past, device=device), torch.arange(past, device=device), None)
+    token, position = torch.tensor([5], device=device), torch.tensor([past], device=device)
+    best = {1: float("inf"), PACKED_ROWS: float("inf")}
+    for timed in [False] + [True] * repeats:
+        for rows in best:
+            native.packed_from = rows
+            start = clock()
+            native.forward(cache, token, position, None)
+            cache.length = past  # the same forward again next time
+            if timed:
+                best[rows] = min(best[rows], clock() - start)
+    native.packed_from = 1 if best[1] < best[PACKED_ROWS] else PACKED_ROWS
+    return native.packed_from
 
 
 def product(
