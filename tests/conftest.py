@@ -42,6 +42,7 @@ LAYERS: dict[str, str] = {
     "test_model_classes": "integration",
     "test_native": "integration",
     "test_sampling": "integration",
+    "test_scale": "integration",
     "test_shipped": "integration",
     "test_bench": "e2e",
     "test_cli": "e2e",
