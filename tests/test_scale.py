@@ -5,6 +5,7 @@ runs end to end on a tiny config; bad input is one line."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,6 +70,24 @@ def test_lift_makes_each_rows_token_its_argmax_and_keeps_the_rest():
     lifted = lift(logits, [1, 2])
     assert lifted.argmax(-1).tolist() == [1, 2]
     assert lifted[0, 2] == 2.0 and lifted[1, 1] == 5.0 and logits[0, 1] == 1.0
+
+
+def test_forcing_lifts_only_the_nodes_on_the_reference_path():
+    """A verdict reveals the accepted tokens and the bonus, nothing further: a node off the reference path
+    keeps the model's own logits (a drafter reading them must not learn later reference tokens)."""
+    from specdec.bench.forcing import ForcedTarget
+    from specdec.tree import DraftTree
+
+    # prompt of 2 tokens, reference 5 6 7 8, one token emitted: the root (it, 5) sits at position 2 (the cache
+    # holds the two before it) and the token after it should be 6
+    forced = ForcedTarget(SimpleNamespace(name="stub"), prompt_len=2, reference=[5, 6, 7, 8])
+    tree = DraftTree([5, 6, 9, 7, 3], [-1, 0, 0, 1, 2])  # 0 -> 1 (6) -> 3 (7): on; 2 (9) -> 4: off
+    nodes, truth = forced.on_path(tree, start=2)
+    assert nodes == [0, 1, 3] and truth == [6, 7, 8]
+    logits = torch.zeros(5, 12)
+    lifted = lift(logits, truth, nodes)
+    assert lifted[[0, 1, 3]].argmax(-1).tolist() == [6, 7, 8]
+    assert torch.equal(lifted[[2, 4]], logits[[2, 4]])
 
 
 def _reference(tok, model, prompt: str, text: str, n: int) -> tuple[list[int], list[int]]:

@@ -2,9 +2,13 @@
 writes that text, while every forward runs on the real model (`specdec bench --scale`, `--yardstick`).
 
 - specdec's engine: `ForcedTarget` wraps a generation's runtime; its forwards (cache, hidden states, cost) are
-  real, and each tree node's logits are the real ones with the reference's next token lifted above their
-  maximum, so greedy acceptance takes exactly the drafted prefix that follows the reference and the bonus token
-  is the reference's next. Drafters that read logits still see the model's other scores.
+  real, and each tree node on the reference path (its tokens from the root follow the reference) has its
+  logits' reference token lifted above their maximum, so greedy acceptance takes exactly the drafted prefix
+  that follows the reference and the bonus token is the reference's next. Every other node keeps the model's
+  own logits: forcing reveals what a verdict reveals (the accepted tokens and the bonus), never a reference
+  token further on, which a drafter that learns from the target's logits off the accepted path (lookahead's
+  window, recycle's table) would otherwise copy. Those drafters see a random model's logits there, which
+  predict nothing: their τ under forcing is a floor (docs/bench.md, Real scale).
 - transformers' `generate()` and llama.cpp's own loop: a logits processor does the same to each row it scores.
 
 Every forced run must emit exactly the reference (the bench checks it as it checks losslessness).
@@ -23,12 +27,13 @@ from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
 
 
-def lift(logits: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
-    """logits [N, V] with row i's `tokens[i]` raised above that row's maximum (a copy): its argmax."""
-    rows = torch.arange(len(tokens), device=logits.device)
+def lift(logits: torch.Tensor, tokens: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
+    """logits [N, V] (a copy) with row rows[i]'s `tokens[i]` raised above that row's maximum, its argmax
+    (rows: 0, 1, ... when not given); the other rows unchanged."""
+    index = torch.tensor(list(range(len(tokens)) if rows is None else rows), device=logits.device)
     truth = torch.tensor(list(tokens), device=logits.device)
     out = logits.clone()
-    out[rows, truth] = logits.max(dim=-1).values + 1
+    out[index, truth] = logits[index].max(dim=-1).values + 1
     return out
 
 
@@ -59,13 +64,29 @@ class ForcedTarget:
         return self.inner.prefill(token_ids, layers)
 
     def score(self, tree: DraftTree, layers=()) -> Scores:
-        # the root sits at position `start` (the cache holds every token before it); a node at depth d is at
-        # start + d, and the token after it is reference[start + d + 1 - prompt_len] (the last, past its end)
+        """The inner runtime's scores, each node on the reference path lifted to the reference's next token."""
         start = self.inner.length
         scores = self.inner.score(tree, layers)
+        nodes, truth = self.on_path(tree, start)
+        return replace(scores, logits=lift(scores.logits, truth, nodes))
+
+    def on_path(self, tree: DraftTree, start: int) -> tuple[list[int], list[int]]:
+        """(the nodes whose root-to-node tokens follow the reference, the reference token after each). The
+        root sits at position `start` (the cache holds every token before it), a node at depth d at start + d,
+        and the reference token at position p is reference[p - prompt_len] (the last, past its end)."""
         last = len(self.reference) - 1
-        truth = [self.reference[min(start + d + 1 - self.prompt_len, last)] for d in tree.depths]
-        return replace(scores, logits=lift(scores.logits, truth))
+
+        def at(position: int) -> int:
+            return self.reference[min(position - self.prompt_len, last)]
+
+        on = [False] * len(tree)
+        nodes, truth = [], []
+        for i, (token, parent, depth) in enumerate(zip(tree.tokens, tree.parents, tree.depths, strict=True)):
+            on[i] = parent < 0 or (on[parent] and token == at(start + depth))
+            if on[i]:
+                nodes.append(i)
+                truth.append(at(start + depth + 1))
+        return nodes, truth
 
     def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         self.inner.commit(scores, accepted_nodes)
