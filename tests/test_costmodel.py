@@ -80,3 +80,34 @@ def test_measure_on_a_model():
     assert list(cost.seconds) == sorted(cost.seconds)
     runtime = select_runtime(m)  # the runtime an engine would take for a drafting method
     assert CostModel.for_runtime(m, runtime) is CostModel.for_runtime(m, runtime)  # measured once per runtime
+
+
+# forward cost per tree size (seconds) at the two scales, flat and steep: the shipped model's measured shape
+# (steep: 16 tokens cost 2.2x one), Qwen2.5-0.5B's shape in bfloat16 on the AMD EPYC of docs/bench.md (16
+# tokens 1.5x, 64 tokens 4.4x), and a flat one (a CPU with AMX, or a GPU: 64 tokens cost what one does)
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+CURVES = {
+    ("tiny", "steep"): (4.3e-3, 4.8e-3, 5.4e-3, 6.9e-3, 9.6e-3, 14e-3, 24e-3),
+    ("tiny", "flat"): (4.3e-3,) * 6 + (4.5e-3,),
+    ("real", "steep"): (44.6e-3, 44.6e-3, 44.6e-3, 49.9e-3, 67.3e-3, 107.7e-3, 194.8e-3),
+    ("real", "flat"): (101e-3, 101e-3, 102e-3, 103e-3, 108e-3, 110e-3, 115e-3),
+}
+
+
+@pytest.mark.parametrize("scale", ["tiny", "real"])
+def test_trees_grow_when_cost_is_flat_and_shrink_when_it_is_steep(scale):
+    """The same acceptance (a long chain that keeps being accepted 90% of the time, the edit task's kind),
+    sized by auto's plan and by `CostModel.best_size` (recycle, Medusa, Hydra, draft): 32+ nodes on a flat
+    curve, a handful on a steep one, at either scale."""
+    from specdec.drafters.auto.planner import plan
+
+    values = [0.9**k for k in range(1, 65)]  # node k accepted with chance 0.9^k
+    gains = chain_gains([0.9] * 64)
+    chosen = {}
+    for shape in ("flat", "steep"):
+        cost = CostModel.fit(SIZES, CURVES[(scale, shape)])
+        n, _, _ = plan(values, cost, overhead=0.0)
+        assert n == cost.best_size(gains)
+        chosen[shape] = n
+    assert chosen["flat"] >= 32
+    assert 1 <= chosen["steep"] <= 16

@@ -10,7 +10,15 @@ from specdec import SpecDecoder
 from specdec.costmodel import CostModel
 from specdec.drafters.auto import REALIZED_IDLE, Realized, plan
 from specdec.runtime import RuntimeChoice, TimedChoice
-from specdec.timing import RECHECK_AT, RECHECK_EVERY, Fastest, Recheck, prefer
+from specdec.timing import (
+    RECHECK_AT,
+    RECHECK_EVERY,
+    RECHECK_FREE,
+    RECHECK_SHARE,
+    Fastest,
+    Recheck,
+    prefer,
+)
 from specdec.tree import DraftTree
 
 import tiny
@@ -21,6 +29,24 @@ def test_recheck_is_due_early_then_rarely():
     due = [n for n in range(1, 3 * RECHECK_EVERY + 2) if recheck.tick()]  # generation n starts
     assert due[: len(RECHECK_AT)] == [a + 1 for a in RECHECK_AT]  # after the 1st, 2nd, ... generation
     assert due[len(RECHECK_AT) :] == [RECHECK_EVERY * k + 1 for k in (1, 2, 3)]
+
+
+def test_a_dear_timing_is_taken_again_only_once_it_costs_a_small_share_of_the_time_since():
+    """A timing of a real-size model takes seconds: a due re-check waits until it costs at most
+    RECHECK_SHARE of the wall time since the last one, then runs (once); a cheap timing keeps the schedule."""
+    now = [0.0]
+    recheck = Recheck(clock=lambda: now[0])
+    recheck.took(2 * RECHECK_FREE)  # the first timing, before generation 1
+    assert not recheck.tick()  # generation 1
+    now[0] += 1.0
+    assert not recheck.tick()  # generation 2: due by the schedule, but 2 s of timing in 1 s of decoding
+    now[0] += 2 * RECHECK_FREE / RECHECK_SHARE
+    assert recheck.tick()  # the pending re-check, now a small share
+    recheck.took(2 * RECHECK_FREE)
+    assert not recheck.tick()  # generation 4: due (after the 3rd), too dear again right after one
+    cheap = Recheck(clock=lambda: now[0])
+    cheap.took(RECHECK_FREE / 2)
+    assert [cheap.tick() for _ in range(4)] == [False, True, True, True]
 
 
 def test_fastest_keeps_the_least_and_prefer_has_hysteresis():

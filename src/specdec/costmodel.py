@@ -33,6 +33,11 @@ if TYPE_CHECKING:  # for annotations only: choosing a runtime times forwards wit
     from specdec.runtime import RuntimeChoice
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# seconds of timed forwards per size after which `measure` stops at MIN_SAMPLES samples: a model of real size
+# (forwards of 50-200 ms) would otherwise spend seconds per measurement, in its first requests; the shipped
+# model's forwards take milliseconds, so it still gets every one of its `repeats`
+SIZE_BUDGET = 0.15
+MIN_SAMPLES = 2
 # model -> {runtime name: (the fitted CostModel, the least seconds seen per size)}
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -78,7 +83,8 @@ class CostModel:
         runtime: Callable | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> CostModel:
-        """Time `repeats` forwards per tree size after a `past`-token prefill; the least per size is fitted.
+        """Time `repeats` forwards per tree size after a `past`-token prefill (fewer, at least MIN_SAMPLES,
+        once they took SIZE_BUDGET seconds); the least per size is fitted.
         `runtime` makes the target runtime to time (default: transformers'). `past`: a typical request's
         context (attention's share of a forward grows with it, and differently per runtime: docs/methods.md,
         The cost model), capped by the model's positions.
@@ -104,12 +110,17 @@ class CostModel:
             # (allocator, caches; docs/methods.md, The cost model, says how much), which made
             # small trees look dear and large ones cheap beside them when sizes were timed round robin
             for n in sizes:
+                spent = 0.0
                 for timed in [False, False] + [True] * repeats:
                     start = clock()
                     runner.score(trees[n])
-                    if timed:
-                        samples[n].append(clock() - start)
+                    took = clock() - start
                     runner.crop(past)
+                    if timed:
+                        samples[n].append(took)
+                        spent += took
+                        if len(samples[n]) >= MIN_SAMPLES and spent >= SIZE_BUDGET:
+                            break
             # the least: other load only ever slows a forward, and auto compares runtimes by these curves, so a
             # burst must not decide (medians moved llama.cpp's 1-token forward from run to run: docs/methods.md)
             times = [min(samples[n]) for n in sizes]

@@ -5,7 +5,9 @@ one timing sample at load can be off by a factor of two or more. Every timing-ba
 target runtime for a drafting method, the forward-cost curve that sizes trees) therefore
 
 - is taken again on a back-off schedule of generations (`Recheck`), so that its cost amortises to nothing
-  while a burst of noise at load is overruled within a few requests;
+  while a burst of noise at load is overruled within a few requests; a timing that takes over RECHECK_FREE
+  seconds (a model of real size: its first requests must not each pay for one) is taken again only once it
+  costs at most RECHECK_SHARE of the wall time since the timing before;
 - keeps, per option and size, the least time ever measured (`Fastest`): other load only ever slows a
   forward, so the minimum over samples converges on the machine's real speed whatever the noise;
 - switches only when another option is cheaper by a margin (`prefer`), so that two options of about the same
@@ -16,7 +18,8 @@ What may still vary between runs is said in docs/runtime.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # generations after which a timing is taken again (then every RECHECK_EVERY): the early ones overrule a noisy
@@ -24,21 +27,44 @@ from dataclasses import dataclass, field
 # ones a burst that lasted through all of those
 RECHECK_AT = (1, 2, 3)
 RECHECK_EVERY = 128
+# most of the wall time since the last timing that a re-check may cost: a due re-check waits until then, when
+# the last timing took over RECHECK_FREE seconds (cheaper ones keep the schedule: the shipped model's takes
+# well under a second, and its early re-checks land in the first requests, or in the bench's warm-up)
+RECHECK_SHARE = 0.05
+RECHECK_FREE = 1.0
 # another option must be this much cheaper than the current one to replace it
 SWITCH_MARGIN = 0.1
 
 
 @dataclass
 class Recheck:
-    """Counts generations and says when a timing is due again (`RECHECK_AT`, then every `RECHECK_EVERY`)."""
+    """Counts generations and says when a timing is due again (`RECHECK_AT`, then every `RECHECK_EVERY`), once
+    a timing dearer than `RECHECK_FREE` costs at most `RECHECK_SHARE` of the wall time since the last one
+    (what `took` reports)."""
 
     generations: int = 0
+    clock: Callable[[], float] = time.perf_counter
+    pending: bool = False  # the schedule asked for a re-check that was too dear so far
+    cost: float = 0.0  # seconds the last timing took
+    since: float | None = None  # when it ended (`clock`); None: no timing reported
 
     def tick(self) -> bool:
         """One more generation starts: True when the timing should be taken again before it."""
         self.generations += 1
         n = self.generations - 1  # generations finished before this one
-        return n in RECHECK_AT or (n > RECHECK_AT[-1] and n % RECHECK_EVERY == 0)
+        if n in RECHECK_AT or (n > RECHECK_AT[-1] and n % RECHECK_EVERY == 0):
+            self.pending = True
+        if not self.pending:
+            return False
+        dear = self.since is not None and self.cost > RECHECK_FREE
+        if dear and self.cost > RECHECK_SHARE * (self.clock() - self.since):
+            return False
+        self.pending = False
+        return True
+
+    def took(self, seconds: float) -> None:
+        """A timing that took `seconds` just ended."""
+        self.cost, self.since = seconds, self.clock()
 
 
 @dataclass
@@ -65,4 +91,13 @@ def prefer(current: int, seconds: Sequence[float], margin: float = SWITCH_MARGIN
     return best if seconds[best] < (1 - margin) * seconds[current] else current
 
 
-__all__ = ["RECHECK_AT", "RECHECK_EVERY", "SWITCH_MARGIN", "Fastest", "Recheck", "prefer"]
+__all__ = [
+    "RECHECK_AT",
+    "RECHECK_EVERY",
+    "RECHECK_FREE",
+    "RECHECK_SHARE",
+    "SWITCH_MARGIN",
+    "Fastest",
+    "Recheck",
+    "prefer",
+]

@@ -162,9 +162,11 @@ class TimedChoice:
 
     def time(self, model) -> None:
         timer = self.timer or _tree_seconds
+        start = time.perf_counter()
         seconds = [
             self.fastest.add(o.name, timer(model, o, self.tree_tokens, self.clock)) for o in self.options
         ]
+        self.recheck.took(time.perf_counter() - start)
         previous, self.current = self.current, prefer(self.current, seconds)
         self.timed += 1
         if self.current != previous:

@@ -145,9 +145,13 @@ class Auto(Steps, Drafter[AutoState]):
         budget.measure()
 
     def start(self, request: Request) -> AutoState:
-        if self.recheck.tick() and self.config.cost is None:
+        began, measured = time.perf_counter(), len(self.timings)
+        remeasure = self.recheck.tick() and self.config.cost is None
+        if remeasure:
             self._remeasure()
         timing = self._timing(request.runtime)
+        if remeasure or len(self.timings) > measured:  # what a timing costs decides when the next is due
+            self.recheck.took(time.perf_counter() - began)
         profile = self.profile(temperature_key(request.params))
         tracks = lifecycle.start(
             self.members,
