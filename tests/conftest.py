@@ -35,6 +35,7 @@ LAYERS: dict[str, str] = {
     "test_eagle": "integration",
     "test_engine_greedy": "integration",
     "test_engine_seams": "integration",
+    "test_heads_cost": "integration",
     "test_hydra": "integration",
     "test_learned": "integration",
     "test_llamacpp": "integration",

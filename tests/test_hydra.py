@@ -44,7 +44,7 @@ def test_a_nodes_children_are_ranked_for_its_own_path(tok):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_packed_heads_compute_what_the_heads_compute(dtype):
-    """Drafting's packed heads (oneDNN on prepacked float32 weights from two rows on; MKL otherwise) against
+    """Drafting's packed heads (oneDNN on prepacked weights from two rows on, for one row where timed faster; MKL otherwise) against
     the module every head is trained as, for each head and 1-4 rows."""
     model = tiny.model("llama", seed=3, dtype=dtype)
     heads = random_hydra(model, num_heads=3).to(dtype)

@@ -168,7 +168,7 @@ def test_bfloat16_greedy_output_equals_generate(tok, arch):
     native runtime's greedy output is transformers' bfloat16 generate()'s, for every family, up to where
     generate() itself picks between two tokens whose bfloat16 logits tie (bfloat16 keeps 8 significant
     bits, so tiny random models tie often; the products' rounding breaks a tie either way)."""
-    from specdec.runtime.native import PACKED_ROWS
+    from specdec.runtime.kernels import PACKED_ROWS
 
     model = _model(arch, seed=7, dtype=torch.bfloat16)
     prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]

@@ -56,8 +56,8 @@ class Recheck:
             self.pending = True
         if not self.pending:
             return False
-        dear = self.since is not None and self.cost > RECHECK_FREE
-        if dear and self.cost > RECHECK_SHARE * (self.clock() - self.since):
+        since = self.since
+        if since is not None and RECHECK_FREE < self.cost > RECHECK_SHARE * (self.clock() - since):
             return False
         self.pending = False
         return True

@@ -19,12 +19,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from specdec.runtime.base import Scores
 from specdec.sampling import SamplingParams
 from specdec.tree import DraftTree
+
+if TYPE_CHECKING:  # the engine is imported where a generation runs (it imports much of specdec)
+    from specdec.engine import Generation
 
 
 def lift(logits: torch.Tensor, tokens: Sequence[int], rows: Sequence[int] | None = None) -> torch.Tensor:
@@ -97,7 +101,7 @@ class ForcedTarget:
 
 @dataclass
 class ForcedRun:
-    generation: object  # specdec.engine.Generation
+    generation: Generation
     first_seconds: float  # from the call to the first emitted token (the prefill and the first step)
     seconds: float
 
@@ -126,7 +130,7 @@ def forced_generation(
                 break
     finally:
         run.close()
-    assert first is not None  # at least one step ran
+    assert first is not None and step.result is not None  # at least one step ran, the last has the result
     return ForcedRun(step.result, first, clock() - start)
 
 

@@ -72,9 +72,10 @@ class HFMethod(Method):
 
         ids = torch.tensor([prompt_ids])
         kwargs = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self.pad, **self.extra}
-        forcing = None if force is None else ForceReference(len(prompt_ids), force)
-        if forcing is not None:
+        forcing = None
+        if force is not None:
             assert params.greedy and params.max_new_tokens == len(force)
+            forcing = ForceReference(len(prompt_ids), force)
             kwargs.update(do_sample=False, logits_processor=[forcing])
         elif params.greedy:
             kwargs["do_sample"] = False
@@ -124,8 +125,8 @@ class SpecdecMethod(Method):
             from specdec.bench.forcing import forced_generation
 
             forced = forced_generation(self.decoder.engine, prompt_ids, force)
-            stats = forced.generation.stats  # type: ignore[attr-defined]
-            tokens = forced.generation.token_ids  # type: ignore[attr-defined]
+            stats = forced.generation.stats
+            tokens = forced.generation.token_ids
             return Run(tokens, forced.seconds, stats.target_forwards, forced.first_seconds, stats)
         start = time.perf_counter()
         result = self.decoder.generate(

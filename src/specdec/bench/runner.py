@@ -287,7 +287,7 @@ def run_bench(
     limit = getattr(config, "max_position_embeddings", None)
     static_ids = [None if p.text is None else p.render(tokenizer, []) for p in prompts]
     check_lengths(prompts, static_ids, params, limit)
-    warm = warm_prompts(prompts, static_ids, tokenizer)
+    warm: list[list[int]] | list[tuple[list[int], list[int]]] = warm_prompts(prompts, static_ids, tokenizer)
     if references is not None:
         assert params.greedy and all(ids is not None for ids in static_ids)
         warm = forced_warm_prompts(prompts, static_ids, references)

@@ -90,9 +90,35 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
+def _row(task: str, name: str, runtime: str, runs: list[Record], plain, hf) -> dict:
+    """One task (or "overall") x method row; `plain`, `hf`: vanilla's and hf-vanilla's runs there."""
+    seconds, tokens = _sum(runs, "seconds"), sum(r.new_tokens for r in runs)
+    forwards = sum(r.target_forwards for r in runs)
+    specdec = runs[0].draft_seconds is not None  # specdec's methods report the split and drafted nodes
+    split = [_sum(runs, f) for f in ("draft_seconds", "verify_seconds", "other_seconds")]
+    decode = _decode(runs)
+    return {
+        "task": task,
+        "method": name,
+        "runtime": runtime,
+        "prompts": len(runs),
+        "new_tokens": tokens,
+        "tokens_per_second": tokens / seconds if seconds else None,
+        "speedup_vs_plain": _ratio(_sum(plain, "seconds"), seconds) if plain else None,
+        "decode_speedup_vs_plain": _ratio(_decode(plain), decode) if plain else None,
+        "speedup_vs_generate": _ratio(_sum(hf, "seconds"), seconds) if hf else None,
+        "decode_speedup_vs_generate": _ratio(_decode(hf), decode) if hf else None,
+        "mean_accepted_tokens": tokens / forwards if forwards else None,
+        "drafted_nodes_per_step": sum(r.draft_nodes or 0 for r in runs) / forwards if specdec else None,
+        "split": [x / seconds for x in split] if specdec and seconds else None,
+        "first_token_ms": 1e3 * _sum(runs, "first_seconds") / len(runs),
+        "tpot_ms": None if decode is None else 1e3 * decode,
+        "exact": all(r.match for r in runs),
+    }
+
+
 def summarize(result: BenchResult) -> list[dict]:
     """One row per task (and "overall") and method."""
-    names = [m.name for m in result.methods]
     runtimes = {m.name: getattr(m, "runtime", "generate()") for m in result.methods}
     tasks = list(dict.fromkeys(r.task for r in result.records))
     rows = []
@@ -102,38 +128,10 @@ def summarize(result: BenchResult) -> list[dict]:
             return [r for r in result.records if r.method == name and (task is None or r.task == task)]
 
         plain, hf = pick(PLAIN), pick("hf-vanilla")
-        for name in names:
-            runs = pick(name)
-            if not runs:
-                continue
-            seconds, tokens = _sum(runs, "seconds"), sum(r.new_tokens for r in runs)
-            forwards = sum(r.target_forwards for r in runs)
-            split = [_sum(runs, f) for f in ("draft_seconds", "verify_seconds", "other_seconds")]
-            drafted = sum(r.draft_nodes or 0 for r in runs)
-            rows.append(
-                {
-                    "task": task or "overall",
-                    "method": name,
-                    "runtime": runtimes[name],
-                    "prompts": len(runs),
-                    "new_tokens": tokens,
-                    "tokens_per_second": tokens / seconds if seconds else None,
-                    "speedup_vs_plain": _ratio(_sum(plain, "seconds"), seconds) if plain else None,
-                    "decode_speedup_vs_plain": _ratio(_decode(plain), _decode(runs)) if plain else None,
-                    "speedup_vs_generate": _ratio(_sum(hf, "seconds"), seconds) if hf else None,
-                    "decode_speedup_vs_generate": _ratio(_decode(hf), _decode(runs)) if hf else None,
-                    "mean_accepted_tokens": tokens / forwards if forwards else None,
-                    "drafted_nodes_per_step": drafted / forwards
-                    if forwards and runs[0].draft_nodes is not None
-                    else None,
-                    "split": [s / seconds for s in split]
-                    if seconds and runs[0].draft_seconds is not None
-                    else None,
-                    "first_token_ms": 1e3 * _sum(runs, "first_seconds") / len(runs),
-                    "tpot_ms": None if _decode(runs) is None else 1e3 * _decode(runs),
-                    "exact": all(r.match for r in runs),
-                }
-            )
+        for m in result.methods:
+            runs = pick(m.name)
+            if runs:
+                rows.append(_row(task or "overall", m.name, runtimes[m.name], runs, plain, hf))
     return rows
 
 
@@ -179,7 +177,7 @@ def cost_curves(model, runtimes=("transformers", "native", "llamacpp")) -> dict[
 
 
 def curves_table(curves: dict[str, dict], dtype: str) -> str:
-    sizes = next((c["sizes"] for c in curves.values() if "sizes" in c), [])
+    sizes: list[int] = next((c["sizes"] for c in curves.values() if "sizes" in c), [])
     out = [
         f"| runtime ({dtype}) | " + " | ".join(f"{n} tokens" for n in sizes) + " | 16 / 1 |",
         "|---|" + "---|" * (len(sizes) + 1),
@@ -231,11 +229,16 @@ def run(args: argparse.Namespace, prompts, params, per_task) -> int:
     result, skipped = run_methods(args, prompts, model, tokenizer, None, params, names, refs)
     rows = summarize(result)
     curves = cost_curves(model)
+    from specdec.bench.heads_cost import heads_at_size
+
+    heads_text, heads = heads_at_size(model)  # no head is trained for random weights: their cost, projected
     print(f"forced acceptance at real size: {label}, random weights in {dtype}, NOT a trained model")
     print(table(rows))
     print()
     print("forward cost (ms) per tree size after a 512-token past:")
     print(curves_table(curves, dtype))
+    print()
+    print(heads_text)
     if args.json is not None:
         data = {
             "scale": label,
@@ -244,6 +247,7 @@ def run(args: argparse.Namespace, prompts, params, per_task) -> int:
             "max_new_tokens": params.max_new_tokens,
             "results": rows,
             "cost_curves": curves,
+            "heads": heads,
             "runs": [r.to_dict() for r in result.records],
             "skipped_methods": skipped,
         }

@@ -13,14 +13,15 @@ class PackedHead:
     """The head's weights packed for drafting, the way `specdec.runtime.native` packs a target layer: q/k/v in
     one matrix with the q and k rows of each head in rotary-pair order (rotary as one complex multiply; a fixed
     permutation of the head dimension on both sides changes no q.k), gate/up in one, residual adds fused,
-    products by the target forward's kernels (`Matrix`: oneDNN on prepacked weights from two rows on),
+    products by the target forward's kernels (`Matrix`: oneDNN on prepacked weights from two rows on, and for one row where timed faster),
     RMSNorm as one op, rotations from a table. `Eagle3Head.step` computes the same function (the
     reference: training and tests use it); this one is what drafting calls every level, so its ~30 small ops
     per call are what it saves. A cache written by one must not be read by the other (key layouts differ).
     """
 
     def __init__(self, head: Eagle3Head) -> None:
-        from specdec.runtime.native import Matrix, RotaryTable, qkv_row_order
+        from specdec.runtime.kernels import Matrix
+        from specdec.runtime.native import RotaryTable, qkv_row_order
 
         c, layer = head.config, head.midlayer
         attn, mlp = layer.self_attn, layer.mlp

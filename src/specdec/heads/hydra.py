@@ -104,12 +104,12 @@ class HydraHeads(nn.Module):
 
 class PackedHydra:
     """The heads' weights packed for drafting (`Matrix`: the target forward's kernels, oneDNN on prepacked
-    weights from two rows on; nn.Linear's MKL call repacks the weight every time, which cost more than the
+    weights from two rows on, and for one row where timed faster; nn.Linear's MKL call repacks the weight every time, which cost more than the
     product itself for the 2-4 rows a depth drafts: docs/methods.md has the figures). `HydraHeads.head` computes the same function (the reference: training and tests use it);
     the weights are read once, when the drafter binds."""
 
     def __init__(self, heads: HydraHeads) -> None:
-        from specdec.runtime.native import Matrix
+        from specdec.runtime.kernels import Matrix
 
         self.heads = heads  # its embedding (bound to the target's) is read at each call
         blocks = [b for b in heads.blocks.children() if isinstance(b, ResidualBlock)]

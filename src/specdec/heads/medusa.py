@@ -129,7 +129,7 @@ class PackedMedusa:
     the drafter binds."""
 
     def __init__(self, heads: MedusaHeads) -> None:
-        from specdec.runtime.native import Matrix
+        from specdec.runtime.kernels import Matrix
 
         blocks = [b for b in heads.blocks.children() if isinstance(b, ResidualBlock)]
         with torch.no_grad():

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 from specdec.models.support import check_layer_types
 from specdec.runtime.base import Scores
+from specdec.runtime.kernels import PACKED_ROWS, prepack, product
 from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
-PACKED_ROWS = 2  # tokens from which products use the prepacked weights, unless a model measured 1 is faster
 # a batch's attention runs row by row when the rows' own keys are at most this share of the padded grid's:
 # reading keys and values is most of its cost, and row by row reads no padding's (docs/runtime.md, Batches,
 # has the measurement); rows of even lengths stay in one call
@@ -436,27 +436,6 @@ class NativeModel:
         return Scores(product(rows, self.lm_head_t, head), hidden)
 
 
-def prepack(w_t: torch.Tensor) -> Any:
-    """A weight [in, out] prepacked for oneDNN's product, or None (not on the CPU, no oneDNN, or a dtype
-    oneDNN has no fast product for here: float32 always, bfloat16 where the CPU has bf16 units)."""
-    if w_t.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    if w_t.dtype != torch.float32 and not (w_t.dtype == torch.bfloat16 and bf16_units()):
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(w_t.detach().T.contiguous(), 16)
-    except RuntimeError:  # a build without the op
-        return None
-
-
-def bf16_units() -> bool:
-    """The CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def choose_one_token_kernel(native: NativeModel, clock=None, repeats: int = 5) -> int:
     """Time a one-token forward after a 64-token past with MKL's product and with oneDNN's prepacked one (the
     least of `repeats` each, alternating, after one untimed each) and keep the faster in
@@ -481,24 +460,6 @@ def choose_one_token_kernel(native: NativeModel, clock=None, repeats: int = 5) -
                 best[rows] = min(best[rows], clock() - start)
     native.packed_from = 1 if best[1] < best[PACKED_ROWS] else PACKED_ROWS
     return native.packed_from
-
-
-def product(
-    x: torch.Tensor,
-    w_t: torch.Tensor,
-    packed: Any = None,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """x [T, in] @ w_t [in, out] (+ bias) (+ residual): by oneDNN on the prepacked weight when given, else by
-    MKL with the residual or bias fused (addmm)."""
-    if packed is not None:
-        y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-        return y if residual is None else residual + y
-    if residual is not None:
-        y = torch.addmm(residual, x, w_t)
-        return y if bias is None else y + bias
-    return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
 
 
 def _causal_mask(past: int, t: int, device) -> torch.Tensor | None:
@@ -583,19 +544,3 @@ class NativeRunner:
     def extend(self, token_ids: list[int]) -> torch.Tensor:
         """Append tokens causally after the cache; returns their logits [T, V]."""
         return self._run(token_ids).logits
-
-
-class Matrix:
-    """One weight for x @ W^T with `product`'s choice of kernel by row count (for small modules outside the
-    target's forward: the trained heads' drafting steps). `weight`: [out, in], as `nn.Linear` stores it."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.t = weight.detach().T.contiguous()  # [in, out]
-        self.packed = prepack(self.t)
-
-    def __call__(
-        self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x [T, in] -> [T, out]."""
-        packed = self.packed if x.shape[0] >= PACKED_ROWS else None
-        return product(x, self.t, packed, bias, residual)
