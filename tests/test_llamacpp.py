@@ -183,3 +183,19 @@ def test_sampled_tokens_are_what_generate_samples_on_llamacpp(tok, model, method
         )[0, len(prompt) :].tolist()  # fmt: skip
         out = dec.generate(prompt, max_new_tokens=20, temperature=1.0, seed=seed, ignore_eos=True)
         assert out.token_ids == hf, seed
+
+
+def test_a_bfloat16_model_runs_on_llamacpp(tok):
+    """A bfloat16 Llama converts and passes the load check (its norm weights are written in float32: llama.cpp's
+    CPU multiply takes no 16-bit operand there, and aborted the process in the first forward), and greedy
+    decoding through it is generate()'s up to a bfloat16 tie (the native bfloat16 test's rule)."""
+    from specdec.runtime import select_runtime
+    from test_native import _bf16_tie
+
+    model = tiny.model("llama", seed=3, dtype=torch.bfloat16)
+    assert select_runtime(model, "llamacpp").name == "llamacpp"
+    prompt = tok("def add(a, b):\n    return a + b\n")["input_ids"]
+    want = tiny.hf_greedy(model, prompt, 16)
+    got = SpecDecoder(model, tok, "vanilla", runtime="llamacpp").generate(prompt, max_new_tokens=16).token_ids
+    cut = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+    assert cut is None or _bf16_tie(model, prompt + want[:cut])

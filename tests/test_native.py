@@ -200,3 +200,21 @@ def test_the_one_token_kernel_is_the_one_timed_faster(faster):
         return now[0]
 
     assert choose_one_token_kernel(native, clock) == faster == native.packed_from
+
+
+def test_auto_dtype_loads_a_bfloat16_checkpoint_in_bfloat16_where_the_cpu_has_bf16_units(tmp_path):
+    """--dtype auto (the default): a checkpoint saved in bfloat16 keeps it on a CPU with bf16 units, where
+    native's bfloat16 forward is prepacked; any other checkpoint, and the shipped models, load in float32."""
+    from specdec.models.loading import load_causal_lm
+    from specdec.runtime.kernels import bf16_units
+
+    saved = tmp_path / "bf16"
+    tiny.model("llama", dtype=torch.bfloat16).save_pretrained(saved)
+    tiny.tokenizer().save_pretrained(saved)
+    model, _ = load_causal_lm(str(saved))
+    assert next(model.parameters()).dtype == (torch.bfloat16 if bf16_units() else torch.float32)
+    assert next(load_causal_lm(str(saved), dtype="float32")[0].parameters()).dtype == torch.float32
+    plain = tiny.save(tmp_path / "f32")  # saved in float32: float32, as before
+    assert next(load_causal_lm(str(plain))[0].parameters()).dtype == torch.float32
+    shipped, _ = load_causal_lm("default")  # saved in bfloat16, kept float32
+    assert next(shipped.parameters()).dtype == torch.float32

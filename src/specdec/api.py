@@ -122,7 +122,7 @@ class SpecDecoder:
         model: str = "default",
         draft: str | None = None,
         method: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         runtime: str = "auto",
         layer_ids_from: str | None = None,
         **options,

@@ -65,9 +65,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16", "float64"],
-        help="the weights' precision (default: float32; bench --scale: the shape's release precision)",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16", "float64"],
+        help="the weights' precision; 'auto' (default): a checkpoint saved in bfloat16 runs in bfloat16 on a "
+        "CPU with bf16 units, anything else (and the shipped models) in float32 (bench --scale: the shape's "
+        "release precision)",
     )
     p.add_argument(
         "--runtime",

@@ -6,8 +6,10 @@ target runtime for a drafting method, the forward-cost curve that sizes trees) t
 
 - is taken again on a back-off schedule of generations (`Recheck`), so that its cost amortises to nothing
   while a burst of noise at load is overruled within a few requests; a timing that takes over RECHECK_FREE
-  seconds (a model of real size: its first requests must not each pay for one) is taken again only once it
-  costs at most RECHECK_SHARE of the wall time since the timing before;
+  seconds (a model of real size: its first requests must not each pay for one) skips the early re-checks and
+  is taken again only once it costs at most RECHECK_SHARE of the wall time since the timing before (its
+  forwards are long enough that a burst moves them less, and the cost curve is refined by every verification
+  between timings: `specdec.costmodel.OnlineCost`);
 - keeps, per option and size, the least time ever measured (`Fastest`): other load only ever slows a
   forward, so the minimum over samples converges on the machine's real speed whatever the noise;
 - switches only when another option is cheaper by a margin (`prefer`), so that two options of about the same
@@ -38,9 +40,9 @@ SWITCH_MARGIN = 0.1
 
 @dataclass
 class Recheck:
-    """Counts generations and says when a timing is due again (`RECHECK_AT`, then every `RECHECK_EVERY`), once
-    a timing dearer than `RECHECK_FREE` costs at most `RECHECK_SHARE` of the wall time since the last one
-    (what `took` reports)."""
+    """Counts generations and says when a timing is due again (`RECHECK_AT`, then every `RECHECK_EVERY`); after
+    a timing dearer than `RECHECK_FREE` (what `took` reports), only every `RECHECK_EVERY`, once it costs at most
+    `RECHECK_SHARE` of the wall time since."""
 
     generations: int = 0
     clock: Callable[[], float] = time.perf_counter
@@ -52,12 +54,13 @@ class Recheck:
         """One more generation starts: True when the timing should be taken again before it."""
         self.generations += 1
         n = self.generations - 1  # generations finished before this one
-        if n in RECHECK_AT or (n > RECHECK_AT[-1] and n % RECHECK_EVERY == 0):
+        dear = self.since is not None and self.cost > RECHECK_FREE
+        if (n in RECHECK_AT and not dear) or (n > RECHECK_AT[-1] and n % RECHECK_EVERY == 0):
             self.pending = True
         if not self.pending:
             return False
         since = self.since
-        if since is not None and RECHECK_FREE < self.cost > RECHECK_SHARE * (self.clock() - since):
+        if dear and since is not None and self.cost > RECHECK_SHARE * (self.clock() - since):
             return False
         self.pending = False
         return True

@@ -115,7 +115,7 @@ def register(subparsers) -> None:
     from specdec.dllm.cli import add_policy_arguments
 
     add_policy_arguments(b, several=True)
-    b.set_defaults(func=cmd_bench, dtype=None)  # None: float32, or with --scale the shape's release dtype
+    b.set_defaults(func=cmd_bench, dtype=None)  # None: "auto", or with --scale the shape's release dtype
 
 
 def _limit(prompts: list, n: int | None) -> list:
@@ -158,7 +158,7 @@ def _load_models(args: argparse.Namespace):
     from specdec.models.loading import freeze_heap, load_models
 
     wanted = select_methods(args.methods, True)
-    loaded = load_models(args.model, args.draft, any(needs_draft(m) for m in wanted), args.dtype or "float32")
+    loaded = load_models(args.model, args.draft, any(needs_draft(m) for m in wanted), args.dtype or "auto")
     freeze_heap()  # a full garbage collection must not land in whichever method runs when it triggers
     return loaded.target, loaded.tokenizer, loaded.draft, loaded.draft_name
 

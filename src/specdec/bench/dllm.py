@@ -274,8 +274,8 @@ def run(args) -> int:
     per_task = args.prompts or (2 if args.quick else None)
     tasks = check_tasks(args.tasks)
 
-    dllm, tokenizer = load_causal_lm(args.model, "target", args.dtype or "float32")
-    ar, ar_tokenizer = load_causal_lm(args.ar_model, "target", args.dtype or "float32")
+    dllm, tokenizer = load_causal_lm(args.model, "target", args.dtype or "auto")
+    ar, ar_tokenizer = load_causal_lm(args.ar_model, "target", args.dtype or "auto")
     if ar_tokenizer is None or tokenizer is None:
         raise InputError("both models need a tokenizer")
     decoders = {

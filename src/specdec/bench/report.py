@@ -193,7 +193,7 @@ def settings(args, prompts: list[BenchPrompt], result: BenchResult, params: Samp
         "top_k": params.top_k,
         "top_p": params.top_p,
         "seed": params.seed,
-        "dtype": args.dtype or "float32",
+        "dtype": args.dtype or "auto",  # as asked (the model's own: env.model.dtype)
         "runtime": args.runtime,
         # what ran each method's target forwards (hf-* methods: transformers' own generate())
         "method_runtimes": {m.name: getattr(m, "runtime", "generate()") for m in result.methods},

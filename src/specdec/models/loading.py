@@ -1,7 +1,10 @@
 """Load a target or draft model by name: "default" is the shipped pair, anything else goes to from_pretrained.
 
-Models run in float32 by default: CPUs without bf16 units (like the ones specdec is benchmarked on) run
-16-bit weights slower, so the shipped 16-bit weights are upcast on load.
+dtype "auto" (the default) loads a checkpoint saved in bfloat16 in bfloat16 where the CPU has bf16 units
+(AVX512-BF16 or AMX: there the native runtime's bfloat16 forward is the fastest, docs/runtime.md), as
+transformers loads a checkpoint in its own dtype, and everything else in float32: a CPU without bf16 units runs
+16-bit weights slower than float32, and so does float16 on any CPU. The shipped models stay float32 (their
+bench tables, and the share of numerical ties in their lossless check, are float32's).
 """
 
 from __future__ import annotations
@@ -63,12 +66,21 @@ def load_tokenizer(path: str, local_files_only: bool = False):
         raise InputError(f"cannot load the tokenizer of {path!r}: {str(e).splitlines()[0]}") from None
 
 
-def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32"):
+def auto_dtype(config, shipped: bool) -> str:
+    """The dtype "auto" loads a checkpoint in (module docstring)."""
+    from specdec.runtime.kernels import bf16_units
+
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    bf16 = str(saved).removeprefix("torch.") == "bfloat16"
+    return "bfloat16" if bf16 and not shipped and bf16_units() else "float32"
+
+
+def load_causal_lm(name: str | None, role: str = "target", dtype: str = "auto"):
     """Returns (model, tokenizer-or-None); one-line InputError for anything the user can fix."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if dtype not in DTYPES and dtype != "auto":
+        raise InputError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})")
     path = resolve(name, role)
     local = Path(path).expanduser()
     if local.exists():
@@ -99,6 +111,8 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "float32
     saved_as = getattr(config, "architectures", None) or []
     if saved_as and not any("CausalLM" in name or "LMHead" in name for name in saved_as):
         raise InputError(f"{path!r} holds a {saved_as[0]} (no language-model head), not a causal LM")
+    if dtype == "auto":
+        dtype = auto_dtype(config, shipped=Path(path).resolve().is_relative_to(SHIPPED_DIR.resolve()))
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             path, dtype=DTYPES[dtype], output_loading_info=True, local_files_only=bool(offline)
@@ -180,7 +194,7 @@ def load_models(
     model: str | None = "default",
     draft: str | None = None,
     with_draft: bool = False,
-    dtype: str = "float32",
+    dtype: str = "auto",
     draft_is_head: bool = False,
 ) -> LoadedModels:
     """The one loader of the API, CLI, bench and server.

@@ -106,6 +106,8 @@ def to_gguf(model, tokenizer, path: Path) -> None:
 
     def add(name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous()
+        if t.dim() == 1:  # norm weights: llama.cpp's CPU kernels multiply by them in float32 only (as its own
+            t = t.float()  # converter writes them); a 16-bit one aborts the process in its first forward
         array = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
         raw = gguf.GGMLQuantizationType.BF16 if t.dtype == torch.bfloat16 else None
         if raw is not None:  # numpy has no bfloat16: hand over the raw 16-bit patterns
