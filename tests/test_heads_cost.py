@@ -26,21 +26,10 @@ from specdec.heads.eagle3 import default_aux_layer_ids
 from specdec.heads.hydra import HydraConfig
 from specdec.heads.medusa import MedusaConfig
 from specdec.models.scale import build_scale_model, scale_config
+from test_scale import TINY_CONFIG
 
 KINDS = ["eagle", "medusa", "hydra"]
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 9000,
-    "max_position_embeddings": 4096,
-    "tie_word_embeddings": True,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+TINY = {**TINY_CONFIG, "num_hidden_layers": 6}  # deep enough for three distinct aux layers
 CURVE = CostModel.fit((1, 17, 64), (0.010, 0.020, 0.050))  # seconds per target forward, by tree tokens
 
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from specdec import SpecDecoder
 from specdec.bench.forcing import ForceReference, forced_generation, lift, reference_ids
 from specdec.bench.methods import ForwardCounter, HFMethod
-from specdec.drafters import REGISTRY, methods
+from specdec.drafters import methods
 from specdec.errors import InputError
 from specdec.models.scale import SCALES, parameter_count, scale_config
 from specdec.sampling import SamplingParams
+from test_native import _decoder
 
 import tiny
 
@@ -99,14 +99,6 @@ def _reference(tok, model, prompt: str, text: str, n: int) -> tuple[list[int], l
 
 PROMPT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"
 TEXT = "    return a - b\n\n\ndef mul(a, b):\n    return a * b\n\n\ndef add(a, b):\n    return a + b\n"
-
-
-def _decoder(method, model, tok, runtime):
-    if REGISTRY[method].needs_draft_model:
-        return SpecDecoder(model, tok, method, draft_model=tiny.model("llama", seed=9), runtime=runtime)
-    if REGISTRY[method].uses_head:
-        return SpecDecoder(model, tok, method, head=tiny.untrained_head(method, model), runtime=runtime)
-    return SpecDecoder(model, tok, method, runtime=runtime)
 
 
 @pytest.mark.slow

@@ -33,7 +33,19 @@ class Shape:
 
 
 _LLAMA = {"model_type": "llama", "hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-_QWEN2 = {"model_type": "qwen2", "hidden_act": "silu", "use_sliding_window": False}
+# what every Qwen2.5-Coder size shares (vocabulary, context, norm, rope, tied embeddings, special ids)
+_QWEN2 = {
+    "model_type": "qwen2",
+    "hidden_act": "silu",
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
 
 SCALES: dict[str, Shape] = {
     "smollm2-360m": Shape(
@@ -66,13 +78,6 @@ SCALES: dict[str, Shape] = {
             "num_hidden_layers": 24,
             "num_attention_heads": 14,
             "num_key_value_heads": 2,
-            "vocab_size": 151936,
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "tie_word_embeddings": True,
-            "bos_token_id": 151643,
-            "eos_token_id": 151643,
         },
     ),
     "llama-3.2-1b": Shape(
@@ -112,13 +117,6 @@ SCALES: dict[str, Shape] = {
             "num_hidden_layers": 28,
             "num_attention_heads": 12,
             "num_key_value_heads": 2,
-            "vocab_size": 151936,
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "tie_word_embeddings": True,
-            "bos_token_id": 151643,
-            "eos_token_id": 151643,
         },
     ),
 }
