@@ -8,6 +8,8 @@ or per weight (`Matrix`), since it depends on the CPU, the dtype and the weight'
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,6 +56,20 @@ def product(
     return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
 
 
+def faster_kernel(run: Callable[[int], object], repeats: int = 5, clock=time.perf_counter) -> int:
+    """Which one-row kernel is the faster: `run(rows)` does the work with the kernel a product of `rows` rows
+    takes (1: oneDNN's prepacked, PACKED_ROWS: MKL's); each is timed `repeats` times, alternating, after one
+    untimed run each, and the least counts (other load only ever slows a run). Returns 1 or PACKED_ROWS."""
+    best = {1: float("inf"), PACKED_ROWS: float("inf")}
+    for timed in [False] + [True] * repeats:
+        for rows in best:
+            start = clock()
+            run(rows)
+            if timed:
+                best[rows] = min(best[rows], clock() - start)
+    return 1 if best[1] < best[PACKED_ROWS] else PACKED_ROWS
+
+
 class Matrix:
     """One weight for x @ W^T with `product`'s choice of kernel by row count (for small modules outside the
     target's forward: the trained heads' drafting steps). `weight`: [out, in], as `nn.Linear` stores it. For
@@ -65,20 +81,13 @@ class Matrix:
         self.packed = prepack(self.t)
         self.packed_from = PACKED_ROWS if self.packed is None else self._one_row_kernel()
 
-    def _one_row_kernel(self, repeats: int = 3) -> int:
-        """1 when oneDNN's prepacked product of one row is the faster (least of `repeats`), else PACKED_ROWS."""
-        import time
-
+    def _one_row_kernel(self) -> int:
+        """1 when oneDNN's prepacked product of one row is the faster, else PACKED_ROWS."""
         x = torch.zeros(1, self.t.shape[0], dtype=self.t.dtype, device=self.t.device)
-        best = {1: float("inf"), PACKED_ROWS: float("inf")}
         with torch.inference_mode():
-            for timed in [False] + [True] * repeats:
-                for rows in best:
-                    start = time.perf_counter()
-                    product(x, self.t, self.packed if rows == 1 else None)
-                    if timed:
-                        best[rows] = min(best[rows], time.perf_counter() - start)
-        return 1 if best[1] < best[PACKED_ROWS] else PACKED_ROWS
+            return faster_kernel(
+                lambda rows: product(x, self.t, self.packed if rows == 1 else None), repeats=3
+            )
 
     def __call__(
         self, x: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from specdec.models.support import check_layer_types
 from specdec.runtime.base import Scores
-from specdec.runtime.kernels import PACKED_ROWS, prepack, product
+from specdec.runtime.kernels import PACKED_ROWS, faster_kernel, prepack, product
 from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -437,28 +437,24 @@ class NativeModel:
 
 
 def choose_one_token_kernel(native: NativeModel, clock=None, repeats: int = 5) -> int:
-    """Time a one-token forward after a 64-token past with MKL's product and with oneDNN's prepacked one (the
-    least of `repeats` each, alternating, after one untimed each) and keep the faster in
-    `native.packed_from` (1: prepacked); returns it. Nothing to choose where the weights are not prepacked."""
+    """Time a one-token forward after a 64-token past with MKL's product and with oneDNN's prepacked one
+    (`faster_kernel`) and keep the faster in `native.packed_from` (1: prepacked); returns it. Nothing to choose
+    where the weights are not prepacked."""
     import time
 
     if native.lm_head_packed is None or any(w.packed is None for w in native.layers):
         return native.packed_from
-    clock = clock or time.perf_counter
     past, device = 64, native.device
     cache = native.new_cache(past + 1)
     native.forward(cache, torch.arange(past, device=device), torch.arange(past, device=device), None)
     token, position = torch.tensor([5], device=device), torch.tensor([past], device=device)
-    best = {1: float("inf"), PACKED_ROWS: float("inf")}
-    for timed in [False] + [True] * repeats:
-        for rows in best:
-            native.packed_from = rows
-            start = clock()
-            native.forward(cache, token, position, None)
-            cache.length = past  # the same forward again next time
-            if timed:
-                best[rows] = min(best[rows], clock() - start)
-    native.packed_from = 1 if best[1] < best[PACKED_ROWS] else PACKED_ROWS
+
+    def forward(rows: int) -> None:
+        native.packed_from = rows
+        native.forward(cache, token, position, None)
+        cache.length = past  # the same forward again next time
+
+    native.packed_from = faster_kernel(forward, repeats, clock or time.perf_counter)
     return native.packed_from
 
 
