@@ -29,6 +29,7 @@ LAYERS: dict[str, str] = {
     "test_yardstick": "unit",
     "test_auto": "integration",
     "test_batch": "integration",
+    "test_cuda": "integration",
     "test_dllm": "integration",
     "test_drafters_lookahead_layerskip": "integration",
     "test_drafters_recycle_suffix_merge": "integration",

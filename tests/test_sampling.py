@@ -221,7 +221,7 @@ class ChanceTorch:
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    def rand(self, size=(), generator=None, dtype=None):
+    def rand(self, size=(), generator=None, dtype=None, device=None):
         assert tuple(size) == (), "the enumerator models scalar uniforms only"
         return _Scalar(Uniform(self.chance))
 

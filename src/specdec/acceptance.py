@@ -83,8 +83,11 @@ def _walk_distributions(
             x = tree.tokens[child]
             qc = q[child].float()
             # NOTE: float64 uniform, and a strict `<`: a token with r(x) = 0 is never accepted, even at U = 0.
-            u = torch.rand((), generator=generator, dtype=torch.float64).item()
-            if qc[x] > 0 and u * qc[x].item() < r[x].item():
+            # U is drawn where the generator is (the target's device: r's); q(x) and r(x) are read together
+            # (two host syncs on a GPU where four were), as the same float32 values
+            u = torch.rand((), generator=generator, dtype=torch.float64, device=r.device).item()
+            qx, rx = torch.stack([qc[x], r[x]]).tolist()
+            if qx > 0 and u * qx < rx:
                 accepted = child
                 break
             residual = (r - qc).clamp_min_(0)

@@ -175,6 +175,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.drafter = drafter
         self.eos_ids = eos_token_ids(model, tokenizer)
+        # where the target's logits are (a CUDA model's transformers runtime: its GPU); the sampler's generator
+        # is made there, as a CUDA multinomial draws only from a CUDA generator
+        self.device = next(model.parameters()).device
         self.runtime_name = runtime  # as asked ("auto": chosen below, and re-timed for drafting methods)
         # a drafter that picks the runtime per request (auto), checked once: not on every generation's path
         self.chooser: RuntimeChooser | None = drafter if isinstance(drafter, RuntimeChooser) else None
@@ -251,7 +254,7 @@ class Decoding:
         self.layers = engine.layers if self.drafter.reads.on(runtime) else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params
-        self.generator = make_generator(params.seed)
+        self.generator = make_generator(params.seed, engine.device)
         self.dist = None if params.greedy else TargetDistribution(params)
         self.out = Output(engine.tokenizer, prompt_ids, params, engine.eos_ids)
         self.target = runtime.new() if target is None else target  # this generation's cache

@@ -154,7 +154,8 @@ class Eagle(Drafter[EagleState]):
                 )
             dtype = next(model.parameters()).dtype
             head = load_head(path, model, dtype=dtype, layer_ids_from=self.config.layer_ids_from)
-        self.head = head.eval()
+        # on the target's device, where the hidden states it reads are (a loaded head comes on the CPU)
+        self.head = head.to(next(model.parameters()).device).eval()
         self.packed = PackedHead(self.head)
         auto = self.config.max_nodes == "auto"
         self.cost = OnlineCost(CostModel.for_runtime(model, runtime)) if auto else None
@@ -186,9 +187,11 @@ class Eagle(Drafter[EagleState]):
         if not tokens:
             return
         features = torch.cat([hidden[i][rows] for i in self.head.config.aux_layer_ids], dim=-1)  # [m, 3H]
+        # positions stay on the host (`PackedHead.step` reads their largest); the tokens go to the features
         positions = torch.arange(state.committed, state.committed + len(tokens))
         assert self.packed is not None
-        logits, out = self.packed.step(state.cache, features, torch.tensor(tokens), positions)
+        ids = torch.tensor(tokens, device=features.device)
+        logits, out = self.packed.step(state.cache, features, ids, positions)
         state.committed = state.cache.length
         state.logits, state.feature = logits[-1], out[-1]
 
@@ -244,8 +247,10 @@ class Eagle(Drafter[EagleState]):
                     p = parents[p]
                 entry[node] = start + row
             features = torch.stack([out_feature[parents[i]] for i in expand])  # [m, H]
-            node_tokens = torch.tensor([tokens[i] for i in expand])
-            positions = torch.full((len(expand),), state.root_pos + d - 1)
+            node_tokens = torch.tensor([tokens[i] for i in expand], device=features.device)
+            positions = torch.full((len(expand),), state.root_pos + d - 1)  # on the host, as in `_append`
+            # the mask is filled on the host (one write per ancestor) and goes to the features' device whole
+            visible = visible.to(features.device)
             logits, out = packed.step(state.cache, features, node_tokens, positions, visible)
             for row, node in enumerate(expand):
                 out_feature[node] = out[row]

@@ -80,7 +80,7 @@ class Hydra(HeadsDrafter[HydraState]):
                 frontier = [i for i in frontier if children[i]]
             if not frontier:
                 break
-            path = torch.tensor([paths[i] for i in frontier])  # [M, depth + 1]
+            path = torch.tensor([paths[i] for i in frontier], device=state.hidden.device)  # [M, depth + 1]
             logits = packed.head(depth, state.hidden.expand(len(frontier), -1), path)  # [M, draft_vocab]
             top = logits.topk(width, dim=-1).indices  # [M, width] draft ids
             ranked = heads.draft_to_target[top].tolist()  # as target ids

@@ -115,7 +115,8 @@ class HeadsDrafter(Drafter[MS]):
                     f"`specdec train-drafter --method {self.name}`)"
                 )
             heads = self._load(path, model, dtype)
-        self.heads = heads.eval()
+        # on the target's device, where the hidden states they read are (loaded heads come on the CPU)
+        self.heads = heads.to(next(model.parameters()).device).eval()
         self.packed = self._pack(self.heads)
         self.layer = model.config.get_text_config(decoder=True).num_hidden_layers
         k, width = heads.config.num_heads, min(self.config.width, heads.config.draft_vocab_size)
@@ -214,7 +215,9 @@ class Medusa(HeadsDrafter[MedusaState]):
         width = self.hits.shape[1] if self.hits is not None else self.config.width
         logits = torch.cat(self.packed(state.hidden))  # [K, draft_vocab]
         # ranked even when the template is empty: the rank statistics keep learning, so it can grow again
-        state.candidates = heads.draft_to_target[logits.topk(width, dim=-1).indices]  # [K, width]
+        # [K, width], on the host (one read on a GPU): the tree is built from it here, and `_learn` counts
+        # against it into the host's rank statistics
+        state.candidates = heads.draft_to_target[logits.topk(width, dim=-1).indices].cpu()
         ranked = state.candidates.tolist()
         trie = Trie(root)
         node_of = [0] * len(tpl)

@@ -210,7 +210,9 @@ class TokenRecycling(Drafter[None]):
             trials[0] += 1
             if seen[root]:
                 hits[0] += table[root] == truth
-            table[root] = logits[0].topk(table.shape[1]).indices.to(torch.int32)
+            # the table stays on the host, where drafting walks it every step: the top-k comes to it (on a GPU
+            # target, this step's one read of the logits besides the verdict's)
+            table[root] = logits[0].topk(table.shape[1]).indices.to(table.device, torch.int32)
             seen[root] = True
         else:
             tokens = torch.tensor(tree.tokens)  # [N]
@@ -220,9 +222,9 @@ class TokenRecycling(Drafter[None]):
             key = torch.arange(n)
             key[verdict.accepted_nodes] += n
             same = tokens[:, None] == tokens[None, :]  # [N, N]
-            keep = ~(same & (key[None, :] > key[:, None])).any(dim=1)
+            keep = ~(same & (key[None, :] > key[:, None])).any(dim=1)  # on the host: a GPU mask would sync
             top = logits[keep].topk(table.shape[1], dim=-1).indices  # [kept, width]
-            table[tokens[keep]] = top.to(torch.int32)
+            table[tokens[keep]] = top.to(table.device, torch.int32)  # to the host table (see above)
             seen[tokens[keep]] = True
         self.steps += 1
         if self.config.adapt_every and self.steps % self.config.adapt_every == 0:

@@ -53,7 +53,9 @@ class PackedHead:
         positions: torch.Tensor,
         visible: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`Eagle3Head.step`, the same arguments and results."""
+        """`Eagle3Head.step`, the same arguments and results. `positions` may be on the host while the rest is on
+        a GPU (the eagle drafter keeps them there): their largest, which sizes the rotary table, is then read
+        without a host sync."""
         c = self.config
         m = tokens.shape[0]
         h, kv, d = self.heads, self.kv_heads, self.head_dim
@@ -70,7 +72,7 @@ class PackedHead:
         cache.v[:, start : start + m] = qkv[:, (h + kv) * d :].view(m, kv, d).transpose(0, 1)
         cache.length = end = start + m
         if visible is None:
-            visible = chain_visible(start, m)
+            visible = chain_visible(start, m, qk.device)
         attn = F.scaled_dot_product_attention(
             qk[:, :h].transpose(0, 1)[None],  # [1, heads, m, D]
             cache.k[None, :, :end],

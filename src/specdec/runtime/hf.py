@@ -77,7 +77,7 @@ class ModelRunner:
         """Run `token_ids` causally into the cache. Only the hidden states are kept (logits of the last row
         only, which the engine does not use: the first new token comes from the first tree step)."""
         if not token_ids:
-            return Scores(torch.empty(0), {})
+            return Scores(torch.empty(0, device=self.device), {})
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         return self._forward(ids, None, None, logits_to_keep=1, layers=layers)
 

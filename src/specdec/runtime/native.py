@@ -71,6 +71,11 @@ def unsupported_reason(model) -> str:
         return f"rope type {_rope_type(config)!r}"
     if not hasattr(getattr(decoder, "rotary_emb", None), "inv_freq") or not hasattr(model, "lm_head"):
         return "an unfamiliar module layout"
+    # a CPU forward (its kernels, the prepacked products, and llama.cpp's conversion of it): a model on a GPU
+    # runs on the transformers runtime, which `--runtime auto` then picks
+    weight = next(model.parameters(), None)
+    if weight is not None and weight.device.type != "cpu":
+        return f"its weights are on {weight.device}, and this forward runs on the CPU only"
     return ""
 
 
@@ -168,7 +173,7 @@ class RotaryTable:
 
     def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, scaling: float = 1.0) -> None:
         self.inv_freq, self.dtype, self.scaling = inv_freq, dtype, scaling
-        self.table = torch.empty(0)
+        self.table = torch.empty(0, device=inv_freq.device)  # where it is grown (the eagle head's: its GPU)
 
     def __call__(self, positions: torch.Tensor, end: int) -> torch.Tensor:
         """[T, 1, D/2] for positions [T], all below `end`."""
