@@ -141,6 +141,18 @@ def test_bench_methods_reproduce_generate(tok, model, name):
     assert 1 <= run.target_forwards <= 20
 
 
+def test_the_gguf_conversion_is_removed_once_loaded(tok, model, tmp_path, monkeypatch):
+    """llama.cpp maps the file it loaded, so the runtime and the bench remove theirs at once: a process killed
+    later leaves no model-sized file in the temp folder. Both still decode what generate() does."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    prompt = tok("x = 1\ny = 2\nx = 1\n")["input_ids"]
+    method = LlamaCppMethod("llamacpp", model, tok, threads=1)
+    dec = SpecDecoder(model, tok, "pld", runtime="llamacpp")
+    assert list(tmp_path.iterdir()) == []
+    assert method.run(prompt, SamplingParams(max_new_tokens=12)).token_ids == tiny.hf_greedy(model, prompt, 12)
+    assert dec.generate(prompt, max_new_tokens=12).token_ids == tiny.hf_greedy(model, prompt, 12)
+
+
 def test_auto_runs_a_mostly_plain_temperature_on_llamacpp(tok, model, monkeypatch):
     """auto has both runtimes; where its generations decode plainly it takes llama.cpp's, and stays lossless.
     The runtimes' cost curves are scripted (llama.cpp's one-token forward far cheaper), so the choice does not

@@ -42,8 +42,9 @@ class LlamaCppMethod(Method):
 
         self.name = name
         self.runtime = "llama.cpp (its own loop)"
-        self._dir = tempfile.TemporaryDirectory(prefix="specdec-gguf-")
-        path = Path(self._dir.name) / "model.gguf"
+        # the file is removed once loaded (llama.cpp keeps its mapping): a killed bench leaves none behind
+        folder = tempfile.TemporaryDirectory(prefix="specdec-gguf-", ignore_cleanup_errors=True)
+        path = Path(folder.name) / "model.gguf"
         to_gguf(model, tokenizer, path)
         float32 = next(model.parameters()).dtype == torch.float32
         draft = (
@@ -62,6 +63,7 @@ class LlamaCppMethod(Method):
             logits_all=draft is not None,  # its lookup verifies drafts from every position's logits
             verbose=False,
         )
+        folder.cleanup()
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.forwards = 0

@@ -65,13 +65,15 @@ class LlamaCppModel:
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 4096
         self.threads = threads or torch.get_num_threads()
         self.dtype = next(model.parameters()).dtype
-        self._dir = tempfile.TemporaryDirectory(prefix="specdec-gguf-")
-        path = Path(self._dir.name) / "model.gguf"
-        to_gguf(model, None, path)
-        llama_cpp.llama_backend_init()
-        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
-        params = llama_cpp.llama_model_default_params()
-        self.handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        with tempfile.TemporaryDirectory(prefix="specdec-gguf-", ignore_cleanup_errors=True) as folder:
+            # removed once loaded (llama.cpp keeps its mapping of the file): a process killed later leaves
+            # no model-sized file behind in the temp folder
+            path = Path(folder) / "model.gguf"
+            to_gguf(model, None, path)
+            llama_cpp.llama_backend_init()
+            llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
+            params = llama_cpp.llama_model_default_params()
+            self.handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not self.handle:
             raise UnsupportedModelError(
                 f"llama.cpp could not load the GGUF conversion of {type(model).__name__}"
