@@ -149,7 +149,9 @@ def test_the_gguf_conversion_is_removed_once_loaded(tok, model, tmp_path, monkey
     method = LlamaCppMethod("llamacpp", model, tok, threads=1)
     dec = SpecDecoder(model, tok, "pld", runtime="llamacpp")
     assert list(tmp_path.iterdir()) == []
-    assert method.run(prompt, SamplingParams(max_new_tokens=12)).token_ids == tiny.hf_greedy(model, prompt, 12)
+    assert method.run(prompt, SamplingParams(max_new_tokens=12)).token_ids == tiny.hf_greedy(
+        model, prompt, 12
+    )
     assert dec.generate(prompt, max_new_tokens=12).token_ids == tiny.hf_greedy(model, prompt, 12)
 
 

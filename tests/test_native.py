@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from specdec import SpecDecoder
 from specdec.drafters import REGISTRY, methods
@@ -185,6 +186,26 @@ def test_bfloat16_greedy_output_equals_generate(tok, arch):
                 logits = runner.extend(got[-1:])[-1]
         cut = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
         assert cut is None or _bf16_tie(model, prompt + want[:cut]), (packed_from, cut)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_is_sdpa_in_float32(dtype):
+    """A single query's attention (plain decoding's every step) goes through two float32 matrix products, not
+    SDPA's CPU kernel (slow for one query): the same function, to float32 rounding, for grouped kv heads."""
+    native = NativeModel(tiny.model("qwen2", seed=1, layers=1, dtype=dtype))
+    g = torch.Generator().manual_seed(0)
+    h, kv, d = native.heads, native.kv_heads, native.head_dim
+    assert kv < h  # grouped query attention: each kv head serves h / kv query heads
+    q = torch.randn(1, h, 1, d, generator=g).to(dtype)
+    keys, values = (torch.randn(1, kv, 37, d, generator=g).to(dtype) for _ in range(2))
+    expected = F.scaled_dot_product_attention(
+        q.float(), keys.float(), values.float(), scale=native.scale, enable_gqa=True
+    )
+    got = native._one_query(q, keys, values)
+    assert got.dtype == dtype
+    torch.testing.assert_close(
+        got.float(), expected.to(dtype).float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 8e-3
+    )
 
 
 @pytest.mark.parametrize("faster", [1, 2])

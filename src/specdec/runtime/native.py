@@ -19,7 +19,8 @@ the same weights, in the same dtype, with a handful of tensor ops per layer:
 - attention through `F.scaled_dot_product_attention` on 4D inputs over its own preallocated cache
   [layers, kv_heads, capacity, head_dim], each layer's keys contiguous: the layout for which PyTorch's CPU
   flash-attention kernel applies (a token-major cache sends it to the unfused math path, several times slower:
-  docs/runtime.md); keeping an accepted tree path is one gather for all layers.
+  docs/runtime.md); keeping an accepted tree path is one gather for all layers. A single query (plain
+  decoding) takes two float32 batched products instead: the kernel is slow for one query (docs/runtime.md).
 
 It computes the function transformers computes, differing only in float rounding; `specdec.runtime.check`
 compares both on the real model before this forward is trusted as a target (`NativeModel.supports` only
@@ -402,24 +403,46 @@ class NativeModel:
         """Attention of q [B, heads, N, D] over keys/values [B, kv_heads, S, D]; `ends`: row by row, each over
         its own first ends[r] keys (rows of uneven lengths; see ROWWISE), else over all S under `mask`."""
         gqa = self.kv_heads != self.heads
+        one_query = q.shape[2] == 1  # one query per row sees all its keys: no mask needed
         if ends is None:
+            if one_query and q.shape[0] == 1:
+                return self._one_query(q, keys, values)
             return F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=gqa, is_causal=causal
             )
-        one_query = q.shape[2] == 1  # one query per row sees all its keys: no mask needed
+        if one_query:
+            return torch.cat(
+                [
+                    self._one_query(q[r : r + 1], keys[r : r + 1, :, :e], values[r : r + 1, :, :e])
+                    for r, e in enumerate(ends)
+                ]
+            )
         return torch.cat(
             [
                 F.scaled_dot_product_attention(
                     q[r : r + 1],
                     keys[r : r + 1, :, :e],
                     values[r : r + 1, :, :e],
-                    attn_mask=None if one_query else mask[r : r + 1, :, :, :e],
+                    attn_mask=mask[r : r + 1, :, :, :e],
                     scale=self.scale,
                     enable_gqa=gqa,
                 )
                 for r, e in enumerate(ends)
             ]
         )
+
+    def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One query's attention, q [1, heads, 1, D] over all of keys/values [1, kv_heads, S, D], as two batched
+        matrix products in float32 (float64 for a float64 model): the arithmetic SDPA's CPU kernel does, which
+        for a single query is several times slower, most of all in bfloat16 (docs/runtime.md, Attention)."""
+        h, d = q.shape[1], q.shape[3]
+        kv, exact = keys.shape[1], torch.promote_types(q.dtype, torch.float32)
+        grouped = q.reshape(kv, h // kv, d).to(
+            exact
+        )  # query heads by their kv head, as enable_gqa pairs them
+        scores = torch.bmm(grouped, keys[0].to(exact).transpose(1, 2)).mul_(self.scale)  # [kv, h / kv, S]
+        out = torch.bmm(scores.softmax(-1), values[0].to(exact))  # [kv, h / kv, D]
+        return out.view(1, h, 1, d).to(q.dtype)
 
     def _outputs(
         self, x, hidden: dict[int, torch.Tensor], wanted: set[int], logits: str, logits_from: int
