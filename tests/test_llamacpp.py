@@ -199,6 +199,50 @@ def test_sampled_tokens_are_what_generate_samples_on_llamacpp(tok, model, method
         assert out.token_ids == hf, seed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_prefills_are_handed_over_in_the_model_precision(dtype):
+    """The KV cache is in the model's precision, so native's prefill is handed over for bfloat16 models too:
+    the probe proves the layout (llama.cpp's next logits after the handed-over prompt are those after its own
+    prefill), and a longer prompt handed over gives the same next logits as llama.cpp prefilling it."""
+    model = tiny.model("llama", seed=2, dtype=dtype)
+    shared = LlamaCppModel(model)
+    shared.probe_state_layout()
+    assert shared.state_header
+    prompt = [(5 * i + 3) % model.config.vocab_size for i in range(40)]
+    logits = []
+    for handover in (True, False):
+        runner = LlamaCppRunner(shared)
+        runner.reset(64)
+        runner.prefill(prompt[:-1]) if handover else runner._prefill_llamacpp(prompt[:-1])
+        logits.append(runner.extend(prompt[-1:]).float())
+        runner.free()
+    got, want = logits
+    bound = (1e-5 if dtype == torch.float32 else 2e-2) * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=0, atol=bound)
+
+
+def test_a_state_in_a_wrong_layout_is_not_handed_over(monkeypatch):
+    """A handover whose keys or values land in the wrong place is caught by the load-time probe, which then
+    leaves prefilling to llama.cpp (and decoding still works)."""
+    import specdec.runtime.llamacpp as lc
+
+    real = lc.state_bytes
+
+    def scrambled(header, cache, n, v_transposed=True):  # the values' rows in reverse order
+        cache.v[:, 0, :, :n] = cache.v[:, 0, :, :n].flip(-1).clone()
+        return real(header, cache, n, v_transposed)
+
+    model = tiny.model("llama", seed=2, dtype=torch.float32)
+    shared = LlamaCppModel(model)
+    monkeypatch.setattr(lc, "state_bytes", scrambled)
+    shared.probe_state_layout()
+    assert shared.state_header == b""
+    runner = LlamaCppRunner(shared)
+    runner.reset(16)
+    runner.prefill([1, 2, 3])
+    assert runner.extend([4]).shape == (1, model.config.vocab_size)
+
+
 def test_a_bfloat16_model_runs_on_llamacpp(tok):
     """A bfloat16 Llama converts and passes the load check (its norm weights are written in float32: llama.cpp's
     CPU multiply takes no 16-bit operand there, and aborted the process in the first forward), and greedy

@@ -12,15 +12,16 @@ with llama.cpp's own batch semantics:
 - committing the accepted path keeps one sequence through the accepted node (`seq_keep`), drops the cells
   deeper than it (`seq_rm`) and renames it sequence 0: no KV data moves;
 - the prompt is prefilled by the native runtime, whose batched matrix products are faster than llama.cpp's
-  float32 ones (docs/runtime.md), and its keys and values are handed to llama.cpp as a sequence state
-  (`llama_state_seq_set_data`, the layout llama.cpp itself writes; float32 models, whose KV cache is float32
-  here). The layout is confirmed against a state llama.cpp wrote at load; where it differs, llama.cpp
-  prefills itself.
+  (docs/runtime.md), and its keys and values are handed to llama.cpp as a sequence state
+  (`llama_state_seq_set_data`, the layout llama.cpp itself writes, in the model's precision). The layout is
+  proven at load (`probe_state_layout`: llama.cpp's next logits after a handed-over prompt are those after
+  its own prefill); where it is not, llama.cpp prefills itself.
 
 Besides logits it returns the final hidden state (the LM head's input, layer L in Hugging Face's numbering:
 llama.cpp's output embeddings, unpooled), which is all Medusa and Hydra heads read; llama.cpp exposes no
-intermediate layer, so eagle (three of them) runs on `native`. The model's KV cache is float32 for float32
-models (llama.cpp's default is float16), so the function computed is the model's own;
+intermediate layer, so eagle (three of them) runs on `native`. The KV cache is in the model's precision
+(float32, bfloat16; llama.cpp's default is float16), as transformers' cache is, so the function computed is
+the model's own;
 `specdec.runtime.check` verifies that against transformers at load.
 """
 
@@ -43,7 +44,9 @@ from specdec.tree import DraftTree
 
 MAX_SEQUENCES = 256  # leaves per tree (llama.cpp's LLAMA_MAX_SEQ); trees with more are scored in parts
 MAX_TREE = 512  # tokens per decode call (the batch and micro-batch size)
-_GGML_F32, _GGML_F16 = 0, 1
+_GGML_F32, _GGML_F16, _GGML_BF16 = 0, 1, 30
+# the KV cache in the model's own precision: what transformers' cache holds, and what native's prefill hands over
+_KV_TYPES = {torch.float32: _GGML_F32, torch.float16: _GGML_F16, torch.bfloat16: _GGML_BF16}
 _POOLING_NONE = 0
 
 
@@ -79,8 +82,9 @@ class LlamaCppModel:
                 f"llama.cpp could not load the GGUF conversion of {type(model).__name__}"
             )
         self._pool: list = []
-        self.native = NativeModel(model) if self.dtype == torch.float32 else None
-        self.state_header = b""  # set by `_probe_state_layout` when native prefills can be handed over
+        self.native = NativeModel(model)
+        self.state_header = b""  # set by `probe_state_layout` when native prefills can be handed over
+        self.v_transposed = True  # llama.cpp's V layout there (transposed without flash attention)
         # freed when this object goes or at exit, while llama_cpp's functions still exist (__del__ can run
         # after the interpreter has torn them down)
         weakref.finalize(self, _free, llama_cpp, self.handle, self._pool)
@@ -98,8 +102,7 @@ class LlamaCppModel:
         params.n_seq_max = MAX_SEQUENCES
         params.kv_unified = True  # one cache whose cells carry sequence sets: what tree scoring needs
         params.n_threads = params.n_threads_batch = self.threads
-        kv_type = _GGML_F32 if self.dtype == torch.float32 else _GGML_F16
-        params.type_k = params.type_v = kv_type
+        params.type_k = params.type_v = _KV_TYPES.get(self.dtype, _GGML_F16)
         # llama.cpp's CPU flash attention rounds through float16 (logits off by ~3e-4 relative on the shipped
         # model, against ~6e-7 without it): the plain attention path keeps float32 models in float32
         params.flash_attn_type = 0 if self.dtype == torch.float32 else -1
@@ -116,26 +119,36 @@ class LlamaCppModel:
         self._pool.append(ctx)
 
     def probe_state_layout(self) -> None:
-        """Keep llama.cpp's sequence-state header if a 1-token state it writes has exactly the layout
-        `state_bytes` produces (else native prefills are not handed over)."""
-        if self.native is None:
-            return
-        runner = LlamaCppRunner(self)
-        runner.reset(4)
-        runner._prefill_llamacpp([1 % self.vocab])
-        lib, ctx = self.lib, runner.ctx
+        """Hand native prefills over only in a layout proven here: after a 3-token prompt prefilled by native
+        and handed over, llama.cpp's next forward must give the logits it gives after prefilling the prompt
+        itself (the state's header and its V layout, transposed or not, are read from the state llama.cpp
+        wrote for that prefill). Else `state_header` stays empty and llama.cpp prefills."""
+        prompt, token = [i % self.vocab for i in (1, 2, 3)], [4 % self.vocab]
+        own = LlamaCppRunner(self)
+        own.reset(8)
+        own._prefill_llamacpp(prompt)
+        lib, ctx = self.lib, own.ctx
         size = lib.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(ctx, buf, size, 0)
-        data = bytes(buf)[:written]
-        runner.free()
-        native = NativeRunner(self.native)
-        native.reset(4)
-        native.prefill([1 % self.vocab])
-        assert native.cache is not None  # reset() made it
-        mine = state_bytes(data[:12], native.cache, 1).tobytes()
-        if len(mine) == len(data) and mine[: 12 + 16] == data[: 12 + 16]:
-            self.state_header = data[:12]
+        lib.llama_state_seq_get_data(ctx, buf, size, 0)
+        data = bytes(buf)
+        # after the header, the cell count and the cells: whether V is stored transposed, then the layer count
+        self.v_transposed = struct.unpack_from("<I", data, 16 + 12 * len(prompt))[0] == 1
+        want = own.extend(token).float()
+        own.free()
+        self.state_header = data[:12]
+        runner = LlamaCppRunner(self)
+        try:
+            runner.reset(8)
+            runner.prefill(prompt)
+            got = runner.extend(token).float()
+        except RuntimeError:  # llama.cpp refused the state
+            got = None
+        finally:
+            runner.free()
+        bound = 0.02 * float(want.max() - want.min())  # rounding differs; a wrong layout is far off
+        if got is None or float((got - want).abs().max()) > bound:
+            self.state_header = b""
 
 
 def _free(lib, handle, pool: list) -> None:
@@ -146,22 +159,25 @@ def _free(lib, handle, pool: list) -> None:
     lib.llama_model_free(handle)
 
 
-def state_bytes(header: bytes, cache: NativeCache, n: int) -> np.ndarray:
-    """A llama.cpp sequence state (one stream, sequence 0) holding the native cache's first n positions, as
-    uint8: header, cell count, per cell (position, 1 sequence, id 0), then per layer the keys [n, kv_heads
-    * D] and, after all keys, per layer the values transposed [kv_heads * D, n] (llama.cpp's float32 V
-    layout without flash attention). Native keys are already in GGUF's rotary-pair order. Written in place
-    into one buffer: for a 2,000-token prompt it is ~37 MB."""
+def state_bytes(header: bytes, cache: NativeCache, n: int, v_transposed: bool = True) -> np.ndarray:
+    """A llama.cpp sequence state (one stream, sequence 0) holding the native cache's first n positions in
+    its own precision (float32, bfloat16 or float16), as uint8: header, cell count, per cell (position, 1
+    sequence, id 0), then per layer the keys [n, kv_heads * D] and, after all keys, per layer the values:
+    transposed [kv_heads * D, n] (llama.cpp's layout without flash attention) or like the keys. Native keys
+    are already in GGUF's rotary-pair order. Written in place into one buffer: for a 2,000-token prompt of the
+    shipped model in float32 it is ~37 MB."""
     k = cache.k[:, 0, :, :n].detach()  # [L, kv_heads, n, D]
     v = cache.v[:, 0, :, :n].detach()
     layers, kv, _, d = k.shape
-    row = kv * d
+    row, size = kv * d, k.element_size()
+    kv_type = _KV_TYPES[k.dtype]
     meta = np.zeros((n, 3), dtype=np.uint32)
     meta[:, 0] = np.arange(n)
     meta[:, 1] = 1
-    head = header + struct.pack("<I", n) + meta.tobytes() + struct.pack("<II", 1, layers)
-    k_head, v_head = struct.pack("<iQ", _GGML_F32, row * 4), struct.pack("<iII", _GGML_F32, 4, row)
-    block = n * row * 4
+    head = header + struct.pack("<I", n) + meta.tobytes() + struct.pack("<II", int(v_transposed), layers)
+    k_head = struct.pack("<iQ", kv_type, row * size)
+    v_head = struct.pack("<iII", kv_type, size, row) if v_transposed else k_head
+    block = n * row * size
     out = np.empty(len(head) + layers * (len(k_head) + len(v_head) + 2 * block), dtype=np.uint8)
     at = 0
 
@@ -170,18 +186,23 @@ def state_bytes(header: bytes, cache: NativeCache, n: int) -> np.ndarray:
         out[at : at + len(raw)] = np.frombuffer(raw, dtype=np.uint8)
         at += len(raw)
 
-    def put_floats(t: torch.Tensor) -> None:  # t: a permuted view, copied straight into the buffer
+    def put_values(t: torch.Tensor) -> None:  # t: a permuted view, copied straight into the buffer
         nonlocal at
-        torch.from_numpy(out[at : at + block].view(np.float32)).view(t.shape).copy_(t)
+        raw = torch.from_numpy(out[at : at + block].view(np.int32 if size == 4 else np.int16))
+        raw.view(t.dtype).view(t.shape).copy_(t)
         at += block
 
     put(head)
     for layer in range(layers):
         put(k_head)
-        put_floats(k[layer].transpose(0, 1).reshape(n, row))
+        put_values(k[layer].transpose(0, 1).reshape(n, row))
     for layer in range(layers):
         put(v_head)
-        put_floats(v[layer].transpose(1, 2).reshape(row, n))
+        put_values(
+            v[layer].transpose(1, 2).reshape(row, n)
+            if v_transposed
+            else v[layer].transpose(0, 1).reshape(n, row)
+        )
     return out
 
 
@@ -271,13 +292,13 @@ class LlamaCppRunner:
         sequence state, where the layout is known (module docstring), else by llama.cpp in batches."""
         self._check_layers(layers)
         native = self.shared.native
-        if not token_ids or not self.shared.state_header or native is None or self.length:
+        if not token_ids or not self.shared.state_header or self.length:
             return self._prefill_llamacpp(token_ids, layers)
         runner = NativeRunner(native)
         runner.reset(len(token_ids))
         scores = runner.prefill(token_ids, layers)
         assert runner.cache is not None  # reset() made it
-        data = state_bytes(self.shared.state_header, runner.cache, len(token_ids))
+        data = state_bytes(self.shared.state_header, runner.cache, len(token_ids), self.shared.v_transposed)
         pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
         if self.lib.llama_state_seq_set_data(self.ctx, pointer, data.size, 0) != data.size:
             raise RuntimeError("llama.cpp refused the prefilled sequence state")
