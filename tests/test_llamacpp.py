@@ -10,7 +10,7 @@ from specdec import SpecDecoder
 from specdec.bench.llamacpp import LlamaCppMethod
 from specdec.drafters import REGISTRY, methods
 from specdec.drafters.base import Reads
-from specdec.errors import InputError
+from specdec.errors import InputError, UnsupportedModelError
 from specdec.runtime.hf import ModelRunner
 from specdec.runtime.llamacpp import LlamaCppModel, LlamaCppRunner
 from specdec.sampling import SamplingParams
@@ -199,6 +199,37 @@ def test_sampled_tokens_are_what_generate_samples_on_llamacpp(tok, model, method
         assert out.token_ids == hf, seed
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_every_native_family_converts_and_decodes_as_generate(tok, arch):
+    """Mistral (llama.cpp's llama architecture), Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms) convert,
+    pass the load check against transformers, take the native prefill handed over (Qwen's keys in
+    transformers' order), and decode generate()'s tokens, drafting included."""
+    from specdec.runtime import select_runtime
+    from test_native import _model
+
+    model = _model(arch, seed=4, dtype=torch.float32)
+    assert select_runtime(model, "llamacpp").name == "llamacpp"
+    shared = LlamaCppModel(model)
+    shared.probe_state_layout()
+    assert shared.state_header
+    prompt = tok("def add(a, b):\n    return a + b\n\ndef add(a, b):\n")["input_ids"]
+    for method in ("vanilla", "pld"):
+        out = SpecDecoder(model, tok, method, runtime="llamacpp").generate(prompt, max_new_tokens=20)
+        assert out.stats.runtime == "llamacpp"
+        assert out.token_ids == tiny.hf_greedy(model, prompt, 20), method
+
+
+def test_a_model_llamacpp_cannot_run_as_converted_is_refused_in_one_line():
+    """A Mistral whose sliding window is shorter than its context (llama.cpp's llama architecture attends to
+    everything) is refused with the reason, not converted into another function."""
+    from specdec.runtime import select_runtime
+
+    model = tiny.model("mistral", seed=1, dtype=torch.float32)
+    model.config.sliding_window = 64
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention of 64 positions"):
+        select_runtime(model, "llamacpp")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_prefills_are_handed_over_in_the_model_precision(dtype):
     """The KV cache is in the model's precision, so native's prefill is handed over for bfloat16 models too:
@@ -228,9 +259,9 @@ def test_a_state_in_a_wrong_layout_is_not_handed_over(monkeypatch):
 
     real = lc.state_bytes
 
-    def scrambled(header, cache, n, v_transposed=True):  # the values' rows in reverse order
+    def scrambled(header, cache, n, *layout):  # each value's dimensions in reverse order
         cache.v[:, 0, :, :n] = cache.v[:, 0, :, :n].flip(-1).clone()
-        return real(header, cache, n, v_transposed)
+        return real(header, cache, n, *layout)
 
     model = tiny.model("llama", seed=2, dtype=torch.float32)
     shared = LlamaCppModel(model)

@@ -220,7 +220,8 @@ def run(args: argparse.Namespace, prompts, params, per_task) -> int:
     prompts, refs = scale_prompts(prompts, tokenizer, model, params.max_new_tokens)
     from specdec.bench.runner import all_methods, run_methods, select_methods
 
-    if args.methods is None:  # each skipped with its reason where it cannot run (llamacpp: Llama shapes)
+    # each skipped with its reason where it cannot run (llamacpp: a model the GGUF conversion cannot write)
+    if args.methods is None:
         names = [m for m in SCALE_METHODS if m in all_methods()]
     else:
         names = select_methods(args.methods, False)

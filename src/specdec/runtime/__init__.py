@@ -7,7 +7,8 @@ Three runtimes implement it:
 - `native` (`specdec.runtime.native`): specdec's own forward over the same weights for Llama, Mistral, Qwen2
   and Qwen3, with far less per-call overhead; returns hidden states;
 - `llamacpp` (`specdec.runtime.llamacpp`, with the `llamacpp` extra): llama.cpp's forward over a GGUF
-  conversion of a Llama model, the fastest one-token forward on a CPU; returns logits only.
+  conversion of a Llama, Mistral, Qwen2 or Qwen3 model, the fastest one-token forward on a CPU; returns logits
+  and the final hidden state.
 
 `select_runtime(model, "auto")` takes the first that runs the model and agrees with transformers on sample
 inputs (`specdec.runtime.check`) of: llamacpp, native, transformers; falling back says why in one line. For

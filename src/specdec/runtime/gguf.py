@@ -1,8 +1,11 @@
-"""A Hugging Face Llama model written as GGUF, for llama.cpp (the `llamacpp` runtime and bench methods).
+"""A Hugging Face model of a family the native runtime runs (Llama, Mistral, Qwen2, Qwen3) written as GGUF, for
+llama.cpp (the `llamacpp` runtime and bench methods).
 
 The model is written in its own dtype (float32 -> F32, 16-bit -> F16/BF16), so llama.cpp computes the same
-function at the same precision. The conversion reuses the native runtime's packing: its q/k rows are
-already in the rotary-pair order that GGUF's Llama layout uses (`specdec.runtime.native`).
+function at the same precision. llama.cpp's architectures differ in how they rotate q and k: `llama` (Llama
+and Mistral) rotates adjacent pairs, so its q/k rows are stored in rotary-pair order, the native runtime's
+packing (`specdec.runtime.native`); `qwen2` and `qwen3` rotate the two halves of each head as transformers
+does ("neox"), so their q/k rows, biases and per-head norms are written in transformers' own order.
 """
 
 from __future__ import annotations
@@ -13,9 +16,18 @@ from pathlib import Path
 import torch
 
 from specdec.errors import InputError
+from specdec.models.support import attention_window
 from specdec.runtime.native import NativeModel, unsupported_reason
 
 _FILE_TYPES = {torch.float32: "ALL_F32", torch.float16: "MOSTLY_F16", torch.bfloat16: "MOSTLY_BF16"}
+# transformers' model type -> llama.cpp's architecture
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+NEOX = {"qwen2", "qwen3"}  # architectures rotating the halves of a head (transformers' order), not pairs
+
+
+def architecture(model) -> str:
+    """llama.cpp's architecture for `model` (one `gguf_reason` accepts)."""
+    return ARCHITECTURES[model.config.model_type]
 
 
 def llamacpp_reason() -> str:
@@ -35,15 +47,22 @@ def gguf_reason(model) -> str:
     reason = unsupported_reason(model)
     if reason:
         return reason
-    if getattr(config, "model_type", None) != "llama":
-        return f"model type {config.model_type!r} (the GGUF conversion writes Llama models)"
-    if getattr(config, "attention_bias", False):
-        return "attention biases"
+    kind = getattr(config, "model_type", None)
+    if kind not in ARCHITECTURES:
+        return f"model type {kind!r} (the GGUF conversion writes {', '.join(ARCHITECTURES)} models)"
+    if ARCHITECTURES[kind] == "llama" and getattr(config, "attention_bias", False):
+        return "attention biases"  # llama.cpp's llama architecture has none on q/k/v
+    if getattr(config, "mlp_bias", False):
+        return "an MLP bias"
+    window = attention_window(config)
+    if window is not None and window[1] < config.max_position_embeddings:
+        return f"a {window[0]} attention of {window[1]} positions"  # llama.cpp runs these with full attention
     if rope.get("rope_type", "default") not in ("default", "linear", "llama3"):
         return f"rope type {rope['rope_type']!r}"
     if next(model.parameters()).dtype not in _FILE_TYPES:
         return f"dtype {next(model.parameters()).dtype} (no GGUF type)"
-    if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
+    wide = getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads)
+    if wide and ARCHITECTURES[kind] == "llama":
         return "a head_dim other than hidden_size / num_attention_heads"
     return ""
 
@@ -60,7 +79,8 @@ def _tokenizer_vocab(tokenizer) -> tuple[list[str], list[str]]:
 
 
 def to_gguf(model, tokenizer, path: Path) -> None:
-    """Write a Llama-family `model` (the families the native runtime runs) as a GGUF llama.cpp loads."""
+    """Write `model` (a family the native runtime runs: `gguf_reason` says which it cannot) as a GGUF llama.cpp
+    loads."""
     import gguf
 
     reason = gguf_reason(model)
@@ -71,7 +91,8 @@ def to_gguf(model, tokenizer, path: Path) -> None:
     dtype = next(model.parameters()).dtype
     native = NativeModel(model)
     h, kv, d = native.heads, native.kv_heads, native.head_dim
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch = architecture(model)
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -126,6 +147,14 @@ def to_gguf(model, tokenizer, path: Path) -> None:
         add("output.weight", native.lm_head)
     for i, w in enumerate(native.layers):
         q, k, v = w.wqkv_t.T.split([h * d, kv * d, kv * d])
+        if arch in NEOX:  # transformers' own q/k order, their biases and per-head norms beside
+            attn = model.model.layers[i].self_attn
+            q, k = attn.q_proj.weight, attn.k_proj.weight
+            extra = [(f"attn_{n}.bias", getattr(attn, f"{n}_proj").bias) for n in "qkv"]
+            extra += [(f"attn_{n}_norm.weight", getattr(attn, f"{n}_norm", None)) for n in "qk"]
+            for name, t in extra:
+                if t is not None:
+                    add(f"blk.{i}.{name}", t if isinstance(t, torch.Tensor) else t.weight)
         for name, t in (
             ("attn_norm", w.ln1),
             ("attn_q", q),

@@ -39,7 +39,7 @@ import torch
 
 from specdec.errors import InputError, UnsupportedModelError
 from specdec.runtime.base import Scores
-from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
+from specdec.runtime.native import NativeCache, NativeModel, NativeRunner, pair_order
 from specdec.tree import DraftTree
 
 MAX_SEQUENCES = 256  # leaves per tree (llama.cpp's LLAMA_MAX_SEQ); trees with more are scored in parts
@@ -56,7 +56,7 @@ class LlamaCppModel:
     def __init__(self, model, threads: int | None = None) -> None:
         import llama_cpp
 
-        from specdec.runtime.gguf import to_gguf
+        from specdec.runtime.gguf import NEOX, architecture, to_gguf
 
         self.lib = llama_cpp
         self.model = model
@@ -83,6 +83,9 @@ class LlamaCppModel:
             )
         self._pool: list = []
         self.native = NativeModel(model)
+        # native's keys are in rotary-pair order; llama.cpp's "neox" architectures keep transformers' order
+        neox = architecture(model) in NEOX
+        self.key_order = torch.argsort(pair_order(self.native.head_dim)) if neox else None
         self.state_header = b""  # set by `probe_state_layout` when native prefills can be handed over
         self.v_transposed = True  # llama.cpp's V layout there (transposed without flash attention)
         # freed when this object goes or at exit, while llama_cpp's functions still exist (__del__ can run
@@ -161,14 +164,23 @@ def _free(lib, handle, pool: list) -> None:
     lib.llama_model_free(handle)
 
 
-def state_bytes(header: bytes, cache: NativeCache, n: int, v_transposed: bool = True) -> np.ndarray:
+def state_bytes(
+    header: bytes,
+    cache: NativeCache,
+    n: int,
+    v_transposed: bool = True,
+    key_order: torch.Tensor | None = None,
+) -> np.ndarray:
     """A llama.cpp sequence state (one stream, sequence 0) holding the native cache's first n positions in
     its own precision (float32, bfloat16 or float16), as uint8: header, cell count, per cell (position, 1
     sequence, id 0), then per layer the keys [n, kv_heads * D] and, after all keys, per layer the values:
     transposed [kv_heads * D, n] (llama.cpp's layout without flash attention) or like the keys. Native keys
-    are already in GGUF's rotary-pair order. Written in place into one buffer: for a 2,000-token prompt of the
+    are in rotary-pair order, GGUF's for the llama architecture; `key_order` permutes each head's dimensions
+    into another's (transformers' order, for qwen2 and qwen3). Written in place into one buffer: for a 2,000-token prompt of the
     shipped model in float32 it is ~37 MB."""
     k = cache.k[:, 0, :, :n].detach()  # [L, kv_heads, n, D]
+    if key_order is not None:
+        k = k[..., key_order]
     v = cache.v[:, 0, :, :n].detach()
     layers, kv, _, d = k.shape
     row, size = kv * d, k.element_size()
@@ -300,7 +312,10 @@ class LlamaCppRunner:
         runner.reset(len(token_ids))
         scores = runner.prefill(token_ids, layers)
         assert runner.cache is not None  # reset() made it
-        data = state_bytes(self.shared.state_header, runner.cache, len(token_ids), self.shared.v_transposed)
+        shared = self.shared
+        data = state_bytes(
+            shared.state_header, runner.cache, len(token_ids), shared.v_transposed, shared.key_order
+        )
         pointer = data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
         if self.lib.llama_state_seq_set_data(self.ctx, pointer, data.size, 0) != data.size:
             raise RuntimeError("llama.cpp refused the prefilled sequence state")

@@ -151,7 +151,7 @@ class NativeCache:
         self.lengths[target] = n
 
 
-def _pair_order(head_dim: int) -> torch.Tensor:
+def pair_order(head_dim: int) -> torch.Tensor:
     """[0, d/2, 1, d/2 + 1, ...]: HF's rotate-half partners side by side."""
     half = head_dim // 2
     return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
@@ -159,8 +159,8 @@ def _pair_order(head_dim: int) -> torch.Tensor:
 
 def qkv_row_order(heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
     """Row order of a packed [q; k; v] weight for the fast forward: the q and k rows of each head in rotary-pair
-    order (`_pair_order`), the v rows unchanged. Index a `cat([q, k, v])` weight (or bias) with it."""
-    pair = _pair_order(head_dim)
+    order (`pair_order`), the v rows unchanged. Index a `cat([q, k, v])` weight (or bias) with it."""
+    pair = pair_order(head_dim)
     return torch.cat(
         [h * head_dim + pair for h in range(heads + kv_heads)]
         + [torch.arange((heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim)]
@@ -229,7 +229,7 @@ class NativeModel:
     def _pack(self, layer) -> Layer:
         attn, mlp = layer.self_attn, layer.mlp
         d = self.head_dim
-        pair = _pair_order(d).to(self.device)
+        pair = pair_order(d).to(self.device)
         order = qkv_row_order(self.heads, self.kv_heads, d).to(self.device)
         wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])[order]
         biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
