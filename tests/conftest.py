@@ -39,6 +39,7 @@ LAYERS: dict[str, str] = {
     "test_heads_cost": "integration",
     "test_hydra": "integration",
     "test_learned": "integration",
+    "test_gguf_target": "integration",
     "test_llamacpp": "integration",
     "test_medusa": "integration",
     "test_model_classes": "integration",

@@ -22,6 +22,7 @@ import torch
 from specdec.acceptance import verify_greedy, verify_sampled
 from specdec.drafters.base import Drafter, Request, RuntimeChooser, Scored
 from specdec.errors import ContextLengthError, InputError
+from specdec.models.gguf_target import GGUFTarget
 from specdec.runtime import RuntimeChoice, select_runtime, timed_choice
 from specdec.runtime.base import Scores
 from specdec.runtime.check import check_tree_attention
@@ -171,6 +172,9 @@ class Engine:
     """Target model + tokenizer + drafter. Holds no per-generation state: `run` owns all of it."""
 
     def __init__(self, model, tokenizer, drafter: Drafter, runtime: str = "auto") -> None:
+        if isinstance(model, GGUFTarget) and (drafter.needs_draft_model or drafter.needs_target_weights):
+            what = "a draft model" if drafter.needs_draft_model else "the target's own weights in PyTorch"
+            raise InputError(f"the {drafter.name} method needs {what}, which a GGUF target does not have")
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter

@@ -117,6 +117,9 @@ class Drafter(ABC, Generic[S]):
     name: ClassVar[str]
     # Capabilities, declared here rather than discovered by introspection:
     needs_draft_model: ClassVar[bool] = False  # built with a second causal LM of the same vocabulary
+    # drafts by running the target's own weights another way (layerskip's shallower view of them): a GGUF
+    # target, whose weights only llama.cpp holds, cannot serve it
+    needs_target_weights: ClassVar[bool] = False
     reads: ClassVar[Reads] = Reads.NOTHING  # of the target's hidden states (see `hidden_layers`)
     # proposes drafts (False: every tree is the root alone, so the target runtime with the cheapest one-token
     # forward is the fastest; see specdec.runtime)

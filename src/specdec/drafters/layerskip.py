@@ -126,6 +126,7 @@ class LayerSkip(ChainDrafter[LayerSkipState]):
     """`draft`'s chain drafting, with a weight-sharing view of the target (some layers skipped) as the model."""
 
     name = "layerskip"
+    needs_target_weights = True
     learned_attributes = ("learned",)  # the skipped set carried across generations (`persist`)
     config: LayerSkipConfig
 

@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 
 from specdec.errors import InputError
+from specdec.models.gguf_target import GGUFTarget, load_gguf
 from specdec.models.shipped import SHIPPED_DIR
 
 DTYPES = {
@@ -85,11 +86,14 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "auto"):
     local = Path(path).expanduser()
     if local.exists():
         path = str(local)
-    if is_gguf(local):  # until GGUF targets land (transformers would call it "not a valid JSON file")
-        raise InputError(
-            f"{path!r} is a GGUF file: GGUF files are not yet supported as {role} models (give a Hugging Face "
-            "model directory or hub name)"
-        )
+    if is_gguf(local):  # llama.cpp's format: the file is the model, its tokenizer included
+        if role != "target":
+            raise InputError(f"{path!r} is a GGUF file: a {role} model must be a Hugging Face model for now")
+        if dtype != "auto":
+            raise InputError(
+                f"--dtype {dtype} does not apply to a GGUF file: it runs in the file's own types"
+            )
+        return load_gguf(local)
     # a hub name off the hub: the cache only, at once (the hub's client retries for ~20 s before giving up)
     offline = not local.exists() and HUB_NAME.fullmatch(path) is not None and hub_unreachable()
     try:
@@ -214,6 +218,11 @@ def load_models(
         return LoadedModels(target, tokenizer, None, None, head=draft)
     if draft is None and with_draft and model in (None, "default") and (SHIPPED_DIR / "draft").is_dir():
         draft = "default"
+    if draft is not None and isinstance(target, GGUFTarget):
+        raise InputError(
+            f"--draft {draft}: a GGUF target drafts without a second model (auto, pld, suffix, recycle, merge, "
+            "lookahead)"
+        )
     draft_model = None
     if draft is not None:
         draft_model, draft_tokenizer = load_causal_lm(draft, "draft", dtype)

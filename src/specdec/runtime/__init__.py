@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from specdec.errors import InputError, UnsupportedModelError
+from specdec.models.gguf_target import GGUFTarget
 from specdec.runtime.base import Runtime, Scores
 from specdec.runtime.hf import ModelRunner
 from specdec.timing import Fastest, Recheck, prefer
@@ -75,6 +76,24 @@ def _llamacpp(model) -> RuntimeChoice:
     shared = LlamaCppModel(model)
     shared.probe_state_layout()
     check_runtime(model, lambda: LlamaCppRunner(shared), "llamacpp")
+    return RuntimeChoice("llamacpp", lambda: LlamaCppRunner(shared), hidden_states=False)
+
+
+def _gguf_file(target: GGUFTarget, name: str, hidden_states: bool) -> RuntimeChoice:
+    """A GGUF file runs on llama.cpp's forward of it, and on nothing else (there are no transformers weights
+    to run or compare with: the file's own llama.cpp decoding is the reference)."""
+    if name not in ("auto", "llamacpp"):
+        raise InputError(
+            f"a GGUF target runs on llama.cpp's forward only (--runtime llamacpp or auto), not {name}"
+        )
+    if hidden_states:
+        raise InputError(
+            "this method reads the target's inner hidden states, which llama.cpp does not return: on a GGUF "
+            "target run one that reads none (auto, pld, suffix, recycle, merge, lookahead)"
+        )
+    from specdec.runtime.llamacpp import LlamaCppRunner
+
+    shared = target.shared
     return RuntimeChoice("llamacpp", lambda: LlamaCppRunner(shared), hidden_states=False)
 
 
@@ -190,6 +209,8 @@ def select_runtime(
     (`Drafter.bind`): nothing here remembers which choice a model's engine took."""
     if name not in RUNTIMES:
         raise InputError(f"unknown runtime {name!r} (choose from {', '.join(RUNTIMES)})")
+    if isinstance(model, GGUFTarget):
+        return _gguf_file(model, name, hidden_states)
     if name == "llamacpp" and hidden_states:
         raise InputError(
             "this method reads the target's hidden states, which the llamacpp runtime does not return "

@@ -51,46 +51,77 @@ _POOLING_NONE = 0
 
 
 class LlamaCppModel:
-    """A model loaded into llama.cpp once, with a pool of contexts (one per live generation)."""
+    """A model loaded into llama.cpp once, with a pool of contexts (one per live generation): a transformers
+    model converted to GGUF (`__init__`), or a user's GGUF file as it is (`from_file`)."""
 
     def __init__(self, model, threads: int | None = None) -> None:
-        import llama_cpp
-
         from specdec.runtime.gguf import NEOX, architecture, to_gguf
 
-        self.lib = llama_cpp
-        self.model = model
-        self.vocab = model.config.vocab_size
         text = model.config.get_text_config(decoder=True)
+        self.vocab = model.config.vocab_size
         self.hidden_size = text.hidden_size
         # the only hidden state llama.cpp returns (see the docstring)
         self.final_layer = text.num_hidden_layers
         self.max_positions = getattr(model.config, "max_position_embeddings", None) or 4096
-        self.threads = threads or torch.get_num_threads()
         self.dtype = next(model.parameters()).dtype
         with tempfile.TemporaryDirectory(prefix="specdec-gguf-", ignore_cleanup_errors=True) as folder:
             # removed once loaded (llama.cpp keeps its mapping of the file): a process killed later leaves
             # no model-sized file behind in the temp folder
             path = Path(folder) / "model.gguf"
             to_gguf(model, None, path)
-            llama_cpp.llama_backend_init()
-            llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
-            params = llama_cpp.llama_model_default_params()
-            self.handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+            self._load(path, threads, repack=True)
         if not self.handle:
             raise UnsupportedModelError(
                 f"llama.cpp could not load the GGUF conversion of {type(model).__name__}"
             )
-        self._pool: list = []
-        self.native = NativeModel(model)
+        self.native: NativeModel | None = NativeModel(model)
         # native's keys are in rotary-pair order; llama.cpp's "neox" architectures keep transformers' order
         neox = architecture(model) in NEOX
         self.key_order = torch.argsort(pair_order(self.native.head_dim)) if neox else None
+        self._start()
+
+    @classmethod
+    def from_file(cls, path: Path, context: int, threads: int | None = None) -> LlamaCppModel:
+        """A GGUF file as it is (`specdec.models.gguf_target`): its logits are llama.cpp's own, in float32, with
+        llama-cpp-python's default cache (float16, no flash attention), so that its plain loop over the same
+        file is the reference; up to `context` positions (at most the file's training context). Loaded
+        without llama.cpp's repacked weight buffers: decoding a quantized file with them crashed the process on
+        a CPU with AMX (llama-cpp-python 0.3.36). InputError when llama.cpp cannot load the file."""
+        self = cls.__new__(cls)
+        self._load(path, threads, repack=False)
+        if not self.handle:
+            raise InputError(
+                f"llama.cpp cannot load {str(path)!r}: a corrupt or truncated GGUF file, or an architecture "
+                "this llama.cpp does not know"
+            )
+        lib, handle = self.lib, self.handle
+        self.vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(handle))
+        self.hidden_size = lib.llama_model_n_embd(handle)
+        self.final_layer = lib.llama_model_n_layer(handle)
+        self.max_positions = min(context, lib.llama_model_n_ctx_train(handle) or context)
+        self.dtype = None  # the file's own types; the cache is llama.cpp's default
+        self.native, self.key_order = None, None  # no transformers weights to prefill with
+        self._start()
+        return self
+
+    def _load(self, path: Path, threads: int | None, repack: bool) -> None:
+        import llama_cpp
+
+        self.lib = llama_cpp
+        self.threads = threads or torch.get_num_threads()
+        llama_cpp.llama_backend_init()
+        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
+        params = llama_cpp.llama_model_default_params()
+        params.use_extra_bufts = repack
+        self.handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+
+    def _start(self) -> None:
+        self._pool: list = []
         self.state_header = b""  # set by `probe_state_layout` when native prefills can be handed over
         self.v_transposed = True  # llama.cpp's V layout there (transposed without flash attention)
         # freed when this object goes or at exit, while llama_cpp's functions still exist (__del__ can run
         # after the interpreter has torn them down)
-        weakref.finalize(self, _free, llama_cpp, self.handle, self._pool)
+        weakref.finalize(self, _free, self.lib, self.handle, self._pool)
 
     def context(self):
         """A context with an empty KV cache (from the pool, or new)."""
@@ -109,11 +140,14 @@ class LlamaCppModel:
         # llama.cpp's CPU flash attention rounds through float16 (logits off by ~3e-4 relative on the shipped
         # model, against ~6e-7 without it): the plain attention path keeps float32 models in float32; over a
         # bfloat16 cache it was also the faster (SmolLM2-360M's shape, a 16-token tree after 512: 75-97 ms
-        # against 118-120 with flash attention, which a float16 cache needs to be as fast; docs/runtime.md)
-        params.flash_attn_type = 0 if self.dtype in (torch.float32, torch.bfloat16) else -1
-        # every output row's final hidden state too (unpooled: one per token), for heads that read it; the
-        # copy is [outputs, H] floats a decode, next to [outputs, V] for the logits
-        params.embeddings = True
+        # against 118-120 with flash attention, which a float16 cache needs to be as fast; docs/runtime.md);
+        # a GGUF file's own (dtype None) runs as llama-cpp-python's loop does, without it
+        params.flash_attn_type = 0 if self.dtype in (torch.float32, torch.bfloat16, None) else -1
+        # the final hidden states (unpooled: one per token) are switched on per decode, only where a head reads
+        # them (`_decode`): with them on, llama.cpp makes every token of a decode an output, logits included
+        # (a prefill's last row was then not where one output is read from, and its LM head ran over every
+        # prompt token)
+        params.embeddings = False
         params.pooling_type = _POOLING_NONE
         ctx = lib.llama_init_from_model(self.handle, params)
         if not ctx:
@@ -128,6 +162,8 @@ class LlamaCppModel:
         and handed over, llama.cpp's next forward must give the logits it gives after prefilling the prompt
         itself (the state's header and its V layout, transposed or not, are read from the state llama.cpp
         wrote for that prefill). Else `state_header` stays empty and llama.cpp prefills."""
+        if self.native is None:  # a GGUF file: llama.cpp prefills
+            return
         prompt, token = [i % self.vocab for i in (1, 2, 3)], [4 % self.vocab]
         own = LlamaCppRunner(self)
         own.reset(8)
@@ -262,9 +298,12 @@ class LlamaCppRunner:
         positions: Sequence[int],
         seqs: Sequence[Sequence[int]],
         outputs: Sequence[bool],
+        hidden: bool = False,
     ) -> None:
+        """One llama_decode; `hidden`: the final hidden states of every token too (then all are outputs)."""
         batch = self.batch
         assert batch is not None, "reset() comes first"
+        self.lib.llama_set_embeddings(self.ctx, hidden)
         n = len(tokens)
         for i in range(n):
             batch.token[i] = tokens[i]
@@ -284,7 +323,8 @@ class LlamaCppRunner:
         pointer = self.lib.llama_get_logits(self.ctx)
         array = np.ctypeslib.as_array(pointer, shape=(rows, self.shared.vocab))
         out = torch.from_numpy(array.copy())
-        return out if self.shared.dtype == torch.float32 else out.to(self.shared.dtype)
+        dtype = self.shared.dtype
+        return out if dtype in (torch.float32, None) else out.to(dtype)
 
     def _check_layers(self, layers: Sequence[int]) -> None:
         if any(layer != self.shared.final_layer for layer in layers):
@@ -299,14 +339,17 @@ class LlamaCppRunner:
             return {}
         pointer = self.lib.llama_get_embeddings(self.ctx)
         array = np.ctypeslib.as_array(pointer, shape=(rows, self.shared.hidden_size))
-        return {self.shared.final_layer: torch.from_numpy(array.copy()).to(self.shared.dtype)}
+        hidden = torch.from_numpy(array.copy())
+        return {
+            self.shared.final_layer: hidden if self.shared.dtype is None else hidden.to(self.shared.dtype)
+        }
 
     def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
         """Run the tokens causally into the cache (sequence 0): by the native runtime, handed over as a
         sequence state, where the layout is known (module docstring), else by llama.cpp in batches."""
         self._check_layers(layers)
         native = self.shared.native
-        if not token_ids or not self.shared.state_header or self.length:
+        if not token_ids or not self.shared.state_header or native is None or self.length:
             return self._prefill_llamacpp(token_ids, layers)
         runner = NativeRunner(native)
         runner.reset(len(token_ids))
@@ -331,7 +374,8 @@ class LlamaCppRunner:
             chunk = token_ids[start : start + MAX_TREE]
             last = start + len(chunk) == len(token_ids)
             outputs = [bool(layers) or (last and i == len(chunk) - 1) for i in range(len(chunk))]
-            self._decode(chunk, range(self.length, self.length + len(chunk)), [(0,)] * len(chunk), outputs)
+            positions = range(self.length, self.length + len(chunk))
+            self._decode(chunk, positions, [(0,)] * len(chunk), outputs, hidden=bool(layers))
             rows = sum(outputs)
             hidden.extend(self._hidden(rows, layers).values())
             self.length += len(chunk)
@@ -367,7 +411,9 @@ class LlamaCppRunner:
         memory = self._memory()
         for s in range(1, len(leaves)):  # the committed past (sequence 0) is visible to every sequence
             self.lib.llama_memory_seq_cp(memory, 0, s, -1, -1)
-        self._decode(tree.tokens, [self.length + d for d in tree.depths], seqs, [True] * n)
+        self._decode(
+            tree.tokens, [self.length + d for d in tree.depths], seqs, [True] * n, hidden=bool(layers)
+        )
         self.forwards += 1
         return Scores(self._logits(n), self._hidden(n, layers), self.length, tree, leaf_seq)
 

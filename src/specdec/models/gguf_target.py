@@ -1,0 +1,162 @@
+"""A GGUF file as the target: llama.cpp's forward of the file, its own tokenizer, EOS ids and chat template.
+
+The engine, the drafters and the cost model read a target through a few attributes of a transformers model:
+its config (vocabulary, context, layers), its generation config (EOS ids) and where its parameters live.
+`GGUFTarget` gives those from the file as llama.cpp loaded it, and the runtime is llama.cpp's forward of it
+(`specdec.runtime.select_runtime` offers nothing else for a GGUF target), through the one runtime protocol
+(`specdec.runtime.base`). Lossless means equal to what llama.cpp itself decodes from the file: greedy output is
+llama-cpp-python's plain greedy loop's, and sampling draws from the distribution llama.cpp's logits define.
+
+What reads inner hidden states (eagle, layerskip) cannot run on it: llama.cpp returns the final hidden state
+only. Recurrent, hybrid and diffusion architectures are refused: their state cannot be cut back to an accepted
+path the way an attention cache can.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from specdec.errors import InputError
+
+# positions a GGUF target's contexts hold unless asked for more (`--context`): a file's training context is
+# often 32-128k positions, whose float16 KV cache alone can take gigabytes
+DEFAULT_CONTEXT = 8192
+
+
+class GGUFTarget:
+    """A GGUF file loaded into llama.cpp, described the way the engine reads a transformers model."""
+
+    # trees are scored through llama.cpp's KV sequences (`specdec.runtime.llamacpp`), not through a 4D mask a
+    # model's code could ignore: the check `specdec.runtime.check.check_tree_attention` runs has nothing to test
+    _specdec_tree_ok = True
+
+    def __init__(self, path: str | Path, context: int = DEFAULT_CONTEXT, threads: int | None = None) -> None:
+        from transformers import GenerationConfig, PretrainedConfig
+
+        from specdec.runtime.gguf import llamacpp_reason
+        from specdec.runtime.llamacpp import LlamaCppModel
+
+        reason = llamacpp_reason()
+        if reason:
+            raise InputError(f"a GGUF target needs llama.cpp: {reason}")
+        self.path = Path(path)
+        self.shared = LlamaCppModel.from_file(self.path, context, threads)
+        lib, handle = self.shared.lib, self.shared.handle
+        self.architecture = meta_string(lib, handle, "general.architecture") or "unknown"
+        for test, kind in (
+            (lib.llama_model_is_recurrent, "recurrent"),
+            (lib.llama_model_is_hybrid, "hybrid (attention with recurrent layers)"),
+            (lib.llama_model_is_diffusion, "diffusion"),
+        ):
+            if test(handle):
+                raise InputError(
+                    f"{str(self.path)!r} holds a {kind} model ({self.architecture}): speculative decoding needs "
+                    "an attention cache that can be cut back to the accepted tokens"
+                )
+        vocab = lib.llama_model_get_vocab(handle)
+        end = [t for t in range(self.shared.vocab) if lib.llama_vocab_is_eog(vocab, t)]
+        # a generic config holds any attribute given (its annotations name only the common ones)
+        self.config = PretrainedConfig(
+            vocab_size=self.shared.vocab,  # type: ignore[call-arg]
+            hidden_size=self.shared.hidden_size,
+            num_hidden_layers=self.shared.final_layer,
+            max_position_embeddings=self.shared.max_positions,
+            architectures=[self.architecture],
+        )
+        self.generation_config = GenerationConfig(eos_token_id=end or None)
+        self._anchor = torch.empty(0)  # where "its parameters" are, for code that asks: the CPU
+
+    def parameters(self):
+        return iter([self._anchor])
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    def __repr__(self) -> str:
+        return f"GGUFTarget({str(self.path)!r}, {self.architecture})"
+
+
+def meta_string(lib, handle, key: str) -> str | None:
+    """A string value of the file's metadata, None when it has no such key."""
+    buf = ctypes.create_string_buffer(4096)
+    n = lib.llama_model_meta_val_str(handle, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+
+class LlamaCppTokenizer:
+    """The file's own tokenizer, through llama.cpp (what a llama.cpp user's text becomes), with the part of a
+    transformers tokenizer's interface specdec uses: call, decode, EOS/BOS ids, the chat template."""
+
+    def __init__(self, target: GGUFTarget) -> None:
+        self.lib, self.target = target.shared.lib, target
+        self.vocab = self.lib.llama_model_get_vocab(target.shared.handle)
+        self.add_bos = bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+        eos, bos = self.lib.llama_vocab_eos(self.vocab), self.lib.llama_vocab_bos(self.vocab)
+        self.eos_token_id = eos if eos >= 0 else None
+        self.bos_token_id = bos if bos >= 0 else None
+        template = self.lib.llama_model_chat_template(target.shared.handle, None)
+        self.chat_template = template.decode("utf-8", errors="replace") if template else None
+        self.all_special_ids = [t for t in range(len(self)) if self.lib.llama_vocab_is_control(self.vocab, t)]
+
+    def __len__(self) -> int:
+        return self.target.shared.vocab
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_: object) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text, add_special_tokens)}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text` as llama.cpp tokenizes it (special tokens written in it parsed as such, as
+        transformers' tokenizers do; BOS first where the file asks for one)."""
+        data = text.encode("utf-8")
+        size = len(data) + 2
+        for _ in range(2):  # a negative count is the size needed
+            ids = (ctypes.c_int * size)()
+            n = self.lib.llama_tokenize(
+                self.vocab, data, len(data), ids, size, add_special_tokens and self.add_bos, True
+            )
+            if n >= 0:
+                return list(ids[:n])
+            size = -n
+        raise InputError("llama.cpp could not tokenize the text")
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False, **_: object) -> str:
+        """The text of the ids (bytes joined, then UTF-8: a character cut at the end shows as U+FFFD)."""
+        return b"".join(self._piece(t, not skip_special_tokens) for t in ids).decode(
+            "utf-8", errors="replace"
+        )
+
+    def _piece(self, token: int, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[: max(n, 0)]
+
+    def apply_chat_template(
+        self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = True, **_: object
+    ):
+        """The file's chat template (`tokenizer.chat_template`) over the messages, rendered as
+        llama-cpp-python's chat handler renders it."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if not self.chat_template:
+            raise InputError(f"{str(self.target.path)!r} carries no chat template")
+        piece = self._piece
+        eos = piece(self.eos_token_id, True).decode() if self.eos_token_id is not None else ""
+        bos = piece(self.bos_token_id, True).decode() if self.bos_token_id is not None else ""
+        formatter = Jinja2ChatFormatter(
+            self.chat_template, eos_token=eos, bos_token=bos, add_generation_prompt=add_generation_prompt
+        )
+        text = formatter(messages=messages).prompt  # type: ignore[arg-type]
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def load_gguf(path: Path, context: int = DEFAULT_CONTEXT) -> tuple[GGUFTarget, LlamaCppTokenizer]:
+    """The target and tokenizer of a GGUF file; InputError (one line) for a file llama.cpp cannot use."""
+    target = GGUFTarget(path, context)
+    return target, LlamaCppTokenizer(target)

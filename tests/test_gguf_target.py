@@ -1,0 +1,181 @@
+"""A GGUF file as the target: the tests write tiny GGUF files (float32, and Q8_0 through llama.cpp's quantizer),
+then check that greedy output equals llama-cpp-python's own plain loop over the same file for every method
+that can run on it, that sampling draws from llama.cpp's distribution, that the file's tokenizer is llama.cpp's,
+and that what cannot work is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import scipy.stats
+import torch
+
+from specdec import SpecDecoder
+from specdec.cli import main
+from specdec.errors import InputError
+from specdec.models.gguf_target import GGUFTarget, LlamaCppTokenizer
+from specdec.models.loading import load_tokenizer
+from specdec.models.shipped import SHIPPED_DIR
+from specdec.runtime.gguf import to_gguf
+
+import tiny
+
+PROMPT = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):\n"
+TOKEN_METHODS = ["vanilla", "auto", "pld", "suffix", "recycle", "merge", "lookahead"]
+Q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+
+
+def _quantize(source, target, ftype: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) == 0
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """{"f32": path, "q8_0": path}: a tiny Llama with the shipped tokenizer (so prompts are real text), its
+    greedy continuations repetitive enough that copy drafters get accepted."""
+    folder = tmp_path_factory.mktemp("gguf")
+    tok = load_tokenizer(str(SHIPPED_DIR / "target"))
+    model = tiny.model("llama", seed=8, vocab_size=len(tok), dtype=torch.float32)  # seed 8: it loops
+    f32 = folder / "tiny-f32.gguf"
+    to_gguf(model, tok, f32)
+    q8 = folder / "tiny-q8_0.gguf"
+    _quantize(f32, q8, Q8_0)
+    return {"f32": f32, "q8_0": q8}
+
+
+def _llamacpp_greedy(path, text: str, n: int) -> list[int]:
+    """llama-cpp-python's own plain greedy loop over the file (its default context settings)."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=512, n_threads=1, verbose=False)
+    ids = llm.tokenize(text.encode(), add_bos=llm._model.add_bos_token(), special=True)
+    out: list[int] = []
+    for token in llm.generate(ids, temp=0.0, top_k=1):
+        out.append(token)
+        if len(out) == n:
+            return out
+    return out
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_plain_decoding_equals_llamacpps_own_loop(files, kind):
+    dec = SpecDecoder.from_pretrained(str(files[kind]), method="vanilla")
+    assert isinstance(dec.model, GGUFTarget) and dec.engine.runtime.name == "llamacpp"
+    out = dec.generate(PROMPT, max_new_tokens=24, ignore_eos=True)
+    assert out.token_ids == _llamacpp_greedy(files[kind], PROMPT, 24)
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+@pytest.mark.parametrize("method", TOKEN_METHODS[1:])
+def test_every_token_drafter_equals_llamacpps_own_loop(files, kind, method):
+    """Drafting, tree scoring and acceptance over the file's own forward (quantized too) decode what
+    llama.cpp's loop decodes."""
+    want = _llamacpp_greedy(files[kind], PROMPT, 32)
+    dec = SpecDecoder.from_pretrained(str(files[kind]), method=method)
+    out = dec.generate(PROMPT, max_new_tokens=32, ignore_eos=True)
+    assert out.token_ids == want
+    assert out.stats.runtime == "llamacpp"
+
+
+def test_drafts_are_accepted_on_the_file(files):
+    """The copy drafters do speculate here (so the equality above covers accepted trees, not plain steps)."""
+    out = SpecDecoder.from_pretrained(str(files["f32"]), method="pld").generate(
+        PROMPT, max_new_tokens=32, ignore_eos=True
+    )
+    assert out.stats.mean_accepted_tokens > 1.2
+
+
+def test_seeded_sampling_draws_from_llamacpps_distribution(files):
+    """vanilla's first sampled token follows softmax(llama.cpp's top-8 logits / T) (chi-square), and a drafting
+    method's seeded tokens are vanilla's (one draw per emitted token, in order), so its distribution is too."""
+    path = files["f32"]
+    target = GGUFTarget(path)
+    tok = LlamaCppTokenizer(target)
+    ids = tok(PROMPT)["input_ids"]
+    from specdec.runtime.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner(target.shared)
+    logits = runner.start(ids, 64).double()
+    runner.free()
+    top = logits.topk(8).indices.tolist()  # sampling at top-k 8: the target's p is these, renormalised
+    p = torch.softmax(logits[top] / 0.7, dim=-1)
+    draws = 600
+    vanilla = SpecDecoder(target, tok, "vanilla")
+    counts = [0] * len(top)
+    for seed in range(draws):
+        params = {"max_new_tokens": 1, "temperature": 0.7, "top_k": 8, "seed": seed, "ignore_eos": True}
+        counts[top.index(vanilla.generate(ids, **params).token_ids[0])] += 1
+    expected = (p * draws).tolist()
+    assert min(expected) > 5, expected  # the test's own validity
+    assert scipy.stats.chisquare(counts, expected).pvalue > 1e-3, (counts, expected)
+    pld = SpecDecoder(target, tok, "pld")
+    for seed in range(4):
+        params = {"max_new_tokens": 16, "temperature": 1.0, "seed": seed, "ignore_eos": True}
+        assert pld.generate(ids, **params).token_ids == vanilla.generate(ids, **params).token_ids
+
+
+def test_the_tokenizer_is_llamacpps_and_round_trips(files):
+    """Text becomes the ids llama.cpp gives it (special tokens in the text parsed as such), and decodes back."""
+    from llama_cpp import Llama
+
+    target = GGUFTarget(files["f32"])
+    tok = LlamaCppTokenizer(target)
+    llm = Llama(str(files["f32"]), vocab_only=True, verbose=False)
+    for text in (PROMPT, "naïve café ✓ — 日本語\n\tx<|endoftext|>y", " leading space"):
+        ids = tok(text)["input_ids"]
+        assert ids == llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert tok.decode(ids) == text
+    assert tok.eos_token_id in target.generation_config.eos_token_id
+    assert tok.decode([tok.eos_token_id], skip_special_tokens=True) == ""
+
+
+@pytest.mark.parametrize("method", ["eagle", "layerskip", "draft"])
+def test_methods_that_need_more_than_the_file_are_refused_in_one_line(files, method):
+    with pytest.raises(InputError) as err:
+        SpecDecoder.from_pretrained(
+            str(files["f32"]), method=method, draft="default" if method == "draft" else None
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_other_runtimes_and_dtypes_are_refused(files):
+    target = GGUFTarget(files["f32"])
+    tok = LlamaCppTokenizer(target)
+    for runtime in ("native", "transformers"):
+        with pytest.raises(InputError, match="llama.cpp's forward only"):
+            SpecDecoder(target, tok, "pld", runtime=runtime)
+    with pytest.raises(InputError, match="does not apply to a GGUF file"):
+        SpecDecoder.from_pretrained(str(files["f32"]), dtype="bfloat16")
+
+
+def test_a_request_longer_than_the_context_is_refused(files):
+    target = GGUFTarget(files["f32"], context=64)
+    dec = SpecDecoder(target, LlamaCppTokenizer(target), "pld")
+    with pytest.raises(InputError, match="context of 64 positions"):
+        dec.generate(PROMPT * 4, max_new_tokens=8)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generates_from_a_gguf_file_and_refuses_bad_ones_in_one_line(files, tmp_path, capsys):
+    code, out, err = _cli(
+        capsys, "generate", PROMPT, "--model", files["q8_0"], "--max-new-tokens", "12", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["token_ids"] == _llamacpp_greedy(files["q8_0"], PROMPT, 12)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(files["f32"].read_bytes()[:4096])  # the magic is there, the rest cut off
+    missing = tmp_path / "missing.gguf"
+    for path, says in ((corrupt, "cannot load"), (missing, "not found")):
+        code, _, err = _cli(capsys, "generate", "x", "--model", path)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and says in lines[0], err
