@@ -273,6 +273,8 @@ def test_sampled_bench_has_no_lossless_verdict(capsys, dirs, tmp_path):
 
 def test_diagnosis_labels_only_genuine_ties():
     class Stub:
+        tie_gap = TIE_GAP
+
         def __init__(self, top1, top2, gap):
             self.answer = (top1, top2, gap)
 

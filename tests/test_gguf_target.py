@@ -179,3 +179,29 @@ def test_cli_generates_from_a_gguf_file_and_refuses_bad_ones_in_one_line(files, 
         code, _, err = _cli(capsys, "generate", "x", "--model", path)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and says in lines[0], err
+
+
+def test_bench_runs_llamacpps_loops_beside_every_method_with_the_check_against_them(files, tmp_path, capsys):
+    """`specdec bench --model x.gguf`: llama.cpp's plain loop on the file is the baseline (speedups over it,
+    outputs checked against it), its prompt lookup and the specdec methods the file can serve run beside."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": PROMPT[: 20 + 9 * i]}) for i in range(2)) + "\n")
+    out = tmp_path / "bench.json"
+    code, text, err = _cli(
+        capsys, "bench", "--model", files["f32"], "--prompts-file", prompts, "--max-new-tokens", 16,
+        "--warmup", 0, "--json", out,
+    )  # fmt: skip
+    assert code == 0, err
+    data = json.loads(out.read_text())
+    assert data["settings"]["baseline"] == "llamacpp"
+    assert data["settings"]["methods"][0] == "llamacpp"
+    assert {"llamacpp-lookup", "auto", "vanilla", "pld", "suffix"} <= set(data["settings"]["methods"])
+    assert not {"hf-vanilla", "eagle", "layerskip", "draft"} & set(data["settings"]["methods"])
+    assert all(row["lossless"] for row in data["overall"]), data["mismatches"]
+    assert data["env"]["model"]["class"] == "GGUFTarget" and data["env"]["model"]["file_bytes"] > 0
+    assert "llamacpp" in text
+
+
+def test_bench_refuses_transformers_methods_on_a_gguf_file(files, capsys):
+    code, _, err = _cli(capsys, "bench", "--model", files["f32"], "--methods", "hf-vanilla,pld")
+    assert code == 2 and "has no transformers model" in err and len(err.strip().splitlines()) == 1

@@ -167,10 +167,15 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
     """Build the methods and run them under one progress bar; returns (result, skipped methods)."""
     from specdec.bench.runner import all_methods, run_methods, select_methods
 
-    names = select_methods(args.methods, draft_model is not None)
+    names = select_methods(args.methods, draft_model is not None, model)
     result, skipped = run_methods(args, prompts, model, tokenizer, draft_model, params, names)
-    if args.methods is None:  # say why the draft-model methods are missing
-        skipped.update({m: "needs a draft model (--draft PATH)" for m in all_methods() if m not in names})
+    if args.methods is None:  # say why the methods left out are missing
+        from specdec.bench.methods import GGUF_BASELINE
+
+        why = "needs a draft model (--draft PATH)"
+        if names[0] == GGUF_BASELINE:
+            why = "needs what a GGUF file does not hold (transformers weights, a draft model, inner hidden states or a head)"
+        skipped.update({m: why for m in all_methods() if m not in names})
     return result, skipped
 
 
@@ -201,7 +206,6 @@ def _yardstick(args, prompts, model, tokenizer, max_new_tokens: int) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from specdec.bench import report
-    from specdec.bench.runner import TIE_GAP
     from specdec.bench.tasks import load_prompts_file, load_spec_bench, load_suite, suites
 
     params = _params(args)
@@ -241,31 +245,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _yardstick(args, prompts, model, tokenizer, params.max_new_tokens)
     result, skipped = _run(args, prompts, model, tokenizer, draft_model, params)
 
-    settings = report.settings(args, prompts, result, params, per_task)
+    settings = report.settings(args, prompts, result, params, per_task, model)
     env = report.environment(model, args.model, draft_model, draft_name)
     data = report.report(result, env, settings, skipped, sampled=not params.greedy)
     runtimes = ", ".join(f"{name}: {rt}" for name, rt in settings["method_runtimes"].items())
     print(f"target runtime per method: {runtimes}")
     print(report.table(data["results"], data["overall"]))
     for m in result.mismatches:
-        print(report.describe_mismatch(m, tokenizer), file=sys.stderr)
+        print(report.describe_mismatch(m, tokenizer, settings["baseline"]), file=sys.stderr)
     if args.json is not None:
         try:
             args.json.write_text(json.dumps(data, indent=1))
         except OSError as e:
             raise InputError(f"cannot write {str(args.json)!r}: {e.strerror or e}") from None
     if args.plot is not None:
-        report.plot(data["results"] + data["overall"], args.plot)
+        report.plot(data["results"] + data["overall"], args.plot, settings["baseline"])
     failures = [m for m in result.mismatches if not m.numerical_tie]
     ties = len(result.mismatches) - len(failures)
     if ties:
         print(
-            f"specdec bench: {ties} difference(s) at numerical ties (top-2 gap < {TIE_GAP:g}), listed above",
+            f"specdec bench: {ties} difference(s) at numerical ties (top-2 gap < {settings['numerical_tie_gap']:g}), listed above",
             file=sys.stderr,
         )
     if failures:
         print(
-            f"specdec bench: LOSSLESS CHECK FAILED: {len(failures)} output(s) differ from hf-vanilla's "
+            f"specdec bench: LOSSLESS CHECK FAILED: {len(failures)} output(s) differ from {settings['baseline']}'s "
             "(listed above)",
             file=sys.stderr,
         )

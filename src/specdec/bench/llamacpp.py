@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,39 +32,49 @@ def require_llamacpp(model=None) -> None:
 
 
 class LlamaCppMethod(Method):
-    """llama.cpp's greedy decoding (plain, or with its prompt-lookup drafts) on the GGUF conversion."""
+    """llama.cpp's greedy decoding (plain, or with its prompt-lookup drafts) on the GGUF conversion of a
+    transformers model, or on a GGUF target's own file with llama-cpp-python's default settings (the loop its
+    users run, and the reference of that target's lossless check)."""
 
     family = "llama.cpp"
 
     def __init__(self, name: str, model, tokenizer, threads: int) -> None:
-        require_llamacpp(model)
         from llama_cpp import Llama
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
+        from specdec.models.gguf_target import GGUFTarget
+
         self.name = name
         self.runtime = "llama.cpp (its own loop)"
-        # the file is removed once loaded (llama.cpp keeps its mapping): a killed bench leaves none behind
-        folder = tempfile.TemporaryDirectory(prefix="specdec-gguf-", ignore_cleanup_errors=True)
-        path = Path(folder.name) / "model.gguf"
-        to_gguf(model, tokenizer, path)
-        float32 = next(model.parameters()).dtype == torch.float32
         draft = (
             LlamaPromptLookupDecoding(num_pred_tokens=LOOKUP_TOKENS) if name == "llamacpp-lookup" else None
         )
-        self.llm = Llama(
-            str(path),
-            n_ctx=model.config.max_position_embeddings,
-            n_batch=512,
-            n_threads=threads,
-            n_threads_batch=threads,
-            type_k=0 if float32 else 1,  # GGML_TYPE_F32 / F16: the model's own precision
-            type_v=0 if float32 else 1,
-            flash_attn=not float32,
-            draft_model=draft,
-            logits_all=draft is not None,  # its lookup verifies drafts from every position's logits
-            verbose=False,
-        )
-        folder.cleanup()
+        options: dict[str, Any] = {
+            "n_ctx": model.config.max_position_embeddings,
+            "n_batch": 512,
+            "n_threads": threads,
+            "n_threads_batch": threads,
+            "draft_model": draft,
+            "logits_all": draft is not None,  # its lookup verifies drafts from every position's logits
+            "verbose": False,
+        }
+        if isinstance(model, GGUFTarget):
+            self.llm = Llama(str(model.path), **options)
+        else:
+            require_llamacpp(model)
+            # the file is removed once loaded (llama.cpp keeps its mapping): a killed bench leaves none behind
+            folder = tempfile.TemporaryDirectory(prefix="specdec-gguf-", ignore_cleanup_errors=True)
+            path = Path(folder.name) / "model.gguf"
+            to_gguf(model, tokenizer, path)
+            float32 = next(model.parameters()).dtype == torch.float32
+            # GGML_TYPE_F32 / F16: the model's own precision
+            precision: dict[str, Any] = {
+                "type_k": 0 if float32 else 1,
+                "type_v": 0 if float32 else 1,
+                "flash_attn": not float32,
+            }
+            self.llm = Llama(str(path), **options, **precision)
+            folder.cleanup()
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.forwards = 0

@@ -14,6 +14,18 @@ from specdec.sampling import SamplingParams
 
 HF_METHODS = ("hf-vanilla", "hf-prompt-lookup", "hf-assisted")
 BASELINE = "hf-vanilla"
+GGUF_BASELINE = "llamacpp"  # llama.cpp's own loop over the file (`specdec.bench.llamacpp`)
+
+
+def baseline(model) -> str:
+    """The method every other is timed and checked against: transformers' greedy generate(), or, for a GGUF
+    target, llama.cpp's own plain loop over the file (what its users would otherwise run; lossless there means
+    equal to it)."""
+    from specdec.models.gguf_target import GGUFTarget
+
+    return GGUF_BASELINE if isinstance(model, GGUFTarget) else BASELINE
+
+
 HF_PROMPT_LOOKUP_TOKENS = 10
 
 
@@ -31,13 +43,15 @@ class ForwardCounter:
 
     def __init__(self, model) -> None:
         self.count = 0
-        self._handle = model.register_forward_pre_hook(self._hook)
+        hook = getattr(model, "register_forward_pre_hook", None)  # none on a GGUF target: nothing to count
+        self._handle = hook(self._hook) if hook is not None else None
 
     def _hook(self, module, args) -> None:
         self.count += 1
 
     def close(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
 
 class Method:

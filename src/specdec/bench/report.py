@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from specdec.bench.methods import BASELINE, HF_PROMPT_LOOKUP_TOKENS
-from specdec.bench.runner import TIE_GAP, BenchResult, Mismatch, Record
+from specdec.bench.runner import BenchResult, Mismatch, Record, tie_gap
 from specdec.bench.tasks import BenchPrompt
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
@@ -72,7 +72,7 @@ def summarize(result: BenchResult, sampled: bool) -> tuple[list[dict], list[dict
                     scope or OVERALL,
                     name,
                     runs,
-                    pick(scope, BASELINE),
+                    pick(scope, names[0]),  # the baseline: `methods.baseline`
                     sampled,
                     bad(scope, name, False),
                     bad(scope, name, True),
@@ -131,14 +131,14 @@ def table(rows: list[dict], overall: list[dict]) -> str:
     return "\n".join(out)
 
 
-def describe_mismatch(m: Mismatch, tokenizer) -> str:
+def describe_mismatch(m: Mismatch, tokenizer, baseline: str = BASELINE) -> str:
     def tok(t: int | None) -> str:
         return "(stopped)" if t is None else f"{t} {tokenizer.decode([t])!r}"
 
     label = "numerical tie" if m.numerical_tie else "MISMATCH"
     return (
         f"{label}: {m.method} on {m.task} prompt {m.index} ({m.source}): first difference at generated token "
-        f"{m.position}: hf-vanilla {tok(m.expected)}, {m.method} {tok(m.got)}; the target's top-2 there are "
+        f"{m.position}: {baseline} {tok(m.expected)}, {m.method} {tok(m.got)}; the target's top-2 there are "
         f"{tok(m.top1)} and {tok(m.top2)}, logit gap {m.gap:.3g}"
     )
 
@@ -154,6 +154,15 @@ def _cpu_model() -> str:
 
 
 def describe_model(model, name: str) -> dict:
+    from specdec.models.gguf_target import GGUFTarget
+
+    if isinstance(model, GGUFTarget):
+        return {
+            "name": name,
+            "class": "GGUFTarget",
+            "description": model.description,  # llama.cpp's: architecture, size, file type (its quantization)
+            "file_bytes": model.path.stat().st_size,
+        }
     return {
         "name": name,
         "class": type(model).__name__,
@@ -181,11 +190,16 @@ def environment(model, model_name: str, draft_model, draft_name: str | None) -> 
     }
 
 
-def settings(args, prompts: list[BenchPrompt], result: BenchResult, params: SamplingParams, per_task) -> dict:
+def settings(
+    args, prompts: list[BenchPrompt], result: BenchResult, params: SamplingParams, per_task, model=None
+) -> dict:
     """The report's settings block: what ran, on what, how often."""
     return {
         "tasks": list(dict.fromkeys(p.task for p in prompts)),
         "methods": [m.name for m in result.methods],
+        "baseline": result.methods[
+            0
+        ].name,  # every speedup is over it, every greedy output checked against it
         "prompts": len(prompts),
         "prompts_per_task": per_task,
         "max_new_tokens": params.max_new_tokens,
@@ -201,8 +215,8 @@ def settings(args, prompts: list[BenchPrompt], result: BenchResult, params: Samp
         "repeats": args.repeats,  # timed rounds per prompt; each method's fastest is kept
         "quick": args.quick,
         "hf_prompt_lookup_num_tokens": HF_PROMPT_LOOKUP_TOKENS,
-        "numerical_tie_gap": TIE_GAP,
-        "chat_history": "later turns hold hf-vanilla's own answer to the earlier turns from this run",
+        "numerical_tie_gap": tie_gap(model),
+        "chat_history": f"later turns hold {result.methods[0].name}'s own answer to the earlier turns from this run",
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -220,7 +234,7 @@ def report(result: BenchResult, env: dict, settings: dict, skipped: dict[str, st
     }
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot(rows: list[dict], out: Path, baseline: str = BASELINE) -> None:
     """Speedup per task (groups) and method (bars), tau written over each bar; the baseline is the 1x line."""
     try:
         import matplotlib
@@ -230,7 +244,7 @@ def plot(rows: list[dict], out: Path) -> None:
     except ImportError:
         raise InputError("--plot needs matplotlib (pip install 'specdec[bench]')") from None
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != BASELINE]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != baseline]
     cell = {(r["task"], r["method"]): r for r in rows}
     width = 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + len(tasks) * len(methods) * 0.45), 4.5))
@@ -255,7 +269,7 @@ def plot(rows: list[dict], out: Path) -> None:
                 )
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel(f"speedup vs {BASELINE} (wall time)")
+    ax.set_ylabel(f"speedup vs {baseline} (wall time)")
     ax.set_title("specdec bench: speedup per task (over each bar: tau)", fontsize=10)
     ax.legend(fontsize=8, ncols=2)
     fig.tight_layout()

@@ -46,6 +46,9 @@ class GGUFTarget:
         self.shared = LlamaCppModel.from_file(self.path, context, threads)
         lib, handle = self.shared.lib, self.shared.handle
         self.architecture = meta_string(lib, handle, "general.architecture") or "unknown"
+        buf = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(handle, buf, len(buf))
+        self.description = buf.value.decode("utf-8", errors="replace")  # e.g. "llama 1B Q8_0"
         for test, kind in (
             (lib.llama_model_is_recurrent, "recurrent"),
             (lib.llama_model_is_hybrid, "hybrid (attention with recurrent layers)"),
