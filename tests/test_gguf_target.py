@@ -205,3 +205,25 @@ def test_bench_runs_llamacpps_loops_beside_every_method_with_the_check_against_t
 def test_bench_refuses_transformers_methods_on_a_gguf_file(files, capsys):
     code, _, err = _cli(capsys, "bench", "--model", files["f32"], "--methods", "hf-vanilla,pld")
     assert code == 2 and "has no transformers model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantize_converts_once_and_the_file_becomes_the_target(tmp_path, monkeypatch, caplog):
+    """--quantize q8_0: the Hugging Face model is written as GGUF and quantized by llama.cpp, cached (the
+    second load finds it), said in one line, and what decodes is then that file, as llama.cpp decodes it."""
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny.save(tmp_path / "tiny", seed=8)
+    with caplog.at_level("WARNING", logger="specdec"):
+        dec = SpecDecoder.from_pretrained(str(model_dir), method="pld", quantize="q8_0")
+    assert isinstance(dec.model, GGUFTarget) and "Q8_0" in dec.model.description
+    cached = list((tmp_path / "cache" / "gguf").glob("*-q8_0.gguf"))
+    assert cached == [dec.model.path]
+    notes = [r.getMessage() for r in caplog.records if "the target is now" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0] and str(dec.model.path) in notes[0]
+    mtime = cached[0].stat().st_mtime_ns
+    again = SpecDecoder.from_pretrained(str(model_dir), method="vanilla", quantize="q8_0")
+    assert again.model.path == cached[0] and cached[0].stat().st_mtime_ns == mtime  # not converted again
+    text = "x = 1\ny = 2\nx = 1\n"
+    want = _llamacpp_greedy(cached[0], text, 16)
+    assert dec.generate(text, max_new_tokens=16, ignore_eos=True).token_ids == want
+    with pytest.raises(InputError, match="already quantized"):
+        SpecDecoder.from_pretrained(str(cached[0]), quantize="q8_0")

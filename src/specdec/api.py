@@ -125,18 +125,21 @@ class SpecDecoder:
         dtype: str = "auto",
         runtime: str = "auto",
         layer_ids_from: str | None = None,
+        quantize: str | None = None,
         **options,
     ) -> SpecDecoder:
         """Load by path or hub name ("default" = the shipped code model; draft "default" = its shipped draft).
         `layer_ids_from` ("vllm" | "sglang"): whose numbering an EAGLE-3 `draft` head's layer ids are in, where
-        its files do not say (`specdec.heads.layer_ids`)."""
+        its files do not say (`specdec.heads.layer_ids`). `model` may be a GGUF file (llama.cpp's forward of
+        it is the target); `quantize` ("q8_0", "q4_k_m") makes the target the model's GGUF file quantized so
+        (`specdec.models.loading.load_models`)."""
         from specdec.drafters import REGISTRY, methods
         from specdec.models.loading import draft_roles, load_models, require_draft
 
         if method is not None and method not in REGISTRY:
             raise InputError(f"unknown method {method!r} (choose from {', '.join(methods())})")
         wants_model, wants_head = draft_roles([method] if method else [])
-        loaded = load_models(model, draft, wants_model, dtype, draft_is_head=wants_head)
+        loaded = load_models(model, draft, wants_model, dtype, draft_is_head=wants_head, quantize=quantize)
         method = method or default_method(loaded.draft is not None)
         require_draft([method], loaded.draft)
         if layer_ids_from is not None:  # read here, so that any method (auto's eagle member too) gets it so

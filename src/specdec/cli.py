@@ -107,6 +107,10 @@ def _decoder(args: argparse.Namespace):
     from specdec.dllm.cli import engine_options, policy_options, wants_dllm
 
     if wants_dllm(args.model, args.policy):
+        if args.quantize:
+            raise InputError(
+                "--quantize is for autoregressive targets (llama.cpp decodes no diffusion LM here)"
+            )
         from specdec.dllm.api import DEFAULT_POLICY, DllmDecoder
 
         if args.method is not None or args.draft is not None:
@@ -132,6 +136,7 @@ def _decoder(args: argparse.Namespace):
         dtype=args.dtype,
         runtime=args.runtime,
         layer_ids_from=args.layer_ids_from,
+        quantize=args.quantize,
     )
     if args.verbose:
         print(f"specdec: target runtime {decoder.engine.runtime.name}", file=sys.stderr)

@@ -72,6 +72,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "release precision)",
     )
     p.add_argument(
+        "--quantize",
+        default=None,
+        choices=["q8_0", "q4_k_m"],
+        help="run the target as a GGUF file quantized so by llama.cpp (Llama, Mistral, Qwen2, Qwen3; converted "
+        "once and cached under ~/.cache/specdec, $SPECDEC_CACHE to move it): outputs are then lossless against "
+        "that file's llama.cpp decoding, not the original weights'",
+    )
+    p.add_argument(
         "--runtime",
         default="auto",
         choices=["auto", "llamacpp", "native", "transformers"],

@@ -158,7 +158,13 @@ def _load_models(args: argparse.Namespace):
     from specdec.models.loading import freeze_heap, load_models
 
     wanted = select_methods(args.methods, True)
-    loaded = load_models(args.model, args.draft, any(needs_draft(m) for m in wanted), args.dtype or "auto")
+    loaded = load_models(
+        args.model,
+        args.draft,
+        any(needs_draft(m) for m in wanted),
+        args.dtype or "auto",
+        quantize=args.quantize,
+    )
     freeze_heap()  # a full garbage collection must not land in whichever method runs when it triggers
     return loaded.target, loaded.tokenizer, loaded.draft, loaded.draft_name
 
@@ -212,6 +218,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from specdec.dllm.cli import wants_dllm
 
     if wants_dllm(args.model, args.policies):  # a diffusion LM: the speed/quality bench
+        if args.quantize:
+            raise InputError(
+                "--quantize is for autoregressive targets (llama.cpp decodes no diffusion LM here)"
+            )
         from specdec.bench import dllm
 
         return dllm.run(args)
@@ -230,9 +240,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if scaled:
         from specdec.bench import scale
 
-        if args.spec_bench is not None or args.yardstick or args.draft is not None:
+        if args.spec_bench is not None or args.yardstick or args.draft is not None or args.quantize:
             raise InputError(
-                "--scale runs plain prompts with references: no --spec-bench, --yardstick or --draft"
+                "--scale runs plain prompts with references: no --spec-bench, --yardstick, --draft or --quantize"
             )
         return scale.run(args, prompts + _limit(from_file, per_task), params, per_task)
     model, tokenizer, draft_model, draft_name = _load_models(args)

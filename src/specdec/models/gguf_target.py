@@ -163,3 +163,54 @@ def load_gguf(path: Path, context: int = DEFAULT_CONTEXT) -> tuple[GGUFTarget, L
     """The target and tokenizer of a GGUF file; InputError (one line) for a file llama.cpp cannot use."""
     target = GGUFTarget(path, context)
     return target, LlamaCppTokenizer(target)
+
+
+# `--quantize` kinds: llama.cpp's file types (LLAMA_FTYPE_MOSTLY_*)
+QUANTIZE = {"q8_0": 7, "q4_k_m": 15}
+
+
+def cache_folder() -> Path:
+    """Where converted files are kept: $SPECDEC_CACHE, else $XDG_CACHE_HOME/specdec, else ~/.cache/specdec."""
+    import os
+
+    root = os.environ.get("SPECDEC_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "specdec"
+
+
+def quantized(model, tokenizer, source: str, kind: str) -> Path:
+    """The GGUF file of a transformers `model` (loaded from `source`) quantized to `kind` by llama.cpp's
+    quantizer, written through specdec's GGUF writer; kept in `cache_folder()` under a name that changes with
+    the source's files (their sizes and times), so a second run loads it at once."""
+    import hashlib
+    import os
+    import tempfile
+
+    import llama_cpp
+
+    from specdec.runtime.gguf import to_gguf
+    from specdec.runtime.llamacpp import QUIET_LOG
+
+    if kind not in QUANTIZE:
+        raise InputError(f"unknown --quantize {kind!r} (choose from {', '.join(QUANTIZE)})")
+    local = Path(source)
+    stamp = [str(local.resolve()) if local.exists() else source, str(next(model.parameters()).dtype)]
+    if local.is_dir():
+        stamp += [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(local.iterdir())]
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    target = cache_folder() / "gguf" / f"{local.name or 'model'}-{digest}-{kind}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+        full = Path(folder) / "full.gguf"
+        to_gguf(model, tokenizer, full)
+        llama_cpp.llama_log_set(QUIET_LOG, ctypes.c_void_p())  # its per-tensor log would flood the terminal
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = QUANTIZE[kind]
+        part = Path(folder) / "quantized.gguf"
+        if llama_cpp.llama_model_quantize(str(full).encode(), str(part).encode(), params) != 0:
+            raise InputError(f"llama.cpp could not quantize {source!r} to {kind}")
+        os.replace(part, target)  # whole or not at all: a killed run leaves no half file in the cache
+    return target

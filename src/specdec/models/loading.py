@@ -10,6 +10,7 @@ bench tables, and the share of numerical ties in their lossless check, are float
 from __future__ import annotations
 
 import gc
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,10 @@ from typing import Any, cast
 import torch
 
 from specdec.errors import InputError
-from specdec.models.gguf_target import GGUFTarget, load_gguf
+from specdec.models.gguf_target import GGUFTarget, load_gguf, quantized
 from specdec.models.shipped import SHIPPED_DIR
+
+log = logging.getLogger("specdec")
 
 DTYPES = {
     "float32": torch.float32,
@@ -200,6 +203,7 @@ def load_models(
     with_draft: bool = False,
     dtype: str = "auto",
     draft_is_head: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModels:
     """The one loader of the API, CLI, bench and server.
 
@@ -208,10 +212,27 @@ def load_models(
     directory; otherwise, when a draft model is wanted (`with_draft`: a chosen method drafts with one) and the
     target is the shipped one, the shipped draft comes with it (the two are trained as a pair). Anything else
     has no draft; `require_draft` turns that into an error for the methods that cannot run without one.
+
+    `quantize` ("q8_0", "q4_k_m"): the target becomes the GGUF file of the model quantized so
+    (`gguf_target.quantized`, cached), said in one line: what is lossless from then on is that file's decoding.
     """
     target, tokenizer = load_causal_lm(model, "target", dtype)
     if tokenizer is None:
         raise InputError(f"{model!r} has no tokenizer (specdec needs one to encode prompts and decode text)")
+    if quantize is not None:
+        if isinstance(target, GGUFTarget):
+            raise InputError(
+                "--quantize takes a Hugging Face model: a GGUF file is already quantized as it is"
+            )
+        path = quantized(target, tokenizer, resolve(model, "target"), quantize)
+        log.warning(
+            "specdec: the target is now %s, %r quantized to %s by llama.cpp: outputs are lossless against that "
+            "file's decoding, not the original weights'",
+            path,
+            model,
+            quantize.upper(),
+        )
+        target, tokenizer = load_gguf(path)
     if draft is not None and is_head_dir(draft):  # a head, whatever the method (auto hands it to its eagle)
         return LoadedModels(target, tokenizer, None, None, head=draft)
     if draft is not None and draft_is_head and not with_draft:

@@ -110,7 +110,7 @@ class LlamaCppModel:
         self.lib = llama_cpp
         self.threads = threads or torch.get_num_threads()
         llama_cpp.llama_backend_init()
-        llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p())
+        llama_cpp.llama_log_set(QUIET_LOG, ctypes.c_void_p())
         params = llama_cpp.llama_model_default_params()
         params.use_extra_bufts = repack
         self.handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
@@ -257,7 +257,7 @@ def state_bytes(
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-def _QUIET(level, text, user_data) -> None:  # llama.cpp logs every load step to stderr otherwise
+def QUIET_LOG(level, text, user_data) -> None:  # llama.cpp logs every load step to stderr otherwise
     return None
 
 

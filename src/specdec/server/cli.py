@@ -120,7 +120,12 @@ def resolve_methods(method: str | None, methods_csv: str | None, draft: str | No
 
 
 def load_decoders(
-    model: str, draft: str | None, methods: list[str], dtype: str, runtime: str = "auto"
+    model: str,
+    draft: str | None,
+    methods: list[str],
+    dtype: str,
+    runtime: str = "auto",
+    quantize: str | None = None,
 ) -> dict:
     """One SpecDecoder per method, all over one loaded target (and one draft model, if any method needs it)."""
     from specdec.api import SpecDecoder
@@ -132,7 +137,7 @@ def load_decoders(
     if unknown:
         raise InputError(f"unknown method {unknown[0]!r} (choose from {', '.join(known())})")
     wants_model, wants_head = draft_roles(methods)
-    loaded = load_models(model, draft, wants_model, dtype, draft_is_head=wants_head)
+    loaded = load_models(model, draft, wants_model, dtype, draft_is_head=wants_head, quantize=quantize)
     require_draft(methods, loaded.draft)
     head = {"head": loaded.head} if loaded.head else {}
     return {
@@ -159,9 +164,10 @@ def _diffusion_decoders(args: argparse.Namespace) -> dict | None:
                 f"--{given[0].replace('_', '-')} is a diffusion-LM policy setting (use it with --policy)"
             )
         return None
-    if args.method is not None or args.methods is not None or args.draft is not None:
+    if args.method is not None or args.methods is not None or args.draft is not None or args.quantize:
         raise InputError(
-            "--method, --methods and --draft are for autoregressive models; a diffusion LM serves --policy"
+            "--method, --methods, --draft and --quantize are for autoregressive models; a diffusion LM serves "
+            "--policy"
         )
     from specdec.dllm.api import DEFAULT_POLICY, DllmDecoder
 
@@ -230,7 +236,7 @@ def build_server(args: argparse.Namespace, engine_thread: bool = True):
     decoders = _diffusion_decoders(args)
     if decoders is None:
         methods = resolve_methods(args.method, args.methods, args.draft)
-        decoders = load_decoders(args.model, args.draft, methods, args.dtype, args.runtime)
+        decoders = load_decoders(args.model, args.draft, methods, args.dtype, args.runtime, args.quantize)
     else:  # a request's "specdec_method" names the policy; the one loaded
         methods = list(decoders)
     from specdec.models.loading import freeze_heap
