@@ -551,3 +551,19 @@ def test_bench_serve_user_errors(capsys, dirs, extra, message):
     code = main(["bench-serve", "--model", str(dirs["target"]), *extra])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_a_run_under_a_third_of_its_methods_median_on_its_task_is_flagged():
+    """One stalled run (10x slower) among a method's runs on a task is flagged; a task that is slower as a
+    whole (long prompts) is not, since each task has its own median."""
+    from specdec.bench import report
+    from specdec.bench.runner import BenchResult, Record
+
+    def record(i: int, task: str, seconds: float) -> Record:
+        return Record(i, task, i, "s", "pld", 5, 10, seconds, 5, True)
+
+    records = [record(i, "edit", 0.1) for i in range(4)] + [record(4, "edit", 1.0)]
+    records += [record(5 + i, "long", 0.5 + 0.01 * i) for i in range(4)]
+    flagged = report.slow_runs(BenchResult(records, [], [], {}))
+    assert [(s["task"], s["prompt"]) for s in flagged] == [("edit", 4)]
+    assert flagged[0]["tokens_per_second"] == 10.0 and flagged[0]["median_tokens_per_second"] == 100.0

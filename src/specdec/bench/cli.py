@@ -263,6 +263,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(report.table(data["results"], data["overall"]))
     for m in result.mismatches:
         print(report.describe_mismatch(m, tokenizer, settings["baseline"]), file=sys.stderr)
+    for s in data["slow_runs"]:
+        print(
+            f"specdec bench: slow run: {s['method']} on {s['task']} prompt {s['index']} ran at "
+            f"{s['tokens_per_second']:.1f} tok/s, under a third of its median there "
+            f"({s['median_tokens_per_second']:.1f}): the machine or the process stalled (timings are suspect)",
+            file=sys.stderr,
+        )
     if args.json is not None:
         try:
             args.json.write_text(json.dumps(data, indent=1))

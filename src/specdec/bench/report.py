@@ -221,9 +221,37 @@ def settings(
     }
 
 
+# a run slower than this share of its method's median speed on its task is flagged (`slow_runs`)
+SLOW_SHARE = 1 / 3
+
+
+def slow_runs(result: BenchResult) -> list[dict]:
+    """Runs whose tokens per second fell under SLOW_SHARE of the median of the same method on the same task
+    (tasks differ too much in speed, long prompts against edits, to share one median): a stall of the machine
+    or the process (a competing thread pool, a timing taken under load) rather than the method's speed."""
+    import statistics
+
+    groups: dict[tuple[str, str], list[Record]] = {}
+    for r in result.records:
+        groups.setdefault((r.method, r.task), []).append(r)
+    flagged = []
+    for (method, task), runs in groups.items():
+        rates = [r.new_tokens / r.seconds for r in runs if r.seconds > 0]
+        if len(rates) < 3:  # no median to speak of
+            continue
+        median = statistics.median(rates)
+        for r in runs:
+            rate = r.new_tokens / r.seconds if r.seconds > 0 else float("inf")
+            if rate < SLOW_SHARE * median:
+                where = {"method": method, "task": task, "prompt": r.prompt, "index": r.index}
+                flagged.append({**where, "tokens_per_second": rate, "median_tokens_per_second": median})
+    return flagged
+
+
 def report(result: BenchResult, env: dict, settings: dict, skipped: dict[str, str], sampled: bool) -> dict:
     rows, overall = summarize(result, sampled)
     return {
+        "slow_runs": slow_runs(result),
         "env": env,
         "settings": settings,
         "results": rows,
