@@ -24,6 +24,10 @@ import tiny
 PROMPT = "def add(a, b):\n    return a + b\n\ndef add(a, b):\n    return a + b\n\ndef add(a, b):\n"
 TOKEN_METHODS = ["vanilla", "auto", "pld", "suffix", "recycle", "merge", "lookahead"]
 Q8_0 = 7  # llama.cpp's LLAMA_FTYPE_MOSTLY_Q8_0
+CHAT_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
 
 
 def _quantize(source, target, ftype: int) -> None:
@@ -40,6 +44,7 @@ def files(tmp_path_factory):
     greedy continuations repetitive enough that copy drafters get accepted."""
     folder = tmp_path_factory.mktemp("gguf")
     tok = load_tokenizer(str(SHIPPED_DIR / "target"))
+    tok.chat_template = CHAT_TEMPLATE  # written into the file (the shipped tokenizer has none)
     model = tiny.model("llama", seed=8, vocab_size=len(tok), dtype=torch.float32)  # seed 8: it loops
     f32 = folder / "tiny-f32.gguf"
     to_gguf(model, tok, f32)
@@ -227,3 +232,28 @@ def test_quantize_converts_once_and_the_file_becomes_the_target(tmp_path, monkey
     assert dec.generate(text, max_new_tokens=16, ignore_eos=True).token_ids == want
     with pytest.raises(InputError, match="already quantized"):
         SpecDecoder.from_pretrained(str(cached[0]), quantize="q8_0")
+
+
+def test_the_server_completes_and_chats_through_the_files_own_template(files):
+    """A GGUF target served: completions are generate()'s, and a chat is rendered by the file's chat template
+    (written into the file from the tokenizer's) before decoding."""
+    from fastapi.testclient import TestClient
+
+    from specdec.server.app import create_app
+
+    target = GGUFTarget(files["f32"])
+    tok = LlamaCppTokenizer(target)
+    assert tok.chat_template
+    dec = SpecDecoder(target, tok, "pld")
+    chat = [{"role": "user", "content": "def add(a, b):"}]
+    rendered = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered == "### user:\ndef add(a, b):\n### assistant:\n"
+    want_chat = dec.generate(tok(rendered, add_special_tokens=False)["input_ids"], max_new_tokens=8)
+    want_text = dec.generate(PROMPT, max_new_tokens=8)
+    with TestClient(create_app(dec)) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == want_text.text
+        r = c.post("/v1/chat/completions", json={"messages": chat, "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want_chat.text

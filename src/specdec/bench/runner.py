@@ -36,9 +36,10 @@ from specdec.sampling import SamplingParams
 TIE_GAP = 1e-4  # a top-2 logit gap below this (fp32) is a numerical tie: rounding may pick either token
 # the same for a GGUF target: llama.cpp's batched products (a tree, a prompt) and its one-row ones (its plain
 # loop's steps) take different kernels, and in a quantized file they quantize the activations differently, so
-# their logits differ by far more than float32 rounding (a Q8_0 file of the shipped target flipped a top-2 gap
-# of 0.0028 in the bench)
-GGUF_TIE_GAP = 1e-2
+# their logits differ by far more than float32 rounding: in one bench of the shipped target's files, top-2
+# gaps up to 0.006 flipped in Q8_0 and up to 0.023 in Q4_K_M, llama.cpp's own prompt lookup among them
+# (0.011: its batched verify against its plain loop)
+GGUF_TIE_GAP = 5e-2
 
 
 def tie_gap(model) -> float:

@@ -122,6 +122,8 @@ def to_gguf(model, tokenizer, path: Path) -> None:
         writer.add_token_list(tokens + [f"<unused{i}>" for i in unused])
         writer.add_token_types(types + [gguf.TokenType.UNUSED] * len(unused))
         writer.add_token_merges(merges)
+        if getattr(tokenizer, "chat_template", None):  # the chat endpoint of a GGUF target renders it
+            writer.add_chat_template(tokenizer.chat_template)
     eos = model.generation_config.eos_token_id
     writer.add_eos_token_id(eos[0] if isinstance(eos, list) else eos)
 
