@@ -7,9 +7,10 @@ its config (vocabulary, context, layers), its generation config (EOS ids) and wh
 (`specdec.runtime.base`). Lossless means equal to what llama.cpp itself decodes from the file: greedy output is
 llama-cpp-python's plain greedy loop's, and sampling draws from the distribution llama.cpp's logits define.
 
-What reads inner hidden states (eagle, layerskip) cannot run on it: llama.cpp returns the final hidden state
-only. Recurrent, hybrid and diffusion architectures are refused: their state cannot be cut back to an accepted
-path the way an attention cache can.
+eagle cannot run on it (it reads inner hidden states; llama.cpp returns the final one only), nor can layerskip
+(it runs the target's weights in PyTorch) or a draft model (not supported for GGUF targets yet). Recurrent,
+hybrid and diffusion architectures are refused: their state cannot be cut back to an accepted path the way an
+attention cache can.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import torch
 
 from specdec.errors import InputError
 
-# positions a GGUF target's contexts hold unless asked for more (`--context`): a file's training context is
-# often 32-128k positions, whose float16 KV cache alone can take gigabytes
+# positions a GGUF target's contexts hold unless asked otherwise (`GGUFTarget(path, context=...)`; never more
+# than the file's training context): that is often 32-128k positions, whose float16 KV cache alone can take
+# gigabytes
 DEFAULT_CONTEXT = 8192
 
 
