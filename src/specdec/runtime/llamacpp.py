@@ -212,8 +212,8 @@ def state_bytes(
     sequence, id 0), then per layer the keys [n, kv_heads * D] and, after all keys, per layer the values:
     transposed [kv_heads * D, n] (llama.cpp's layout without flash attention) or like the keys. Native keys
     are in rotary-pair order, GGUF's for the llama architecture; `key_order` permutes each head's dimensions
-    into another's (transformers' order, for qwen2 and qwen3). Written in place into one buffer: for a 2,000-token prompt of the
-    shipped model in float32 it is ~37 MB."""
+    into another's (transformers' order, for qwen2 and qwen3). Written in place into one buffer: for a
+    2,000-token prompt of the shipped model in float32 it is ~37 MB."""
     k = cache.k[:, 0, :, :n].detach()  # [L, kv_heads, n, D]
     if key_order is not None:
         k = k[..., key_order]
