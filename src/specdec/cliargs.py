@@ -83,8 +83,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "--runtime",
         default="auto",
         choices=["auto", "llamacpp", "native", "transformers"],
-        help="what runs the target's forwards: 'llamacpp' = llama.cpp over a GGUF conversion (Llama, Mistral, Qwen2, Qwen3; the "
-        "llamacpp extra; logits only), 'native' = specdec's own fused forward (Llama, Mistral, Qwen2, Qwen3), "
+        help="what runs the target's forwards: 'llamacpp' = llama.cpp over a GGUF conversion (Llama, Mistral, "
+        "Qwen2, Qwen3; the llamacpp extra; logits only; the only one for a GGUF file), 'native' = specdec's own fused forward (Llama, Mistral, Qwen2, Qwen3), "
         "'transformers' = the model's own code. Each is checked against transformers at load. 'auto' "
         "(default): the first of those that runs the model (llamacpp only for methods that read no hidden "
         "states), saying in one line why it fell back",

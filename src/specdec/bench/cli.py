@@ -180,7 +180,7 @@ def _run(args, prompts, model, tokenizer, draft_model, params):
 
         why = "needs a draft model (--draft PATH)"
         if names[0] == GGUF_BASELINE:
-            why = "needs what a GGUF file does not hold (transformers weights, a draft model, inner hidden states or a head)"
+            why = "needs what a GGUF file does not hold: transformers weights, a draft model, inner states or a head"
         skipped.update({m: why for m in all_methods() if m not in names})
     return result, skipped
 
@@ -280,8 +280,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failures = [m for m in result.mismatches if not m.numerical_tie]
     ties = len(result.mismatches) - len(failures)
     if ties:
+        gap = settings["numerical_tie_gap"]
         print(
-            f"specdec bench: {ties} difference(s) at numerical ties (top-2 gap < {settings['numerical_tie_gap']:g}), listed above",
+            f"specdec bench: {ties} difference(s) at numerical ties (top-2 gap < {gap:g}), listed above",
             file=sys.stderr,
         )
     if failures:
