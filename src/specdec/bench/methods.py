@@ -14,6 +14,7 @@ from specdec.sampling import SamplingParams
 
 HF_METHODS = ("hf-vanilla", "hf-prompt-lookup", "hf-assisted")
 BASELINE = "hf-vanilla"
+HF_PROMPT_LOOKUP_TOKENS = 10
 GGUF_BASELINE = "llamacpp"  # llama.cpp's own loop over the file (`specdec.bench.llamacpp`)
 
 
@@ -24,9 +25,6 @@ def baseline(model) -> str:
     from specdec.models.gguf_target import GGUFTarget
 
     return GGUF_BASELINE if isinstance(model, GGUFTarget) else BASELINE
-
-
-HF_PROMPT_LOOKUP_TOKENS = 10
 
 
 @dataclass

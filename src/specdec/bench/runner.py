@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 import torch
 
 from specdec.bench.methods import (
+    GGUF_BASELINE,
     HF_METHODS,
     HF_PROMPT_LOOKUP_TOKENS,
     RUNTIME_SUFFIXES,
@@ -84,8 +85,8 @@ def gguf_methods() -> list[str]:
 def select_methods(requested: list[str] | None, has_draft: bool, model=None) -> list[str]:
     """The baseline first (always: `methods.baseline`), then the requested or all applicable methods."""
     base = baseline(model)
-    known = all_methods() if base != "llamacpp" else gguf_methods()
-    if base == "llamacpp" and requested is not None and any(m in HF_METHODS for m in requested):
+    known = all_methods() if base != GGUF_BASELINE else gguf_methods()
+    if base == GGUF_BASELINE and requested is not None and any(m in HF_METHODS for m in requested):
         raise InputError(
             "the hf-* methods run transformers' generate(): a GGUF target has no transformers model"
         )
