@@ -266,8 +266,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for s in data["slow_runs"]:
         print(
             f"specdec bench: slow run: {s['method']} on {s['task']} prompt {s['index']} ran at "
-            f"{s['tokens_per_second']:.1f} tok/s, under a third of its median there "
-            f"({s['median_tokens_per_second']:.1f}): the machine or the process stalled (timings are suspect)",
+            f"{s['tokens_per_second']:.1f} tok/s, under a third of its usual pace against the other methods on "
+            f"that prompt (their median: {s['prompt_median']:.1f}): the machine or the process stalled "
+            "(its timing is suspect)",
             file=sys.stderr,
         )
     if args.json is not None:

@@ -221,30 +221,36 @@ def settings(
     }
 
 
-# a run slower than this share of its method's median speed on its task is flagged (`slow_runs`)
+# a run slower than this share of its method's usual speed is flagged (`slow_runs`)
 SLOW_SHARE = 1 / 3
 
 
 def slow_runs(result: BenchResult) -> list[dict]:
-    """Runs whose tokens per second fell under SLOW_SHARE of the median of the same method on the same task
-    (tasks differ too much in speed, long prompts against edits, to share one median): a stall of the machine
-    or the process (a competing thread pool, a timing taken under load) rather than the method's speed."""
+    """Runs that fell under SLOW_SHARE of their method's median speed on the task, each prompt's own pace taken
+    out: a run's tokens per second over the median across methods on that prompt (prompts differ: a longer one
+    is slower for every method), against the median of that ratio over the method's prompts of the task. What
+    it flags is a stall of the machine or the process (a competing thread pool, a timing taken under load),
+    not the method's speed."""
     import statistics
 
+    def rate(r: Record) -> float:
+        return r.new_tokens / r.seconds if r.seconds > 0 else float("inf")
+
+    pace: dict[int, float] = {}
+    for prompt in {r.prompt for r in result.records}:
+        pace[prompt] = statistics.median(rate(r) for r in result.records if r.prompt == prompt)
     groups: dict[tuple[str, str], list[Record]] = {}
     for r in result.records:
         groups.setdefault((r.method, r.task), []).append(r)
     flagged = []
     for (method, task), runs in groups.items():
-        rates = [r.new_tokens / r.seconds for r in runs if r.seconds > 0]
-        if len(rates) < 3:  # no median to speak of
+        if len(runs) < 3:  # no median to speak of
             continue
-        median = statistics.median(rates)
+        usual = statistics.median(rate(r) / pace[r.prompt] for r in runs)
         for r in runs:
-            rate = r.new_tokens / r.seconds if r.seconds > 0 else float("inf")
-            if rate < SLOW_SHARE * median:
+            if rate(r) / pace[r.prompt] < SLOW_SHARE * usual:
                 where = {"method": method, "task": task, "prompt": r.prompt, "index": r.index}
-                flagged.append({**where, "tokens_per_second": rate, "median_tokens_per_second": median})
+                flagged.append({**where, "tokens_per_second": rate(r), "prompt_median": pace[r.prompt]})
     return flagged
 
 
