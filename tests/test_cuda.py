@@ -119,19 +119,6 @@ def _cuda_model(seed: int = 1):
     return tiny.model("llama", seed=seed).to("cuda")
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    """generate()'s greedy tokens, on the model's device."""
-    ids = torch.tensor([prompt], device=model.device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        do_sample=False,
-        max_new_tokens=n,
-        pad_token_id=model.generation_config.pad_token_id,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 def _decoder(method: str, model, tok) -> SpecDecoder:
     """As tests/test_native.py builds them: untrained heads (on the CPU: binding moves them), a tiny draft model
     (on the target's GPU)."""
@@ -151,7 +138,7 @@ def test_greedy_output_equals_generate_on_cuda(tok, method):
     dec = _decoder(method, model, tok)
     assert dec.engine.runtime.name == "transformers"
     out = dec.generate(prompt, max_new_tokens=24)
-    assert out.token_ids == _greedy(model, prompt, 24)
+    assert out.token_ids == tiny.hf_greedy(model, prompt, 24)
     assert out.stats.runtime == "transformers"
 
 

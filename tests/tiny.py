@@ -100,7 +100,8 @@ def model(
 
 
 def hf_greedy(m, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt_ids])
+    """generate()'s greedy tokens, on the model's device."""
+    ids = torch.tensor([prompt_ids], device=m.device)
     out = m.generate(
         ids,
         attention_mask=torch.ones_like(ids),
