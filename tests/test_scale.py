@@ -171,6 +171,29 @@ def test_bench_scale_runs_end_to_end_on_a_tiny_config(tmp_path, capsys):
     assert set(data["cost_curves"]) == {"transformers", "native", "llamacpp"}
 
 
+def test_bench_scale_quantized_runs_on_the_gguf_file_against_llamacpps_loop(tmp_path, monkeypatch, capsys):
+    """--scale with --quantize q8_0: the shape is written as GGUF and quantized, llama.cpp's forced loop over
+    the file is the baseline, every method emits exactly the reference, and only llama.cpp's curve is taken."""
+    from specdec.cli import main
+
+    monkeypatch.setenv("SPECDEC_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "scale.json"
+    argv = ["bench", "--scale-config", str(config), "--quantize", "q8_0", "--tasks", "edit", "--prompts", "1"]
+    argv += ["--max-new-tokens", "24", "--methods", "pld,suffix", "--warmup", "0", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "vs llama.cpp's loop e2e" in printed and "Q8_0" in printed
+    data = json.loads(out.read_text())
+    assert data["baseline"] == "llamacpp" and data["env"]["model"]["class"] == "GGUFTarget"
+    rows = {(r["task"], r["method"]): r for r in data["results"]}
+    assert {m for _, m in rows} == {"llamacpp", "vanilla", "pld", "suffix"}
+    assert all(r["exact"] for r in rows.values())
+    assert rows[("edit", "llamacpp")]["speedup_vs_generate"] == 1.0
+    assert set(data["cost_curves"]) == {"llamacpp"} and "sizes" in data["cost_curves"]["llamacpp"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -240,9 +240,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if scaled:
         from specdec.bench import scale
 
-        if args.spec_bench is not None or args.yardstick or args.draft is not None or args.quantize:
+        if args.spec_bench is not None or args.yardstick or args.draft is not None:
             raise InputError(
-                "--scale runs plain prompts with references: no --spec-bench, --yardstick, --draft or --quantize"
+                "--scale runs plain prompts with references: no --spec-bench, --yardstick or --draft"
             )
         return scale.run(args, prompts + _limit(from_file, per_task), params, per_task)
     model, tokenizer, draft_model, draft_name = _load_models(args)

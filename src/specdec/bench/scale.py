@@ -91,7 +91,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _row(task: str, name: str, runtime: str, runs: list[Record], plain, hf) -> dict:
-    """One task (or "overall") x method row; `plain`, `hf`: vanilla's and hf-vanilla's runs there."""
+    """One task (or "overall") x method row; `plain`, `hf`: vanilla's and the baseline's runs there (hf-vanilla,
+    or llama.cpp's loop for a GGUF target: the `*_vs_generate` fields are then over it)."""
     seconds, tokens = _sum(runs, "seconds"), sum(r.new_tokens for r in runs)
     forwards = sum(r.target_forwards for r in runs)
     specdec = runs[0].draft_seconds is not None  # specdec's methods report the split and drafted nodes
@@ -127,7 +128,7 @@ def summarize(result: BenchResult) -> list[dict]:
         def pick(name: str, task=task) -> list[Record]:
             return [r for r in result.records if r.method == name and (task is None or r.task == task)]
 
-        plain, hf = pick(PLAIN), pick("hf-vanilla")
+        plain, hf = pick(PLAIN), pick(result.methods[0].name)  # the baseline: `methods.baseline`
         for m in result.methods:
             runs = pick(m.name)
             if runs:
@@ -139,10 +140,10 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
     return "-" if value is None else format(value, spec) + suffix
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], baseline: str = "generate()") -> str:
     """Markdown: the forced-acceptance table."""
     out = [
-        "| task | method | runtime | tok/s | vs plain e2e | vs plain TPOT | vs generate() e2e | τ | nodes/step "
+        f"| task | method | runtime | tok/s | vs plain e2e | vs plain TPOT | vs {baseline} e2e | τ | nodes/step "
         "| draft/verify/other | first token | emits the reference |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -216,25 +217,39 @@ def run(args: argparse.Namespace, prompts, params, per_task) -> int:
             "--scale forces greedy acceptance along each prompt's reference: use --temperature 0"
         )
     model, tokenizer, dtype, label = build(args)
+    if args.quantize:  # the shape as a quantized GGUF file: llama.cpp's forward of it is the target
+        from specdec.models.gguf_target import load_gguf, quantized
+
+        path = quantized(model, tokenizer, f"scale-{label}-{dtype}", args.quantize)
+        print(f"specdec bench --scale: the target is {path} ({args.quantize.upper()})", file=sys.stderr)
+        del model
+        model, tokenizer = load_gguf(path)
+        dtype = args.quantize.upper()
     freeze_heap()
     prompts, refs = scale_prompts(prompts, tokenizer, model, params.max_new_tokens)
-    from specdec.bench.runner import all_methods, run_methods, select_methods
+    from specdec.bench.methods import GGUF_BASELINE, baseline
+    from specdec.bench.runner import all_methods, gguf_methods, run_methods, select_methods
 
+    gguf = baseline(model) == GGUF_BASELINE
     # each skipped with its reason where it cannot run (llamacpp: a model the GGUF conversion cannot write)
-    if args.methods is None:
+    if args.methods is None and gguf:  # llama.cpp's loop is the baseline; no transformers model to generate()
+        names = [GGUF_BASELINE, *(m for m in SCALE_METHODS if m in gguf_methods() and m != GGUF_BASELINE)]
+    elif args.methods is None:
         names = [m for m in SCALE_METHODS if m in all_methods()]
     else:
-        names = select_methods(args.methods, False)
+        names = select_methods(args.methods, False, model)
     if PLAIN not in names:
         names.insert(1, PLAIN)  # the decode-only yardstick
     result, skipped = run_methods(args, prompts, model, tokenizer, None, params, names, refs)
     rows = summarize(result)
-    curves = cost_curves(model)
+    curves = cost_curves(model, ("llamacpp",) if gguf else ("transformers", "native", "llamacpp"))
     from specdec.bench.heads_cost import heads_at_size
 
-    heads_text, heads = heads_at_size(model)  # no head is trained for random weights: their cost, projected
+    heads_text, heads = "heads at size: not measured on a GGUF target", None
+    if not gguf:
+        heads_text, heads = heads_at_size(model)  # no head is trained for random weights: cost, projected
     print(f"forced acceptance at real size: {label}, random weights in {dtype}, NOT a trained model")
-    print(table(rows))
+    print(table(rows, "llama.cpp's loop" if gguf else "generate()"))
     print()
     print("forward cost (ms) per tree size after a 512-token past:")
     print(curves_table(curves, dtype))
@@ -244,6 +259,7 @@ def run(args: argparse.Namespace, prompts, params, per_task) -> int:
         data = {
             "scale": label,
             "dtype": dtype,
+            "baseline": result.methods[0].name,  # what the *_vs_generate fields are over
             "env": environment(model, label, None, None),
             "max_new_tokens": params.max_new_tokens,
             "results": rows,
