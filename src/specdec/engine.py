@@ -172,9 +172,9 @@ class Engine:
     """Target model + tokenizer + drafter. Holds no per-generation state: `run` owns all of it."""
 
     def __init__(self, model, tokenizer, drafter: Drafter, runtime: str = "auto") -> None:
-        if isinstance(model, GGUFTarget) and (drafter.needs_draft_model or drafter.needs_target_weights):
-            what = "a draft model" if drafter.needs_draft_model else "the target's own weights in PyTorch"
-            raise InputError(f"the {drafter.name} method needs {what}, which a GGUF target does not have")
+        needs = drafter.gguf_needs() if isinstance(model, GGUFTarget) else ""
+        if needs:
+            raise InputError(f"the {drafter.name} method needs {needs}, which a GGUF target does not have")
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter

@@ -70,16 +70,15 @@ def all_methods() -> list[str]:
 
 def gguf_methods() -> list[str]:
     """The bench's methods for a GGUF target: llama.cpp's own two and the specdec methods that need nothing
-    besides the file (no draft model, no inner hidden states, no trained head)."""
+    besides the file (`Drafter.gguf_needs`; medusa and hydra also need a head trained for it)."""
     from specdec.bench.llamacpp import LLAMACPP_METHODS
     from specdec.drafters import REGISTRY, methods
     from specdec.drafters.base import Reads
 
-    plain = [m for m in methods() if REGISTRY[m].reads in (Reads.NOTHING, Reads.HIDDEN_LAYERS_IF_AVAILABLE)]
-    return [
-        *LLAMACPP_METHODS,
-        *(m for m in plain if not (REGISTRY[m].needs_draft_model or REGISTRY[m].needs_target_weights)),
+    runs = [
+        m for m in methods() if not REGISTRY[m].gguf_needs() and REGISTRY[m].reads is not Reads.FINAL_HIDDEN
     ]
+    return [*LLAMACPP_METHODS, *runs]
 
 
 def select_methods(requested: list[str] | None, has_draft: bool, model=None) -> list[str]:

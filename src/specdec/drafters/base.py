@@ -134,6 +134,18 @@ class Drafter(ABC, Generic[S]):
     )
 
     @classmethod
+    def gguf_needs(cls) -> str:
+        """What this method needs that a GGUF target (llama.cpp's forward of a file) does not have; "" when it
+        runs on one. The one rule the engine refuses by and the bench picks a GGUF target's methods by."""
+        if cls.needs_draft_model:
+            return "a draft model"
+        if cls.needs_target_weights:
+            return "the target's own weights in PyTorch"
+        if cls.reads.requires_all_layers:
+            return "the target's inner hidden states (llama.cpp returns the final one only)"
+        return ""
+
+    @classmethod
     def create(cls, draft_model=None, **options) -> Drafter[Any]:
         """Build from CLI/API options; drafters with a config dataclass take its fields as options."""
         if cls.needs_draft_model:
