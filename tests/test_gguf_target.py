@@ -50,7 +50,12 @@ def files(tmp_path_factory):
     to_gguf(model, tok, f32)
     q8 = folder / "tiny-q8_0.gguf"
     _quantize(f32, q8, Q8_0)
-    return {"f32": f32, "q8_0": q8}
+    hf = folder / "hf"  # the model as Hugging Face weights (a draft of the file's vocabulary)
+    model.save_pretrained(hf)
+    tok.save_pretrained(hf)
+    other = folder / "other-vocab.gguf"  # a draft whose vocabulary is not the target's
+    to_gguf(tiny.model("llama", seed=1, dtype=torch.float32), tiny.tokenizer(), other)
+    return {"f32": f32, "q8_0": q8, "hf-dir": hf, "other": other, "hf": model}
 
 
 def _llamacpp_greedy(path, text: str, n: int) -> list[int]:
@@ -139,13 +144,66 @@ def test_the_tokenizer_is_llamacpps_and_round_trips(files):
     assert tok.decode([tok.eos_token_id], skip_special_tokens=True) == ""
 
 
-@pytest.mark.parametrize("method", ["eagle", "layerskip", "draft"])
+@pytest.mark.parametrize("method", ["eagle", "layerskip"])
 def test_methods_that_need_more_than_the_file_are_refused_in_one_line(files, method):
     with pytest.raises(InputError) as err:
-        SpecDecoder.from_pretrained(
-            str(files["f32"]), method=method, draft="default" if method == "draft" else None
-        )
+        SpecDecoder.from_pretrained(str(files["f32"]), method=method)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+@pytest.mark.parametrize("draft", ["f32", "hf-dir"])
+def test_a_draft_model_drafts_for_the_file(files, kind, draft):
+    """`draft` with a GGUF draft file (llama.cpp runs both) or a Hugging Face draft (native) of the file's
+    vocabulary decodes what llama.cpp's loop decodes. The draft here is the file's own model, so its drafts
+    are mostly accepted and the equality covers verified chains (of a fixed length: a draft as costly as the
+    target pays for one draft a step by the break-even rule)."""
+    dec = SpecDecoder.from_pretrained(
+        str(files[kind]), method="draft", draft=str(files[draft]), break_even=False, num_tokens=4
+    )
+    assert isinstance(dec.drafter.draft, GGUFTarget) == (draft == "f32")
+    out = dec.generate(PROMPT, max_new_tokens=32, ignore_eos=True)
+    assert out.token_ids == _llamacpp_greedy(files[kind], PROMPT, 32)
+    assert out.stats.mean_accepted_tokens > 2.5
+
+
+def test_a_draft_of_another_vocabulary_is_refused_in_one_line(files, capsys):
+    with pytest.raises(InputError, match="vocabularies differ"):
+        SpecDecoder.from_pretrained(str(files["f32"]), method="draft", draft=str(files["other"]))
+    code, _, err = _cli(capsys, "generate", "x", "--model", files["f32"], "--method", "draft", "--draft",
+                        files["other"])  # fmt: skip
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "vocabularies differ" in err, err
+
+
+def test_the_file_returns_the_final_hidden_state_and_embeddings_heads_read(files):
+    """medusa and hydra heads trained on a Hugging Face model read its final hidden state (and hydra its token
+    embeddings): llama.cpp's for the same weights are the same, so such heads fit the file."""
+    hf = files["hf"]
+    target = GGUFTarget(files["f32"])
+    ids = LlamaCppTokenizer(target)(PROMPT)["input_ids"]
+    from specdec.runtime.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner(target.shared)
+    runner.reset(64)
+    layer = target.config.num_hidden_layers
+    got = runner.prefill(ids, layers=(layer,)).hidden[layer]
+    runner.free()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)  # llama.cpp keeps a float16 cache
+    assert torch.equal(target.get_input_embeddings().weight, hf.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+@pytest.mark.parametrize("method", ["medusa", "hydra"])
+def test_heads_draft_for_the_file(files, kind, method):
+    """Heads for the model the file holds draft on its final hidden state; output is llama.cpp's loop's."""
+    target = GGUFTarget(files[kind])
+    heads = tiny.untrained_head(method, files["hf"])
+    dec = SpecDecoder(target, LlamaCppTokenizer(target), method, head=heads, max_nodes=8)
+    out = dec.generate(PROMPT, max_new_tokens=32, ignore_eos=True)
+    assert out.token_ids == _llamacpp_greedy(files[kind], PROMPT, 32)
+    assert out.stats.draft_nodes >= out.stats.target_forwards  # every step scored drafted nodes
 
 
 def test_other_runtimes_and_dtypes_are_refused(files):
@@ -202,6 +260,7 @@ def test_bench_runs_llamacpps_loops_beside_every_method_with_the_check_against_t
     assert data["settings"]["methods"][0] == "llamacpp"
     assert {"llamacpp-lookup", "auto", "vanilla", "pld", "suffix"} <= set(data["settings"]["methods"])
     assert not {"hf-vanilla", "eagle", "layerskip", "draft"} & set(data["settings"]["methods"])
+    assert {"medusa", "hydra"} <= set(data["skipped_methods"])  # the shipped heads do not fit this model
     assert all(row["lossless"] for row in data["overall"]), data["mismatches"]
     assert data["env"]["model"]["class"] == "GGUFTarget" and data["env"]["model"]["file_bytes"] > 0
     assert "llamacpp" in text

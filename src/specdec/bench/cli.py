@@ -171,17 +171,21 @@ def _load_models(args: argparse.Namespace):
 
 def _run(args, prompts, model, tokenizer, draft_model, params):
     """Build the methods and run them under one progress bar; returns (result, skipped methods)."""
-    from specdec.bench.runner import all_methods, run_methods, select_methods
+    from specdec.bench.runner import all_methods, needs_draft, run_methods, select_methods
 
     names = select_methods(args.methods, draft_model is not None, model)
     result, skipped = run_methods(args, prompts, model, tokenizer, draft_model, params, names)
     if args.methods is None:  # say why the methods left out are missing
         from specdec.bench.methods import GGUF_BASELINE
 
-        why = "needs a draft model (--draft PATH)"
-        if names[0] == GGUF_BASELINE:
-            why = "needs what a GGUF file does not hold: transformers weights, a draft model, inner states or a head"
-        skipped.update({m: why for m in all_methods() if m not in names})
+        for m in all_methods():
+            if m in names or m in skipped:
+                continue
+            skipped[m] = (
+                "needs a draft model (--draft PATH)"
+                if needs_draft(m) and (names[0] != GGUF_BASELINE or m != "hf-assisted")
+                else "needs what a GGUF file does not hold: transformers weights or inner hidden states"
+            )
     return result, skipped
 
 

@@ -69,16 +69,13 @@ def all_methods() -> list[str]:
 
 
 def gguf_methods() -> list[str]:
-    """The bench's methods for a GGUF target: llama.cpp's own two and the specdec methods that need nothing
-    besides the file (`Drafter.gguf_needs`; medusa and hydra also need a head trained for it)."""
+    """The bench's methods for a GGUF target: llama.cpp's own two and the specdec methods that can run on the
+    file (`Drafter.gguf_needs`; `draft` with a draft model, medusa and hydra where heads fit the model: a
+    method whose heads do not is skipped with the reason)."""
     from specdec.bench.llamacpp import LLAMACPP_METHODS
     from specdec.drafters import REGISTRY, methods
-    from specdec.drafters.base import Reads
 
-    runs = [
-        m for m in methods() if not REGISTRY[m].gguf_needs() and REGISTRY[m].reads is not Reads.FINAL_HIDDEN
-    ]
-    return [*LLAMACPP_METHODS, *runs]
+    return [*LLAMACPP_METHODS, *(m for m in methods() if not REGISTRY[m].gguf_needs())]
 
 
 def select_methods(requested: list[str] | None, has_draft: bool, model=None) -> list[str]:

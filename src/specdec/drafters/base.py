@@ -136,9 +136,8 @@ class Drafter(ABC, Generic[S]):
     @classmethod
     def gguf_needs(cls) -> str:
         """What this method needs that a GGUF target (llama.cpp's forward of a file) does not have; "" when it
-        runs on one. The one rule the engine refuses by and the bench picks a GGUF target's methods by."""
-        if cls.needs_draft_model:
-            return "a draft model"
+        runs on one. The one rule the engine refuses by and the bench picks a GGUF target's methods by (a draft
+        model, GGUF or not, drafts for it as for any target)."""
         if cls.needs_target_weights:
             return "the target's own weights in PyTorch"
         if cls.reads.requires_all_layers:

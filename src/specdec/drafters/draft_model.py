@@ -28,8 +28,10 @@ import torch
 
 from specdec.costmodel import CostModel
 from specdec.drafters.base import Drafter, Request, Scored, register
+from specdec.models.gguf_target import GGUFTarget
 from specdec.runtime import RuntimeChoice
 from specdec.runtime.hf import ModelRunner
+from specdec.runtime.llamacpp import LlamaCppRunner
 from specdec.runtime.native import NativeModel, NativeRunner
 from specdec.runtime.skipview import ViewRunner
 from specdec.sampling import TargetDistribution
@@ -48,8 +50,15 @@ class DraftModelConfig:
     lean: bool = True  # Llama-family drafts run the native forward (same weights, far less per-call overhead)
 
 
-def make_runner(model, layers: list[int] | None, lean: bool) -> ModelRunner | NativeRunner:
-    """The native forward when it supports the model, else transformers' (`layers`: a subset, for layerskip)."""
+Runner = ModelRunner | NativeRunner | LlamaCppRunner
+R = TypeVar("R", ModelRunner, NativeRunner, LlamaCppRunner)
+
+
+def make_runner(model, layers: list[int] | None, lean: bool) -> Runner:
+    """llama.cpp's forward for a GGUF draft, else the native forward when it supports the model, else
+    transformers' (`layers`: a subset, for layerskip)."""
+    if isinstance(model, GGUFTarget):
+        return LlamaCppRunner(model.shared)
     if lean and NativeModel.supports(model):
         return NativeRunner(NativeModel(model, layers))
     if layers is not None:
@@ -111,11 +120,18 @@ class BreakEven:
         self.n += 1
 
 
-def feed_seconds(runner: ModelRunner | NativeRunner, model) -> float:
+def fresh(runner: R) -> R:
+    """A copy of `runner` sharing its weights (or llama.cpp model) with no cache yet: its `start` makes one,
+    its `free` lets it go."""
+    view = copy.copy(runner)
+    view.free()  # the template runner never starts: this drops nothing of its own
+    return view
+
+
+def feed_seconds(runner: Runner, model) -> float:
     """Median time of a one-token draft forward after a 32-token context, measured once per draft model."""
     if model not in _FEED_SECONDS:
-        probe = copy.copy(runner)
-        probe.cache = None
+        probe = fresh(runner)
         times = []
         with torch.inference_mode():
             probe.start([i % 2 for i in range(32)], 48)  # token ids 0 and 1 exist in any vocabulary
@@ -123,6 +139,7 @@ def feed_seconds(runner: ModelRunner | NativeRunner, model) -> float:
                 start = time.perf_counter()
                 probe.extend([1])
                 times.append(time.perf_counter() - start)
+        probe.free()
         _FEED_SECONDS[model] = statistics.median(times[1:])  # the first call pays one-off allocations
     return _FEED_SECONDS[model]
 
@@ -131,7 +148,7 @@ def feed_seconds(runner: ModelRunner | NativeRunner, model) -> float:
 class DraftState:
     """One generation's draft-side state: its own runner view (shared weights, private cache)."""
 
-    runner: ModelRunner | NativeRunner
+    runner: Runner
     request: Request
     dist: TargetDistribution | None  # None: greedy drafts
     num_tokens: int  # current draft length (adapted within the generation only)
@@ -157,7 +174,7 @@ class ChainDrafter(Drafter[DS]):
     costed = ""  # the runtime `cost` was measured on (a generation on another one measures that one's)
 
     def _feed(self, state: DS, tokens: list[int]) -> torch.Tensor:
-        if state.runner.cache is None:
+        if not state.fed:  # the generation's first forward
             positions = len(state.request.prompt_ids) + state.request.params.max_new_tokens
             logits = state.runner.start(tokens, positions, slack=self.config.max_tokens + 2)[None]
         else:
@@ -255,12 +272,11 @@ class DraftModel(ChainDrafter[DraftState]):
             self.cost, self.costed = CostModel.for_runtime(self.target, runtime), runtime.name
             if not self.draft_seconds:
                 self.draft_seconds = feed_seconds(self.runner, self.draft)
-        runner = copy.copy(self.runner)  # shares the weights; the cache below is this generation's own
-        runner.cache = None
+        runner = fresh(self.runner)  # shares the weights; its cache is this generation's own
         dist = None if request.params.greedy else TargetDistribution(request.params)
         # The draft length adapts within a generation only: carried over, it would change how many random
         # numbers a step draws, and the same seed would give different text depending on earlier calls.
         return DraftState(runner, request, dist, self.config.num_tokens)
 
     def release(self, state: DraftState) -> None:
-        state.runner.cache = None
+        state.runner.free()

@@ -36,7 +36,6 @@ of all sublayers), confidence 0.6 (between HF's 0.4 and SWIFT's 0.8), up to 8 dr
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 
@@ -44,7 +43,7 @@ import torch
 
 import specdec.checks as checks
 from specdec.drafters.base import Request, Scored, register
-from specdec.drafters.draft_model import ChainDrafter, DraftModelConfig, DraftState, make_runner
+from specdec.drafters.draft_model import ChainDrafter, DraftModelConfig, DraftState, fresh, make_runner
 from specdec.errors import InputError
 from specdec.runtime import RuntimeChoice
 from specdec.runtime.hf import ModelRunner
@@ -160,9 +159,7 @@ class LayerSkip(ChainDrafter[LayerSkipState]):
         self.runners[skip] = shared
         while len(self.runners) > 4:
             del self.runners[next(iter(self.runners))]
-        view = copy.copy(shared)
-        view.cache = None
-        return view
+        return fresh(shared)
 
     def start(self, request: Request) -> LayerSkipState:
         if self.model is None:
@@ -187,7 +184,7 @@ class LayerSkip(ChainDrafter[LayerSkipState]):
         )
 
     def release(self, state: LayerSkipState) -> None:
-        state.runner.cache = None
+        state.runner.free()
         if self.config.persist:
             self.learned = (state.skip, state.adapting, state.trials, state.rng)
 

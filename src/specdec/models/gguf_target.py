@@ -8,7 +8,9 @@ its config (vocabulary, context, layers), its generation config (EOS ids) and wh
 llama-cpp-python's plain greedy loop's, and sampling draws from the distribution llama.cpp's logits define.
 
 eagle cannot run on it (it reads inner hidden states; llama.cpp returns the final one only), nor can layerskip
-(it runs the target's weights in PyTorch) or a draft model (not supported for GGUF targets yet). Recurrent,
+(it runs the target's weights in PyTorch). A draft model of the same vocabulary can (a GGUF file too: then
+llama.cpp runs both), and so can medusa and hydra heads trained for the model the file holds (they read the
+final hidden state, which llama.cpp returns; hydra reads the token embeddings too, `get_input_embeddings`). Recurrent,
 hybrid and diffusion architectures are refused: their state cannot be cut back to an accepted path the way an
 attention cache can.
 """
@@ -73,9 +75,25 @@ class GGUFTarget:
         )
         self.generation_config = GenerationConfig(eos_token_id=end or None)
         self._anchor = torch.empty(0)  # where "its parameters" are, for code that asks: the CPU
+        self._embeddings: torch.nn.Embedding | None = None
 
     def parameters(self):
         return iter([self._anchor])
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        """The file's token embeddings [V, H] in float32 (dequantized by gguf-py), read on first use: hydra's
+        heads read the embeddings of the tokens on a draft path."""
+        if self._embeddings is None:
+            import gguf
+
+            reader = gguf.GGUFReader(self.path)
+            tensor = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+            if tensor is None:
+                raise InputError(f"{str(self.path)!r} holds no token_embd.weight tensor")
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # [V, H] float32
+            weight = torch.from_numpy(values.reshape(self.shared.vocab, self.shared.hidden_size).copy())
+            self._embeddings = torch.nn.Embedding.from_pretrained(weight)
+        return self._embeddings
 
     @property
     def device(self) -> torch.device:
@@ -109,6 +127,12 @@ class LlamaCppTokenizer:
 
     def __len__(self) -> int:
         return self.target.shared.vocab
+
+    def get_vocab(self) -> dict[str, int]:
+        """token text -> id, the file's own token strings (what a Hugging Face tokenizer's `get_vocab` holds
+        for the tokenizer the file was converted from)."""
+        text = self.lib.llama_vocab_get_text
+        return {text(self.vocab, t).decode("utf-8", errors="replace"): t for t in range(len(self))}
 
     def __call__(self, text: str, add_special_tokens: bool = True, **_: object) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text, add_special_tokens)}

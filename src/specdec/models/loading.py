@@ -90,8 +90,6 @@ def load_causal_lm(name: str | None, role: str = "target", dtype: str = "auto"):
     if local.exists():
         path = str(local)
     if is_gguf(local):  # llama.cpp's format: the file is the model, its tokenizer included
-        if role != "target":
-            raise InputError(f"{path!r} is a GGUF file: a {role} model must be a Hugging Face model for now")
         if dtype != "auto":
             raise InputError(
                 f"--dtype {dtype} does not apply to a GGUF file: it runs in the file's own types"
@@ -220,35 +218,41 @@ def load_models(
     if tokenizer is None:
         raise InputError(f"{model!r} has no tokenizer (specdec needs one to encode prompts and decode text)")
     if quantize is not None:
-        if isinstance(target, GGUFTarget):
-            raise InputError(
-                "--quantize takes a Hugging Face model: a GGUF file is already quantized as it is"
-            )
-        path = quantized(target, tokenizer, resolve(model, "target"), quantize)
-        log.warning(
-            "specdec: the target is now %s, %r quantized to %s by llama.cpp: outputs are lossless against that "
-            "file's decoding, not the original weights'",
-            path,
-            model,
-            quantize.upper(),
-        )
-        target, tokenizer = load_gguf(path)
+        target, tokenizer = _quantized(target, tokenizer, model, "target", quantize)
     if draft is not None and is_head_dir(draft):  # a head, whatever the method (auto hands it to its eagle)
         return LoadedModels(target, tokenizer, None, None, head=draft)
     if draft is not None and draft_is_head and not with_draft:
         return LoadedModels(target, tokenizer, None, None, head=draft)
     if draft is None and with_draft and model in (None, "default") and (SHIPPED_DIR / "draft").is_dir():
         draft = "default"
-    if draft is not None and isinstance(target, GGUFTarget):
-        raise InputError(
-            f"--draft {draft}: a GGUF target drafts without a second model (auto, pld, suffix, recycle, merge, "
-            "lookahead)"
-        )
     draft_model = None
     if draft is not None:
         draft_model, draft_tokenizer = load_causal_lm(draft, "draft", dtype)
+        if quantize is not None and not isinstance(draft_model, GGUFTarget):  # the pair in one format
+            draft_model, draft_tokenizer = _quantized(draft_model, draft_tokenizer, draft, "draft", quantize)
         check_same_vocabulary(target, tokenizer, draft_model, draft_tokenizer)
     return LoadedModels(target, tokenizer, draft_model, draft)
+
+
+def _quantized(model, tokenizer, name: str | None, role: str, kind: str):
+    """(the GGUF file of `model` quantized to `kind`, its tokenizer): said in one line, since what is lossless
+    from then on is that file's decoding."""
+    if isinstance(model, GGUFTarget):
+        if role == "draft":
+            return model, tokenizer  # a GGUF draft is used as it is
+        raise InputError("--quantize takes a Hugging Face model: a GGUF file is already quantized as it is")
+    path = quantized(model, tokenizer, resolve(name, role), kind)
+    log.warning(
+        "specdec: the %s is now %s, %r quantized to %s by llama.cpp%s",
+        role,
+        path,
+        name,
+        kind.upper(),
+        ": outputs are lossless against that file's decoding, not the original weights'"
+        if role == "target"
+        else "",
+    )
+    return load_gguf(path)
 
 
 def is_head_dir(path: str) -> bool:

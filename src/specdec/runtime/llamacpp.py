@@ -427,12 +427,17 @@ class LlamaCppRunner:
         while node in children:
             node = children[node]
         s = scores.handle[node]
-        lib.llama_memory_seq_keep(memory, s)
-        lib.llama_memory_seq_rm(memory, s, tree_start + len(accepted_nodes), -1)
+        end = tree_start + len(accepted_nodes)
+        # each of these walks every cell of the cache: a chain (one sequence, 0) keeps its cells but the
+        # rejected tail's, and a root alone accepted (plain decoding) has nothing to drop
+        if len(scores.handle) > 1:
+            lib.llama_memory_seq_keep(memory, s)
+        if end < tree_start + len(tree):
+            lib.llama_memory_seq_rm(memory, s, end, -1)
         if s != 0:
             lib.llama_memory_seq_cp(memory, s, 0, -1, -1)
             lib.llama_memory_seq_rm(memory, s, -1, -1)
-        self.length = tree_start + len(accepted_nodes)
+        self.length = end
 
     def crop(self, length: int) -> None:
         lib = self.lib
