@@ -587,3 +587,21 @@ def test_auto_runtime_choice_lends_a_measured_step_overhead_to_a_runtime_not_run
     assert auto.choose_runtime(SamplingParams(), [ran, fresh]) == 0
     auto.timings["fresh"] = Timing(OnlineCost(CostModel.fit([1, 16], [1.0e-3, 6.0e-3]), rate=0.0))
     assert auto.choose_runtime(SamplingParams(), [ran, fresh]) == 1
+
+
+def test_cost_curves_are_measured_while_the_engine_is_built_not_in_its_first_request(model, tok, monkeypatch):
+    """auto's cost curves (~1.5 s on the shipped model) are timed when the engine is built: in a first request
+    they made it several times slower than the next ones."""
+    calls: list[int] = []
+    real = CostModel.measure.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, *args, **kwargs):
+        calls.append(1)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(CostModel, "measure", classmethod(counted))
+    dec = SpecDecoder(tiny.model("llama", seed=3), tok, "auto", runtime="native")  # a model never timed
+    assert calls and set(dec.drafter.timings) == {"native"}
+    built = len(calls)
+    dec.generate(PROMPTS[0], max_new_tokens=8)
+    assert len(calls) == built

@@ -25,7 +25,7 @@ from specdec.errors import ContextLengthError, InputError
 from specdec.models.gguf_target import GGUFTarget
 from specdec.runtime import RuntimeChoice, select_runtime, timed_choice
 from specdec.runtime.base import Scores
-from specdec.runtime.check import check_tree_attention
+from specdec.runtime.check import check_tree_attention, tree_attention_ok
 from specdec.runtime.hf import ModelRunner
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 from specdec.text import IncrementalText
@@ -208,6 +208,8 @@ class Engine:
             plain = select_runtime(model, "auto", drafts=False)
             if plain.name != self.runtime.name:
                 self.runtimes.append(plain)
+        if self.chooser is not None and tree_attention_ok(model):  # else refused at the first request
+            self.chooser.prepare(self.runtimes)
 
     def next_runtime(self, params: SamplingParams) -> RuntimeChoice:
         """The runtime a generation with these parameters runs on: the drafter's pick among `runtimes`, or

@@ -6,10 +6,11 @@ target runtime for a drafting method, the forward-cost curve that sizes trees) t
 
 - is taken again on a back-off schedule of generations (`Recheck`), so that its cost amortises to nothing
   while a burst of noise at load is overruled within a few requests; a timing that takes over RECHECK_FREE
-  seconds (a model of real size: its first requests must not each pay for one) skips the early re-checks and
-  is taken again only once it costs at most RECHECK_SHARE of the wall time since the timing before (its
-  forwards are long enough that a burst moves them less, and the cost curve is refined by every verification
-  between timings: `specdec.costmodel.OnlineCost`);
+  seconds (auto's cost curves; any timing of a model of real size: requests must not pay for them) skips the
+  early re-checks and is taken again only once it costs at most RECHECK_SHARE of the wall time since the
+  timing before (the cost curve is refined by every verification between timings:
+  `specdec.costmodel.OnlineCost`, and a real-size model's forwards are long enough that a burst moves them
+  less);
 - keeps, per option and size, the least time ever measured (`Fastest`): other load only ever slows a
   forward, so the minimum over samples converges on the machine's real speed whatever the noise;
 - switches only when another option is cheaper by a margin (`prefer`), so that two options of about the same
@@ -33,7 +34,9 @@ RECHECK_EVERY = 128
 # the last timing took over RECHECK_FREE seconds (cheaper ones keep the schedule: the shipped model's takes
 # well under a second, and its early re-checks land in the first requests, or in the bench's warm-up)
 RECHECK_SHARE = 0.05
-RECHECK_FREE = 1.0
+# a timing dearer than this is not repeated early: auto's cost curves (~1.5 s on the shipped model) made its
+# first requests 2-4x slower than the later ones when they were (docs/runtime.md, What may vary between runs)
+RECHECK_FREE = 0.1
 # another option must be this much cheaper than the current one to replace it
 SWITCH_MARGIN = 0.1
 

@@ -223,6 +223,11 @@ class RuntimeChooser(Protocol):
         runs on."""
         ...
 
+    def prepare(self, runtimes: Sequence[RuntimeChoice]) -> None:
+        """The engine was built with these candidates: measure now what choosing among them needs (the
+        timing then lands in loading the model, not in its first requests)."""
+        ...
+
 
 @runtime_checkable
 class BatchSizer(Protocol):

@@ -10,9 +10,9 @@ llama-cpp-python's plain greedy loop's, and sampling draws from the distribution
 eagle cannot run on it (it reads inner hidden states; llama.cpp returns the final one only), nor can layerskip
 (it runs the target's weights in PyTorch). A draft model of the same vocabulary can (a GGUF file too: then
 llama.cpp runs both), and so can medusa and hydra heads trained for the model the file holds (they read the
-final hidden state, which llama.cpp returns; hydra reads the token embeddings too, `get_input_embeddings`). Recurrent,
-hybrid and diffusion architectures are refused: their state cannot be cut back to an accepted path the way an
-attention cache can.
+final hidden state, which llama.cpp returns; hydra reads the token embeddings too, `get_input_embeddings`).
+Recurrent, hybrid and diffusion architectures are refused: their state cannot be cut back to an accepted path
+the way an attention cache can.
 """
 
 from __future__ import annotations

@@ -90,6 +90,15 @@ def _logits(scores) -> torch.Tensor:
     return getattr(scores, "logits", scores).float()
 
 
+def tree_attention_ok(model) -> bool:
+    """`check_tree_attention` as a question (the refusal itself comes where the model is first used)."""
+    try:
+        check_tree_attention(model)
+    except UnsupportedModelError:
+        return False
+    return True
+
+
 def check_tree_attention(model) -> None:
     """Raise UnsupportedModelError unless scoring a branching tree matches plain causal decoding.
 
