@@ -124,6 +124,7 @@ class LlamaCppTokenizer:
         template = self.lib.llama_model_chat_template(target.shared.handle, None)
         self.chat_template = template.decode("utf-8", errors="replace") if template else None
         self.all_special_ids = [t for t in range(len(self)) if self.lib.llama_vocab_is_control(self.vocab, t)]
+        self._pieces: dict[tuple[int, bool], bytes] = {}
 
     def __len__(self) -> int:
         return self.target.shared.vocab
@@ -159,6 +160,14 @@ class LlamaCppTokenizer:
         )
 
     def _piece(self, token: int, special: bool) -> bytes:
+        """The token's bytes (kept: the engine decodes its text incrementally, every token twice or more)."""
+        key = (token, special)
+        piece = self._pieces.get(key)
+        if piece is None:
+            piece = self._pieces[key] = self._read_piece(token, special)
+        return piece
+
+    def _read_piece(self, token: int, special: bool) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
         if n < 0:
