@@ -47,6 +47,7 @@ LAYERS: dict[str, str] = {
     "test_sampling": "integration",
     "test_scale": "integration",
     "test_shipped": "integration",
+    "test_structured": "integration",
     "test_bench": "e2e",
     "test_cli": "e2e",
     "test_export": "e2e",

@@ -95,6 +95,10 @@ def _walk_distributions(
             if total > 0:  # total == 0 only when r == q, and then x was accepted with probability 1
                 r = residual / total
         if accepted is None:
+            cut = tree.cut_q.get(node)
+            if cut is not None:  # a sampled child the grammar cut: its certain rejection's residual step
+                residual = (r - cut.float()).clamp_min_(0)
+                r = residual / residual.sum()  # > 0: r is 0 where the cut child's token is, q is not
             bonus = int(torch.multinomial(r, 1, generator=generator))
             return Verdict(path, [tree.tokens[i] for i in path[1:]] + [bonus])
         node = accepted

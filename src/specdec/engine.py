@@ -22,6 +22,7 @@ import torch
 from specdec.acceptance import verify_greedy, verify_sampled
 from specdec.drafters.base import Drafter, Request, RuntimeChooser, Scored
 from specdec.errors import ContextLengthError, InputError
+from specdec.grammar import GrammarState
 from specdec.models.gguf_target import GGUFTarget
 from specdec.runtime import RuntimeChoice, select_runtime, timed_choice
 from specdec.runtime.base import Scores
@@ -46,6 +47,9 @@ class Stats:
     draft_nodes: int = 0  # drafted nodes scored by the target, over all steps
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    # under a constraint: shaping trees, masking logits and advancing the matcher (docs/structured.md)
+    grammar_seconds: float = 0.0
+    forced_tokens: int = 0  # emitted drafts the grammar forced (grafted into the tree, not drafted)
     other_seconds: float = 0.0
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -268,6 +272,11 @@ class Decoding:
         budget: RowBudget | None = getattr(self.target, "budget", None)
         self.state = self.drafter.start(Request(list(prompt_ids), params, self.generator, runtime, budget))
         self.context = list(prompt_ids)  # prompt + emitted tokens; context[-1] is the next tree's root
+        self.grammar: GrammarState | None = None  # the output's constraint, at the committed text
+        self.masks: torch.Tensor | None = None  # [N, W]: the shaped tree's per-node token bitmasks
+        if params.constraint is not None:
+            vocab = engine.model.config.get_text_config(decoder=True).vocab_size
+            self.grammar = GrammarState(params.constraint, engine.tokenizer, vocab, engine.eos_ids)
 
     def prefill(self) -> None:
         """The prompt minus its last token (the first tree's root) goes into the cache."""
@@ -289,12 +298,19 @@ class Decoding:
         tree = self.drafter.propose(self.state, self.context, remaining - 1).truncate_depth(remaining - 1)
         self._proposed = time.perf_counter()
         self.stats.draft_seconds += self._proposed - t0
+        if self.grammar is not None:  # pruned (and forced tokens grafted in) before the forward
+            tree, self.masks = self.grammar.shape(tree, remaining - 1)
+            self._proposed = time.perf_counter()
         return tree
 
     def finish(self, tree: DraftTree, scores: Scores) -> Step:
         """accept -> commit -> observe -> emit, for the tree `propose` returned, scored."""
         stats, target, drafter, out = self.stats, self.target, self.drafter, self.out
         t1 = self._proposed
+        if self.grammar is not None:
+            assert self.masks is not None, "propose() shapes the tree first"
+            # every node by its own mask, before acceptance (its time is the grammar's, not verification's)
+            t1 += self.grammar.mask(scores.logits, self.masks)
         verdict = (
             verify_greedy(tree, scores.logits)
             if self.dist is None
@@ -315,6 +331,10 @@ class Decoding:
             if out.push(tok):
                 done = True
                 break
+        if self.grammar is not None:
+            self.grammar.advance(emitted, min(len(emitted), verdict.accepted_drafts))
+            if self.grammar.stopped and not done and not out.eos_ids:
+                done, out.finish_reason = True, "stop"  # no EOS to end with: the grammar's end is the end
         text = out.take_delta(final=done)
         if done:
             stats.drafter = drafter.report(self.state)
@@ -342,6 +362,9 @@ class Decoding:
         stats.new_tokens = len(self.out.token_ids)
         stats.mean_accepted_tokens = stats.new_tokens / max(1, stats.target_forwards)
         stats.wall_seconds = time.perf_counter() - self.t_start
-        stats.other_seconds = max(0.0, stats.wall_seconds - stats.draft_seconds - stats.verify_seconds)
+        if self.grammar is not None:
+            stats.grammar_seconds, stats.forced_tokens = self.grammar.seconds, self.grammar.forced_tokens
+        spent = stats.draft_seconds + stats.verify_seconds + stats.grammar_seconds
+        stats.other_seconds = max(0.0, stats.wall_seconds - spent)
         stats.tokens_per_second = stats.new_tokens / stats.wall_seconds if stats.wall_seconds else 0.0
         stats.finish_reason = self.out.finish_reason

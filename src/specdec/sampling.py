@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 
 import specdec.checks as checks
 from specdec.errors import InputError
+from specdec.grammar.constraint import Constraint
 
 # Temperatures below this are greedy (as in vLLM). Sampling at such a temperature is the argmax anyway (bar
 # exact ties), and dividing logits by it overflows float32 long before the smallest positive floats (1e-300,
@@ -35,6 +36,9 @@ class SamplingParams:
     seed: int | None = None  # a private torch.Generator per call; never the global RNG
     stop: list[str] = field(default_factory=list)  # stop strings; the text is cut before them
     ignore_eos: bool = False
+    # what the output must match (JSON Schema, regex, grammar...): every position is decoded from the target's
+    # distribution masked by it and renormalised (docs/structured.md); None: unconstrained
+    constraint: Constraint | None = None
 
     def validate(self) -> None:
         checks.integer("max_new_tokens", self.max_new_tokens, 1, error=InputError)
@@ -48,6 +52,16 @@ class SamplingParams:
         if not isinstance(self.stop, list | tuple) or any(not isinstance(s, str) or not s for s in self.stop):
             raise InputError(f"stop must be a list of non-empty strings (got {self.stop!r})")
         checks.flag("ignore_eos", self.ignore_eos, error=InputError)
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise InputError(
+                    f"constraint must be a specdec.Constraint (got {type(self.constraint).__name__})"
+                )
+            if self.ignore_eos:
+                raise InputError(
+                    "ignore_eos cannot be combined with a constraint: the grammar says where the output ends"
+                )
+            self.constraint.check()
 
     @property
     def greedy(self) -> bool:

@@ -26,6 +26,9 @@ class DraftTree:
     tokens: list[int]
     parents: list[int]
     probs: torch.Tensor | None = None
+    # node -> the q of a sampled child a grammar cut there (with every later sibling: it was certainly
+    # rejected), applied to the residual after the node's kept children (`specdec.grammar.matcher`)
+    cut_q: dict[int, torch.Tensor] = field(default_factory=dict)
     # Derived, filled in __post_init__:
     depths: list[int] = field(init=False)
     children: list[list[int]] = field(init=False)

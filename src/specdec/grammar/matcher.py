@@ -1,0 +1,168 @@
+"""One generation's grammar state, and what each step asks of it: shape the drafted tree, mask its logits,
+advance over the emitted tokens.
+
+What is preserved (docs/structured.md): at every position the target's distribution masked by the grammar and
+renormalised, the one plain constrained decoding samples from token by token (transformers' `generate()`
+with the same mask as a logits processor). It is not the target's distribution conditioned on the whole
+output being valid, which no engine decodes.
+
+Per step, before the forward (`shape`):
+- the tokens the grammar forces from the committed text (`compute_ff_tokens`: keys, braces, fixed literals)
+  are grafted into a point-mass tree as a chain under the root: drafts the target verifies like any other
+  (under the mask, a forced span is what the target emits there, so they are accepted), in the same forward;
+- the tree is walked depth first with the matcher (advance on a node's token, compute its mask, recurse,
+  roll back), and a child the grammar rejects is cut with its subtree, so it is never scored. A point-mass
+  child may be cut anywhere (its rejection would leave the residual as it was). A child *sampled* from a
+  drafter's q is another matter: its rejection moves the residual to norm(max(r - q, 0)). So the first
+  illegal sampled child is cut with every later sibling, and its q is kept on the parent (`DraftTree.cut_q`):
+  after the kept earlier siblings are rejected, the sampler applies that residual step and draws from it,
+  exactly what testing the cut child (certainly rejected) would have led to.
+Each kept node's mask is its row of a [N, W] int32 bitmask (bit t: token t may follow the node's path).
+After the forward (`mask`) every row's illegal logits are set to -inf before acceptance; after acceptance
+(`advance`) the committed matcher moves over the emitted tokens (the accepted drafts and the bonus) only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from specdec.errors import InputError
+from specdec.grammar.constraint import Constraint, ll_tokenizer
+from specdec.tree import DraftTree, Trie
+
+ALL = -1  # an int32 bitmask word with every bit set
+
+
+class GrammarState:
+    """The matcher at the committed text (prompt excluded: the constraint is on the output)."""
+
+    def __init__(self, constraint: Constraint, tokenizer, vocab_size: int, eos_ids: set[int]) -> None:
+        from llguidance import LLMatcher
+
+        grammar = constraint.llguidance_grammar()
+        self.matcher = LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise InputError(
+                f"invalid {constraint.describe()}: {' '.join(self.matcher.get_error().split())[:300]}"
+            )
+        self.vocab = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self.eos_ids = eos_ids
+        self.seconds = 0.0  # shaping, masking and advancing: the grammar's share of the generation
+        self.forced_tokens = 0  # emitted tokens the grammar forced (accepted drafts it grafted in)
+        self._forced: list[int] = []  # this step's forced chain
+
+    @property
+    def stopped(self) -> bool:
+        """The grammar admits no further token (it may still end with an EOS)."""
+        return self.matcher.is_stopped()
+
+    @property
+    def complete(self) -> bool:
+        """The text so far is a whole sentence of the grammar."""
+        return self.matcher.is_accepting()
+
+    def committed_mask(self) -> torch.Tensor:
+        """[1, W]: the tokens that may follow the committed text."""
+        from llguidance.torch import fill_next_token_bitmask
+
+        masks = torch.full((1, self.words), ALL, dtype=torch.int32)
+        fill_next_token_bitmask(self.matcher, masks, 0)
+        return masks
+
+    def shape(self, tree: DraftTree, max_depth: int) -> tuple[DraftTree, torch.Tensor]:
+        """(the tree as the grammar allows it, its masks [N, W]); module docstring."""
+        t0 = time.perf_counter()
+        forced = self.matcher.compute_ff_tokens()[:max_depth] if max_depth > 0 else []
+        self._forced = forced
+        if forced and tree.probs is None:
+            trie = Trie(tree.tokens[0])
+            trie.graft(tree)
+            trie.insert(forced)
+            tree = trie.tree()
+        shaped, masks = _Walk(self, tree).run()
+        self.seconds += time.perf_counter() - t0
+        return shaped, masks
+
+    def mask(self, logits: torch.Tensor, masks: torch.Tensor) -> float:
+        """logits [N, V] (row i: node i of the shaped tree), illegal tokens set to -inf in place; returns
+        the seconds it took."""
+        t0 = time.perf_counter()
+        n, v = logits.shape
+        bits = np.unpackbits(masks[:n].numpy().view(np.uint8), axis=1, bitorder="little")  # [N, 32W]
+        allowed = torch.zeros(n, v, dtype=torch.bool)
+        width = min(v, bits.shape[1], self.vocab)
+        allowed[:, :width] = torch.from_numpy(bits[:, :width]).bool()
+        logits.masked_fill_(~allowed.to(logits.device), float("-inf"))
+        took = time.perf_counter() - t0
+        self.seconds += took
+        return took
+
+    def advance(self, tokens: list[int], drafted: int) -> None:
+        """The committed text grew by `tokens`, the first `drafted` of them accepted drafts."""
+        t0 = time.perf_counter()
+        forced, k = self._forced, 0
+        while k < min(len(forced), drafted) and tokens[k] == forced[k]:
+            k += 1
+        self.forced_tokens += k
+        for token in tokens:
+            if self.matcher.is_stopped():
+                break  # only an EOS may follow, and it ends the generation
+            if not self.matcher.consume_token(token):
+                raise RuntimeError(
+                    f"grammar desync: token {token} was emitted outside the grammar ({self.matcher.get_error()})"
+                )
+        self.seconds += time.perf_counter() - t0
+
+
+class _Walk:
+    """The depth-first walk of one tree with the committed matcher (rolled back to where it was)."""
+
+    def __init__(self, state: GrammarState, tree: DraftTree) -> None:
+        self.state, self.tree, self.matcher = state, tree, state.matcher
+        self.masks = torch.full((len(tree), state.words), ALL, dtype=torch.int32)
+        self.tokens: list[int] = [tree.tokens[0]]
+        self.parents: list[int] = [-1]
+        self.kept: list[int] = [0]  # old index of each kept node
+        self.cut_q: dict[int, torch.Tensor] = {}
+
+    def run(self) -> tuple[DraftTree, torch.Tensor]:
+        self._fill(0)
+        self._visit(0, 0)
+        tree = self.tree
+        probs = None if tree.probs is None else tree.probs[self.kept]
+        return DraftTree(self.tokens, self.parents, probs, self.cut_q), self.masks[: len(self.kept)]
+
+    def _fill(self, row: int) -> None:
+        """Row `row`: the tokens that may follow the matcher's current text (only an EOS, once the grammar
+        has stopped). An EOS node's row is left all ones: nothing after an EOS is emitted."""
+        from llguidance.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, self.masks, row)
+
+    def _allowed(self, row: int, token: int) -> bool:
+        return token < self.state.vocab and bool((int(self.masks[row, token >> 5]) >> (token & 31)) & 1)
+
+    def _visit(self, node: int, row: int) -> None:
+        tree, probs = self.tree, self.tree.probs
+        for child in tree.children[node]:
+            token = tree.tokens[child]
+            if not self._allowed(row, token):
+                if probs is not None and float(probs[child, token]) < 1.0:  # sampled from q: module docstring
+                    self.cut_q[row] = probs[child]
+                    return
+                continue
+            new = len(self.kept)
+            self.kept.append(child)
+            self.tokens.append(token)
+            self.parents.append(row)
+            if token in self.state.eos_ids:
+                continue  # an EOS ends the text: nothing is scored under it, and its row is never used
+            if not self.matcher.consume_token(token):
+                raise RuntimeError(f"grammar desync at token {token}: {self.matcher.get_error()}")
+            self._fill(new)
+            self._visit(child, new)
+            self.matcher.rollback(1)
