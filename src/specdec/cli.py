@@ -9,7 +9,13 @@ import logging
 import sys
 from pathlib import Path
 
-from specdec.cliargs import add_model_arguments, add_sampling_arguments, read_prompts_file
+from specdec.cliargs import (
+    add_constraint_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    constraint_from_args,
+    read_prompts_file,
+)
 from specdec.errors import InputError
 from specdec.text import check_text, decode_utf8
 
@@ -38,6 +44,7 @@ def _row_params(args: argparse.Namespace, row: dict) -> dict:
         "top_p": args.top_p,
         "seed": args.seed,
         "stop": list(args.stop or []),
+        "constraint": getattr(args, "constraint", None),
     }
     for key in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop"):
         if key in row:
@@ -52,6 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError("give a prompt (argument, or '-' to read stdin) or --prompts-file")
     if args.prompts_file is not None and args.prompt is not None:
         raise InputError("give either a prompt or --prompts-file, not both")
+    args.constraint = constraint_from_args(args)
     if args.prompts_file is not None:
         rows = read_prompts_file(args.prompts_file)
     else:
@@ -117,6 +125,10 @@ def _decoder(args: argparse.Namespace):
             raise InputError(
                 "--method and --draft are for autoregressive models; a diffusion LM decodes with --policy"
             )
+        if args.constraint is not None:
+            raise InputError(
+                "a diffusion LM does not decode under a constraint yet (--json-schema, --regex, ...)"
+            )
         return DllmDecoder.from_pretrained(
             args.model,
             policy=args.policy or DEFAULT_POLICY,
@@ -176,6 +188,12 @@ def _generate(args: argparse.Namespace, rows: list[dict]) -> int:
                 f"finish: {s.finish_reason}",
                 file=sys.stderr,
             )
+        if result.stats.grammar_complete is False:
+            print(
+                f"specdec: {where}the output stopped at --max-new-tokens before the constraint was complete "
+                "(finish_reason length): it is a prefix of a valid output, not a whole one",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -215,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"one of: {', '.join(methods())} (default: auto, which picks among them every step)",
     )
     add_sampling_arguments(g)
+    add_constraint_arguments(g)
     g.add_argument(
         "--stop",
         action="append",

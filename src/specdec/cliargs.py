@@ -155,3 +155,53 @@ def read_prompts_file(path: Path) -> list[dict]:
     if not rows:
         raise InputError(f"prompts file {str(path)!r} holds no prompts")
     return rows
+
+
+def add_constraint_arguments(p: argparse.ArgumentParser) -> None:
+    """What the output must match (one of them; docs/structured.md): read by `constraint_from_args`."""
+    group = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    group.add_argument(
+        "--json-schema", metavar="FILE|JSON", help="a JSON Schema the output follows (a file or inline JSON)"
+    )
+    group.add_argument("--json-object", action="store_true", help="the output is one JSON object (any)")
+    group.add_argument("--regex", metavar="PATTERN", help="a regular expression the whole output matches")
+    group.add_argument(
+        "--grammar",
+        metavar="FILE",
+        type=Path,
+        help="a context-free grammar: Lark (llguidance's dialect), or GBNF for a .gbnf file",
+    )
+    group.add_argument(
+        "--choice", action="append", metavar="TEXT", help="the output is one of these strings (repeatable)"
+    )
+
+
+def constraint_from_args(args: argparse.Namespace):
+    """The `Constraint` the flags of `add_constraint_arguments` name, or None; InputError for a missing or
+    unreadable file."""
+    from specdec.grammar import Constraint
+
+    if getattr(args, "json_schema", None) is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith("{"):
+            text = _read_text(Path(text), "--json-schema")
+        return Constraint.json_schema(text)
+    if getattr(args, "json_object", False):
+        return Constraint.json_object()
+    if getattr(args, "regex", None) is not None:
+        return Constraint.regex(args.regex)
+    if getattr(args, "grammar", None) is not None:
+        syntax = "gbnf" if args.grammar.suffix.lower() == ".gbnf" else "lark"
+        return Constraint.grammar(_read_text(args.grammar, "--grammar"), syntax)
+    if getattr(args, "choice", None):
+        return Constraint.choice(args.choice)
+    return None
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{flag}: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{flag}: cannot read {path}: {e}") from None

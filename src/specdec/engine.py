@@ -50,6 +50,7 @@ class Stats:
     # under a constraint: shaping trees, masking logits and advancing the matcher (docs/structured.md)
     grammar_seconds: float = 0.0
     forced_tokens: int = 0  # emitted drafts the grammar forced (grafted into the tree, not drafted)
+    grammar_complete: bool | None = None  # the output is a whole sentence of the constraint (None: none)
     other_seconds: float = 0.0
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -364,6 +365,7 @@ class Decoding:
         stats.wall_seconds = time.perf_counter() - self.t_start
         if self.grammar is not None:
             stats.grammar_seconds, stats.forced_tokens = self.grammar.seconds, self.grammar.forced_tokens
+            stats.grammar_complete = self.grammar.complete
         spent = stats.draft_seconds + stats.verify_seconds + stats.grammar_seconds
         stats.other_seconds = max(0.0, stats.wall_seconds - spent)
         stats.tokens_per_second = stats.new_tokens / stats.wall_seconds if stats.wall_seconds else 0.0

@@ -51,7 +51,6 @@ class DraftModelConfig:
 
 
 Runner = ModelRunner | NativeRunner | LlamaCppRunner
-R = TypeVar("R", ModelRunner, NativeRunner, LlamaCppRunner)
 
 
 def make_runner(model, layers: list[int] | None, lean: bool) -> Runner:
@@ -120,7 +119,7 @@ class BreakEven:
         self.n += 1
 
 
-def fresh(runner: R) -> R:
+def fresh(runner: Runner) -> Runner:
     """A copy of `runner` sharing its weights (or llama.cpp model) with no cache yet: its `start` makes one,
     its `free` lets it go."""
     view = copy.copy(runner)

@@ -43,11 +43,16 @@ import torch
 
 import specdec.checks as checks
 from specdec.drafters.base import Request, Scored, register
-from specdec.drafters.draft_model import ChainDrafter, DraftModelConfig, DraftState, fresh, make_runner
+from specdec.drafters.draft_model import (
+    ChainDrafter,
+    DraftModelConfig,
+    DraftState,
+    Runner,
+    fresh,
+    make_runner,
+)
 from specdec.errors import InputError
 from specdec.runtime import RuntimeChoice
-from specdec.runtime.hf import ModelRunner
-from specdec.runtime.native import NativeRunner
 from specdec.runtime.skipview import decoder_layers, skipping_view
 from specdec.sampling import TargetDistribution
 from specdec.tree import DraftTree
@@ -132,7 +137,7 @@ class LayerSkip(ChainDrafter[LayerSkipState]):
     def __init__(self, config: LayerSkipConfig | None = None, **options) -> None:
         self.config = config or LayerSkipConfig(**options)
         self.model = None
-        self.runners: dict[tuple[int, ...], ModelRunner | NativeRunner] = {}  # by skipped set, newest last
+        self.runners: dict[tuple[int, ...], Runner] = {}  # by skipped set, newest last
         # with `persist`: (skipped set, still adapting, trials, search RNG) carried to the next generation
         self.learned: tuple[tuple[int, ...], bool, int, random.Random] | None = None
 
@@ -152,7 +157,7 @@ class LayerSkip(ChainDrafter[LayerSkipState]):
     def kept(self, skip: tuple[int, ...]) -> list[int]:
         return [i for i in range(self.num_layers) if i not in skip]
 
-    def _runner(self, skip: tuple[int, ...]) -> ModelRunner | NativeRunner:
+    def _runner(self, skip: tuple[int, ...]) -> Runner:
         """A private view (own cache) of the shared runner for `skip`; the lean runner's fused weight copies
         are built once per set and a few sets are kept."""
         shared = self.runners.pop(skip, None) or make_runner(self.model, self.kept(skip), self.config.lean)

@@ -3,6 +3,8 @@ reference specdec's constrained output is checked against (tests, and the bench'
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from transformers import LogitsProcessor
 
@@ -27,6 +29,6 @@ class ConstraintLogitsProcessor(LogitsProcessor):
         generated = input_ids[0, self.prompt_length :].tolist()
         self.state.advance(generated[self.fed :], 0)
         self.fed = len(generated)
-        scores = scores.clone()
-        self.state.mask(scores, self.state.committed_mask())
-        return scores
+        masked = scores.clone()
+        self.state.mask(masked, self.state.committed_mask())
+        return cast(torch.FloatTensor, masked)

@@ -36,6 +36,14 @@ from specdec.tree import DraftTree, Trie
 ALL = -1  # an int32 bitmask word with every bit set
 
 
+def fill(matcher, masks: torch.Tensor, row: int) -> None:
+    """Row `row` of masks [N, W] (int32, contiguous, CPU): the tokens the matcher allows next. What
+    `llguidance.torch.fill_next_token_bitmask` does, without importing that module (it compiles a kernel with
+    torch.compile at import: 1.4 s in a first request)."""
+    view = masks[row]
+    matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * view.element_size())
+
+
 class GrammarState:
     """The matcher at the committed text (prompt excluded: the constraint is on the output)."""
 
@@ -67,10 +75,8 @@ class GrammarState:
 
     def committed_mask(self) -> torch.Tensor:
         """[1, W]: the tokens that may follow the committed text."""
-        from llguidance.torch import fill_next_token_bitmask
-
         masks = torch.full((1, self.words), ALL, dtype=torch.int32)
-        fill_next_token_bitmask(self.matcher, masks, 0)
+        fill(self.matcher, masks, 0)
         return masks
 
     def shape(self, tree: DraftTree, max_depth: int) -> tuple[DraftTree, torch.Tensor]:
@@ -139,9 +145,7 @@ class _Walk:
     def _fill(self, row: int) -> None:
         """Row `row`: the tokens that may follow the matcher's current text (only an EOS, once the grammar
         has stopped). An EOS node's row is left all ones: nothing after an EOS is emitted."""
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self.matcher, self.masks, row)
+        fill(self.matcher, self.masks, row)
 
     def _allowed(self, row: int, token: int) -> bool:
         return token < self.state.vocab and bool((int(self.masks[row, token >> 5]) >> (token & 31)) & 1)
