@@ -882,3 +882,108 @@ def _healthy(base: str) -> bool:
         return httpx.get(f"{base}/health", timeout=5).status_code == 200
     except httpx.TransportError:
         return False
+
+
+# --- structured output: response_format and tools ----------------------------------------------------------
+
+FLAGS = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "kind": {"type": "string", "enum": ["a", "bc"]}},
+    "required": ["ok", "kind"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "flag", "parameters": FLAGS}},
+    {
+        "type": "function",
+        "function": {"name": "noop", "parameters": {"type": "object", "additionalProperties": False}},
+    },
+]
+
+
+def test_json_schema_response_format_equals_constrained_generate(client, ref):
+    from pydantic import BaseModel
+
+    from specdec import Constraint
+
+    class Flags(BaseModel):
+        ok: bool
+        kind: str
+
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    want = solo(ref, "pld", messages, max_new_tokens=64, constraint=Constraint.json_schema(FLAGS))
+    fmt = {"type": "json_schema", "json_schema": {"name": "flags", "schema": FLAGS, "strict": True}}
+    kwargs = {
+        "model": "tiny",
+        "messages": messages,
+        "max_tokens": 64,
+        "temperature": 0,
+        "response_format": fmt,
+    }
+    got = client.chat.completions.create(**kwargs)
+    assert got.choices[0].message.content == want.text
+    assert got.choices[0].finish_reason == "stop", want.text  # the schema is small enough to finish
+    assert set(json.loads(want.text)) == {"ok", "kind"}
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
+    parsed = client.chat.completions.parse(
+        model="tiny", messages=messages, max_tokens=64, temperature=0, response_format=Flags
+    )  # the openai client's own parsing of the schema it sends
+    assert isinstance(parsed.choices[0].message.parsed, Flags)
+    completion = client.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=64, temperature=0, extra_body={"response_format": fmt}
+    )
+    assert set(json.loads(completion.choices[0].text)) == {"ok", "kind"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "flag"}}])
+def test_forced_tool_calls_follow_the_tools_schema(client, choice, stream):
+    messages = [{"role": "user", "content": "call a tool"}]
+    kwargs = {"model": "tiny", "messages": messages, "max_tokens": 64, "temperature": 0}
+    kwargs |= {"tools": TOOLS, "tool_choice": choice}
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kwargs))
+        calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
+        reason = chunks[-1].choices[0].finish_reason
+        assert not any(c.choices[0].delta.content for c in chunks)
+    else:
+        message = client.chat.completions.create(**kwargs).choices[0]
+        calls, reason = message.message.tool_calls or [], message.finish_reason
+        assert message.message.content is None
+    assert reason == "tool_calls" and len(calls) == 1
+    call = calls[0]
+    assert call.id.startswith("call_") and call.type == "function"
+    arguments = json.loads(call.function.arguments)
+    if isinstance(choice, dict):
+        assert call.function.name == "flag" and set(arguments) == {"ok", "kind"}
+    else:
+        assert call.function.name in {"flag", "noop"}
+
+
+def test_auto_tool_choice_answers_in_content_when_the_reply_is_no_call(client, ref):
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    want = solo(ref, "pld", messages, max_new_tokens=12)
+    got = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, tools=TOOLS
+    )
+    assert got.choices[0].message.content == want.text and not got.choices[0].message.tool_calls
+
+
+BAD_STRUCTURED = [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "frobnicate"}}}}, None),
+    ({"response_format": {"type": "json_schema", "json_schema": "x"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {}}]}, "tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, None),
+]
+
+
+@pytest.mark.parametrize("extra,param", BAD_STRUCTURED, ids=[json.dumps(b)[:40] for b, _ in BAD_STRUCTURED])
+def test_bad_structured_requests_are_400_in_one_line(server, extra, param):
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT)
+    error = assert_error(r, 400, param)
+    assert "\n" not in error["message"]

@@ -19,7 +19,7 @@ from specdec.errors import InputError
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 # JSON's whitespace between tokens: at most this much per gap (pretty-printing fits), so that a model cannot
 # spend every remaining token on spaces and newlines, which unbounded JSON whitespace lets it do
-JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,20}"}
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,20}"
 SYNTAXES = ("lark", "gbnf")
 
 
@@ -76,7 +76,9 @@ class Constraint:
         if kind not in KINDS:
             raise InputError(f"unknown constraint kind {kind!r} (choose from {', '.join(KINDS)})")
         if kind == "json_object":
-            return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
+            return LLMatcher.grammar_from_json_schema(
+                {"type": "object"}, overrides={"whitespace_pattern": JSON_WHITESPACE}
+            )
         if not isinstance(value, str | tuple | list) or not value:
             raise InputError(f"the {self.describe()} constraint is empty")
         if kind == "json_schema":
@@ -89,7 +91,7 @@ class Constraint:
             if not isinstance(schema, dict):
                 raise InputError("the JSON schema must be a JSON object")
             return LLMatcher.grammar_from_json_schema(
-                schema, overrides={**JSON_OPTIONS, "lenient": not self.strict}
+                schema, overrides={"whitespace_pattern": JSON_WHITESPACE, "lenient": not self.strict}
             )
         if kind == "choice":
             if any(not isinstance(s, str) or not s for s in value):

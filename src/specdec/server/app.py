@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ from specdec import __version__
 from specdec.api import SpecDecoder, encode_text, sampling_params
 from specdec.errors import InputError
 from specdec.server.errors import APIError
+from specdec.server.formats import ChatFormat, CompletionFormat, Format
 from specdec.server.schemas import ChatCompletionRequest, CompletionRequest
+from specdec.server.structured import response_constraint, tool_plan
 from specdec.server.worker import Delta, EngineWorker, Failed, Finished, Job, Prompt, Started
 
 
@@ -190,12 +191,13 @@ def _add_generation_routes(app: FastAPI, served: _Served) -> None:
             vocab = decoder.model.config.get_text_config(decoder=True).vocab_size
             if not all(0 <= t < vocab for t in body.prompt):
                 raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
-        params = _generation_params(body, body.max_tokens, limits)
+        constraint = response_constraint(body.response_format)
+        params = _generation_params(body, body.max_tokens, limits, constraint)
         prompt = Prompt(
             partial(decoder.encode, body.prompt), "prompt", limits.max_prompt_tokens, limits.max_tokens
         )
         job = Job(decoder, method, prompt, params)
-        return await _respond(worker, request, job, body, _CompletionFormat(model_name))
+        return await _respond(worker, request, job, body, CompletionFormat(model_name))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -211,16 +213,23 @@ def _add_generation_routes(app: FastAPI, served: _Served) -> None:
                 code="chat_template_missing",
             )
         messages = [m.for_template() for m in body.messages]
-        params = _generation_params(body, body.requested_max_tokens, limits)
-        encode = partial(_render_chat, decoder, messages)
+        plan = tool_plan(body.tools, body.tool_choice)
+        constraint = response_constraint(body.response_format)
+        if plan is not None and plan.forced:
+            if constraint is not None:
+                raise APIError(400, "a forced tool call and a response_format cannot both shape the reply")
+            constraint = plan.constraint()
+        params = _generation_params(body, body.requested_max_tokens, limits, constraint)
+        encode = partial(_render_chat, decoder, messages, plan.tools if plan is not None else None)
         job = Job(
             decoder, method, Prompt(encode, "messages", limits.max_prompt_tokens, limits.max_tokens), params
         )
-        return await _respond(worker, request, job, body, _ChatFormat(model_name))
+        return await _respond(worker, request, job, body, ChatFormat(model_name, plan))
 
 
-def _generation_params(body, max_tokens: int | None, limits: Limits) -> dict:
-    """SamplingParams fields from a request, validated now (max_new_tokens None: decided after tokenizing)."""
+def _generation_params(body, max_tokens: int | None, limits: Limits, constraint=None) -> dict:
+    """SamplingParams fields from a request, validated now (max_new_tokens None: decided after tokenizing;
+    a bad constraint is a 400 with the grammar engine's message)."""
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise APIError(
             400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}", "max_tokens"
@@ -232,6 +241,7 @@ def _generation_params(body, max_tokens: int | None, limits: Limits) -> dict:
         "top_k": body.top_k,
         "seed": body.seed,
         "stop": body.stop,
+        "constraint": constraint,
     }
     try:
         sampling_params(**{**params, "max_new_tokens": max_tokens or 1})
@@ -240,7 +250,7 @@ def _generation_params(body, max_tokens: int | None, limits: Limits) -> dict:
     return params
 
 
-async def _respond(worker: EngineWorker, request: Request, job: Job, body, fmt: _Format) -> Response:
+async def _respond(worker: EngineWorker, request: Request, job: Job, body, fmt: Format) -> Response:
     """Queue the job; answer with its error, its whole result, or a stream of its events."""
     worker.submit(job)
     gone = asyncio.ensure_future(_disconnected(request))
@@ -296,7 +306,7 @@ async def _next_event(job: Job, gone: asyncio.Future):
         getter.cancel()
 
 
-async def _sse(job: Job, fmt: _Format, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(job: Job, fmt: Format, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events after the job started. A client disconnect cancels this task (Starlette listens
     for it), which cancels the job in `finally`: the engine stops after its current step."""
     try:
@@ -305,9 +315,11 @@ async def _sse(job: Job, fmt: _Format, include_usage: bool) -> AsyncIterator[str
         while True:
             event = await job.events.get()
             if isinstance(event, Delta):
-                yield _data(fmt.chunk(event.text))
+                for chunk in fmt.chunks(event.text):
+                    yield _data(chunk)
             elif isinstance(event, Finished):
-                yield _data(fmt.chunk("", event))
+                for chunk in fmt.chunks("", event):
+                    yield _data(chunk)
                 if include_usage:
                     yield _data(fmt.usage_chunk(event))
                 break
@@ -323,25 +335,27 @@ def _data(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _render_chat(decoder: SpecDecoder, messages: list[dict]) -> list[int]:
+def _render_chat(decoder: SpecDecoder, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     tokenizer = decoder.tokenizer
-    text = _apply_template(tokenizer, messages)
+    text = _apply_template(tokenizer, messages, tools)
     if any("tool_calls" in m for m in messages):
         try:
-            ignored = _apply_template(tokenizer, [_without_calls(m) for m in messages]) == text
+            ignored = _apply_template(tokenizer, [_without_calls(m) for m in messages], tools) == text
         except APIError:  # it needs them: it renders them
             ignored = False
         if ignored:  # a template that knows no tool calls would drop them silently: they go in the content
-            text = _apply_template(tokenizer, [_calls_as_content(m) for m in messages])
+            text = _apply_template(tokenizer, [_calls_as_content(m) for m in messages], tools)
     # the template wrote any BOS itself
     return encode_text(decoder.model, tokenizer, text, "the messages", add_special_tokens=False)
 
 
-def _apply_template(tokenizer, messages: list[dict]) -> str:
+def _apply_template(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """The chat template over the messages (and the tools, for a template that renders them)."""
     from jinja2 import TemplateError
 
+    extra = {"tools": tools} if tools else {}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     except TemplateError as e:
         raise APIError(
             400, f"the model's chat template refused these messages: {e}", param="messages"
@@ -465,88 +479,3 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> JSONResponse:  # a bug: logged by Starlette
         return APIError(500, "internal server error (see the server log)").response()
-
-
-class _Format:
-    """The response shapes of one endpoint."""
-
-    object: str
-    prefix: str
-
-    def __init__(self, model_name: str) -> None:
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model_name
-
-    def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def opening(self) -> list[dict]:
-        return []
-
-    def chunk(self, text: str, finished: Finished | None = None) -> dict:
-        choice = {"index": 0, **self._content(text, streaming=True), "logprobs": None, "finish_reason": None}
-        out = {**self._head(self.chunk_object), "choices": [choice]}
-        if finished is not None:
-            choice["finish_reason"] = finished.finish_reason
-            out["specdec"] = finished.stats
-        return out
-
-    def usage_chunk(self, finished: Finished) -> dict:
-        return {**self._head(self.chunk_object), "choices": [], "usage": _usage(finished)}
-
-    def full(self, finished: Finished) -> dict:
-        choice = {
-            "index": 0,
-            **self._content(finished.text, streaming=False),
-            "logprobs": None,
-            "finish_reason": finished.finish_reason,
-        }
-        return {
-            **self._head(self.object),
-            "choices": [choice],
-            "usage": _usage(finished),
-            "specdec": finished.stats,
-        }
-
-    chunk_object: str
-
-    def _content(self, text: str, streaming: bool) -> dict:
-        raise NotImplementedError
-
-
-class _CompletionFormat(_Format):
-    object = chunk_object = "text_completion"
-    prefix = "cmpl"
-
-    def _content(self, text: str, streaming: bool) -> dict:
-        return {"text": text}
-
-
-class _ChatFormat(_Format):
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    prefix = "chatcmpl"
-
-    def opening(self) -> list[dict]:
-        choice = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        return [{**self._head(self.chunk_object), "choices": [choice]}]
-
-    def _content(self, text: str, streaming: bool) -> dict:
-        if streaming:
-            return {"delta": {"content": text} if text else {}}
-        return {"message": {"role": "assistant", "content": text}}
-
-
-def _usage(finished: Finished) -> dict:
-    completion = len(finished.token_ids)
-    return {
-        "prompt_tokens": finished.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": finished.prompt_tokens + completion,
-    }

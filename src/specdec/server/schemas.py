@@ -52,6 +52,8 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     specdec_method: str | None = None  # extension: one of the methods the server loaded
+    # text, json_object or json_schema (specdec.server.structured); completions take it too (an extension)
+    response_format: dict | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -234,10 +236,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list | None = None
-    tool_choice: str | None = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict | None = None
+    tools: list | None = None  # checked, with tool_choice, by specdec.server.structured.tool_plan
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None  # accepted: a reply makes at most one call
 
     @field_validator("logprobs")
     @classmethod
@@ -248,21 +249,6 @@ class ChatCompletionRequest(_Common):
     @classmethod
     def _no_top_logprobs(cls, v: int | None) -> None:
         return _neutral(v, (None,), "top_logprobs")
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v: list | None) -> list | None:
-        return _neutral(v, (None, []), "tool calling")
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, v: str | None) -> str | None:
-        return _neutral(v, (None, "none"), "tool_choice")
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict | None) -> dict | None:
-        return _neutral(v, (None, {"type": "text"}), "response_format")
 
     @property
     def requested_max_tokens(self) -> int | None:
