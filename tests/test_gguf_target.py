@@ -316,3 +316,20 @@ def test_the_server_completes_and_chats_through_the_files_own_template(files):
         r = c.post("/v1/chat/completions", json={"messages": chat, "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == want_chat.text
+
+
+@pytest.mark.parametrize("method", ["pld", "auto"])
+def test_a_constraint_on_the_file_masks_with_its_own_tokenizer(files, method):
+    """Under a regex, each method's output on the file is constrained vanilla's on it, and matches."""
+    import re
+
+    from specdec import Constraint
+
+    target = GGUFTarget(files["f32"])
+    tok = LlamaCppTokenizer(target)
+    constraint = Constraint.regex(r"(def|return) [a-z]{1,8}\(\)")
+    want = SpecDecoder(target, tok, "vanilla").generate(PROMPT, max_new_tokens=24, constraint=constraint)
+    got = SpecDecoder(target, tok, method).generate(PROMPT, max_new_tokens=24, constraint=constraint)
+    assert got.token_ids == want.token_ids
+    text = tok.decode(got.token_ids, skip_special_tokens=True)
+    assert re.fullmatch(r"(def|return) [a-z]{1,8}\(\)", text) or got.stats.finish_reason == "length", text

@@ -264,3 +264,25 @@ def test_a_grammar_that_cannot_finish_in_time_ends_with_length(model, tok):
     constraint = Constraint.regex("a{30}")
     out = SpecDecoder(model, tok, "pld").generate(PROMPT, max_new_tokens=5, constraint=constraint)
     assert out.stats.finish_reason == "length" and len(out.token_ids) == 5
+
+
+@pytest.mark.parametrize("method", ["pld", "auto"])
+def test_a_batch_whose_rows_have_different_grammars_gives_each_row_its_solo_result(model, tok, method):
+    from specdec.api import sampling_params
+    from specdec.batch import run_batch
+
+    dec = SpecDecoder(model, tok, method, runtime="native")
+    rows = [
+        (PROMPT, CONSTRAINTS["json_schema"]),
+        ("import os\n", CONSTRAINTS["regex"]),
+        ("x = [1, 2]\n", None),
+        (PROMPT, CONSTRAINTS["lark"]),
+    ]
+    ids = [tok(p)["input_ids"] for p, _ in rows]
+    params = [sampling_params(max_new_tokens=30, constraint=c) for _, c in rows]
+    results: dict[int, list[int]] = {}
+    for i, step in run_batch(dec.engine, ids, params):
+        if step.result is not None:
+            results[i] = step.result.token_ids
+    for i, (_, constraint) in enumerate(rows):
+        assert results[i] == dec.generate(ids[i], max_new_tokens=30, constraint=constraint).token_ids
