@@ -125,12 +125,16 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: set[int]):
     key = (vocab_size, tuple(sorted(eos_ids)))
     if key not in views:
         eos = sorted(eos_ids) or None
-        if isinstance(tokenizer, LlamaCppTokenizer):
+        if isinstance(tokenizer, LlamaCppTokenizer):  # the file's own vocabulary, through llama.cpp
+            import warnings
+
             import llguidance.llamacpp
 
-            views[key] = llguidance.llamacpp.lltokenizer_from_vocab(
-                tokenizer.vocab, n_vocab=vocab_size, eos_token=eos
-            )
+            with warnings.catch_warnings():  # it reads each token's attributes by a deprecated name
+                warnings.simplefilter("ignore", DeprecationWarning)
+                views[key] = llguidance.llamacpp.lltokenizer_from_vocab(
+                    tokenizer.vocab, n_vocab=vocab_size, eos_token=eos
+                )
         else:
             try:
                 views[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos)
