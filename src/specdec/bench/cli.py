@@ -44,7 +44,8 @@ def register(subparsers) -> None:
         type=_csv,
         default=None,
         help=f"comma-separated built-in suites: {', '.join(suites())} (default: all of them, unless "
-        "--prompts-file or --spec-bench is given)",
+        "--prompts-file or --spec-bench is given); or structured alone: prompts with a JSON Schema, regex or "
+        "grammar each, against transformers' constrained generate() (docs/structured.md)",
     )
     b.add_argument(
         "--methods",
@@ -231,6 +232,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return dllm.run(args)
     per_task = args.prompts or (QUICK_PROMPTS if args.quick else None)
     tasks = args.tasks
+    if tasks is not None and "structured" in tasks:  # its own bench: prompts with constraints
+        if len(tasks) > 1 or args.prompts_file or args.spec_bench or args.scale or args.yardstick:
+            raise InputError(
+                "--tasks structured runs alone (no other tasks, prompt files, --scale or --yardstick)"
+            )
+        from specdec.bench import structured
+
+        return structured.run(args, params)
     scaled = args.scale is not None or args.scale_config is not None
     if tasks is None and args.prompts_file is None and args.spec_bench is None:
         from specdec.bench.scale import SCALE_TASKS

@@ -1,0 +1,259 @@
+"""`specdec bench --tasks structured`: decoding under constraints, against transformers' constrained
+`generate()` (the same grammar engine as a logits processor: the lossless reference) and against specdec's
+own unconstrained `auto` on the same prompts.
+
+Each prompt of the suite (bench/tasks/structured/suite.jsonl) carries its constraint: JSON extracted from
+code and docstrings, function-call arguments, a config file (a small grammar), a regex-shaped identifier
+list. Per method and kind: validity (the output is a whole sentence of its constraint: must be 100%), tau,
+the tokens the grammar forced, the grammar's share of the wall time, the speedup over constrained
+`generate()` (its seconds over the method's, summed over the same prompts) and the rate against unconstrained
+`auto`'s (tokens per second, as the two write different text), and whether every greedy output equals
+the reference's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+
+import torch
+from tqdm import tqdm
+
+from specdec.errors import InputError
+from specdec.grammar import Constraint, GrammarState
+from specdec.sampling import SamplingParams
+
+BASELINE = "hf-constrained"
+UNCONSTRAINED = "auto-unconstrained"
+METHODS = ("vanilla", "pld", "suffix", "recycle", "merge", "lookahead", "auto")
+
+
+@dataclass(frozen=True)
+class StructuredPrompt:
+    kind: str
+    source: str
+    text: str
+    constraint: Constraint
+    max_new_tokens: int
+
+
+def load() -> list[StructuredPrompt]:
+    text = (resources.files("specdec.bench") / "tasks" / "structured" / "suite.jsonl").read_text("utf-8")
+    out = []
+    for line in text.splitlines():
+        row = json.loads(line)
+        spec = row["constraint"]
+        value = spec["value"]
+        constraint = (
+            Constraint.json_schema(value)
+            if spec["kind"] == "json_schema"
+            else Constraint(spec["kind"], value)
+        )
+        out.append(
+            StructuredPrompt(row["kind"], row["source"], row["prompt"], constraint, row["max_new_tokens"])
+        )
+    return out
+
+
+@dataclass
+class Outcome:
+    """One method's run of one prompt."""
+
+    tokens: list[int]
+    seconds: float
+    forwards: int
+    valid: bool
+    forced: int = 0
+    grammar_seconds: float = 0.0
+
+
+@dataclass
+class Row:
+    kind: str
+    method: str
+    prompts: int
+    valid: float  # share of outputs that are whole sentences of their constraint
+    tokens_per_second: float
+    speedup: float | None  # over hf-constrained: its seconds / the method's, same prompts
+    vs_unconstrained: float | None  # tok/s over unconstrained auto's
+    tau: float
+    forced_per_output: float
+    grammar_share: float  # of the wall time
+    lossless: bool | None  # every greedy output equals hf-constrained's (None: sampled, or the reference)
+    mismatches: list[str] = field(default_factory=list)
+
+
+def _valid(prompt: StructuredPrompt, tokenizer, vocab: int, eos: set[int], tokens: list[int]) -> bool:
+    state = GrammarState(prompt.constraint, tokenizer, vocab, eos)
+    body = tokens[:-1] if tokens and tokens[-1] in eos else tokens
+    try:
+        state.advance(body, 0)
+    except RuntimeError:
+        return False
+    return state.complete
+
+
+def _hf(model, tokenizer, eos: set[int], prompt: StructuredPrompt, ids: list[int], params: SamplingParams):
+    from specdec.grammar.hf import ConstraintLogitsProcessor
+
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    processor = ConstraintLogitsProcessor(prompt.constraint, tokenizer, vocab, eos)
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else min(eos) if eos else 0
+    x = torch.tensor([ids])
+    kwargs: dict = {"do_sample": False}
+    if not params.greedy:
+        kwargs = {
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_k": params.top_k,
+            "top_p": params.top_p,
+        }
+        torch.manual_seed(params.seed or 0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=prompt.max_new_tokens, pad_token_id=pad,
+            logits_processor=[processor], **kwargs,
+        )  # fmt: skip
+    seconds = time.perf_counter() - start
+    tokens = out[0, len(ids) :].tolist()
+    return Outcome(tokens, seconds, len(tokens), False, grammar_seconds=processor.state.seconds)
+
+
+def _specdec(decoder, prompt: StructuredPrompt, ids: list[int], params: SamplingParams, constrained: bool):
+    start = time.perf_counter()
+    result = decoder.generate(
+        ids,
+        max_new_tokens=prompt.max_new_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        seed=params.seed,
+        constraint=prompt.constraint if constrained else None,
+    )
+    s = result.stats
+    return Outcome(
+        result.token_ids,
+        time.perf_counter() - start,
+        s.target_forwards,
+        False,
+        s.forced_tokens,
+        s.grammar_seconds,
+    )
+
+
+def run(args: argparse.Namespace, params: SamplingParams) -> int:
+    from specdec.api import SpecDecoder
+    from specdec.engine import eos_token_ids
+    from specdec.models.gguf_target import GGUFTarget
+    from specdec.models.loading import freeze_heap, load_models
+
+    prompts = load()
+    if args.prompts:  # the first N of each kind
+        seen: Counter[str] = Counter()
+        prompts = [p for p in prompts if (seen.update([p.kind]) or seen[p.kind]) <= args.prompts]
+    loaded = load_models(args.model, None, False, args.dtype or "auto", quantize=args.quantize)
+    model, tokenizer = loaded.target, loaded.tokenizer
+    if isinstance(model, GGUFTarget):
+        raise InputError(
+            "--tasks structured compares with transformers' constrained generate(): give a Hugging Face model"
+        )
+    freeze_heap()
+    names = list(args.methods or METHODS)
+    decoders = {name: SpecDecoder(model, tokenizer, name) for name in dict.fromkeys([*names, "auto"])}
+    eos = eos_token_ids(model, tokenizer)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
+    runs: dict[str, list[Outcome]] = {name: [] for name in [BASELINE, *names, UNCONSTRAINED]}
+    order = list(runs)
+    # warm-up rounds on the first prompt (untimed), then every prompt once, the methods interleaved per prompt
+    schedule = [(0, False)] * args.warmup + [(i, True) for i in range(len(prompts))]
+    with tqdm(
+        total=len(schedule) * len(order), desc="structured", unit="run", file=sys.stderr, disable=None
+    ) as bar:
+        for i, timed in schedule:
+            prompt = prompts[i]
+            for name in order:
+                if name == BASELINE:
+                    out = _hf(model, tokenizer, eos, prompt, ids[i], params)
+                else:
+                    decoder = decoders["auto" if name == UNCONSTRAINED else name]
+                    out = _specdec(decoder, prompt, ids[i], params, name != UNCONSTRAINED)
+                if timed:
+                    out.valid = _valid(prompt, tokenizer, vocab, eos, out.tokens)
+                    runs[name].append(out)
+                bar.update(1)
+    rows = summarize(prompts, runs, params, tokenizer)
+    print(table(rows))
+    if args.json is not None:
+        data = {
+            "settings": {"methods": order, "greedy": params.greedy, "prompts": len(prompts)},
+            "rows": [asdict(r) for r in rows],
+        }
+        args.json.write_text(json.dumps(data, indent=1))
+    broken = [r for r in rows if r.lossless is False and r.kind == "overall"]
+    for r in broken:
+        for m in r.mismatches:
+            print(f"specdec bench: {r.method}: output differs from {BASELINE}'s on {m}", file=sys.stderr)
+    return 1 if broken else 0
+
+
+def summarize(
+    prompts: list[StructuredPrompt], runs: dict[str, list[Outcome]], params: SamplingParams, tokenizer
+) -> list[Row]:
+    rows = []
+    kinds = [*dict.fromkeys(p.kind for p in prompts), "overall"]
+    for kind in kinds:
+        picked = [i for i, p in enumerate(prompts) if kind in ("overall", p.kind)]
+        base = runs[BASELINE]
+        free = runs[UNCONSTRAINED]
+        free_rate = sum(len(free[i].tokens) for i in picked) / max(1e-9, sum(free[i].seconds for i in picked))
+        for name, outs in runs.items():
+            mine = [outs[i] for i in picked]
+            seconds = sum(o.seconds for o in mine)
+            tokens = sum(len(o.tokens) for o in mine)
+            rate = tokens / max(seconds, 1e-9)
+            constrained = name != UNCONSTRAINED
+            differs = [prompts[i].source for i in picked if outs[i].tokens != base[i].tokens]
+            lossless = None if not params.greedy or name in (BASELINE, UNCONSTRAINED) else not differs
+            rows.append(
+                Row(
+                    kind=kind,
+                    method=name,
+                    prompts=len(mine),
+                    valid=sum(o.valid for o in mine) / len(mine) if constrained else float("nan"),
+                    tokens_per_second=rate,
+                    speedup=sum(base[i].seconds for i in picked) / max(seconds, 1e-9)
+                    if constrained
+                    else None,
+                    vs_unconstrained=rate / free_rate if constrained else None,
+                    tau=tokens / max(1, sum(o.forwards for o in mine)),
+                    forced_per_output=sum(o.forced for o in mine) / len(mine),
+                    grammar_share=sum(o.grammar_seconds for o in mine) / max(seconds, 1e-9),
+                    lossless=lossless,
+                    mismatches=differs if lossless is False else [],
+                )
+            )
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    def f(x, fmt: str) -> str:
+        return "-" if x is None or x != x else format(x, fmt)
+
+    head = "| task | method | valid | tok/s | x generate() | x unconstrained auto | tau | forced/output | grammar time | lossless |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lossless = "-" if r.lossless is None else "yes" if r.lossless else f"NO ({len(r.mismatches)})"
+        lines.append(
+            f"| {r.kind} | {r.method} | {f(r.valid * 100 if r.valid == r.valid else None, '.0f')}% | "
+            f"{r.tokens_per_second:.1f} | {f(r.speedup, '.2f')}x | {f(r.vs_unconstrained, '.2f')}x | {r.tau:.2f} | "
+            f"{r.forced_per_output:.1f} | {r.grammar_share * 100:.1f}% | {lossless} |"
+        )
+    return "\n".join(lines)
