@@ -72,7 +72,7 @@ def test_every_method_equals_constrained_generate(model, tok, method, kind):
     assert out.token_ids == want
     text = tok.decode(out.token_ids, skip_special_tokens=True)
     if out.stats.finish_reason == "eos":  # a finished output is a sentence of the grammar
-        GrammarState(constraint, tok, model.config.vocab_size, {0}).advance(out.token_ids, 0)
+        GrammarState(constraint, tok, model.config.vocab_size, {0}).advance(out.token_ids)
         if kind == "json_schema":
             assert set(json.loads(text)) == {"n", "kind"}
 
@@ -105,7 +105,7 @@ def test_the_grammar_drafts_forced_spans_and_prunes_before_the_forward(model, to
     assert any(len(tree) > 1 for tree, _ in shaped)
     for tree, before in shaped:
         state = GrammarState(constraint, tok, model.config.vocab_size, {0})
-        state.advance(out.token_ids[:before], 0)
+        state.advance(out.token_ids[:before])
         for node in range(1, len(tree)):
             path = [tree.tokens[i] for i in tree.path_to(node)[1:]]
             assert state.matcher.validate_tokens(path) == len(path), (node, path)
@@ -232,7 +232,7 @@ def test_generated_schemas_always_yield_valid_json(model, tok, fields, method):
         assert set(json.loads(tok.decode(out.token_ids, skip_special_tokens=True))) == set(props)
     else:  # cut by the length: what there is is a prefix the grammar accepts
         state = GrammarState(constraint, tok, model.config.vocab_size, {0})
-        state.advance(out.token_ids, 0)
+        state.advance(out.token_ids)
 
 
 @pytest.mark.parametrize(

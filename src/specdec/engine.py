@@ -333,7 +333,7 @@ class Decoding:
                 done = True
                 break
         if self.grammar is not None:
-            self.grammar.advance(emitted, min(len(emitted), verdict.accepted_drafts))
+            self.grammar.advance(emitted, verdict.accepted_nodes[: len(emitted) + 1])
             if self.grammar.stopped and not done and not out.eos_ids:
                 done, out.finish_reason = True, "stop"  # no EOS to end with: the grammar's end is the end
         text = out.take_delta(final=done)

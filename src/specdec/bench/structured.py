@@ -92,7 +92,7 @@ def _valid(prompt: StructuredPrompt, tokenizer, vocab: int, eos: set[int], token
     state = GrammarState(prompt.constraint, tokenizer, vocab, eos)
     body = tokens[:-1] if tokens and tokens[-1] in eos else tokens
     try:
-        state.advance(body, 0)
+        state.advance(body)
     except RuntimeError:
         return False
     return state.complete

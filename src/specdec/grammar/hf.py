@@ -27,7 +27,7 @@ class ConstraintLogitsProcessor(LogitsProcessor):
         if self.prompt_length is None:
             self.prompt_length = input_ids.shape[1]
         generated = input_ids[0, self.prompt_length :].tolist()
-        self.state.advance(generated[self.fed :], 0)
+        self.state.advance(generated[self.fed :])
         self.fed = len(generated)
         masked = scores.clone()
         self.state.mask(masked, self.state.committed_mask())

@@ -34,6 +34,10 @@ from specdec.grammar.constraint import Constraint, ll_tokenizer
 from specdec.tree import DraftTree, Trie
 
 ALL = -1  # an int32 bitmask word with every bit set
+# tokens the grammar may graft under the tree's leaves per step (a leaf whose text the grammar continues in
+# one way only): each is one more token in the forward, so a tree with many leaves gets a few, the first
+# (best-ranked, visited first) branches first
+GRAFT_BUDGET = 16
 
 
 def fill(matcher, masks: torch.Tensor, row: int) -> None:
@@ -61,7 +65,7 @@ class GrammarState:
         self.eos_ids = eos_ids
         self.seconds = 0.0  # shaping, masking and advancing: the grammar's share of the generation
         self.forced_tokens = 0  # emitted tokens the grammar forced (accepted drafts it grafted in)
-        self._forced: list[int] = []  # this step's forced chain
+        self._grafted: set[int] = set()  # this step's shaped-tree nodes the grammar drafted
 
     @property
     def stopped(self) -> bool:
@@ -83,13 +87,16 @@ class GrammarState:
         """(the tree as the grammar allows it, its masks [N, W]); module docstring."""
         t0 = time.perf_counter()
         forced = self.matcher.compute_ff_tokens()[:max_depth] if max_depth > 0 else []
-        self._forced = forced
+        grafted: set[int] = set()
         if forced and tree.probs is None:
             trie = Trie(tree.tokens[0])
             trie.graft(tree)
             trie.insert(forced)
             tree = trie.tree()
-        shaped, masks = _Walk(self, tree).run()
+            grafted = set(tree.follow(forced)[1:])
+        walk = _Walk(self, tree, grafted, max_depth)
+        shaped, masks = walk.run()
+        self._grafted = walk.grafted
         self.seconds += time.perf_counter() - t0
         return shaped, masks
 
@@ -107,13 +114,11 @@ class GrammarState:
         self.seconds += took
         return took
 
-    def advance(self, tokens: list[int], drafted: int) -> None:
-        """The committed text grew by `tokens`, the first `drafted` of them accepted drafts."""
+    def advance(self, tokens: list[int], accepted_nodes: list[int] | tuple[int, ...] = ()) -> None:
+        """The committed text grew by `tokens`: along `accepted_nodes` of the last shaped tree (root first),
+        then the bonus token."""
         t0 = time.perf_counter()
-        forced, k = self._forced, 0
-        while k < min(len(forced), drafted) and tokens[k] == forced[k]:
-            k += 1
-        self.forced_tokens += k
+        self.forced_tokens += sum(node in self._grafted for node in accepted_nodes[1:])
         for token in tokens:
             if self.matcher.is_stopped():
                 break  # only an EOS may follow, and it ends the generation
@@ -127,12 +132,16 @@ class GrammarState:
 class _Walk:
     """The depth-first walk of one tree with the committed matcher (rolled back to where it was)."""
 
-    def __init__(self, state: GrammarState, tree: DraftTree) -> None:
+    def __init__(self, state: GrammarState, tree: DraftTree, grafted: set[int], max_depth: int) -> None:
         self.state, self.tree, self.matcher = state, tree, state.matcher
-        self.masks = torch.full((len(tree), state.words), ALL, dtype=torch.int32)
+        self.grafted_in, self.max_depth = grafted, max_depth  # (old indices the grammar drafted)
+        self.budget = GRAFT_BUDGET if tree.probs is None else 0  # under sampled children: none (their q)
+        self.masks = torch.full((len(tree) + self.budget, state.words), ALL, dtype=torch.int32)
         self.tokens: list[int] = [tree.tokens[0]]
         self.parents: list[int] = [-1]
-        self.kept: list[int] = [0]  # old index of each kept node
+        self.depths: list[int] = [0]
+        self.kept: list[int] = [0]  # old index of each kept node (-1: grafted under a leaf)
+        self.grafted: set[int] = set()  # new indices of the nodes the grammar drafted
         self.cut_q: dict[int, torch.Tensor] = {}
 
     def run(self) -> tuple[DraftTree, torch.Tensor]:
@@ -140,7 +149,7 @@ class _Walk:
         self._visit(0, 0)
         tree = self.tree
         probs = None if tree.probs is None else tree.probs[self.kept]
-        return DraftTree(self.tokens, self.parents, probs, self.cut_q), self.masks[: len(self.kept)]
+        return DraftTree(self.tokens, self.parents, probs, self.cut_q), self.masks[: len(self.tokens)]
 
     def _fill(self, row: int) -> None:
         """Row `row`: the tokens that may follow the matcher's current text (only an EOS, once the grammar
@@ -150,8 +159,19 @@ class _Walk:
     def _allowed(self, row: int, token: int) -> bool:
         return token < self.state.vocab and bool((int(self.masks[row, token >> 5]) >> (token & 31)) & 1)
 
+    def _add(self, old: int, token: int, parent: int) -> int:
+        new = len(self.tokens)
+        self.kept.append(old)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        if old in self.grafted_in:
+            self.grafted.add(new)
+        return new
+
     def _visit(self, node: int, row: int) -> None:
         tree, probs = self.tree, self.tree.probs
+        leaf = True
         for child in tree.children[node]:
             token = tree.tokens[child]
             if not self._allowed(row, token):
@@ -159,10 +179,8 @@ class _Walk:
                     self.cut_q[row] = probs[child]
                     return
                 continue
-            new = len(self.kept)
-            self.kept.append(child)
-            self.tokens.append(token)
-            self.parents.append(row)
+            leaf = False
+            new = self._add(child, token, row)
             if token in self.state.eos_ids:
                 continue  # an EOS ends the text: nothing is scored under it, and its row is never used
             if not self.matcher.consume_token(token):
@@ -170,3 +188,23 @@ class _Walk:
             self._fill(new)
             self._visit(child, new)
             self.matcher.rollback(1)
+        if leaf:
+            self._graft(row)
+
+    def _graft(self, row: int) -> None:
+        """Under a leaf: the tokens the grammar forces from its text (within the budget and the depth)."""
+        room = min(self.budget, self.max_depth - self.depths[row])
+        if room <= 0 or self.matcher.is_stopped():
+            return
+        consumed = 0
+        for token in self.matcher.compute_ff_tokens()[:room]:
+            row = self._add(-1, token, row)
+            self.grafted.add(row)
+            self.budget -= 1
+            if token in self.state.eos_ids:
+                break
+            if not self.matcher.consume_token(token):  # a forced token is one the grammar allows
+                raise RuntimeError(f"grammar desync at forced token {token}: {self.matcher.get_error()}")
+            consumed += 1
+            self._fill(row)
+        self.matcher.rollback(consumed)
