@@ -488,3 +488,30 @@ def test_streams_a_step_per_forward(dllm):
     steps = list(engine.run(tok(PROMPTS[0])["input_ids"], SamplingParams(max_new_tokens=12, ignore_eos=True)))
     assert len(steps) == 12 and all(len(s.token_ids) == 1 for s in steps)  # one token per forward, each shown
     assert steps[-1].result is not None and steps[-1].result.stats.drafter["blocks"] == 2
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_every_policy_keeps_a_constrained_output_a_valid_prefix(dllm, filter_file, name, temperature):
+    """Under a constraint a block is committed in order, each position by the grammar state after the ones
+    before it: whatever the policy, the output is a prefix the grammar accepts (a whole sentence when it
+    ended with an EOS), and at least one position is committed per forward."""
+    from specdec import Constraint
+    from specdec.grammar import GrammarState
+
+    model, tok = dllm
+    policy = make_policy(name, **policy_options(name, filter_file))  # what it selects is cut to the legal run
+    engine = DllmEngine(model, tok, policy, DllmSettings(sub_block=4, block_size=8))
+    for constraint in (
+        Constraint.json_schema(
+            {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+        ),
+        Constraint.regex(r"(ab|ba){1,6}-[0-9]{1,3}"),
+    ):
+        params = SamplingParams(max_new_tokens=24, temperature=temperature, seed=1, constraint=constraint)
+        result = list(engine.run(tok(PROMPTS[1])["input_ids"], params))[-1].result
+        assert result is not None and result.stats.target_forwards <= len(result.token_ids)
+        state = GrammarState(constraint, tok, model.get_output_embeddings().weight.shape[0], {0})
+        body = result.token_ids[:-1] if result.stats.finish_reason == "eos" else result.token_ids
+        state.advance(body)  # raises on a token outside the grammar
+        assert state.complete or result.stats.finish_reason == "length"

@@ -125,10 +125,6 @@ def _decoder(args: argparse.Namespace):
             raise InputError(
                 "--method and --draft are for autoregressive models; a diffusion LM decodes with --policy"
             )
-        if args.constraint is not None:
-            raise InputError(
-                "a diffusion LM does not decode under a constraint yet (--json-schema, --regex, ...)"
-            )
         return DllmDecoder.from_pretrained(
             args.model,
             policy=args.policy or DEFAULT_POLICY,

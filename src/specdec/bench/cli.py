@@ -222,6 +222,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     params = _params(args)
     from specdec.dllm.cli import wants_dllm
 
+    if args.tasks is not None and "structured" in args.tasks:  # its own bench: prompts with constraints
+        if len(args.tasks) > 1 or args.prompts_file or args.spec_bench or args.scale or args.yardstick:
+            raise InputError(
+                "--tasks structured runs alone (no other tasks, prompt files, --scale or --yardstick)"
+            )
+        from specdec.bench import structured, structured_dllm
+
+        if wants_dllm(args.model, args.policies):
+            return structured_dllm.run(args, params)
+        return structured.run(args, params)
     if wants_dllm(args.model, args.policies):  # a diffusion LM: the speed/quality bench
         if args.quantize:
             raise InputError(
@@ -232,14 +242,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return dllm.run(args)
     per_task = args.prompts or (QUICK_PROMPTS if args.quick else None)
     tasks = args.tasks
-    if tasks is not None and "structured" in tasks:  # its own bench: prompts with constraints
-        if len(tasks) > 1 or args.prompts_file or args.spec_bench or args.scale or args.yardstick:
-            raise InputError(
-                "--tasks structured runs alone (no other tasks, prompt files, --scale or --yardstick)"
-            )
-        from specdec.bench import structured
-
-        return structured.run(args, params)
     scaled = args.scale is not None or args.scale_config is not None
     if tasks is None and args.prompts_file is None and args.spec_bench is None:
         from specdec.bench.scale import SCALE_TASKS

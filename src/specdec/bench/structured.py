@@ -88,7 +88,21 @@ class Row:
     mismatches: list[str] = field(default_factory=list)
 
 
-def _valid(prompt: StructuredPrompt, tokenizer, vocab: int, eos: set[int], tokens: list[int]) -> bool:
+def first_of_each(prompts: list[StructuredPrompt], n: int | None) -> list[StructuredPrompt]:
+    """The first `n` prompts of each kind (all of them for None)."""
+    if not n:
+        return prompts
+    seen: Counter[str] = Counter()
+    out = []
+    for p in prompts:
+        seen[p.kind] += 1
+        if seen[p.kind] <= n:
+            out.append(p)
+    return out
+
+
+def valid(prompt: StructuredPrompt, tokenizer, vocab: int, eos: set[int], tokens: list[int]) -> bool:
+    """The output is a whole sentence of the prompt's constraint (an EOS that ended it aside)."""
     state = GrammarState(prompt.constraint, tokenizer, vocab, eos)
     body = tokens[:-1] if tokens and tokens[-1] in eos else tokens
     try:
@@ -154,10 +168,7 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
     from specdec.models.gguf_target import GGUFTarget
     from specdec.models.loading import freeze_heap, load_models
 
-    prompts = load()
-    if args.prompts:  # the first N of each kind
-        seen: Counter[str] = Counter()
-        prompts = [p for p in prompts if (seen.update([p.kind]) or seen[p.kind]) <= args.prompts]
+    prompts = first_of_each(load(), args.prompts)
     loaded = load_models(args.model, None, False, args.dtype or "auto", quantize=args.quantize)
     model, tokenizer = loaded.target, loaded.tokenizer
     if isinstance(model, GGUFTarget):
@@ -186,7 +197,7 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
                     decoder = decoders["auto" if name == UNCONSTRAINED else name]
                     out = _specdec(decoder, prompt, ids[i], params, name != UNCONSTRAINED)
                 if timed:
-                    out.valid = _valid(prompt, tokenizer, vocab, eos, out.tokens)
+                    out.valid = valid(prompt, tokenizer, vocab, eos, out.tokens)
                     runs[name].append(out)
                 bar.update(1)
     rows = summarize(prompts, runs, params, tokenizer)

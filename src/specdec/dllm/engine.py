@@ -26,11 +26,13 @@ from dataclasses import dataclass
 import torch
 
 import specdec.checks as checks
+from specdec.dllm.grammar import BlockGrammar
 from specdec.dllm.model import DllmSpec, require_dllm
 from specdec.dllm.policies import Policy
 from specdec.dllm.policies.base import BlockView, Selection
 from specdec.engine import Generation, Output, Stats, Step, check_request, eos_token_ids
 from specdec.errors import InputError, UnsupportedModelError
+from specdec.grammar import GrammarState
 from specdec.runtime.native import NativeCache, NativeModel, unsupported_reason
 from specdec.sampling import SamplingParams, TargetDistribution, make_generator
 
@@ -120,6 +122,11 @@ class BlockDecoding:
         self.pending: torch.Tensor | None = None  # [V] the prediction for the token after the committed ones
         self.blocks = 0  # finished blocks
         self.block_tokens = 0  # tokens they committed
+        self.grammar: BlockGrammar | None = None  # the output's constraint (committed in order under it)
+        if params.constraint is not None:
+            vocab = engine.model.get_output_embeddings().weight.shape[0]
+            state = GrammarState(params.constraint, engine.tokenizer, vocab, engine.eos_ids)
+            self.grammar = BlockGrammar(state)
 
     # --- forwards -------------------------------------------------------------------------------------------
 
@@ -227,6 +234,9 @@ class BlockDecoding:
                 eligible = masked & alive
                 eligible[:lo] = False
                 eligible[hi:] = False
+                if self.grammar is not None:  # in order from the first undecided position (dllm.grammar)
+                    logits, cand, conf, end = self.grammar.candidates(logits, len(emitted), hi, self.pick)
+                    eligible[end:] = False
                 view = self._view(logits, cand, conf, masked & alive, eligible, forward)
                 if forward == 1:  # adablock may end the block early, at a predicted line end
                     cut = self.policy.block_length(view)
@@ -238,6 +248,8 @@ class BlockDecoding:
                 selection = self.policy.select(view)
                 chosen = self._checked(selection, eligible)
                 values = cand if selection.tokens is None else selection.tokens
+                if self.grammar is not None:
+                    chosen, values = self.grammar.in_order(chosen, values, cand, len(emitted))
                 for j in chosen.nonzero()[:, 0].tolist():
                     tokens[j] = int(values[j])
                     masked[j] = False
@@ -248,6 +260,8 @@ class BlockDecoding:
                     emitted.append(tokens[len(emitted)])
                     new.append(emitted[-1])
                     done = self.out.push(emitted[-1])
+                if self.grammar is not None:
+                    self.grammar.advance(new)
                 self.stats.verify_seconds += time.perf_counter() - t0
                 self.stats.target_forwards += 1
                 if done or not bool((masked & alive).any()):  # the block is over
