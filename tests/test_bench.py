@@ -570,3 +570,27 @@ def test_a_run_under_a_third_of_its_methods_usual_pace_is_flagged():
     flagged = report.slow_runs(BenchResult(records, [], [], {}))
     assert [(s["method"], s["prompt"]) for s in flagged] == [("pld", 2)]
     assert flagged[0]["tokens_per_second"] == 20.0 and flagged[0]["prompt_median"] == 100.0
+
+
+def test_structured_bench_reports_validity_and_checks_every_method(capsys, dirs, tmp_path):
+    """`--tasks structured`: every method under each prompt's constraint beside constrained generate(), each
+    output checked against it, validity and the grammar's share reported (the suite's prompts, on a tiny
+    model: what is checked is the table and the lossless verdict, not the text)."""
+    out = tmp_path / "structured.json"
+    argv = ["bench", "--model", dirs["target"], "--dtype", "float64", "--tasks", "structured", "--prompts", 1]
+    argv += ["--max-new-tokens", 24, "--methods", "pld,auto", "--warmup", 0, "--json", out]
+    code = main([str(a) for a in argv])
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    rows = json.loads(out.read_text())["rows"]
+    overall = {r["method"]: r for r in rows if r["kind"] == "overall"}
+    assert set(overall) == {"hf-constrained", "pld", "auto", "auto-unconstrained"}
+    assert overall["pld"]["lossless"] is True and overall["auto"]["lossless"] is True
+    assert {r["kind"] for r in rows} == {"json-from-code", "tool-args", "config", "identifiers", "overall"}
+    assert all(0 <= r["grammar_share"] < 1 for r in rows)
+    assert "| overall | auto |" in text
+
+
+def test_structured_bench_runs_alone(capsys, dirs):
+    code, _, err = bench(capsys, dirs, "--tasks", "structured,complete")
+    assert code == 2 and "runs alone" in err

@@ -18,7 +18,7 @@ import json
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
 import torch
@@ -88,16 +88,17 @@ class Row:
     mismatches: list[str] = field(default_factory=list)
 
 
-def first_of_each(prompts: list[StructuredPrompt], n: int | None) -> list[StructuredPrompt]:
-    """The first `n` prompts of each kind (all of them for None)."""
-    if not n:
-        return prompts
+def first_of_each(
+    prompts: list[StructuredPrompt], n: int | None, max_new_tokens: int | None = None
+) -> list[StructuredPrompt]:
+    """The first `n` prompts of each kind (all of them for None), each with `max_new_tokens` when given
+    (--max-new-tokens; else the suite's own, room for its output)."""
     seen: Counter[str] = Counter()
     out = []
     for p in prompts:
         seen[p.kind] += 1
-        if seen[p.kind] <= n:
-            out.append(p)
+        if not n or seen[p.kind] <= n:
+            out.append(p if max_new_tokens is None else replace(p, max_new_tokens=max_new_tokens))
     return out
 
 
@@ -166,18 +167,28 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
     from specdec.api import SpecDecoder
     from specdec.engine import eos_token_ids
     from specdec.models.gguf_target import GGUFTarget
-    from specdec.models.loading import freeze_heap, load_models
+    from specdec.drafters import methods
+    from specdec.models.loading import freeze_heap, load_models, require_draft
 
-    prompts = first_of_each(load(), args.prompts)
-    loaded = load_models(args.model, None, False, args.dtype or "auto", quantize=args.quantize)
+    prompts = first_of_each(load(), args.prompts, args.max_new_tokens)
+    names = list(args.methods or METHODS)
+    unknown = [m for m in names if m not in methods()]
+    if unknown:
+        raise InputError(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(methods())})")
+    loaded = load_models(
+        args.model, args.draft, "draft" in names, args.dtype or "auto", quantize=args.quantize
+    )
     model, tokenizer = loaded.target, loaded.tokenizer
+    require_draft(names, loaded.draft)
     if isinstance(model, GGUFTarget):
         raise InputError(
             "--tasks structured compares with transformers' constrained generate(): give a Hugging Face model"
         )
     freeze_heap()
-    names = list(args.methods or METHODS)
-    decoders = {name: SpecDecoder(model, tokenizer, name) for name in dict.fromkeys([*names, "auto"])}
+    decoders = {
+        name: SpecDecoder(model, tokenizer, name, draft_model=loaded.draft)
+        for name in dict.fromkeys([*names, "auto"])
+    }
     eos = eos_token_ids(model, tokenizer)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = [tokenizer(p.text)["input_ids"] for p in prompts]

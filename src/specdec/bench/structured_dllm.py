@@ -45,7 +45,7 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
     configs = policy_configs(args.policies or DEFAULT_POLICIES)
     if "one" not in [label for label, _, _ in configs]:
         configs = [("one", "one", {}), *configs]  # the quality reference
-    prompts = first_of_each(load(), args.prompts)
+    prompts = first_of_each(load(), args.prompts, args.max_new_tokens)
     model, tokenizer = load_causal_lm(args.model, "target", args.dtype or "auto")
     if tokenizer is None:
         raise InputError(f"{args.model!r} has no tokenizer")
