@@ -30,6 +30,7 @@ from specdec.sampling import SamplingParams
 
 BASELINE = "hf-constrained"
 UNCONSTRAINED = "auto-unconstrained"
+LLAMACPP = "llamacpp-gbnf"  # llama.cpp's own grammar sampler, where the llamacpp extra is installed
 METHODS = ("vanilla", "pld", "suffix", "recycle", "merge", "lookahead", "auto")
 
 
@@ -163,11 +164,55 @@ def _specdec(decoder, prompt: StructuredPrompt, ids: list[int], params: Sampling
     )
 
 
+class LlamaCppGrammar:
+    """llama.cpp's own constrained decoding, greedy: its GBNF grammar sampler over the model's GGUF
+    conversion. JSON Schemas go through llama-cpp-python's converter, GBNF grammars and choices as they are;
+    a regex or a Lark grammar has no conversion, and that prompt is left out of the row. Its grammar engine is
+    not llguidance, so its outputs are not compared with the reference (only checked for validity)."""
+
+    def __init__(self, model, tokenizer, threads: int, eos: set[int]) -> None:
+        from specdec.bench.llamacpp import LlamaCppMethod
+
+        self.llm = LlamaCppMethod("llamacpp", model, tokenizer, threads).llm
+        self.eos = eos
+
+    @staticmethod
+    def grammar(constraint: Constraint):
+        from llama_cpp import LlamaGrammar
+
+        if constraint.kind == "json_schema":
+            return LlamaGrammar.from_json_schema(constraint.value, verbose=False)
+        if constraint.kind == "json_object":
+            return LlamaGrammar.from_json_schema('{"type": "object"}', verbose=False)
+        if constraint.kind == "choice":
+            return LlamaGrammar.from_string(
+                "root ::= " + " | ".join(json.dumps(c) for c in constraint.value), verbose=False
+            )
+        if constraint.kind == "grammar" and constraint.syntax == "gbnf":
+            return LlamaGrammar.from_string(constraint.value, verbose=False)
+        return None
+
+    def run(self, prompt: StructuredPrompt, ids: list[int]) -> Outcome | None:
+        grammar = self.grammar(prompt.constraint)
+        if grammar is None:
+            return None
+        self.llm.reset()
+        out: list[int] = []
+        start = time.perf_counter()
+        for token in self.llm.generate(
+            ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True, grammar=grammar
+        ):
+            out.append(token)
+            if token in self.eos or len(out) >= prompt.max_new_tokens:
+                break
+        return Outcome(out, time.perf_counter() - start, len(out), False)
+
+
 def run(args: argparse.Namespace, params: SamplingParams) -> int:
     from specdec.api import SpecDecoder
+    from specdec.drafters import methods
     from specdec.engine import eos_token_ids
     from specdec.models.gguf_target import GGUFTarget
-    from specdec.drafters import methods
     from specdec.models.loading import freeze_heap, load_models, require_draft
 
     prompts = first_of_each(load(), args.prompts, args.max_new_tokens)
@@ -192,7 +237,16 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
     eos = eos_token_ids(model, tokenizer)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = [tokenizer(p.text)["input_ids"] for p in prompts]
-    runs: dict[str, list[Outcome]] = {name: [] for name in [BASELINE, *names, UNCONSTRAINED]}
+    from specdec.runtime.gguf import gguf_reason, llamacpp_reason
+
+    gbnf = None
+    why = llamacpp_reason() or gguf_reason(model) or ("" if params.greedy else "greedy decoding only")
+    if why:
+        print(f"specdec bench: {LLAMACPP} left out: {why}", file=sys.stderr)
+    else:
+        gbnf = LlamaCppGrammar(model, tokenizer, torch.get_num_threads(), eos)
+    extra = [LLAMACPP] if gbnf is not None else []
+    runs: dict[str, list[Outcome | None]] = {name: [] for name in [BASELINE, *names, UNCONSTRAINED, *extra]}
     order = list(runs)
     # warm-up rounds on the first prompt (untimed), then every prompt once, the methods interleaved per prompt
     schedule = [(0, False)] * args.warmup + [(i, True) for i in range(len(prompts))]
@@ -202,13 +256,18 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
         for i, timed in schedule:
             prompt = prompts[i]
             for name in order:
+                out: Outcome | None
                 if name == BASELINE:
                     out = _hf(model, tokenizer, eos, prompt, ids[i], params)
+                elif name == LLAMACPP:
+                    assert gbnf is not None
+                    out = gbnf.run(prompt, ids[i])
                 else:
                     decoder = decoders["auto" if name == UNCONSTRAINED else name]
                     out = _specdec(decoder, prompt, ids[i], params, name != UNCONSTRAINED)
                 if timed:
-                    out.valid = valid(prompt, tokenizer, vocab, eos, out.tokens)
+                    if out is not None:
+                        out.valid = valid(prompt, tokenizer, vocab, eos, out.tokens)
                     runs[name].append(out)
                 bar.update(1)
     rows = summarize(prompts, runs, params, tokenizer)
@@ -227,42 +286,56 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
 
 
 def summarize(
-    prompts: list[StructuredPrompt], runs: dict[str, list[Outcome]], params: SamplingParams, tokenizer
+    prompts: list[StructuredPrompt], runs: dict[str, list[Outcome | None]], params: SamplingParams, tokenizer
 ) -> list[Row]:
+    """Per kind (and overall) a row per method, over the prompts it ran (llama.cpp's: those that convert)."""
     rows = []
-    kinds = [*dict.fromkeys(p.kind for p in prompts), "overall"]
-    for kind in kinds:
+    for kind in [*dict.fromkeys(p.kind for p in prompts), "overall"]:
         picked = [i for i, p in enumerate(prompts) if kind in ("overall", p.kind)]
-        base = runs[BASELINE]
-        free = runs[UNCONSTRAINED]
-        free_rate = sum(len(free[i].tokens) for i in picked) / max(1e-9, sum(free[i].seconds for i in picked))
         for name, outs in runs.items():
-            mine = [outs[i] for i in picked]
-            seconds = sum(o.seconds for o in mine)
-            tokens = sum(len(o.tokens) for o in mine)
-            rate = tokens / max(seconds, 1e-9)
-            constrained = name != UNCONSTRAINED
-            differs = [prompts[i].source for i in picked if outs[i].tokens != base[i].tokens]
-            lossless = None if not params.greedy or name in (BASELINE, UNCONSTRAINED) else not differs
-            rows.append(
-                Row(
-                    kind=kind,
-                    method=name,
-                    prompts=len(mine),
-                    valid=sum(o.valid for o in mine) / len(mine) if constrained else float("nan"),
-                    tokens_per_second=rate,
-                    speedup=sum(base[i].seconds for i in picked) / max(seconds, 1e-9)
-                    if constrained
-                    else None,
-                    vs_unconstrained=rate / free_rate if constrained else None,
-                    tau=tokens / max(1, sum(o.forwards for o in mine)),
-                    forced_per_output=sum(o.forced for o in mine) / len(mine),
-                    grammar_share=sum(o.grammar_seconds for o in mine) / max(seconds, 1e-9),
-                    lossless=lossless,
-                    mismatches=differs if lossless is False else [],
-                )
-            )
+            ran = [i for i in picked if outs[i] is not None]
+            mine = [o for o in (outs[i] for i in ran) if o is not None]
+            if mine:
+                rows.append(_row(kind, name, [prompts[i] for i in ran], mine, runs, ran, params))
     return rows
+
+
+def _row(
+    kind: str,
+    name: str,
+    prompts: list[StructuredPrompt],
+    mine: list[Outcome],
+    runs: dict[str, list[Outcome | None]],
+    ran: list[int],
+    params: SamplingParams,
+) -> Row:
+    """One method's row over the prompts `ran` (indices into `runs`' lists; `mine`: its outcomes there)."""
+
+    def rate(outs: list[Outcome]) -> float:
+        return sum(len(o.tokens) for o in outs) / max(1e-9, sum(o.seconds for o in outs))
+
+    def of(method: str) -> list[Outcome]:  # the baseline and unconstrained auto run every prompt
+        return [o for o in (runs[method][i] for i in ran) if o is not None]
+
+    base, free = of(BASELINE), of(UNCONSTRAINED)
+    constrained = name != UNCONSTRAINED
+    differs = [p.source for p, o, b in zip(prompts, mine, base, strict=True) if o.tokens != b.tokens]
+    checked = params.greedy and name not in (BASELINE, UNCONSTRAINED, LLAMACPP)
+    seconds = sum(o.seconds for o in mine)
+    return Row(
+        kind=kind,
+        method=name,
+        prompts=len(mine),
+        valid=sum(o.valid for o in mine) / len(mine) if constrained else float("nan"),
+        tokens_per_second=rate(mine),
+        speedup=sum(b.seconds for b in base) / max(seconds, 1e-9) if constrained else None,
+        vs_unconstrained=rate(mine) / rate(free) if constrained else None,
+        tau=sum(len(o.tokens) for o in mine) / max(1, sum(o.forwards for o in mine)),
+        forced_per_output=sum(o.forced for o in mine) / len(mine),
+        grammar_share=sum(o.grammar_seconds for o in mine) / max(seconds, 1e-9),
+        lossless=(not differs) if checked else None,
+        mismatches=differs if checked else [],
+    )
 
 
 def table(rows: list[Row]) -> str:

@@ -8,8 +8,10 @@ output being valid, which no engine decodes.
 
 Per step, before the forward (`shape`):
 - the tokens the grammar forces from the committed text (`compute_ff_tokens`: keys, braces, fixed literals)
-  are grafted into a point-mass tree as a chain under the root: drafts the target verifies like any other
-  (under the mask, a forced span is what the target emits there, so they are accepted), in the same forward;
+  are grafted into a point-mass tree as a chain under the root, and those it forces after each leaf's text
+  under that leaf (GRAFT_BUDGET a step): drafts the target verifies like any other, in the same forward
+  (where the mask allows a forced token alone, as llguidance's does along a forced span, the target emits it
+  there, so it is accepted);
 - the tree is walked depth first with the matcher (advance on a node's token, compute its mask, recurse,
   roll back), and a child the grammar rejects is cut with its subtree, so it is never scored. A point-mass
   child may be cut anywhere (its rejection would leave the residual as it was). A child *sampled* from a
