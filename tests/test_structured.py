@@ -286,3 +286,64 @@ def test_a_batch_whose_rows_have_different_grammars_gives_each_row_its_solo_resu
             results[i] = step.result.token_ids
     for i, (_, constraint) in enumerate(rows):
         assert results[i] == dec.generate(ids[i], max_new_tokens=30, constraint=constraint).token_ids
+
+
+def test_shape_cuts_illegal_nodes_grafts_forced_tokens_and_masks_each_node(tok):
+    """A hand-made tree under the regex "abcde|abdxe": an illegal root child is cut with its subtree, the
+    text the grammar forces after a leaf is grafted under it, and each kept node's mask is the grammar's
+    after its path."""
+    vocab = len(tok)
+    state = GrammarState(Constraint.regex("abcde|abdxe"), tok, vocab, {0})
+    ids = {s: tok(s, add_special_tokens=False)["input_ids"] for s in ("a", "b", "c", "d", "x", "e", "z")}
+    assert all(len(v) == 1 for v in ids.values()), ids  # single-character tokens in the tiny vocabulary
+    a, b, c, d, x, e, z = (ids[s][0] for s in ("a", "b", "c", "d", "x", "e", "z"))
+    # root (the last prompt token) -> z (illegal, with a child), a -> b -> c
+    tree = DraftTree([9, z, e, a, b, c], [-1, 0, 1, 0, 3, 4])
+    shaped, masks = state.shape(tree, max_depth=8)
+    paths = {tuple(shaped.tokens[i] for i in shaped.path_to(n)[1:]) for n in range(1, len(shaped))}
+    assert (z,) not in paths and (z, e) not in paths
+    de = tuple(tok("de", add_special_tokens=False)["input_ids"])  # the forced text, as the tokenizer cuts it
+    assert (a, b, c) in paths and (a, b, c, *de) in paths  # the drafted path, then the forced "de" under it
+    for node in range(len(shaped)):
+        path = [shaped.tokens[i] for i in shaped.path_to(node)[1:]]
+        check = GrammarState(Constraint.regex("abcde|abdxe"), tok, vocab, {0})
+        check.advance(path)
+        assert torch.equal(masks[node], check.committed_mask()[0]), (node, path)
+    state.advance([a, b, c, *de], shaped.follow([a, b, c, *de]))
+    # the grammar forces "ab" from the start too (both alternatives begin so: the drafter's a and b are its
+    # forced chain as well), and "de" after c; c was the drafter's alone
+    assert state.forced_tokens == 2 + len(de)
+
+
+def test_cli_constraint_flags_and_their_errors(tmp_path, capsys):
+    from specdec.cli import main
+
+    model_dir = tiny.save(tmp_path / "m")
+    base = ["generate", "x = ", "--model", str(model_dir), "--max-new-tokens", "12", "--json"]
+    assert main([*base, "--choice", "yes", "--choice", "no"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert tok_text(out) in ("yes", "no") or out["stats"]["finish_reason"] == "length"
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(SCHEMA))
+    assert main([*base, "--json-schema", str(schema)]) == 0
+    capsys.readouterr()
+    for flags, says in (
+        (["--regex", "(ab"], "invalid regex"),
+        (["--json-schema", str(tmp_path / "missing.json")], "no such file"),
+        (["--grammar", str(tmp_path / "missing.lark")], "no such file"),
+        (["--regex", "a", "--choice", "b"], "not allowed with"),
+    ):
+        code = main([*base, *flags]) if "not allowed" not in says else _exit_code(main, [*base, *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+def tok_text(out: dict) -> str:
+    return out["text"]
+
+
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own refusals exit
+        return int(e.code or 0)
