@@ -987,3 +987,46 @@ def test_bad_structured_requests_are_400_in_one_line(server, extra, param):
     r = httpx.post(f"{server.base_url}/v1/chat/completions", json=body, headers=AUTH, timeout=TIMEOUT)
     error = assert_error(r, 400, param)
     assert "\n" not in error["message"]
+
+
+def _metrics(server) -> dict:
+    """{(name, labels as a sorted tuple): value} from /metrics, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{server.base_url}/metrics", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_add_up_to_the_responses(server, client):
+    before = _metrics(server)
+    replies = [
+        client.completions.create(
+            model="tiny", prompt=p, max_tokens=12, temperature=0, extra_body={"specdec_method": m}
+        )
+        for p, m in zip(PROMPTS, ["pld", "pld", "vanilla", "pld"], strict=True)
+    ]
+    after = _metrics(server)
+
+    def grew(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("specdec_requests_total", outcome="completed") == len(replies)
+    assert grew("specdec_generation_tokens_total") == sum(r.usage.completion_tokens for r in replies)
+    assert grew("specdec_prompt_tokens_total") == sum(r.usage.prompt_tokens for r in replies)
+    for method in ("pld", "vanilla"):
+        mine = [r for r in replies if r.model_extra["specdec"]["method"] == method]
+        forwards = sum(r.model_extra["specdec"]["target_forwards"] for r in mine)
+        assert grew("specdec_target_forwards_total", method=method) == forwards
+        accepted = sum(r.usage.completion_tokens - r.model_extra["specdec"]["target_forwards"] for r in mine)
+        assert grew("specdec_accepted_draft_tokens_total", method=method) == accepted
+        assert grew("specdec_tau_count", method=method) == len(mine)
+    assert grew("specdec_time_to_first_token_seconds_count") == len(replies)
+    assert grew("specdec_queue_seconds_count") == len(replies)
+    assert ("specdec_running", ()) in after and ("specdec_queued", ()) in after
+    assert all(r.model_extra["specdec"]["cached_prompt_tokens"] == 0 for r in replies)

@@ -163,6 +163,13 @@ def _add_model_routes(app: FastAPI, served: _Served) -> None:
     async def health() -> dict:
         return {"status": "ok", "model": served.model_name, **served.worker.snapshot()}
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus' text format (specdec.server.metrics); like /health, open to scrapers without the key."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(served.worker.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
         served.authorize(request)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from specdec.api import SpecDecoder, sampling_params
 from specdec.errors import ContextLengthError, InputError
 from specdec.server.errors import APIError
+from specdec.server.metrics import Metrics
 
 log = logging.getLogger("specdec.server")
 
@@ -95,6 +96,7 @@ class Live:
         self.batch = None  # the `specdec.batch.Batch` it runs in, if any
         self.member = None  # its row there (`specdec.batch.Member`)
         self.steps: Generator | None = None  # its own generator otherwise (`Engine.run`)
+        self.first_token: float | None = None  # when its first token was emitted (perf_counter)
 
 
 @dataclass
@@ -134,6 +136,9 @@ class EngineWorker:
         self._stopping = False
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
         self.peak = 0  # most generations live at once so far
+        self.metrics = Metrics(
+            running=lambda: len(self._live), queued=lambda: max(0, len(self._jobs) - len(self._live))
+        )
         if own_thread:
             threading.Thread(target=self._loop, name="specdec-engine", daemon=True).start()
 
@@ -206,6 +211,7 @@ class EngineWorker:
             if live.job.cancelled.is_set():
                 self._end(live, "cancelled")
         for batch in [b for b in batches.by_decoder.values() if b is not None and b.members]:
+            self.metrics.batch.observe(len(batch.members))
             concerned = [x for x in self._live if x.batch is batch]
             self._guarded(lambda batch=batch: self._route(batch.step()), concerned)
         for live in [x for x in self._live if x.steps is not None]:
@@ -215,6 +221,7 @@ class EngineWorker:
         """Validate and prefill a job (joining a batch where its decoder can batch); a job that cannot run
         ends here, failed."""
         queue_seconds = time.perf_counter() - job.submitted
+        self.metrics.queue.observe(queue_seconds)
         if job.cancelled.is_set():
             self._finish_job(job, "cancelled")
             return
@@ -277,6 +284,9 @@ class EngineWorker:
             if not live.started:  # the first forward went through: the request is valid, the response starts
                 live.started = True
                 job.emit(Started(live.prompt_tokens))
+            if step.token_ids and live.first_token is None:
+                live.first_token = time.perf_counter()
+                self.metrics.ttft.observe(live.first_token - job.submitted)
             if step.text:
                 job.emit(Delta(step.text))
             if step.result is not None:
@@ -286,6 +296,8 @@ class EngineWorker:
 
     def _finished(self, live: Live, result) -> Finished:
         stats = result.stats
+        since = time.perf_counter() - live.first_token if live.first_token is not None else 0.0
+        self.metrics.completed(live.job.method, stats, live.prompt_tokens, 0, live.first_token, since)
         extension = {
             "method": live.job.method,
             "mean_accepted_tokens": stats.mean_accepted_tokens,
@@ -293,6 +305,8 @@ class EngineWorker:
             "new_tokens": stats.new_tokens,
             "draft_nodes": stats.draft_nodes,
             "acceptance_by_depth": stats.acceptance_by_depth,
+            "forced_tokens": stats.forced_tokens,
+            "cached_prompt_tokens": 0,
             "finish_reason": stats.finish_reason,
             "wall_seconds": stats.wall_seconds,
             "tokens_per_second": stats.tokens_per_second,
@@ -333,3 +347,4 @@ class EngineWorker:
         with self._lock:
             self._jobs.discard(job)
             self.counts[outcome] += 1
+        self.metrics.requests.labels(outcome).inc()
