@@ -44,6 +44,7 @@ LAYERS: dict[str, str] = {
     "test_medusa": "integration",
     "test_model_classes": "integration",
     "test_native": "integration",
+    "test_prefix_cache": "integration",
     "test_sampling": "integration",
     "test_scale": "integration",
     "test_shipped": "integration",

@@ -196,11 +196,12 @@ class BatchRows:
             last.row = slot.row
             self.slots[slot.row] = last
 
-    def prefill(self, slot: Slot, token_ids: list[int]) -> None:
-        """The row's prompt, run alone (a one-row forward into a scratch cache), then copied into its row."""
+    def prefill(self, slot: Slot, token_ids: list[int]) -> int:
+        """The row's prompt, run alone (a one-row forward into a scratch cache: past what the prefix cache
+        holds of it), then copied into its row; returns the prompt tokens the prefix cache gave."""
         if not token_ids:
             self.cache.lengths[slot.row] = 0
-            return
+            return 0
         single = NativeRunner(self.native)
         single.reset(len(token_ids))
         single.prefill(token_ids)
@@ -210,6 +211,15 @@ class BatchRows:
         self.cache.k[:, slot.row, :, :n] = single.cache.k[:, 0, :, :n]
         self.cache.v[:, slot.row, :, :n] = single.cache.v[:, 0, :, :n]
         self.cache.lengths[slot.row] = n
+        return single.cached_tokens
+
+    def keep_prefix(self, slot: Slot, tokens: list[int]) -> None:
+        """A row's generation ended: its committed tokens' entries go to the prefix cache, if there is one."""
+        prefix = self.native.prefix_cache
+        if prefix is not None:
+            prefix.store(
+                tokens[: self.cache.lengths[slot.row]], self.cache.k[:, slot.row], self.cache.v[:, slot.row]
+            )
 
     def score(self, trees: Sequence[DraftTree]) -> list[torch.Tensor]:
         """One forward over the trees of rows 0..B-1 (in that order): logits [len(tree), V] per row."""
@@ -244,6 +254,8 @@ class RowTarget:
         self, rows: BatchRows, slot: Slot, runtime: RuntimeChoice, budget: BatchBudget | None = None
     ) -> None:
         self.rows, self.slot = rows, slot
+        self.tokens: list[int] = []  # the row's committed tokens (for the prefix cache)
+        self.cached_tokens = 0
         self.runtime = runtime  # the batch's (native), which may not be the engine's solo runtime
         # the step as this row's drafter sees it when sizing its tree (`Request.batch`)
         self.budget = RowBudget(rows, slot, budget) if budget is not None else None
@@ -256,7 +268,8 @@ class RowTarget:
         self.rows.cache.reserve(positions + slack)
 
     def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
-        self.rows.prefill(self.slot, token_ids)
+        self.cached_tokens = self.rows.prefill(self.slot, token_ids)
+        self.tokens = list(token_ids)
         return Scores(torch.empty(0), {})
 
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
@@ -264,6 +277,11 @@ class RowTarget:
 
     def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         self.rows.cache.keep(scores.start, accepted_nodes, self.slot.row)
+        if scores.tree is not None:
+            self.tokens += [scores.tree.tokens[i] for i in accepted_nodes]
+
+    def keep_prefix(self) -> None:
+        self.rows.keep_prefix(self.slot, self.tokens)
 
     def free(self) -> None:
         pass  # the batch frees the row when the generation ends

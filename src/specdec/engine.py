@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # specdec.batch builds on this module
 @dataclass
 class Stats:
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # of those, restored from the prefix cache (not prefilled again)
     new_tokens: int = 0
     target_forwards: int = 0  # tree forwards, each emitting >= 1 token (the prefill is not counted)
     mean_accepted_tokens: float = 0.0  # tau = new_tokens / target_forwards (vanilla decoding: 1.0)
@@ -284,6 +285,7 @@ class Decoding:
         t0 = time.perf_counter()
         self.target.reset(len(self.context) + self.params.max_new_tokens, slack=64)
         prefill = self.target.prefill(self.context[:-1], self.layers)
+        self.stats.cached_prompt_tokens = self.target.cached_tokens
         self.stats.verify_seconds += time.perf_counter() - t0
         self.drafter.prefilled(self.state, prefill.hidden)
 
@@ -344,6 +346,7 @@ class Decoding:
         return Step(text, emitted, stats, result)
 
     def close(self) -> None:
+        self.target.keep_prefix()
         self.target.free()
         self.drafter.release(self.state)
 

@@ -40,6 +40,7 @@ class Runtime(Protocol):
 
     name: str
     forwards: int  # forwards since `reset`
+    cached_tokens: int  # prompt tokens the last `prefill` restored from a prefix cache (0: none, or no cache)
 
     @property
     def length(self) -> int: ...  # committed positions in the cache
@@ -73,6 +74,11 @@ class Runtime(Protocol):
 
     def crop(self, length: int) -> None:
         """Drop every cache entry from position `length` on."""
+        ...
+
+    def keep_prefix(self) -> None:
+        """The generation ended: offer its committed tokens' cache entries to the prefix cache, if any
+        (`specdec.runtime.prefix`; a no-op for a runtime without one)."""
         ...
 
     def free(self) -> None: ...

@@ -53,6 +53,7 @@ class ModelRunner:
         self.cache: KVCache | None = None
         self.cache_keyword = cache_keyword(model)
         self.forwards = 0
+        self.cached_tokens = 0  # no prefix cache here
 
     @property
     def max_positions(self) -> int | None:
@@ -104,6 +105,9 @@ class ModelRunner:
 
     def crop(self, length: int) -> None:
         self._cache().crop(length)
+
+    def keep_prefix(self) -> None:
+        """No prefix cache on this runtime (`specdec.runtime.prefix` serves the native one)."""
 
     def free(self) -> None:
         self.cache = None

@@ -273,6 +273,7 @@ class LlamaCppRunner:
         self.batch = None
         self.length = 0
         self.forwards = 0
+        self.cached_tokens = 0  # no prefix cache here
 
     @property
     def max_positions(self) -> int:
@@ -460,6 +461,9 @@ class LlamaCppRunner:
             self.length += len(chunk)
         self.forwards += 1
         return torch.cat(out)
+
+    def keep_prefix(self) -> None:
+        """No prefix cache on this runtime (`specdec.runtime.prefix` serves the native one)."""
 
     def free(self) -> None:
         if self.ctx is not None:

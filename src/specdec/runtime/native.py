@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from specdec.models.support import check_layer_types
 from specdec.runtime.base import Scores
 from specdec.runtime.kernels import PACKED_ROWS, faster_kernel, prepack, product
+from specdec.runtime.prefix import PrefixCache
 from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -213,6 +214,8 @@ class NativeModel:
         self.lm_head = model.lm_head.weight  # [V, H] (tied to `embed` or not: the GGUF export asks)
         self.lm_head_t = self.lm_head.detach().T.contiguous()  # [H, V]
         self.lm_head_packed = prepack(self.lm_head_t)
+        # committed prefixes shared by the generations on these weights (`specdec.runtime.prefix`; None: off)
+        self.prefix_cache: PrefixCache | None = None
         rotary = decoder.rotary_emb
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
@@ -503,6 +506,8 @@ class NativeRunner:
         self.native = native
         self.cache: NativeCache | None = None
         self.forwards = 0
+        self.tokens: list[int] = []  # the committed tokens, as the cache holds them (for the prefix cache)
+        self.cached_tokens = 0  # of the prompt, restored from the prefix cache
 
     @property
     def max_positions(self) -> int | None:
@@ -518,6 +523,7 @@ class NativeRunner:
         check_layer_types(self.native.model, positions)
         self.cache = self.native.new_cache(positions + slack)
         self.forwards = 0
+        self.tokens, self.cached_tokens = [], 0
 
     def _run(self, token_ids: list[int], positions=None, mask=None, layers=(), logits="all") -> Scores:
         cache = self.cache
@@ -535,7 +541,13 @@ class NativeRunner:
         """Run the tokens causally into the cache; only the requested hidden states are computed fully."""
         if not token_ids:
             return Scores(torch.empty(0), {})
-        return self._run(token_ids, layers=layers, logits="last")
+        prefix, cache = self.native.prefix_cache, self.cache
+        if prefix is not None and not layers and cache is not None and cache.length == 0:
+            # the longest cached prefix, short of the last token (whose logits the caller reads)
+            restored = prefix.restore(token_ids, cache.k[:, 0], cache.v[:, 0], len(token_ids) - 1)
+            cache.length = self.cached_tokens = restored
+        self.tokens = list(token_ids)
+        return self._run(token_ids[self.cached_tokens :], layers=layers, logits="last")
 
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
         """One forward over the tree nodes after the committed cache; logits [N, V], row i for node i."""
@@ -552,10 +564,19 @@ class NativeRunner:
     def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         assert self.cache is not None, "commit() follows score()"
         self.cache.keep(scores.start, accepted_nodes)
+        if scores.tree is not None:
+            self.tokens += [scores.tree.tokens[i] for i in accepted_nodes]
 
     def crop(self, length: int) -> None:
         assert self.cache is not None, "reset() or start() comes first"
         self.cache.crop(length)
+        del self.tokens[length:]
+
+    def keep_prefix(self) -> None:
+        """Offer the committed sequence to the prefix cache (a generation ended)."""
+        prefix, cache = self.native.prefix_cache, self.cache
+        if prefix is not None and cache is not None:
+            prefix.store(self.tokens[: cache.length], cache.k[:, 0], cache.v[:, 0])
 
     def free(self) -> None:
         self.cache = None

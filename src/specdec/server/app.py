@@ -71,10 +71,13 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     engine_thread: bool = True,
+    prefix_cache_mb: float = 0.0,
 ) -> FastAPI:
     """`decoders`: one SpecDecoder, or method name -> SpecDecoder (all over the same target model).
     `engine_thread`: the engine loop runs on a thread of its own; False: the caller runs
-    `app.state.worker.run()` (`specdec serve` does, on the thread that loaded the models)."""
+    `app.state.worker.run()` (`specdec serve` does, on the thread that loaded the models).
+    `prefix_cache_mb`: committed prefixes kept across requests on the native runtime within this budget
+    (`specdec.runtime.prefix`; 0: none)."""
     check_api_key(api_key)
     if isinstance(decoders, SpecDecoder):
         decoders = {decoders.drafter.name: decoders}
@@ -86,6 +89,11 @@ def create_app(
         raise InputError(f"default method {default_method!r} is not among the loaded: {', '.join(decoders)}")
     limits = limits or Limits()
     worker = EngineWorker(limits.max_queued, limits.max_batch, own_thread=engine_thread)
+    if prefix_cache_mb > 0:
+        from specdec.runtime.prefix import attach
+
+        models = {id(d.model): d.model for d in decoders.values() if isinstance(d, SpecDecoder)}
+        worker.metrics.watch([c for c in (attach(m, prefix_cache_mb) for m in models.values()) if c])
     served = _Served(decoders, model_name, default_method, api_key, limits, worker, int(time.time()))
 
     @asynccontextmanager

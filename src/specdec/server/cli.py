@@ -26,6 +26,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of megabytes (got {text})")
+    return value
+
+
 def register(subparsers) -> None:
     from specdec.drafters import methods
 
@@ -80,6 +90,15 @@ def register(subparsers) -> None:
         help="generations that advance together: each step scores all of a method's live generations in one "
         "forward where it can (native runtime, methods reading no hidden states; others step one by one); "
         "1 = one at a time (default: 8)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=_megabytes,
+        default=512.0,
+        metavar="MB",
+        help="keep requests' committed prefixes (keys and values, in blocks of 16 tokens) across requests, "
+        "least recently used dropped first beyond this budget: a prompt that starts as an earlier one did is "
+        "prefilled only past it (native runtime; 0 = off; default: 512)",
     )
     p.add_argument(
         "--timeout-request-start",
@@ -253,6 +272,7 @@ def build_server(args: argparse.Namespace, engine_thread: bool = True):
         api_key=args.api_key,
         limits=limits,
         engine_thread=engine_thread,
+        prefix_cache_mb=args.prefix_cache_mb,
     )
     config = uvicorn_config(
         app,

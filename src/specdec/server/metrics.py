@@ -70,6 +70,17 @@ class Metrics:
         )
         Gauge("specdec_running", "Generations running", registry=r).set_function(running)
         Gauge("specdec_queued", "Requests waiting to start", registry=r).set_function(queued)
+        self.caches: list = []  # the prefix caches of the served models (`watch`)
+        Gauge("specdec_prefix_cache_bytes", "Prefix cache size", registry=r).set_function(
+            lambda: sum(c.bytes for c in self.caches)
+        )
+        Gauge("specdec_prefix_cache_hit_ratio", "Looked-up prompt tokens found", registry=r).set_function(
+            lambda: sum(c.hit for c in self.caches) / max(1, sum(c.looked_up for c in self.caches))
+        )
+
+    def watch(self, caches: list) -> None:
+        """Report these prefix caches (`specdec.runtime.prefix.PrefixCache`) in the gauges."""
+        self.caches = list(caches)
 
     def completed(
         self,

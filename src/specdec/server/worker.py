@@ -297,7 +297,9 @@ class EngineWorker:
     def _finished(self, live: Live, result) -> Finished:
         stats = result.stats
         since = time.perf_counter() - live.first_token if live.first_token is not None else 0.0
-        self.metrics.completed(live.job.method, stats, live.prompt_tokens, 0, live.first_token, since)
+        self.metrics.completed(
+            live.job.method, stats, live.prompt_tokens, stats.cached_prompt_tokens, live.first_token, since
+        )
         extension = {
             "method": live.job.method,
             "mean_accepted_tokens": stats.mean_accepted_tokens,
@@ -306,7 +308,7 @@ class EngineWorker:
             "draft_nodes": stats.draft_nodes,
             "acceptance_by_depth": stats.acceptance_by_depth,
             "forced_tokens": stats.forced_tokens,
-            "cached_prompt_tokens": 0,
+            "cached_prompt_tokens": stats.cached_prompt_tokens,
             "finish_reason": stats.finish_reason,
             "wall_seconds": stats.wall_seconds,
             "tokens_per_second": stats.tokens_per_second,
