@@ -105,7 +105,8 @@ def server(chat_dir):
     decoders = load_decoders(str(chat_dir), None, ["pld", "vanilla"], "float32")
     pld = decoders["pld"]
     decoders["gated"] = SpecDecoder(pld.model, pld.tokenizer, GatedDrafter())
-    app = create_app(decoders, model_name="tiny", api_key=KEY, limits=LIMITS)
+    # with a prefix cache: every response below is also checked against a fresh, uncached decoder's (`ref`)
+    app = create_app(decoders, model_name="tiny", api_key=KEY, limits=LIMITS, prefix_cache_mb=4)
     # the server's own settings (deadlines on receiving requests), with deadlines no test comes near
     config = uvicorn_config(
         app, log_level="warning", request_start=TIMEOUT, request_complete=TIMEOUT, keep_alive=TIMEOUT
@@ -517,6 +518,13 @@ def test_serve_timeouts_are_positive_seconds(capsys, option, value):
     assert main(["serve", "--model", "/nonexistent/model", option, value]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"specdec: error: argument {option}:"), err
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "lots"])
+def test_prefix_cache_budget_is_megabytes(capsys, value):
+    assert main(["serve", "--model", "/nonexistent/model", "--prefix-cache-mb", value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --prefix-cache-mb" in err, err
 
 
 @pytest.mark.slow
@@ -1029,4 +1037,19 @@ def test_metrics_add_up_to_the_responses(server, client):
     assert grew("specdec_time_to_first_token_seconds_count") == len(replies)
     assert grew("specdec_queue_seconds_count") == len(replies)
     assert ("specdec_running", ()) in after and ("specdec_queued", ()) in after
-    assert all(r.model_extra["specdec"]["cached_prompt_tokens"] == 0 for r in replies)
+    cached = sum(r.model_extra["specdec"]["cached_prompt_tokens"] for r in replies)
+    assert grew("specdec_cached_prompt_tokens_total") == cached
+    assert ("specdec_prefix_cache_bytes", ()) in after and ("specdec_prefix_cache_hit_ratio", ()) in after
+
+
+def test_a_repeated_history_is_served_from_the_prefix_cache_and_answers_as_before(client, ref):
+    history = [{"role": "user", "content": PROMPTS[2] * 6}]
+    kwargs = {"model": "tiny", "max_tokens": 12, "temperature": 0, "extra_body": {"specdec_method": "pld"}}
+    first = client.chat.completions.create(messages=history, **kwargs)
+    turn = history + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "again"},
+    ]
+    second = client.chat.completions.create(messages=turn, **kwargs)
+    assert second.model_extra["specdec"]["cached_prompt_tokens"] >= 16
+    assert second.choices[0].message.content == solo(ref, "pld", turn, max_new_tokens=12).text
