@@ -521,19 +521,29 @@ def test_bench_serve_drives_real_servers(capsys, dirs, tmp_path):
         "--concurrency",
         "1,2",
     ]
-    argv += ["--requests", 3, "--max-tokens", 6, "--configs", "speculative,one-at-a-time,hf-batched"]
+    configs = ("speculative", "speculative-nocache", "one-at-a-time", "hf-batched")
+    workloads = ("present", "shared-prefix", "multi-turn")
+    argv += ["--requests", 3, "--max-tokens", 6, "--configs", ",".join(configs)]
+    argv += ["--workloads", ",".join(workloads), "--shared-prefix-chars", 300]
     code = main([str(a) for a in [*argv, "--json", out, "--threads", 1]])
     stdout, err = capsys.readouterr()
     assert code == 0, err
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["config"], r["concurrency"]) for r in rows] == [
-        (c, n) for c in ("speculative", "one-at-a-time", "hf-batched") for n in (1, 2)
+    assert [(r["workload"], r["config"], r["concurrency"]) for r in rows] == [
+        (w, c, n) for w in workloads for c in configs for n in (1, 2)
     ]
     for r in rows:
-        assert r["requests"] == 4  # the same requests at every N: at least 2 x the largest N
+        assert r["requests"] == 4  # the same requests at every N: at least 2 x the largest N (1 x 4 turns)
         assert r["tokens"] > 0 and r["tokens_per_second"] > 0 and r["latency_p95"] >= r["latency_p50"] > 0
         if r["config"] != "hf-batched":  # transformers' float32 batch may differ at a float near-tie
-            assert r["mismatches"] == 0 and r["ttft_p50"] is not None
+            assert r["mismatches"] == 0 and r["ttft_p50"] is not None and r["tpot_p50"] is not None
+        if r["config"] == "speculative-nocache" or r["workload"] == "present":
+            assert r["cached_share"] == 0  # no cache, or nothing shared
+        elif r["config"] != "hf-batched":
+            assert r["cached_share"] > 0
+        assert (r["later_turn_ttft_p50"] is not None) == (
+            r["workload"] == "multi-turn" and r["config"] != "hf-batched"
+        )
     assert "speculative" in stdout and "hf-batched" in stdout
 
 

@@ -99,3 +99,21 @@ def test_the_trie_keeps_whole_blocks_and_drops_least_recent_leaves_first():
     assert cache.restore(a, out, out.clone(), limit=40) == 2 * BLOCK
     assert torch.equal(out[:, :, : 2 * BLOCK], k[:, :, : 2 * BLOCK])
     assert cache.restore(a, out, out.clone(), limit=20) == BLOCK  # never past the limit
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pld"])
+def test_llamacpp_contexts_keep_their_cells_for_a_prompt_that_starts_the_same(tok, method):
+    """On llama.cpp a pooled context keeps its last generation's cells: the next prompt that starts the same
+    is prefilled past them, and decodes as a fresh context would."""
+    pytest.importorskip("llama_cpp")
+    model = tiny.model("llama", seed=2, dtype=torch.float32)
+    dec = SpecDecoder(model, tok, method, runtime="llamacpp")
+    attach(model, 64)
+    first = dec.generate(SHARED + [7, 8], max_new_tokens=12)
+    assert first.stats.cached_prompt_tokens == 0
+    for tail in ([7, 8], [9], first.token_ids + [5]):
+        got = dec.generate(SHARED + tail, max_new_tokens=12)
+        assert got.stats.cached_prompt_tokens >= len(SHARED) - 1  # all but what the prefill must run
+        copy = tiny.model("llama", seed=2, dtype=torch.float32)
+        want = SpecDecoder(copy, tok, method, runtime="llamacpp").generate(SHARED + tail, max_new_tokens=12)
+        assert got.token_ids == want.token_ids

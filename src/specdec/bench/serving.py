@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import specdec.checks as checks
+from specdec.bench.serving_workloads import WORKLOADS, Conversation, build
 from specdec.cliargs import (
     add_model_argument,
     add_report_arguments,
@@ -34,7 +35,11 @@ from specdec.errors import InputError
 
 # name -> (serve arguments, what it shows)
 CONFIGS: dict[str, tuple[list[str], str]] = {
-    "speculative": (["--method", "auto"], "auto, batched (--max-batch = the largest N)"),
+    "speculative": (["--method", "auto"], "auto, batched (--max-batch = the largest N), prefix cache on"),
+    "speculative-nocache": (
+        ["--method", "auto", "--prefix-cache-mb", "0"],
+        "the same without the prefix cache",
+    ),
     "plain-batched": (["--method", "vanilla", "--runtime", "native"], "no drafting, batched"),
     "one-at-a-time": (["--method", "auto", "--max-batch", "1"], "auto, one generation at a time"),
 }
@@ -49,10 +54,21 @@ class Request:
     first_chunk: float | None = None
     tokens: int = 0
     text: str = ""
+    turn: int = 0  # of its conversation (0: the first)
+    cached: int = 0  # prompt tokens the server's prefix cache gave
+    prompt_tokens: int = 0
+
+    @property
+    def per_token(self) -> float | None:
+        """Seconds per token after the first (None: a reply of one token, or no text seen)."""
+        if self.first_chunk is None or self.tokens < 2:
+            return None
+        return (self.latency - self.first_chunk) / (self.tokens - 1)
 
 
 @dataclass
 class Row:
+    workload: str
     config: str
     concurrency: int
     requests: int
@@ -64,6 +80,13 @@ class Row:
     ttft_p50: float | None
     ttft_p95: float | None
     mismatches: int | None  # None: no one-at-a-time answers to check against (that config did not run)
+    ttft_p90: float | None = None
+    ttft_p99: float | None = None
+    tpot_p50: float | None = None
+    tpot_p90: float | None = None
+    tpot_p99: float | None = None
+    later_turn_ttft_p50: float | None = None  # multi-turn: the 2nd and later turns' time to first text
+    cached_share: float = 0.0  # prompt tokens served from the prefix cache, of all prompt tokens
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -120,6 +143,9 @@ def _stream_one(client, url: str, request: Request, max_tokens: int) -> None:
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 request.tokens = chunk["usage"]["completion_tokens"]
+                request.prompt_tokens = chunk["usage"]["prompt_tokens"]
+            if chunk.get("specdec"):
+                request.cached = chunk["specdec"].get("cached_prompt_tokens", 0)
             for choice in chunk.get("choices") or []:
                 if choice.get("text"):
                     if request.first_chunk is None:
@@ -129,26 +155,35 @@ def _stream_one(client, url: str, request: Request, max_tokens: int) -> None:
     request.text = "".join(parts)
 
 
-def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tuple[list[Request], float]:
-    """Send every prompt once, `concurrency` at a time; returns the requests (in prompt order) and the wall
-    time from the first send to the last answer."""
+def drive(
+    url: str, conversations: list[Conversation], concurrency: int, max_tokens: int
+) -> tuple[list[Request], float]:
+    """Run every conversation once (its turns in order, each resending the history and the server's answers),
+    `concurrency` clients at a time; returns the requests (by conversation, then turn) and the wall time from
+    the first send to the last answer."""
     import httpx
 
-    requests = [Request(p) for p in prompts]
-    todo: queue.Queue[Request] = queue.Queue()
-    for r in requests:
-        todo.put(r)
+    done: list[list[Request]] = [[] for _ in conversations]
+    todo: queue.Queue[int] = queue.Queue()
+    for c in range(len(conversations)):
+        todo.put(c)
     errors: list[BaseException] = []
 
     def client_thread() -> None:
         with httpx.Client(timeout=600) as client:
             while True:
                 try:
-                    r = todo.get_nowait()
+                    c = todo.get_nowait()
                 except queue.Empty:
                     return
                 try:
-                    _stream_one(client, url, r, max_tokens)
+                    prompt = conversations[c].opening
+                    for turn, follow_up in enumerate(["", *conversations[c].follow_ups]):
+                        if turn:
+                            prompt = prompt + done[c][-1].text + follow_up
+                        request = Request(prompt, turn=turn)
+                        _stream_one(client, url, request, max_tokens)
+                        done[c].append(request)
                 except BaseException as e:  # noqa: BLE001 - reported once all threads stopped
                     errors.append(e)
                     return
@@ -162,7 +197,7 @@ def drive(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> tu
     seconds = time.perf_counter() - start
     if errors:
         raise InputError(f"a client failed: {errors[0]}")
-    return requests, seconds
+    return [r for turns in done for r in turns], seconds
 
 
 def hf_batched(model, tokenizer, prompts: list[str], concurrency: int, max_tokens: int):
@@ -201,16 +236,25 @@ def hf_batched(model, tokenizer, prompts: list[str], concurrency: int, max_token
     return requests, total
 
 
-def summarize(config: str, n: int, requests: list[Request], seconds: float, reference: dict) -> Row:
+def summarize(
+    workload: str, config: str, n: int, requests: list[Request], seconds: float, reference: dict
+) -> Row:
     tokens = sum(r.tokens for r in requests)
     latencies = [r.latency for r in requests]
     firsts = [r.first_chunk for r in requests if r.first_chunk is not None]
+    later = [r.first_chunk for r in requests if r.first_chunk is not None and r.turn > 0]
+    per_token = [t for t in (r.per_token for r in requests) if t is not None]
     mismatches = (
         sum(1 for r in requests if r.prompt in reference and r.text != reference[r.prompt])
         if reference
         else None
     )
+
+    def q(values: list[float], at: float, digits: int = 3) -> float | None:
+        return round(_quantile(values, at), digits) if values else None
+
     return Row(
+        workload,
         config,
         n,
         len(requests),
@@ -219,22 +263,36 @@ def summarize(config: str, n: int, requests: list[Request], seconds: float, refe
         round(tokens / seconds, 1),
         round(_quantile(latencies, 0.5), 3),
         round(_quantile(latencies, 0.95), 3),
-        round(_quantile(firsts, 0.5), 3) if firsts else None,
-        round(_quantile(firsts, 0.95), 3) if firsts else None,
+        q(firsts, 0.5),
+        q(firsts, 0.95),
         mismatches,
+        ttft_p90=q(firsts, 0.9),
+        ttft_p99=q(firsts, 0.99),
+        tpot_p50=q(per_token, 0.5, 4),
+        tpot_p90=q(per_token, 0.9, 4),
+        tpot_p99=q(per_token, 0.99, 4),
+        later_turn_ttft_p50=q(later, 0.5),
+        cached_share=round(
+            sum(r.cached for r in requests) / max(1, sum(r.prompt_tokens for r in requests)), 3
+        ),
     )
 
 
 def table(rows: list[Row]) -> str:
+    def f(x, width: int, digits: int = 3) -> str:
+        return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
+
     lines = [
-        f"{'config':<14} {'N':>3} {'req':>4} {'tok/s':>7} {'lat p50':>8} {'lat p95':>8} {'ttft p50':>9} "
-        f"{'ttft p95':>9} {'mismatch':>8}"
+        f"{'workload':<13} {'config':<19} {'N':>3} {'req':>4} {'tok/s':>7} {'lat p50':>8} {'ttft p50':>9} "
+        f"{'ttft p90':>9} {'ttft p99':>9} {'tpot p50':>9} {'tpot p90':>9} {'tpot p99':>9} {'turn2+ ttft':>11} "
+        f"{'cached':>6} {'mismatch':>8}"
     ]
     for r in rows:
-        ttft = f"{r.ttft_p50:>9.3f} {r.ttft_p95:>9.3f}" if r.ttft_p50 is not None else f"{'-':>9} {'-':>9}"
         lines.append(
-            f"{r.config:<14} {r.concurrency:>3} {r.requests:>4} {r.tokens_per_second:>7.1f} "
-            f"{r.latency_p50:>8.3f} {r.latency_p95:>8.3f} {ttft} {'-' if r.mismatches is None else r.mismatches:>8}"
+            f"{r.workload:<13} {r.config:<19} {r.concurrency:>3} {r.requests:>4} {r.tokens_per_second:>7.1f} "
+            f"{r.latency_p50:>8.3f} {f(r.ttft_p50, 9)} {f(r.ttft_p90, 9)} {f(r.ttft_p99, 9)} "
+            f"{f(r.tpot_p50, 9, 4)} {f(r.tpot_p90, 9, 4)} {f(r.tpot_p99, 9, 4)} {f(r.later_turn_ttft_p50, 11)} "
+            f"{r.cached_share * 100:>5.0f}% {'-' if r.mismatches is None else r.mismatches:>8}"
         )
     return "\n".join(lines)
 
@@ -246,9 +304,11 @@ def plot(rows: list[Row], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for config in dict.fromkeys(r.config for r in rows):
-        points = [(r.concurrency, r.tokens_per_second) for r in rows if r.config == config]
-        ax.plot(*zip(*points, strict=True), marker="o", label=config)
+    for workload, config in dict.fromkeys((r.workload, r.config) for r in rows):
+        points = [
+            (r.concurrency, r.tokens_per_second) for r in rows if (r.workload, r.config) == (workload, config)
+        ]
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"{workload}: {config}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients (N)")
     ax.set_ylabel("total completion tokens / s")
@@ -298,6 +358,19 @@ def register(subparsers) -> None:
         help="requests sent at every N, the same prompts for each (at least 2 x the largest N; default 32)",
     )
     p.add_argument("--max-tokens", type=int, default=96, help="max_tokens of every request (default 96)")
+    p.add_argument(
+        "--workloads",
+        default="present",
+        help=f"comma-separated, from: {', '.join(WORKLOADS)} (present: independent completions; shared-prefix: "
+        "one ~1,000-token text before every request's question; multi-turn: conversations resending their "
+        "history; default: present)",
+    )
+    p.add_argument(
+        "--shared-prefix-chars",
+        type=int,
+        default=4000,
+        help="characters of the shared-prefix workload's common text (default 4000: ~1,000 tokens)",
+    )
     add_threads_argument(p, help="torch threads of the servers and transformers")
     add_report_arguments(p, "write every row and the settings", "throughput against N")
     p.set_defaults(func=run)
@@ -316,11 +389,13 @@ def _positive_list(text: str, what: str) -> list[int]:
 def run(args) -> int:
     import tempfile
 
-    concurrency, configs = check_settings(args)
+    concurrency, configs, workloads = check_settings(args)
     pool = prompt_pool(args)
-    largest = max(concurrency)
-    # the same requests at every N (rows compare across N), at least two per client at the largest N
-    prompts = [pool[i % len(pool)] for i in range(max(args.requests, 2 * largest))]
+    # the same requests at every N (rows compare across N), at least two per client at the largest N; texts
+    # tagged by workload and N alike in every config, so answers compare prompt by prompt
+    count = max(args.requests, 2 * max(concurrency))
+    shared = shared_text(args.shared_prefix_chars)
+    plans = {(w, n): build(w, pool, shared, count, f"{w}-{n}") for w in workloads for n in concurrency}
     rows: list[Row] = []
     reference: dict[str, str] = {}
     # one-at-a-time first: its answers are the reference the others are checked against
@@ -328,10 +403,10 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for config in order:
             if config != HF:
-                rows += serve_rows(args, config, Path(tmp), (pool, prompts), concurrency, reference)
+                rows += serve_rows(args, config, Path(tmp), pool, plans, reference)
     if HF in configs:
-        rows += hf_rows(args, pool, prompts, concurrency, reference)
-    rows.sort(key=lambda r: (configs.index(r.config), r.concurrency))
+        rows += hf_rows(args, pool, plans, reference)
+    rows.sort(key=lambda r: (workloads.index(r.workload), configs.index(r.config), r.concurrency))
     print(table(rows))
     if args.json is not None:
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
@@ -341,10 +416,23 @@ def run(args) -> int:
     return 0
 
 
-def check_settings(args) -> tuple[list[int], list[str]]:
-    """(the concurrencies, the configs) asked for, and every other setting and extra checked before any
-    server starts."""
+def shared_text(chars: int) -> str:
+    """The shared-prefix workload's common text: the start of the first long held-out file (4,000
+    characters by default: about 1,000 tokens of the shipped tokenizer)."""
+    from specdec.bench.tasks import load_suite
+
+    text = next(p.text for p in load_suite("long") if p.text)
+    return text[:chars]
+
+
+def check_settings(args) -> tuple[list[int], list[str], list[str]]:
+    """(the concurrencies, the configs, the workloads) asked for, and every other setting and extra checked
+    before any server starts."""
     concurrency = _positive_list(args.concurrency, "--concurrency")
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not workloads or any(w not in WORKLOADS for w in workloads):
+        bad = next((w for w in workloads if w not in WORKLOADS), "(none)")
+        raise InputError(f"unknown workload {bad!r} (choose from {', '.join(WORKLOADS)})")
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in CONFIGS and c != HF]
     if unknown or not configs:
@@ -353,6 +441,7 @@ def check_settings(args) -> tuple[list[int], list[str]]:
         )
     checks.integer("--requests", args.requests, 1, error=InputError)
     checks.integer("--max-tokens", args.max_tokens, 1, error=InputError)
+    checks.integer("--shared-prefix-chars", args.shared_prefix_chars, 1, error=InputError)
     check_report_arguments(args)
     try:
         import fastapi  # noqa: F401  (the servers it starts)
@@ -362,7 +451,7 @@ def check_settings(args) -> tuple[list[int], list[str]]:
         raise InputError(
             f"bench-serve needs the server extra ({e.name} is not installed): pip install 'specdec[server]'"
         ) from None
-    return concurrency, configs
+    return concurrency, configs, list(dict.fromkeys(workloads))
 
 
 def prompt_pool(args) -> list[str]:
@@ -379,17 +468,11 @@ def prompt_pool(args) -> list[str]:
 
 
 def serve_rows(
-    args,
-    config: str,
-    tmp: Path,
-    texts: tuple[list[str], list[str]],
-    concurrency: list[int],
-    reference: dict[str, str],
+    args, config: str, tmp: Path, pool: list[str], plans: dict, reference: dict[str, str]
 ) -> list[Row]:
-    """One server config driven at every N (`texts`: the prompt pool, the requests); one-at-a-time's answers
-    go to `reference`."""
-    pool, prompts = texts
-    largest = max(concurrency)
+    """One server config driven with every workload at every N (`plans`: (workload, N) -> conversations);
+    one-at-a-time's answers go to `reference`."""
+    largest = max(n for _, n in plans)
     common = ["--model", args.model, "--max-tokens", str(args.max_tokens)]
     if args.threads:
         common += ["--threads", str(args.threads)]
@@ -399,23 +482,23 @@ def serve_rows(
     server = Server(common + extra + batch, tmp / f"{config}.log")
     rows = []
     try:
-        drive(server.url, pool[:2], min(2, largest), args.max_tokens)  # warm-up (untimed)
-        for n in concurrency:
-            requests, seconds = drive(server.url, prompts, n, args.max_tokens)
+        warm = build("present", pool[:2], "", 2, "warm-up")
+        drive(server.url, warm, min(2, largest), args.max_tokens)  # untimed
+        for (workload, n), conversations in plans.items():
+            requests, seconds = drive(server.url, conversations, n, args.max_tokens)
             if config == "one-at-a-time":
                 for r in requests:
                     reference.setdefault(r.prompt, r.text)
-            rows.append(summarize(config, n, requests, seconds, reference))
+            rows.append(summarize(workload, config, n, requests, seconds, reference))
             print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
     finally:
         server.close()
     return rows
 
 
-def hf_rows(
-    args, pool: list[str], prompts: list[str], concurrency: list[int], reference: dict[str, str]
-) -> list[Row]:
-    """transformers' batched generate() in batches of every N, in this process."""
+def hf_rows(args, pool: list[str], plans: dict, reference: dict[str, str]) -> list[Row]:
+    """transformers' batched generate() in batches of every N, in this process (a conversation's turns in
+    order: a batch of N conversations advances a turn per batched call)."""
     import torch
 
     from specdec.models.loading import load_causal_lm
@@ -425,8 +508,24 @@ def hf_rows(
     model, tokenizer = load_causal_lm(args.model)
     hf_batched(model, tokenizer, pool[:2], 2, 8)  # warm-up
     rows = []
-    for n in concurrency:
-        requests, seconds = hf_batched(model, tokenizer, prompts, n, args.max_tokens)
-        rows.append(summarize(HF, n, requests, seconds, reference))
+    for (workload, n), conversations in plans.items():
+        requests: list[Request] = []
+        seconds = 0.0
+        for start in range(0, len(conversations), n):
+            group = conversations[start : start + n]
+            prompts = [c.opening for c in group]
+            done: list[Request] = []
+            for turn in range(1 + len(group[0].follow_ups)):
+                if turn:
+                    prompts = [
+                        p + r.text + c.follow_ups[turn - 1]
+                        for p, r, c in zip(prompts, done, group, strict=True)
+                    ]
+                done, took = hf_batched(model, tokenizer, prompts, n, args.max_tokens)
+                for r in done:
+                    r.turn = turn
+                requests += done
+                seconds += took
+        rows.append(summarize(workload, HF, n, requests, seconds, reference))
         print(table(rows[-1:]).splitlines()[1], file=sys.stderr)
     return rows

@@ -232,6 +232,13 @@ def select_runtime(
     return chosen[key]
 
 
+def chosen_runtimes(model) -> list[RuntimeChoice]:
+    """The runtimes built for `model` so far (a GGUF target's: llama.cpp's forward of its file)."""
+    if isinstance(model, GGUFTarget):
+        return [_gguf_file(model, "llamacpp", False)]
+    return list({id(c): c for c in _CHOSEN.get(model, {}).values()}.values())
+
+
 def timed_choice(model, tree_tokens: int = TREE_TOKENS) -> TimedChoice | None:
     """The race `select_runtime(model, "auto")` runs for drafts over `tree_tokens`-token trees, if it ran one
     (both llamacpp and native run the model): the engine asks it again for every generation."""
@@ -244,6 +251,7 @@ __all__ = [
     "RuntimeChoice",
     "Scores",
     "TimedChoice",
+    "chosen_runtimes",
     "select_runtime",
     "timed_choice",
 ]

@@ -33,6 +33,7 @@ import tempfile
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from specdec.tree import DraftTree
 
 MAX_SEQUENCES = 256  # leaves per tree (llama.cpp's LLAMA_MAX_SEQ); trees with more are scored in parts
 MAX_TREE = 512  # tokens per decode call (the batch and micro-batch size)
+REUSE_MIN = 16  # a pooled context's cells are reused for a prompt sharing at least this many tokens with them
 _GGML_F32, _GGML_F16, _GGML_BF16 = 0, 1, 30
 # the KV cache in the model's own precision: what transformers' cache holds, and what native's prefill hands over
 _KV_TYPES = {torch.float32: _GGML_F32, torch.float16: _GGML_F16, torch.bfloat16: _GGML_BF16}
@@ -117,6 +119,10 @@ class LlamaCppModel:
 
     def _start(self) -> None:
         self._pool: list = []
+        # a pooled context keeps the cells of its last generation: with this on, a prompt that starts as that
+        # generation's committed tokens did keeps them (`acquire`; `specdec.runtime.prefix.attach` sets it)
+        self.reuse_prefixes = False
+        self._history: dict[int | None, list[int]] = {}  # pooled context (its address) -> committed tokens
         self.state_header = b""  # set by `probe_state_layout` when native prefills can be handed over
         self.v_transposed = True  # llama.cpp's V layout there (transposed without flash attention)
         # freed when this object goes or at exit, while llama_cpp's functions still exist (__del__ can run
@@ -154,8 +160,28 @@ class LlamaCppModel:
             raise UnsupportedModelError("llama.cpp could not create a context for the model")
         return ctx
 
-    def release(self, ctx) -> None:
+    def release(self, ctx, tokens: Sequence[int] = ()) -> None:
+        """Back to the pool, with the committed tokens its cells hold (kept for `acquire`)."""
         self._pool.append(ctx)
+        if self.reuse_prefixes:
+            self._history[ctypes.cast(ctx, ctypes.c_void_p).value] = list(tokens)
+
+    def acquire(self, tokens: list[int]) -> tuple[object, int]:
+        """(a context for a generation whose prompt is `tokens`, the prompt tokens already in its cells): the
+        pooled context whose last generation shares the longest prefix with it, cut to that prefix (at least
+        REUSE_MIN tokens, and never the prompt's last, whose logits the prefill returns), else an empty one."""
+        best, common = None, 0
+        for i, ctx in enumerate(self._pool):
+            seen = self._history.get(ctypes.cast(ctx, ctypes.c_void_p).value, [])
+            n = next((j for j, (a, b) in enumerate(zip(seen, tokens[:-1], strict=False)) if a != b), None)
+            n = min(len(seen), len(tokens) - 1) if n is None else n
+            if n > common:
+                best, common = i, n
+        if best is None or common < REUSE_MIN:
+            return self.context(), 0
+        ctx = self._pool.pop(best)
+        self.lib.llama_memory_seq_rm(self.lib.llama_get_memory(ctx), -1, common, -1)
+        return ctx, common
 
     def probe_state_layout(self) -> None:
         """Hand native prefills over only in a layout proven here: after a 3-token prompt prefilled by native
@@ -269,11 +295,12 @@ class LlamaCppRunner:
     def __init__(self, shared: LlamaCppModel) -> None:
         self.shared = shared
         self.lib = shared.lib
-        self.ctx = None
-        self.batch = None
+        self.ctx: Any = None  # llama.cpp's context (a ctypes pointer), from the model's pool
+        self.batch: Any = None
         self.length = 0
         self.forwards = 0
-        self.cached_tokens = 0  # no prefix cache here
+        self.cached_tokens = 0  # prompt tokens whose cells a pooled context still held (`acquire`)
+        self.tokens: list[int] = []  # the committed tokens, as the cells hold them
 
     @property
     def max_positions(self) -> int:
@@ -282,12 +309,18 @@ class LlamaCppRunner:
     def reset(self, positions: int, slack: int = 0) -> None:
         if positions > self.shared.max_positions:
             raise InputError(f"{positions} positions exceed the model's {self.shared.max_positions}")
-        if self.ctx is None:
-            self.ctx = self.shared.context()
+        if self.batch is None:
             self.batch = self.lib.llama_batch_init(MAX_TREE, 0, MAX_SEQUENCES)
+        if self.shared.reuse_prefixes:  # the context is picked by the prompt (`prefill`)
+            if self.ctx is not None:
+                self.shared.release(self.ctx, self.tokens[: self.length])
+                self.ctx = None
+        elif self.ctx is None:
+            self.ctx = self.shared.context()
         else:
             self.lib.llama_memory_clear(self._memory(), False)
-        self.length = 0
+        self.length = self.cached_tokens = 0
+        self.tokens = []
         self.forwards = 0
 
     def _memory(self):
@@ -349,9 +382,16 @@ class LlamaCppRunner:
         """Run the tokens causally into the cache (sequence 0): by the native runtime, handed over as a
         sequence state, where the layout is known (module docstring), else by llama.cpp in batches."""
         self._check_layers(layers)
+        if self.ctx is None:  # prefixes reused: the pooled context that holds most of this prompt
+            self.ctx, self.length = self.shared.acquire(token_ids)
+            self.cached_tokens = 0 if layers else self.length
+            if layers:  # hidden states of every prompt token are asked for: none from a cache
+                self.lib.llama_memory_clear(self._memory(), False)
+                self.length = 0
+        self.tokens = list(token_ids)
         native = self.shared.native
         if not token_ids or not self.shared.state_header or native is None or self.length:
-            return self._prefill_llamacpp(token_ids, layers)
+            return self._prefill_llamacpp(token_ids[self.length :], layers)
         runner = NativeRunner(native)
         runner.reset(len(token_ids))
         scores = runner.prefill(token_ids, layers)
@@ -439,11 +479,13 @@ class LlamaCppRunner:
             lib.llama_memory_seq_cp(memory, s, 0, -1, -1)
             lib.llama_memory_seq_rm(memory, s, -1, -1)
         self.length = end
+        self.tokens += [tree.tokens[i] for i in accepted_nodes]
 
     def crop(self, length: int) -> None:
         lib = self.lib
         lib.llama_memory_seq_rm(self._memory(), -1, length, -1)
         self.length = min(self.length, length)
+        del self.tokens[length:]
 
     def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
         self.reset(positions, slack)
@@ -459,14 +501,17 @@ class LlamaCppRunner:
             )
             out.append(self._logits(len(chunk)))
             self.length += len(chunk)
+            self.tokens += chunk
         self.forwards += 1
         return torch.cat(out)
 
     def keep_prefix(self) -> None:
-        """No prefix cache on this runtime (`specdec.runtime.prefix` serves the native one)."""
+        """Nothing to copy: the cells stay in the context, which `free` pools with its committed tokens."""
 
     def free(self) -> None:
-        if self.ctx is not None:
+        if self.batch is not None:
             self.lib.llama_batch_free(self.batch)
-            self.shared.release(self.ctx)
-            self.ctx = self.batch = None
+            self.batch = None
+        if self.ctx is not None:
+            self.shared.release(self.ctx, self.tokens[: self.length])
+            self.ctx = None
