@@ -584,8 +584,10 @@ class NativeRunner:
     def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
         """Prefill into a fresh cache; returns the logits [V] for the token after the prompt (drafts)."""
         self.reset(positions, slack)
+        self.tokens = list(prompt_ids)
         return self._run(prompt_ids, logits="last").logits[-1]
 
     def extend(self, token_ids: list[int]) -> torch.Tensor:
         """Append tokens causally after the cache; returns their logits [T, V]."""
+        self.tokens += token_ids
         return self._run(token_ids).logits
