@@ -10,7 +10,8 @@ import torch
 from specdec import SpecDecoder
 from specdec.api import sampling_params
 from specdec.batch import run_batch
-from specdec.runtime.prefix import BLOCK, PrefixCache, attach
+from specdec.runtime import attach_prefix_cache as attach
+from specdec.runtime.prefix import BLOCK, PrefixCache
 
 import tiny
 

@@ -61,6 +61,10 @@ class ForcedTarget:
     def max_positions(self) -> int | None:
         return self.inner.max_positions
 
+    @property
+    def cached_tokens(self) -> int:
+        return self.inner.cached_tokens
+
     def reset(self, positions: int, slack: int = 0) -> None:
         self.inner.reset(positions, slack)
 
@@ -94,6 +98,9 @@ class ForcedTarget:
 
     def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         self.inner.commit(scores, accepted_nodes)
+
+    def keep_prefix(self) -> None:
+        pass  # forced along a reference: its committed entries are not the model's own text to reuse
 
     def free(self) -> None:
         self.inner.free()

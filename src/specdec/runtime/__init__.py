@@ -34,6 +34,7 @@ from specdec.errors import InputError, UnsupportedModelError
 from specdec.models.gguf_target import GGUFTarget
 from specdec.runtime.base import Runtime, Scores
 from specdec.runtime.hf import ModelRunner
+from specdec.runtime.prefix import PrefixCache
 from specdec.timing import Fastest, Recheck, prefer
 
 log = logging.getLogger("specdec.runtime")
@@ -239,6 +240,36 @@ def chosen_runtimes(model) -> list[RuntimeChoice]:
     return list({id(c): c for c in _CHOSEN.get(model, {}).values()}.values())
 
 
+def attach_prefix_cache(model, megabytes: float) -> PrefixCache | None:
+    """Keep committed prefixes across the generations of `model` on the native runtime (single and
+    batched: its weights and this cache are shared by every decoder of the model) within `megabytes`; 0
+    turns it off. On llama.cpp, where that runtime was built, pooled contexts keep their cells for a prompt
+    that starts the same (`reuse_llamacpp`). Returns the native cache, or None (off, or a model the native
+    runtime does not run)."""
+    if megabytes > 0:
+        reuse_llamacpp(model)
+    try:
+        runner = select_runtime(model, "native").new()
+    except (UnsupportedModelError, InputError):  # not a model native runs (a GGUF file, say)
+        return None
+    native = runner.native  # type: ignore[attr-defined]
+    native.prefix_cache = PrefixCache(int(megabytes * 2**20)) if megabytes > 0 else None
+    return native.prefix_cache
+
+
+def reuse_llamacpp(model) -> bool:
+    """Let the llama.cpp runtime of `model` reuse its pooled contexts' cells for prompts that start as their
+    last generations did (`LlamaCppModel.acquire`), where that runtime was chosen already (it is not built
+    here: converting a model to GGUF takes time); True when it was."""
+    for choice in chosen_runtimes(model):
+        if choice.name == "llamacpp":
+            runner = choice.new()
+            runner.shared.reuse_prefixes = True  # type: ignore[attr-defined]
+            runner.free()
+            return True
+    return False
+
+
 def timed_choice(model, tree_tokens: int = TREE_TOKENS) -> TimedChoice | None:
     """The race `select_runtime(model, "auto")` runs for drafts over `tree_tokens`-token trees, if it ran one
     (both llamacpp and native run the model): the engine asks it again for every generation."""
@@ -251,6 +282,7 @@ __all__ = [
     "RuntimeChoice",
     "Scores",
     "TimedChoice",
+    "attach_prefix_cache",
     "chosen_runtimes",
     "select_runtime",
     "timed_choice",

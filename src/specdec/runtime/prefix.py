@@ -105,38 +105,3 @@ class PrefixCache:
     def hit_rate(self) -> float:
         """Share of the prompt tokens looked up (whole blocks) that were found."""
         return self.hit / self.looked_up if self.looked_up else 0.0
-
-
-def attach(model, megabytes: float) -> PrefixCache | None:
-    """Keep committed prefixes across the generations of `model` on the native runtime (single and
-    batched: its weights and this cache are shared by every decoder of the model) within `megabytes`; 0
-    turns it off. On llama.cpp, where that runtime was built, pooled contexts keep their cells for a prompt
-    that starts the same (`reuse_llamacpp`). Returns the native cache, or None (off, or a model the native
-    runtime does not run)."""
-    from specdec.errors import InputError, UnsupportedModelError
-    from specdec.runtime import select_runtime
-
-    if megabytes > 0:
-        reuse_llamacpp(model)
-    try:
-        runner = select_runtime(model, "native").new()
-    except (UnsupportedModelError, InputError):  # not a model native runs (a GGUF file, say)
-        return None
-    native = runner.native  # type: ignore[attr-defined]
-    native.prefix_cache = PrefixCache(int(megabytes * 2**20)) if megabytes > 0 else None
-    return native.prefix_cache
-
-
-def reuse_llamacpp(model) -> bool:
-    """Let the llama.cpp runtime of `model` reuse its pooled contexts' cells for prompts that start as their
-    last generations did (`LlamaCppModel.acquire`), where that runtime was chosen already (it is not built
-    here: converting a model to GGUF takes time); True when it was."""
-    from specdec.runtime import chosen_runtimes
-
-    for choice in chosen_runtimes(model):
-        if choice.name == "llamacpp":
-            runner = choice.new()
-            runner.shared.reuse_prefixes = True  # type: ignore[attr-defined]
-            runner.free()
-            return True
-    return False

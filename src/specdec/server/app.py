@@ -90,10 +90,12 @@ def create_app(
     limits = limits or Limits()
     worker = EngineWorker(limits.max_queued, limits.max_batch, own_thread=engine_thread)
     if prefix_cache_mb > 0:
-        from specdec.runtime.prefix import attach
+        from specdec.runtime import attach_prefix_cache
 
         models = {id(d.model): d.model for d in decoders.values() if isinstance(d, SpecDecoder)}
-        worker.metrics.watch([c for c in (attach(m, prefix_cache_mb) for m in models.values()) if c])
+        worker.metrics.watch(
+            [c for c in (attach_prefix_cache(m, prefix_cache_mb) for m in models.values()) if c]
+        )
     served = _Served(decoders, model_name, default_method, api_key, limits, worker, int(time.time()))
 
     @asynccontextmanager
