@@ -142,10 +142,12 @@ def _hf(model, tokenizer, eos: set[int], prompt: StructuredPrompt, ids: list[int
     return Outcome(tokens, seconds, len(tokens), False, grammar_seconds=processor.state.seconds)
 
 
-def _specdec(decoder, prompt: StructuredPrompt, ids: list[int], params: SamplingParams, constrained: bool):
+def timed_generate(decoder, prompt: StructuredPrompt, given, params: SamplingParams, constrained: bool):
+    """(the decoder's generation of `given` (the prompt's ids or text) under the prompt's constraint, or
+    without it; its seconds)."""
     start = time.perf_counter()
     result = decoder.generate(
-        ids,
+        given,
         max_new_tokens=prompt.max_new_tokens,
         temperature=params.temperature,
         top_k=params.top_k,
@@ -153,15 +155,13 @@ def _specdec(decoder, prompt: StructuredPrompt, ids: list[int], params: Sampling
         seed=params.seed,
         constraint=prompt.constraint if constrained else None,
     )
+    return result, time.perf_counter() - start
+
+
+def _specdec(decoder, prompt: StructuredPrompt, ids: list[int], params: SamplingParams, constrained: bool):
+    result, seconds = timed_generate(decoder, prompt, ids, params, constrained)
     s = result.stats
-    return Outcome(
-        result.token_ids,
-        time.perf_counter() - start,
-        s.target_forwards,
-        False,
-        s.forced_tokens,
-        s.grammar_seconds,
-    )
+    return Outcome(result.token_ids, seconds, s.target_forwards, False, s.forced_tokens, s.grammar_seconds)
 
 
 class LlamaCppGrammar:

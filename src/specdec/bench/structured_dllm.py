@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 from tqdm import tqdm
 
-from specdec.bench.structured import StructuredPrompt, first_of_each, load, valid
+from specdec.bench.structured import first_of_each, load, timed_generate, valid
 from specdec.errors import InputError
 from specdec.sampling import SamplingParams
 
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
         for label, decoder in decoders.items():
             for i, prompt in enumerate([prompts[0], *prompts]):  # a warm-up on the first
                 for constrained in (True, False):
-                    result, seconds = _generate(decoder, prompt, params, constrained)
+                    result, seconds = timed_generate(decoder, prompt, prompt.text, params, constrained)
                     if i:
                         run = (result.token_ids, seconds, result.stats.target_forwards)
                         outs.setdefault((label, constrained), []).append(run)
@@ -109,20 +108,6 @@ def run(args: argparse.Namespace, params: SamplingParams) -> int:
             json.dumps({"prompts": len(prompts), "rows": [asdict(r) for r in rows]}, indent=1)
         )
     return 0
-
-
-def _generate(decoder, prompt: StructuredPrompt, params: SamplingParams, constrained: bool):
-    start = time.perf_counter()
-    result = decoder.generate(
-        prompt.text,
-        max_new_tokens=prompt.max_new_tokens,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        seed=params.seed,
-        constraint=prompt.constraint if constrained else None,
-    )
-    return result, time.perf_counter() - start
 
 
 def table(rows: list[DllmRow]) -> str:
