@@ -98,3 +98,57 @@ def test_every_head_kind_has_a_recipe_named_as_its_method():
     assert all(RECIPES[m].name == m for m in METHODS)
     args = parser.parse_args(["train-drafter", "--out", "x"])
     assert args.method == "eagle"
+
+
+def _fake_package(root: Path, name: str, license_text: str, files: int = 3) -> None:
+    """An installed package as pip leaves it: sources and a *.dist-info with its license."""
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    for i in range(files):
+        body = f'"""{name} module {i}."""\n\n' + "".join(
+            f"def f{j}(x):\n    return x * {j} + {i}\n\n" for j in range(12)
+        )
+        (pkg / f"m{i}.py").write_text(body)
+    info = root / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\nLicense-Expression: {license_text}\n"
+    )
+    (info / "top_level.txt").write_text(name + "\n")
+    (info / "RECORD").write_text("")
+
+
+def test_the_accelerator_runs_corpus_and_script_at_tiny_size(tmp_path):
+    """The stronger target's run, at tiny size on CPU: a strict corpus keeps permissively licensed packages
+    that no evaluation holds out (and records their licenses), the shipped tokenizer is used as it is, the
+    train split is cut to its token budget, and training in bf16 autocast stops at its wall-time budget with
+    a checkpoint that resumes and exports."""
+    from specdec.models.shipped import SHIPPED_DIR
+
+    site = tmp_path / "site"
+    _fake_package(site, "okpkg", "MIT")
+    _fake_package(site, "gplpkg", "GPL-3.0-or-later")
+    _fake_package(site, "toolz", "BSD-3-Clause")  # held out by name
+    _fake_package(site, "sympy", "BSD-3-Clause")  # the bench takes prompts from it
+    stdlib_json = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+    corpus = CorpusConfig(roots={"stdlib/json": stdlib_json, "site-packages": str(site)}, strict=True)
+    work = tmp_path / "work"
+    prepare(work, corpus, tokenizer_from=SHIPPED_DIR / "target", max_train_tokens=3000)
+    manifest = json.loads((work / "manifest.json").read_text())
+    packages = {p.split("/")[1] for p in manifest["packages"] if p.startswith("site-packages/")}
+    assert packages == {"okpkg"}
+    assert manifest["licenses"] == {"site-packages/okpkg": "MIT"}
+    assert {"toolz", "sympy"} <= set(manifest["excluded_packages"])
+    assert json.loads((work / "train.json").read_text())["tokens"] == 3000
+    shipped = AutoTokenizer.from_pretrained(SHIPPED_DIR / "target")
+    assert AutoTokenizer.from_pretrained(work / "tokenizer").get_vocab() == shipped.get_vocab()
+
+    cfg = TrainConfig(size="draft", total_tokens=10_000 * 256, batch_tokens=256, seq_len=64, long_seq_len=128,
+                      threads=1, bf16=True, minutes=0.02)  # fmt: skip
+    ckpt = train(work, "draft", cfg)
+    first = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < first < 10_000  # stopped by the clock, not the schedule
+    train(work, "draft", cfg)  # resumes where it stopped
+    assert torch.load(ckpt, weights_only=False)["step"] > first
+    metrics = export(work, "draft", tmp_path / "out" / "draft")
+    assert metrics["heldout_nats_per_token"] > 0

@@ -43,6 +43,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_tokens_argument(p, "--draft-tokens", "training tokens for the draft", DEFAULT_TOKENS["draft"])
     p.add_argument("--stdlib-only", action="store_true", help="leave out installed packages' sources")
     p.add_argument("--export-dir", type=Path, default=None, help="where to write <name>/ HF directories")
+    accel = p.add_argument_group("the stronger target's accelerator run (docs/train.md)")
+    accel.add_argument(
+        "--target-size", default="target", choices=["target", "target-50m"], help="the target's shape"
+    )
+    accel.add_argument(
+        "--strict-corpus",
+        action="store_true",
+        help="packages with a permissive license only, none that evaluation holds out (corpus.EXCLUDED_PACKAGES "
+        "and the bench's packages)",
+    )
+    accel.add_argument(
+        "--tokenizer-from",
+        default=None,
+        help="use this tokenizer directory (or 'shipped': the shipped target's) instead of training one",
+    )
+    accel.add_argument(
+        "--max-train-tokens", type=positive_int, default=None, help="cut the train split to this many tokens"
+    )
+    accel.add_argument("--device", default="cpu", help="torch device to train on (cuda on an accelerator)")
+    accel.add_argument("--bf16", action="store_true", help="autocast the forward to bfloat16")
+    accel.add_argument("--compile", action="store_true", help="torch.compile the forward")
+    accel.add_argument(
+        "--minutes", type=float, default=None, help="stop each model's run after this wall time, checkpointed"
+    )
+    accel.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per optimizer step")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,12 +78,34 @@ def run(args: argparse.Namespace) -> int:
         if n not in ("draft", "target"):
             raise SystemExit(f"specdec train-lm: unknown model {n!r} (expected draft or target)")
     if args.stage in ("prepare", "all"):
-        prepare(args.workdir, CorpusConfig(include_site_packages=not args.stdlib_only))
+        tokenizer_from = args.tokenizer_from
+        if tokenizer_from == "shipped":
+            from specdec.models.shipped import SHIPPED_DIR
+
+            tokenizer_from = SHIPPED_DIR / "target"
+        corpus = CorpusConfig(include_site_packages=not args.stdlib_only, strict=args.strict_corpus)
+        prepare(
+            args.workdir,
+            corpus,
+            tokenizer_from=Path(tokenizer_from) if tokenizer_from else None,
+            max_train_tokens=args.max_train_tokens,
+        )
     if args.stage in ("train", "all"):
         for n in names:
             given = args.target_tokens if n == "target" else args.draft_tokens
             lr = 1.5e-3 if n == "target" else 3e-3
-            cfg = TrainConfig(size=n, total_tokens=given or DEFAULT_TOKENS[n], lr=lr, threads=args.threads)
+            size = args.target_size if n == "target" else n
+            cfg = TrainConfig(
+                size=size,
+                total_tokens=given or DEFAULT_TOKENS[n],
+                lr=lr,
+                threads=args.threads,
+                batch_tokens=args.batch_tokens,
+                device=args.device,
+                bf16=args.bf16,
+                compile=args.compile,
+                minutes=args.minutes,
+            )
             train(args.workdir, n, cfg, new_budget=given)
     if args.stage in ("export", "all"):
         from specdec.models.shipped import SHIPPED_DIR

@@ -38,6 +38,8 @@ class ModelSize:
 SIZES = {
     "target": ModelSize(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024),  # ~14M params
     "draft": ModelSize(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=384),  # ~1.5M params
+    # the stronger target, for one accelerator run (docs/train.md): ~45M parameters, the same tokenizer
+    "target-50m": ModelSize(hidden_size=512, num_layers=12, num_heads=8, intermediate_size=1536),
 }
 
 
@@ -57,11 +59,19 @@ class TrainConfig:
     seed: int = 0
     checkpoint_minutes: float = 10.0
     threads: int = 2
+    device: str = "cpu"  # "cuda" on an accelerator
+    bf16: bool = False  # autocast the forward to bfloat16 (the accelerator run; master weights stay float32)
+    compile: bool = False  # torch.compile the forward (the accelerator run; minutes of compile on a CPU)
+    minutes: float | None = (
+        None  # stop this run after that much wall time, checkpointed (a lent machine's budget)
+    )
 
 
 # A resumed run keeps the schedule it started with (token budget, lr, windows); only how it runs may change.
 STREAM_RESUME = ResumeRule(
-    saved_key="config", runtime=("threads", "checkpoint_minutes"), budget="total_tokens"
+    saved_key="config",
+    runtime=("threads", "checkpoint_minutes", "device", "bf16", "compile", "minutes"),
+    budget="total_tokens",
 )
 
 VOCAB_SIZE = 8192
@@ -69,9 +79,16 @@ MAX_POSITIONS = 2048
 
 
 def prepare(
-    workdir: Path, corpus: CorpusConfig | None = None, tokenizer_sample_bytes: int = 40_000_000
+    workdir: Path,
+    corpus: CorpusConfig | None = None,
+    tokenizer_sample_bytes: int = 40_000_000,
+    tokenizer_from: Path | None = None,
+    max_train_tokens: int | None = None,
 ) -> None:
-    """Corpus manifest, tokenizer and token memmaps; each step is skipped when its output already exists."""
+    """Corpus manifest, tokenizer and token memmaps; each step is skipped when its output already exists.
+    `tokenizer_from`: a tokenizer directory to use as it is (the shipped one: the heads, the server and the
+    tests keep working with a new target) instead of training one; `max_train_tokens`: the train split cut
+    to that many tokens (what fits the accelerator machine: 60 MiB of uint16 is 31M tokens)."""
     workdir.mkdir(parents=True, exist_ok=True)
     files = collect_files(corpus or CorpusConfig())
     if not (workdir / "manifest.json").exists():
@@ -79,6 +96,8 @@ def prepare(
     train_files = [f for f in files if not f.held_out]
     held_files = [f for f in files if f.held_out]
     tok_dir = workdir / "tokenizer"
+    if tokenizer_from is not None and not (tok_dir / "tokenizer.json").exists():
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tok_dir)
     if not (tok_dir / "tokenizer.json").exists():
         rng = random.Random(0)
         sample = list(train_files)
@@ -108,6 +127,9 @@ def prepare(
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
                 chunks.append(np.asarray(ids + [eos], dtype=np.uint16))
         arr = np.concatenate(chunks)
+        if split == "train" and max_train_tokens is not None and arr.size > max_train_tokens:
+            n_bytes = int(n_bytes * max_train_tokens / arr.size)  # about what was kept
+            arr = arr[:max_train_tokens]
         tmp = out.with_suffix(".tmp")
         arr.tofile(tmp)
         os.replace(tmp, out)
@@ -179,19 +201,26 @@ def train(workdir: Path, name: str, cfg: TrainConfig, new_budget: int | None = N
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     data = token_stream(workdir, "train")
     model = build_model(SIZES[cfg.size], tokenizer)
+    model.to(torch.device(cfg.device))  # type: ignore[arg-type]  # transformers types .to by its dtype overload
+    forward = torch.compile(model) if cfg.compile else model  # the checkpoint keeps `model`'s own names
     total_steps = cfg.total_tokens // cfg.batch_tokens
     long_from = int(total_steps * (1 - cfg.long_fraction))
+    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     def step(i: int) -> StepOutput:
         seq_len = cfg.long_seq_len if i >= long_from else cfg.seq_len
-        batch = token_batch(data, cfg.seed, i, seq_len, max(1, cfg.batch_tokens // seq_len))
-        logits = model(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        batch = token_batch(data, cfg.seed, i, seq_len, max(1, cfg.batch_tokens // seq_len)).to(cfg.device)
+        with autocast:
+            logits = forward(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
         return StepOutput(loss, batch[:, 1:].numel())
 
     n_params = sum(p.numel() for p in model.parameters())
     desc = f"train {name} ({n_params / 1e6:.1f}M)"
-    plan = LoopPlan(files, total_steps, cfg, desc, log_every=50, saved={"config": asdict(cfg)})
+    seconds = None if cfg.minutes is None else cfg.minutes * 60
+    plan = LoopPlan(
+        files, total_steps, cfg, desc, log_every=50, saved={"config": asdict(cfg)}, stop_at_seconds=seconds
+    )
     train_run(model, step, plan, state, fused=True)
     return files.ckpt
 

@@ -203,6 +203,8 @@ class LoopPlan:
     saved: dict[str, Any]  # what the checkpoint holds besides weights, optimizer and counters (the config...)
     model_key: str = "model"  # the weights' key in the checkpoint ("head" in head checkpoints)
     stop_after: int | None = None  # end this call after that many steps (an interruption, for tests)
+    # end this call once it ran this many wall seconds (a lent machine's budget), checkpointed like any end
+    stop_at_seconds: float | None = None
 
 
 def run_loop(
@@ -216,9 +218,18 @@ def run_loop(
     model.train()
     bar = tqdm(total=plan.total_steps, initial=progress.step, desc=plan.desc, unit="step")
     last_save, done_here = time.monotonic(), 0
+    began = last_save
     restore_signal = stop_on_sigterm()
+
+    def more() -> bool:
+        if progress.step >= plan.total_steps or (
+            plan.stop_after is not None and done_here >= plan.stop_after
+        ):
+            return False
+        return plan.stop_at_seconds is None or time.monotonic() - began < plan.stop_at_seconds
+
     try:
-        while progress.step < plan.total_steps and (plan.stop_after is None or done_here < plan.stop_after):
+        while more():
             t0 = time.monotonic()
             lr = cosine_lr(plan.settings, progress.step, plan.total_steps)
             for group in opt.param_groups:
