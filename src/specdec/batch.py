@@ -14,7 +14,8 @@ generator). Rows are kept in cache order 0..B-1: a finished row's slot is filled
 into it.
 
 The batch runs on the native runtime (its forward takes rows, `NativeModel.forward_rows`), whichever runtime
-the engine decodes single requests on under `--runtime auto`, and for drafters that read no hidden states (`auto` batches without its members that do).
+the engine decodes single requests on under `--runtime auto`; its forward returns the hidden states the
+engine's drafter reads, split by row (the heads' rows read their own).
 
 Tree budget across the batch: with B rows a step already scores B roots, and one more tree token costs the
 whole batch's step a little time, so a row should draft only nodes likely enough to pay for that. A drafter
@@ -196,22 +197,23 @@ class BatchRows:
             last.row = slot.row
             self.slots[slot.row] = last
 
-    def prefill(self, slot: Slot, token_ids: list[int]) -> int:
+    def prefill(self, slot: Slot, token_ids: list[int], layers: Sequence[int] = ()) -> tuple[int, Scores]:
         """The row's prompt, run alone (a one-row forward into a scratch cache: past what the prefix cache
-        holds of it), then copied into its row; returns the prompt tokens the prefix cache gave."""
+        holds of it, unless `layers` are asked for), then copied into its row; returns (the prompt tokens
+        the prefix cache gave, the prefill's scores: the hidden states of `layers`)."""
         if not token_ids:
             self.cache.lengths[slot.row] = 0
-            return 0
+            return 0, Scores(torch.empty(0), {})
         single = NativeRunner(self.native)
         single.reset(len(token_ids))
-        single.prefill(token_ids)
+        scores = single.prefill(token_ids, layers)
         assert single.cache is not None  # reset() made it
         n = len(token_ids)
         self.cache.reserve(n)
         self.cache.k[:, slot.row, :, :n] = single.cache.k[:, 0, :, :n]
         self.cache.v[:, slot.row, :, :n] = single.cache.v[:, 0, :, :n]
         self.cache.lengths[slot.row] = n
-        return single.cached_tokens
+        return single.cached_tokens, scores
 
     def keep_prefix(self, slot: Slot, tokens: list[int]) -> None:
         """A row's generation ended: its committed tokens' entries go to the prefix cache, if there is one."""
@@ -221,8 +223,11 @@ class BatchRows:
                 tokens[: self.cache.lengths[slot.row]], self.cache.k[:, slot.row], self.cache.v[:, slot.row]
             )
 
-    def score(self, trees: Sequence[DraftTree]) -> list[torch.Tensor]:
-        """One forward over the trees of rows 0..B-1 (in that order): logits [len(tree), V] per row."""
+    def score(
+        self, trees: Sequence[DraftTree], layers: Sequence[int] = ()
+    ) -> list[tuple[torch.Tensor, dict[int, torch.Tensor]]]:
+        """One forward over the trees of rows 0..B-1 (in that order): per row, logits [len(tree), V] and the
+        hidden states of `layers` [len(tree), H] (the heads' rows read them)."""
         b, n = len(trees), max(len(t) for t in trees)
         pasts = self.cache.lengths[:b]
         width = max(pasts) + n
@@ -242,8 +247,12 @@ class BatchRows:
         real = None  # no padding (every tree the same size, plain decoding say): no gathering either
         if sum(sizes) < b * n:
             real = torch.cat([torch.arange(m, device=device) + r * n for r, m in enumerate(sizes)])
-        logits = self.native.forward_rows(self.cache, ids, positions, mask, real)  # [sum(sizes), V]
-        return list(logits.split(sizes))
+        scores = self.native.forward_rows(self.cache, ids, positions, mask, real, layers)  # [sum(sizes), V]
+        hidden = {layer: h.split(sizes) for layer, h in scores.hidden.items()}
+        return [
+            (logits, {layer: parts[r] for layer, parts in hidden.items()})
+            for r, logits in enumerate(scores.logits.split(sizes))
+        ]
 
 
 class RowTarget:
@@ -268,9 +277,9 @@ class RowTarget:
         self.rows.cache.reserve(positions + slack)
 
     def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
-        self.cached_tokens = self.rows.prefill(self.slot, token_ids)
+        self.cached_tokens, scores = self.rows.prefill(self.slot, token_ids, layers)
         self.tokens = list(token_ids)
-        return Scores(torch.empty(0), {})
+        return scores
 
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
         raise RuntimeError("a row of a batch is scored with the others (BatchRows.score)")
@@ -292,10 +301,6 @@ def batch_runtime(engine) -> RuntimeChoice:
     whose solo runtime `auto` timed to llama.cpp batches on native all the same (it runs every model llama.cpp
     does here, and is checked against transformers alike): which runtime won a timing must not decide what
     the engine can do."""
-    if engine.layers and engine.drafter.reads.required:  # auto leaves its eagle member out: it may batch
-        raise InputError(
-            f"batched decoding does not yet serve {engine.drafter.name}, which reads hidden states"
-        )
     if engine.runtime.name == "native":
         return engine.runtime
     if engine.runtime_name != "auto":
@@ -388,11 +393,13 @@ class Batch:
             starts = list(self.rows.cache.lengths[: len(members)])  # where each row's tree enters its cache
             tokens = sum(len(tree) for tree in trees)
             start = time.perf_counter()
-            logits = self.rows.score(trees)  # each row's verify time spans the shared forward
+            rows = self.rows.score(
+                trees, self.engine.layers
+            )  # each row's verify time spans the shared forward
             self.budget.update(len(trees), tokens, time.perf_counter() - start)
             steps = [
-                (m, m.run.finish(tree, Scores(row_logits, {}, start, tree)))
-                for m, tree, row_logits, start in zip(members, trees, logits, starts, strict=True)
+                (m, m.run.finish(tree, Scores(logits, hidden if m.run.layers else {}, start, tree)))
+                for m, tree, (logits, hidden), start in zip(members, trees, rows, starts, strict=True)
             ]
         for (member, step), tree in zip(steps, trees, strict=True):
             # what the row's step gave: the plan the other rows size their next trees against until a drafter

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -259,10 +259,8 @@ class Decoding:
         the runtime chosen for the request."""
         self.t_start = time.perf_counter()
         self.drafter = engine.drafter
-        if target is None:
-            runtime = engine.next_runtime(params)
-        else:  # a batch row: the batch runs on its own runtime (`target.runtime`) and scores no hidden states
-            runtime = replace(target.runtime, hidden_states=False)
+        # a batch row runs on the batch's runtime (`target.runtime`: native, which returns every layer's states)
+        runtime = engine.next_runtime(params) if target is None else target.runtime
         self.layers = engine.layers if self.drafter.reads.on(runtime) else ()
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params

@@ -329,15 +329,16 @@ class NativeModel:
         positions: torch.Tensor,
         mask: torch.Tensor,
         real: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        layers: Sequence[int] = (),
+    ) -> Scores:
         """One forward over rows 0..B-1 of the cache, N tokens each (a row's tree padded to N): ids and
         positions [B, N], `mask` [B, N, S] with S = max(lengths) + N (True = visible), `real` [R] the flat
         indices (row * N + i) of the real tokens: only they go through the matrix products (padding costs
-        only attention; None: every token is real). Each row's tokens are written after its own length, which is left as it is (the
-        caller commits). Returns logits [R, V], in `real`'s order."""
+        only attention; None: every token is real). Each row's tokens are written after its own length, which is
+        left as it is (the caller commits). Returns logits [R, V] and the hidden states of `layers` [R, H], in
+        `real`'s order."""
         b = ids.shape[0]
-        scores = self._run(cache, ids, positions, mask[:, None], cache.lengths[:b], False, (), "all", real)
-        return scores.logits
+        return self._run(cache, ids, positions, mask[:, None], cache.lengths[:b], False, layers, "all", real)
 
     def _run(
         self, cache, ids, positions, mask, pasts, causal, layers, logits, real=None, keys_end=0, logits_from=0

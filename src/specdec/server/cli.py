@@ -88,7 +88,7 @@ def register(subparsers) -> None:
         type=positive_int,
         default=8,
         help="generations that advance together: each step scores all of a method's live generations in one "
-        "forward where it can (native runtime, methods reading no hidden states; others step one by one); "
+        "forward where it can (the native runtime; others step one by one); "
         "1 = one at a time (default: 8)",
     )
     p.add_argument(
