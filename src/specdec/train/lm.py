@@ -69,8 +69,12 @@ class TrainConfig:
 
 # A resumed run keeps the schedule it started with (token budget, lr, windows); only how it runs may change.
 STREAM_RESUME = ResumeRule(
+    saved_key="config", runtime=("threads", "checkpoint_minutes"), budget="total_tokens"
+)
+# train-lm's own: where and how fast it runs may change too (a run prepared on the CPU resumes on a GPU)
+LM_RESUME = ResumeRule(
     saved_key="config",
-    runtime=("threads", "checkpoint_minutes", "device", "bf16", "compile", "minutes"),
+    runtime=(*STREAM_RESUME.runtime, "device", "bf16", "compile", "minutes"),
     budget="total_tokens",
 )
 
@@ -197,7 +201,7 @@ def train(workdir: Path, name: str, cfg: TrainConfig, new_budget: int | None = N
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     files = RunFiles(workdir, name)
-    state, cfg = open_run(files, cfg, STREAM_RESUME, new_budget)
+    state, cfg = open_run(files, cfg, LM_RESUME, new_budget)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "tokenizer")
     data = token_stream(workdir, "train")
     model = build_model(SIZES[cfg.size], tokenizer)
