@@ -97,9 +97,14 @@ def test_the_trie_keeps_whole_blocks_and_drops_least_recent_leaves_first():
     cache.store(list(range(32)) + list(range(200, 232)), k, k)  # a0, a1, then two more: over the budget
     assert cache.blocks == 3 and cache.bytes <= cache.budget
     out = torch.zeros_like(k)
-    assert cache.restore(a, out, out.clone(), limit=40) == 2 * BLOCK
+    assert cache.restore(a, out, out.clone(), limit=40) == (2 * BLOCK, {})
     assert torch.equal(out[:, :, : 2 * BLOCK], k[:, :, : 2 * BLOCK])
-    assert cache.restore(a, out, out.clone(), limit=20) == BLOCK  # never past the limit
+    assert cache.restore(a, out, out.clone(), limit=20)[0] == BLOCK  # never past the limit
+    assert cache.restore(a, out, out.clone(), limit=40, layers=(1,))[0] == 0  # no states kept for layer 1
+    h = torch.randn(40, 3)
+    cache.store(a, k, k, {1: h})  # the same blocks gain the states a drafter read
+    n, hidden = cache.restore(a, out, out.clone(), limit=40, layers=(1,))
+    assert n == 2 * BLOCK and torch.equal(hidden[1], h[: 2 * BLOCK])
 
 
 @pytest.mark.parametrize("method", ["vanilla", "pld"])
@@ -118,3 +123,26 @@ def test_llamacpp_contexts_keep_their_cells_for_a_prompt_that_starts_the_same(to
         copy = tiny.model("llama", seed=2, dtype=torch.float32)
         want = SpecDecoder(copy, tok, method, runtime="llamacpp").generate(SHARED + tail, max_new_tokens=12)
         assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("method", ["eagle", "hydra", "auto"])
+def test_a_drafter_reading_the_prompts_states_gets_the_cached_ones_too(model, tok, method):
+    """eagle (inner layers), hydra (the final one) and auto with its eagle member read the prompt's hidden
+    states at prefill: the cache keeps them beside the keys and values, so a cached prompt drafts exactly as
+    a fresh one (the same accepted drafts by depth), single and batched."""
+    head = tiny.untrained_head("eagle" if method == "auto" else method, model)
+    options = {"head": head} | ({} if method == "auto" else {"max_nodes": 8})
+    dec = SpecDecoder(model, tok, method, runtime="native", **options)
+    attach(model, 64)
+    dec.generate(SHARED + [7, 8], max_new_tokens=20)
+    got = dec.generate(SHARED + [9], max_new_tokens=20)
+    assert got.stats.cached_prompt_tokens == 3 * BLOCK
+    copy = tiny.model("llama", seed=2)
+    alone = SpecDecoder(copy, tok, method, runtime="native", **options).generate(
+        SHARED + [9], max_new_tokens=20
+    )
+    assert got.token_ids == alone.token_ids
+    if method != "auto":  # auto's choices also follow measured times, which differ between processes' runs
+        assert got.stats.accepted_by_depth == alone.stats.accepted_by_depth
+    rows = dec.generate_batch([SHARED + [9], SHARED + [10]], max_new_tokens=20)
+    assert rows[0].token_ids == alone.token_ids and rows[0].stats.cached_prompt_tokens == 3 * BLOCK

@@ -43,6 +43,7 @@ from specdec.errors import InputError, UnsupportedModelError
 from specdec.runtime import RuntimeChoice, select_runtime
 from specdec.runtime.base import Scores
 from specdec.runtime.native import NativeCache, NativeModel, NativeRunner
+from specdec.runtime.prefix import Committed
 from specdec.tree import DraftTree
 
 if TYPE_CHECKING:
@@ -215,13 +216,12 @@ class BatchRows:
         self.cache.lengths[slot.row] = n
         return single.cached_tokens, scores
 
-    def keep_prefix(self, slot: Slot, tokens: list[int]) -> None:
-        """A row's generation ended: its committed tokens' entries go to the prefix cache, if there is one."""
+    def keep_prefix(self, slot: Slot, committed: Committed) -> None:
+        """A row's generation ended: its committed entries go to the prefix cache, if there is one."""
         prefix = self.native.prefix_cache
         if prefix is not None:
-            prefix.store(
-                tokens[: self.cache.lengths[slot.row]], self.cache.k[:, slot.row], self.cache.v[:, slot.row]
-            )
+            row = slot.row
+            committed.keep(prefix, self.cache.k[:, row], self.cache.v[:, row], self.cache.lengths[row])
 
     def score(
         self, trees: Sequence[DraftTree], layers: Sequence[int] = ()
@@ -263,7 +263,7 @@ class RowTarget:
         self, rows: BatchRows, slot: Slot, runtime: RuntimeChoice, budget: BatchBudget | None = None
     ) -> None:
         self.rows, self.slot = rows, slot
-        self.tokens: list[int] = []  # the row's committed tokens (for the prefix cache)
+        self.committed = Committed()  # the row's committed tokens and states (for the prefix cache)
         self.cached_tokens = 0
         self.runtime = runtime  # the batch's (native), which may not be the engine's solo runtime
         # the step as this row's drafter sees it when sizing its tree (`Request.batch`)
@@ -278,7 +278,7 @@ class RowTarget:
 
     def prefill(self, token_ids: list[int], layers: Sequence[int] = ()) -> Scores:
         self.cached_tokens, scores = self.rows.prefill(self.slot, token_ids, layers)
-        self.tokens = list(token_ids)
+        self.committed.begin(token_ids, scores.hidden)
         return scores
 
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
@@ -287,10 +287,10 @@ class RowTarget:
     def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         self.rows.cache.keep(scores.start, accepted_nodes, self.slot.row)
         if scores.tree is not None:
-            self.tokens += [scores.tree.tokens[i] for i in accepted_nodes]
+            self.committed.add([scores.tree.tokens[i] for i in accepted_nodes], scores.hidden, accepted_nodes)
 
     def keep_prefix(self) -> None:
-        self.rows.keep_prefix(self.slot, self.tokens)
+        self.rows.keep_prefix(self.slot, self.committed)
 
     def free(self) -> None:
         pass  # the batch frees the row when the generation ends

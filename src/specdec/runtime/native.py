@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from specdec.models.support import check_layer_types
 from specdec.runtime.base import Scores
 from specdec.runtime.kernels import PACKED_ROWS, faster_kernel, prepack, product
-from specdec.runtime.prefix import PrefixCache
+from specdec.runtime.prefix import Committed, PrefixCache
 from specdec.tree import DraftTree
 
 FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -507,7 +507,7 @@ class NativeRunner:
         self.native = native
         self.cache: NativeCache | None = None
         self.forwards = 0
-        self.tokens: list[int] = []  # the committed tokens, as the cache holds them (for the prefix cache)
+        self.committed = Committed()  # what the cache holds, for the prefix cache
         self.cached_tokens = 0  # of the prompt, restored from the prefix cache
 
     @property
@@ -524,7 +524,7 @@ class NativeRunner:
         check_layer_types(self.native.model, positions)
         self.cache = self.native.new_cache(positions + slack)
         self.forwards = 0
-        self.tokens, self.cached_tokens = [], 0
+        self.committed, self.cached_tokens = Committed(), 0
 
     def _run(self, token_ids: list[int], positions=None, mask=None, layers=(), logits="all") -> Scores:
         cache = self.cache
@@ -543,12 +543,16 @@ class NativeRunner:
         if not token_ids:
             return Scores(torch.empty(0), {})
         prefix, cache = self.native.prefix_cache, self.cache
-        if prefix is not None and not layers and cache is not None and cache.length == 0:
+        restored: dict[int, torch.Tensor] = {}
+        if prefix is not None and cache is not None and cache.length == 0:
             # the longest cached prefix, short of the last token (whose logits the caller reads)
-            restored = prefix.restore(token_ids, cache.k[:, 0], cache.v[:, 0], len(token_ids) - 1)
-            cache.length = self.cached_tokens = restored
-        self.tokens = list(token_ids)
-        return self._run(token_ids[self.cached_tokens :], layers=layers, logits="last")
+            n, restored = prefix.restore(token_ids, cache.k[:, 0], cache.v[:, 0], len(token_ids) - 1, layers)
+            cache.length = self.cached_tokens = n
+        scores = self._run(token_ids[self.cached_tokens :], layers=layers, logits="last")
+        if restored:  # the cached positions' states first, then the ones just computed
+            scores = Scores(scores.logits, {i: torch.cat([restored[i], h]) for i, h in scores.hidden.items()})
+        self.committed.begin(token_ids, scores.hidden)
+        return scores
 
     def score(self, tree: DraftTree, layers: Sequence[int] = ()) -> Scores:
         """One forward over the tree nodes after the committed cache; logits [N, V], row i for node i."""
@@ -566,18 +570,18 @@ class NativeRunner:
         assert self.cache is not None, "commit() follows score()"
         self.cache.keep(scores.start, accepted_nodes)
         if scores.tree is not None:
-            self.tokens += [scores.tree.tokens[i] for i in accepted_nodes]
+            self.committed.add([scores.tree.tokens[i] for i in accepted_nodes], scores.hidden, accepted_nodes)
 
     def crop(self, length: int) -> None:
         assert self.cache is not None, "reset() or start() comes first"
         self.cache.crop(length)
-        del self.tokens[length:]
+        self.committed.crop(length)
 
     def keep_prefix(self) -> None:
         """Offer the committed sequence to the prefix cache (a generation ended)."""
         prefix, cache = self.native.prefix_cache, self.cache
         if prefix is not None and cache is not None:
-            prefix.store(self.tokens[: cache.length], cache.k[:, 0], cache.v[:, 0])
+            self.committed.keep(prefix, cache.k[:, 0], cache.v[:, 0], cache.length)
 
     def free(self) -> None:
         self.cache = None
@@ -585,10 +589,10 @@ class NativeRunner:
     def start(self, prompt_ids: list[int], positions: int, slack: int = 0) -> torch.Tensor:
         """Prefill into a fresh cache; returns the logits [V] for the token after the prompt (drafts)."""
         self.reset(positions, slack)
-        self.tokens = list(prompt_ids)
+        self.committed.begin(prompt_ids, {})
         return self._run(prompt_ids, logits="last").logits[-1]
 
     def extend(self, token_ids: list[int]) -> torch.Tensor:
         """Append tokens causally after the cache; returns their logits [T, V]."""
-        self.tokens += token_ids
+        self.committed.add(token_ids, {})
         return self._run(token_ids).logits

@@ -17,6 +17,7 @@ tests compare cached and fresh generations.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
 import torch
 
@@ -24,16 +25,26 @@ BLOCK = 16
 
 
 class _Node:
-    __slots__ = ("children", "k", "parent", "tokens", "used", "v")
+    __slots__ = ("children", "hidden", "k", "parent", "tokens", "used", "v")
 
     def __init__(self, parent: _Node | None, tokens: tuple[int, ...], k=None, v=None) -> None:
         self.parent, self.tokens, self.k, self.v = parent, tokens, k, v
+        self.hidden: dict[int, torch.Tensor] = {}  # layer id -> [BLOCK, H]: where a drafter read them
         self.children: dict[tuple[int, ...], _Node] = {}
         self.used = 0
 
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.k, self.v, *self.hidden.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
 
 class PrefixCache:
-    """The blocks of committed prefixes, within `budget_bytes`. Used from one thread (the engine's)."""
+    """The blocks of committed prefixes, within `budget_bytes`. Used from one thread (the engine's).
+
+    A block also keeps the hidden states of the layers its generation's drafter read (eagle's, the heads'
+    final one), so that a request whose drafter reads them at prefill gets the cached positions' states too:
+    such a request is served only as far as every block has the layers it asks for."""
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
@@ -44,27 +55,41 @@ class PrefixCache:
         self.looked_up = 0  # prompt tokens asked for (whole blocks of them)
         self.hit = 0  # of those, found
 
-    def restore(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor, limit: int) -> int:
-        """Copy the longest cached prefix of `tokens` (at most `limit` tokens, whole blocks) into k, v
-        [layers, kv_heads, capacity, head_dim] from slot 0; returns its length."""
+    def restore(
+        self, tokens: list[int], k: torch.Tensor, v: torch.Tensor, limit: int, layers: Sequence[int] = ()
+    ) -> tuple[int, dict[int, torch.Tensor]]:
+        """Copy the longest cached prefix of `tokens` (at most `limit` tokens, whole blocks, each holding the
+        hidden states of `layers`) into k, v [layers, kv_heads, capacity, head_dim] from slot 0; returns its
+        length and those hidden states [length, H] per layer."""
         self.clock += 1
         node, n = self.root, 0
+        found: list[_Node] = []
         self.looked_up += (min(len(tokens), limit) // BLOCK) * BLOCK
         while n + BLOCK <= min(len(tokens), limit):
             child = node.children.get(tuple(tokens[n : n + BLOCK]))
-            if child is None:
+            if child is None or any(layer not in child.hidden for layer in layers):
                 break
             k[:, :, n : n + BLOCK] = child.k
             v[:, :, n : n + BLOCK] = child.v
             child.used = self.clock
+            found.append(child)
             node, n = child, n + BLOCK
         self.hit += n
-        return n
+        hidden = {layer: torch.cat([b.hidden[layer] for b in found]) for layer in layers} if found else {}
+        return n, hidden
 
-    def store(self, tokens: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep the whole blocks of a committed sequence: `tokens` and their k, v [layers, kv_heads, >= n,
-        head_dim] from slot 0."""
+    def store(
+        self,
+        tokens: list[int],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        hidden: dict[int, torch.Tensor] | None = None,
+    ) -> None:
+        """Keep the whole blocks of a committed sequence: `tokens`, their k, v [layers, kv_heads, >= n,
+        head_dim] from slot 0, and the hidden states a drafter read for them ([>= n, H] per layer; a block
+        already kept gains the layers it lacked)."""
         self.clock += 1
+        hidden = hidden or {}
         node = self.root
         for n in range(0, len(tokens) - BLOCK + 1, BLOCK):
             key = tuple(tokens[n : n + BLOCK])
@@ -72,8 +97,13 @@ class PrefixCache:
             if child is None:
                 child = _Node(node, key, k[:, :, n : n + BLOCK].clone(), v[:, :, n : n + BLOCK].clone())
                 node.children[key] = child
-                self.bytes += 2 * child.k.numel() * child.k.element_size()
                 self.blocks += 1
+            else:
+                self.bytes -= child.nbytes
+            for layer, h in hidden.items():
+                if layer not in child.hidden and h.shape[0] >= n + BLOCK:
+                    child.hidden[layer] = h[n : n + BLOCK].clone()
+            self.bytes += child.nbytes
             child.used = self.clock
             node = child
         self._evict()
@@ -89,7 +119,7 @@ class PrefixCache:
             parent = victim.parent
             assert parent is not None and victim.k is not None
             del parent.children[victim.tokens]
-            self.bytes -= 2 * victim.k.numel() * victim.k.element_size()
+            self.bytes -= victim.nbytes
             self.blocks -= 1
             if parent is not self.root and not parent.children:
                 heapq.heappush(heap, (parent.used, id(parent), parent))
@@ -105,3 +135,36 @@ class PrefixCache:
     def hit_rate(self) -> float:
         """Share of the prompt tokens looked up (whole blocks) that were found."""
         return self.hit / self.looked_up if self.looked_up else 0.0
+
+
+class Committed:
+    """One generation's committed tokens, and the hidden states its drafter read of them, in cache order:
+    what it offers the prefix cache when it ends (`keep`)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.hidden: dict[int, list[torch.Tensor]] = {}  # layer id -> [n_i, H] pieces
+
+    def begin(self, tokens: list[int], hidden: dict[int, torch.Tensor]) -> None:
+        """The prefill: the prompt's tokens and (where read) their hidden states [len(tokens), H]."""
+        self.tokens = list(tokens)
+        self.hidden = {layer: [h] for layer, h in hidden.items() if h.shape[0] == len(tokens)}
+
+    def add(self, tokens: list[int], hidden: dict[int, torch.Tensor], rows: list[int] | None = None) -> None:
+        """Tokens appended (a tree's accepted path, or causal ones); `hidden` the forward's, `rows` theirs."""
+        self.tokens += tokens
+        for layer in list(self.hidden):
+            h = hidden.get(layer)
+            if h is None:  # a forward that read none: nothing to keep past here
+                del self.hidden[layer]
+            else:
+                self.hidden[layer].append(h if rows is None else h[rows])
+
+    def crop(self, length: int) -> None:
+        del self.tokens[length:]
+        self.hidden = {layer: [torch.cat(parts)[:length]] for layer, parts in self.hidden.items()}
+
+    def keep(self, cache: PrefixCache, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        """Store the first `length` positions (k, v [layers, kv_heads, >= length, head_dim])."""
+        hidden = {layer: torch.cat(parts) for layer, parts in self.hidden.items()}
+        cache.store(self.tokens[:length], k, v, {layer: h[:length] for layer, h in hidden.items()})
