@@ -263,7 +263,8 @@ class RowTarget:
         self, rows: BatchRows, slot: Slot, runtime: RuntimeChoice, budget: BatchBudget | None = None
     ) -> None:
         self.rows, self.slot = rows, slot
-        self.committed = Committed()  # the row's committed tokens and states (for the prefix cache)
+        # the row's committed tokens and states, for the prefix cache (when the weights have one)
+        self.committed = Committed(rows.native.prefix_cache is not None)
         self.cached_tokens = 0
         self.runtime = runtime  # the batch's (native), which may not be the engine's solo runtime
         # the step as this row's drafter sees it when sizing its tree (`Request.batch`)
@@ -286,7 +287,7 @@ class RowTarget:
 
     def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         self.rows.cache.keep(scores.start, accepted_nodes, self.slot.row)
-        if scores.tree is not None:
+        if scores.tree is not None and self.committed.on:
             self.committed.add([scores.tree.tokens[i] for i in accepted_nodes], scores.hidden, accepted_nodes)
 
     def keep_prefix(self) -> None:

@@ -9,6 +9,7 @@ cannot compile, a regex or grammar that does not parse) is an `InputError` of on
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from dataclasses import dataclass
@@ -56,10 +57,12 @@ class Constraint:
         return cls("choice", tuple(options))
 
     def check(self) -> None:
-        """InputError (one line) unless the constraint compiles."""
-        from llguidance import LLMatcher
-
-        error = LLMatcher.validate_grammar(self.llguidance_grammar())
+        """InputError (one line) unless the constraint compiles (checked once per constraint: a request's
+        parameters are validated where it arrives and again where it starts)."""
+        try:
+            error = _validation_error(self)
+        except TypeError:  # a value given as a list (unhashable): checked without the cache
+            error = _validation_error.__wrapped__(self)
         if error:
             raise InputError(f"invalid {self.describe()}: {_one_line(error)}")
 
@@ -103,6 +106,14 @@ class Constraint:
             return grammar_from("regex" if kind == "regex" else self.syntax, value)  # type: ignore[arg-type]
         except ValueError as e:
             raise InputError(f"invalid {self.describe()}: {_one_line(str(e))}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _validation_error(constraint: Constraint) -> str:
+    """llguidance's message about the constraint's grammar ("" when it compiles)."""
+    from llguidance import LLMatcher
+
+    return LLMatcher.validate_grammar(constraint.llguidance_grammar())
 
 
 def _one_line(message: str) -> str:

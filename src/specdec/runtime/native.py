@@ -507,7 +507,7 @@ class NativeRunner:
         self.native = native
         self.cache: NativeCache | None = None
         self.forwards = 0
-        self.committed = Committed()  # what the cache holds, for the prefix cache
+        self.committed = Committed()  # what the cache holds, for the prefix cache (`reset` turns it on)
         self.cached_tokens = 0  # of the prompt, restored from the prefix cache
 
     @property
@@ -524,7 +524,7 @@ class NativeRunner:
         check_layer_types(self.native.model, positions)
         self.cache = self.native.new_cache(positions + slack)
         self.forwards = 0
-        self.committed, self.cached_tokens = Committed(), 0
+        self.committed, self.cached_tokens = Committed(self.native.prefix_cache is not None), 0
 
     def _run(self, token_ids: list[int], positions=None, mask=None, layers=(), logits="all") -> Scores:
         cache = self.cache
@@ -569,7 +569,7 @@ class NativeRunner:
     def commit(self, scores: Scores, accepted_nodes: list[int]) -> None:
         assert self.cache is not None, "commit() follows score()"
         self.cache.keep(scores.start, accepted_nodes)
-        if scores.tree is not None:
+        if scores.tree is not None and self.committed.on:
             self.committed.add([scores.tree.tokens[i] for i in accepted_nodes], scores.hidden, accepted_nodes)
 
     def crop(self, length: int) -> None:

@@ -139,19 +139,25 @@ class PrefixCache:
 
 class Committed:
     """One generation's committed tokens, and the hidden states its drafter read of them, in cache order:
-    what it offers the prefix cache when it ends (`keep`)."""
+    what it offers the prefix cache when it ends (`keep`). Off (`on` False: no prefix cache on the weights)
+    it records nothing, so a generation without a cache pays nothing per step for it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on: bool = False) -> None:
+        self.on = on
         self.tokens: list[int] = []
         self.hidden: dict[int, list[torch.Tensor]] = {}  # layer id -> [n_i, H] pieces
 
     def begin(self, tokens: list[int], hidden: dict[int, torch.Tensor]) -> None:
         """The prefill: the prompt's tokens and (where read) their hidden states [len(tokens), H]."""
+        if not self.on:
+            return
         self.tokens = list(tokens)
         self.hidden = {layer: [h] for layer, h in hidden.items() if h.shape[0] == len(tokens)}
 
     def add(self, tokens: list[int], hidden: dict[int, torch.Tensor], rows: list[int] | None = None) -> None:
         """Tokens appended (a tree's accepted path, or causal ones); `hidden` the forward's, `rows` theirs."""
+        if not self.on:
+            return
         self.tokens += tokens
         for layer in list(self.hidden):
             h = hidden.get(layer)
@@ -161,6 +167,8 @@ class Committed:
                 self.hidden[layer].append(h if rows is None else h[rows])
 
     def crop(self, length: int) -> None:
+        if not self.on:
+            return
         del self.tokens[length:]
         self.hidden = {layer: [torch.cat(parts)[:length]] for layer, parts in self.hidden.items()}
 
