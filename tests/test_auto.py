@@ -112,6 +112,78 @@ def test_auto_with_an_eagle_member_equals_generate(auto_decoder):
     assert ran > 0
 
 
+def heads_members(model) -> list:
+    from specdec.drafters.hydra import Hydra
+    from specdec.drafters.medusa import Medusa
+
+    return ["suffix", "pld", Hydra(head=tiny.random_hydra(model)), Medusa(head=tiny.random_medusa(model))]
+
+
+@pytest.mark.parametrize("runtime", ["native", "llamacpp"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_auto_with_head_members_stays_lossless(auto_decoder, runtime, temperature):
+    """Hydra and Medusa as members, on native (the prompt's hidden states at prefill) and on llama.cpp (the
+    final hidden state from the first verification on): greedy equals generate(); sampled runs are checked for
+    running at all here (their distribution: the sampling tests below, whatever the members propose)."""
+    model = tiny.model("llama", seed=1, dtype=torch.float32)
+    dec = auto_decoder(model, drafter=Auto(members=heads_members(model)), runtime=runtime)
+    assert [m.name for m in dec.drafter.members] == ["suffix", "pld", "hydra", "medusa"]
+    ran = Counter()
+    for prompt in PROMPTS:
+        out = dec.generate(prompt, max_new_tokens=20, temperature=temperature, seed=0)
+        assert out.stats.runtime == runtime and len(out.token_ids) == 20
+        if temperature == 0:
+            assert out.token_ids == tiny.hf_greedy(model, prompt, 20)
+        ran.update(out.stats.drafter["ran"])
+    assert ran["hydra"] > 0 and ran["medusa"] > 0
+
+
+def test_a_given_head_joins_the_member_of_its_kind(model):
+    hydra = tiny.random_hydra(model)
+    auto = Auto(head=hydra)
+    by_name = {m.name: m for m in auto.candidates}
+    assert by_name["hydra"].config.head is hydra
+    assert by_name["medusa"].config.head is None and by_name["eagle"].config.head is None  # the shipped ones
+
+
+def test_a_member_that_never_runs_never_starts(auto_decoder):
+    """pld and suffix start at their first run (nothing indexed in a generation they sit out); recycle, which
+    learns its table from every verification, starts with the generation."""
+    from specdec.drafters.pld import PromptLookup
+
+    pld, started = PromptLookup(), []
+    start = pld.start
+    pld.start = lambda request: started.append(len(request.prompt_ids)) or start(request)  # type: ignore
+    dec = auto_decoder(drafter=Holdout("pld", 12, members=["suffix", pld, "recycle"]))
+    prompt = PROMPTS[1]
+    dec.generate(prompt, max_new_tokens=8)
+    assert not started
+    out = dec.generate(prompt, max_new_tokens=20)
+    assert started == [len(prompt)] and out.stats.drafter["ran"]["pld"] > 0
+    assert out.token_ids == tiny.hf_greedy(dec.model, prompt, 20)
+
+
+def test_hidden_states_are_read_only_while_a_member_reading_them_takes_part(auto_decoder, monkeypatch):
+    """With its heads members benched, auto's forwards return no hidden states (cheaper on llama.cpp)."""
+    from specdec.engine import Decoding
+
+    model = tiny.model("llama", seed=1, dtype=torch.float32)
+    dec = auto_decoder(model, drafter=Auto(members=heads_members(model)))
+    asked = []
+    wanted = Decoding.wanted
+    monkeypatch.setattr(Decoding, "wanted", lambda self, layers: asked.append(wanted(self, layers)) or asked[-1])
+    dec.generate(PROMPTS[1], max_new_tokens=8)
+    assert asked[0] and asked[1]  # on trial: the prefill and the first forward return the final hidden state
+    monkeypatch.setattr(Auto, "pays_its_keep", lambda self, i, lift, timing: self.members[i].name == "suffix")
+    profile = dec.drafter.profile(0.0)
+    profile.lifts = [1.0] * len(profile.lifts)  # measured, and not paying: benched at the start
+    asked.clear()
+    out = dec.generate(PROMPTS[1], max_new_tokens=8)
+    assert {"hydra", "medusa"} <= set(out.stats.drafter["benched"])
+    assert asked and not any(asked)
+    assert out.token_ids == tiny.hf_greedy(model, PROMPTS[1], 8)
+
+
 def test_when_no_tree_pays_it_decodes_plainly_through_the_same_engine(model, auto_decoder):
     dec = auto_decoder(cost=STEEP)
     for prompt in PROMPTS:
@@ -404,11 +476,15 @@ class RandomGate(Auto):
 @pytest.mark.slow
 def test_auto_samples_the_exact_distribution_whatever_it_chooses():
     """As test_sampling's engine test (400 seeded generations of 4 tokens, chi-square against the exact
-    distribution), with choices that vary step to step: merged point masses, a sampled draft alone, nothing."""
+    distribution), with choices that vary step to step: merged point masses (a head's among them), a sampled
+    draft alone, nothing."""
     import test_sampling as ts
 
+    from specdec.drafters.hydra import Hydra
+
     target, other = ts.vocab_model(0), ts.vocab_model(1)  # test_sampling's target and other model
-    auto = with_cost(RandomGate(members="pld,suffix,recycle,draft", draft_model=other), FLAT)
+    members = ["pld", "suffix", "recycle", "draft", Hydra(head=tiny.random_hydra(target))]
+    auto = with_cost(RandomGate(members=members, draft_model=other), FLAT)
     dec = SpecDecoder(target, ts.word_tokenizer(), auto)
     counts: Counter = Counter()
     kinds = set()
@@ -416,7 +492,7 @@ def test_auto_samples_the_exact_distribution_whatever_it_chooses():
         out = dec.generate(ts.PROMPT, max_new_tokens=4, ignore_eos=True, seed=seed, temperature=1.0)
         counts[tuple(out.token_ids)] += 1
         kinds |= {name for name, n in out.stats.drafter["chosen"].items() if n}
-    assert {"none", "draft", "pld", "suffix", "recycle"} <= kinds
+    assert {"none", "draft", "pld", "suffix", "recycle", "hydra"} <= kinds
     assert ts.chi_square_pvalue(counts, ts.Continuations(target, 4).exact(ts.PLAIN)) > 1e-3
 
 
@@ -452,13 +528,14 @@ def test_other_drafters_report_nothing(model, tok):
 def test_members_follow_what_was_given(other_model):
     names = [m.name for m in Auto().members]  # not bound yet: candidates only
     assert names == []
-    assert [m.name for m in Auto().candidates] == ["suffix", "pld", "recycle", "eagle"]  # no draft model
+    heads = ["eagle", "hydra", "medusa"]
+    assert [m.name for m in Auto().candidates] == ["suffix", "pld", "recycle", *heads]  # no draft model
     assert [m.name for m in Auto(draft_model=other_model).candidates] == [
         "suffix",
         "pld",
         "recycle",
         "draft",
-        "eagle",
+        *heads,
     ]
     with pytest.raises(ValueError, match="unknown member"):
         Auto(members="pld,nonsense")

@@ -35,10 +35,10 @@ def test_a_nodes_children_are_ranked_for_its_own_path(tok):
     for node in depth1:
         path = torch.tensor([[3, tree.tokens[node]]])
         expect = heads.draft_to_target[heads.head(1, state.hidden[None], path).topk(4).indices[0]].tolist()
-        assert state.ranked[node] == expect
+        assert state.ranked[(tree.tokens[node],)] == expect  # by its path's tokens after the root
         for child in tree.children[node]:
             assert tree.tokens[child] in expect
-    rankings = [tuple(state.ranked[n]) for n in depth1 if n in state.ranked]
+    rankings = [tuple(state.ranked[(tree.tokens[n],)]) for n in depth1]
     assert len(set(rankings)) > 1  # the rankings depend on the path (a Medusa head gives one for all)
 
 

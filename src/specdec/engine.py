@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from specdec.acceptance import verify_greedy, verify_sampled
-from specdec.drafters.base import Drafter, Request, RuntimeChooser, Scored
+from specdec.drafters.base import Drafter, ReadsOnDemand, Request, RuntimeChooser, Scored
 from specdec.errors import ContextLengthError, InputError
 from specdec.grammar import GrammarState
 from specdec.models.gguf_target import GGUFTarget
@@ -191,6 +191,7 @@ class Engine:
         self.runtime_name = runtime  # as asked ("auto": chosen below, and re-timed for drafting methods)
         # a drafter that picks the runtime per request (auto), checked once: not on every generation's path
         self.chooser: RuntimeChooser | None = drafter if isinstance(drafter, RuntimeChooser) else None
+        self.on_demand: ReadsOnDemand | None = drafter if isinstance(drafter, ReadsOnDemand) else None
         # chosen before the drafter binds: drafters that size trees by cost time this runtime's forwards, and a
         # drafter whose hidden-state readers are optional (auto's eagle member) leaves them out without them
         all_layers = drafter.reads.requires_all_layers
@@ -208,6 +209,7 @@ class Engine:
         self.race = timed_choice(model, drafter.tree_tokens) if timed else None
         drafter.bind(model, self.runtime)
         self.layers = tuple(drafter.hidden_layers()) if drafter.reads.any else ()
+        self.final_layer = model.config.get_text_config(decoder=True).num_hidden_layers  # the LM head's input
         # a drafter that picks the runtime per request may also use plain decoding's fastest one
         self.runtimes = [self.runtime]
         if runtime == "auto" and self.chooser is not None:
@@ -261,7 +263,9 @@ class Decoding:
         self.drafter = engine.drafter
         # a batch row runs on the batch's runtime (`target.runtime`: native, which returns every layer's states)
         runtime = engine.next_runtime(params) if target is None else target.runtime
-        self.layers = engine.layers if self.drafter.reads.on(runtime) else ()
+        # the hidden states asked for at prefill and at every scoring (`Reads.layers_on`)
+        self.prefill_layers, self.layers = self.drafter.reads.layers_on(runtime, engine.layers, engine.final_layer)
+        self.on_demand = engine.on_demand
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params
         self.generator = make_generator(params.seed, engine.device)
@@ -282,7 +286,7 @@ class Decoding:
         """The prompt minus its last token (the first tree's root) goes into the cache."""
         t0 = time.perf_counter()
         self.target.reset(len(self.context) + self.params.max_new_tokens, slack=64)
-        prefill = self.target.prefill(self.context[:-1], self.layers)
+        prefill = self.target.prefill(self.context[:-1], self.wanted(self.prefill_layers))
         self.stats.cached_prompt_tokens = self.target.cached_tokens
         self.stats.verify_seconds += time.perf_counter() - t0
         self.drafter.prefilled(self.state, prefill.hidden)
@@ -290,7 +294,12 @@ class Decoding:
     def step(self) -> Step:
         """propose -> one target forward -> accept -> commit -> observe -> emit."""
         tree = self.propose()
-        return self.finish(tree, self.target.score(tree, self.layers))
+        return self.finish(tree, self.target.score(tree, self.wanted(self.layers)))
+
+    def wanted(self, layers: tuple[int, ...]) -> tuple[int, ...]:
+        """`layers`, or none where the drafter reads them on demand and wants none now (`ReadsOnDemand`)."""
+        on_demand = self.on_demand
+        return layers if not layers or on_demand is None or on_demand.reads_hidden(self.state) else ()
 
     def propose(self) -> DraftTree:
         """The drafter's tree for this step (cut to the tokens still allowed)."""

@@ -83,8 +83,9 @@ class Reads(enum.Enum):
     (native, transformers; not llama.cpp)."""
 
     HIDDEN_LAYERS_IF_AVAILABLE = "hidden layers if available"
-    """Inner layers where the runtime returns them, and nothing elsewhere (auto: its members that read them sit
-    out on a runtime without them), so it does not confine the runtime choice."""
+    """Inner layers where the runtime returns them, and the final one alone elsewhere (auto: its members that
+    read inner layers sit out on a runtime without them, its heads on the final one draft there too), so it
+    does not confine the runtime choice."""
 
     @property
     def any(self) -> bool:
@@ -106,6 +107,21 @@ class Reads(enum.Enum):
         """It reads hidden states from this runtime's forwards: the final one from any runtime, inner layers
         only from one that returns every layer."""
         return self is Reads.FINAL_HIDDEN or (self.any and runtime.hidden_states)
+
+    def layers_on(
+        self, runtime: RuntimeChoice, layers: tuple[int, ...], final: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The layers (of `layers`, what the drafter reads; `final` the final hidden state's id) a generation on
+        `runtime` asks for at prefill and at every scoring. Where the runtime returns none of the inner ones
+        (llama.cpp), the final one alone, at scoring only, for a drafter whose readers of them are optional
+        (auto's heads members): for the prompt's hidden states llama.cpp makes every prompt position an output
+        (its LM head over the whole prompt) and its prefix cache cannot serve them, so those members draft from
+        the first verification on."""
+        if self.on(runtime):
+            return layers, layers
+        if self is Reads.HIDDEN_LAYERS_IF_AVAILABLE and final in layers:
+            return (), (final,)
+        return (), ()
 
 
 class Drafter(ABC, Generic[S]):
@@ -226,6 +242,19 @@ class RuntimeChooser(Protocol):
     def prepare(self, runtimes: Sequence[RuntimeChoice]) -> None:
         """The engine was built with these candidates: measure now what choosing among them needs (the
         timing then lands in loading the model, not in its first requests)."""
+        ...
+
+
+@runtime_checkable
+class ReadsOnDemand(Protocol):
+    """Reads hidden states through members that may drop out within a generation (auto): the engine asks before
+    the prefill and every forward whether they are wanted, since a forward returning none is cheaper (on
+    llama.cpp by 2-4% of a one-token step: docs/runtime.md)."""
+
+    def reads_hidden(self, state: Any) -> bool:
+        """The generation with this state reads the hidden states `hidden_layers` names from its next forward
+        (False: none of its members that read them takes part now; it must then not need them later in the
+        generation, as the forwards in between return none)."""
         ...
 
 

@@ -27,8 +27,10 @@ from specdec.tree import DraftTree, Trie
 
 @dataclass
 class HydraState(MedusaState):
-    # per tree node whose children were drafted: the target ids its head ranked, best first
-    ranked: dict[int, list[int]] = field(default_factory=dict)
+    # per node of the last proposal whose children were drafted, by its path's tokens after the root: the
+    # target ids its head ranked, best first (by path, not node id: `auto` verifies merged trees, whose ids
+    # are not ours)
+    ranked: dict[tuple[int, ...], list[int]] = field(default_factory=dict)
 
 
 @register
@@ -86,7 +88,7 @@ class Hydra(HeadsDrafter[HydraState]):
             ranked = heads.draft_to_target[top].tolist()  # as target ids
             grown = []
             for i, row in zip(frontier, ranked, strict=True):
-                state.ranked[node_of[i]] = row
+                state.ranked[tuple(paths[i][1:])] = row
                 for j in children[i]:
                     token = row[tpl.ranks[j]]
                     node_of[j] = trie.insert([token], node_of[i])
@@ -95,15 +97,18 @@ class Hydra(HeadsDrafter[HydraState]):
             frontier = grown
         return trie.tree()
 
-    def _learn(self, state: HydraState, verdict: Verdict) -> None:
-        """Along the accepted path: the rank the head gave the true next token at each node it ranked."""
+    def _learn(self, state: HydraState, verdict: Verdict) -> bool:
+        """Along the emitted path: the rank the head gave the true next token at each node it ranked."""
         assert self.hits is not None and self.trials is not None
-        width = self.hits.shape[1]
-        for depth, node in enumerate(verdict.accepted_nodes[: self.hits.shape[0]]):
-            ranked = state.ranked.get(node)
-            if ranked is None or depth >= len(verdict.tokens):
+        if not state.ranked:
+            return False
+        width, tokens = self.hits.shape[1], verdict.tokens
+        for depth in range(min(len(tokens), self.hits.shape[0])):
+            ranked = state.ranked.get(tuple(tokens[:depth]))
+            if ranked is None:
                 break
             self.trials[depth] += 1
-            truth = verdict.tokens[depth]
-            if truth in ranked[:width]:
-                self.hits[depth, ranked.index(truth)] += 1
+            if tokens[depth] in ranked[:width]:
+                self.hits[depth, ranked.index(tokens[depth])] += 1
+        state.ranked = {}  # counted: a step in which it did not propose (an `auto` member's) counts nothing
+        return True

@@ -177,15 +177,17 @@ class HeadsDrafter(Drafter[MS]):
 
     def observe(self, state: MS, scored: Scored) -> None:
         verdict = scored.verdict
-        self._learn(state, verdict)
+        learned = self._learn(state, verdict)
         state.hidden = scored.hidden[self.layer][verdict.accepted_nodes[-1]]  # its next token: the new root
-        state.steps += 1
-        if state.steps % self.config.regrow_every == 0:
+        # the template is regrown from what was counted: as an `auto` member it may sit steps out
+        state.steps += learned
+        if learned and state.steps % self.config.regrow_every == 0:
             self._grow()
 
     @abstractmethod
-    def _learn(self, state: MS, verdict: Verdict) -> None:
-        """Count, for the rank statistics, what this verification says about the heads' last rankings."""
+    def _learn(self, state: MS, verdict: Verdict) -> bool:
+        """Count, for the rank statistics, what this verification says about the heads' last rankings (False:
+        there were none since the last count)."""
 
 
 @register
@@ -229,15 +231,17 @@ class Medusa(HeadsDrafter[MedusaState]):
             node_of[i] = trie.insert([ranked[depth - 1][tpl.ranks[i]]], node_of[tpl.parents[i]])
         return trie.tree()
 
-    def _learn(self, state: MedusaState, verdict: Verdict) -> None:
+    def _learn(self, state: MedusaState, verdict: Verdict) -> bool:
         """The next token after each accepted depth is now known: count the rank each head gave it."""
         if state.candidates is None:
-            return
+            return False
         assert self.hits is not None and self.trials is not None
         k = min(len(verdict.tokens), state.candidates.shape[0])
         truth = torch.tensor(verdict.tokens[:k])
         self.trials[:k] += 1
         self.hits[:k] += (state.candidates[:k] == truth[:, None]).double()
+        state.candidates = None  # counted: a step in which it did not propose (an `auto` member's) counts nothing
+        return True
 
 
 def _check(heads, model) -> None:

@@ -33,8 +33,9 @@ if TYPE_CHECKING:  # specdec.batch builds on the engine, which builds on the dra
 
 @register
 class Auto(Steps, Drafter[AutoState]):
-    """Also a `RuntimeChooser` (per request: llamacpp where it mostly decodes plainly) and a `BatchSizer` (a
-    batch row's tree is sized for the whole step: `Request.batch`)."""
+    """Also a `RuntimeChooser` (per request: llamacpp where it mostly decodes plainly), a `ReadsOnDemand` (hidden
+    states only while a member reading them takes part) and a `BatchSizer` (a batch row's tree is sized for the
+    whole step: `Request.batch`)."""
 
     name = "auto"
     # inner layers when a member reads them (eagle; `hidden_layers` is empty otherwise: free); on a runtime
@@ -43,7 +44,7 @@ class Auto(Steps, Drafter[AutoState]):
     uses_head = True  # --draft HEAD_DIR: its eagle member drafts with that head
     # what `start` and `release` carry across requests (`runtimes` is not: it only caches the choices offered,
     # and grows with `timings`, so every restored timing's runtime is in it)
-    learned_attributes = ("timings", "profiles", "seconds", "keep", "default_runtime", "recheck")
+    learned_attributes = ("timings", "profiles", "seconds", "first_seconds", "keep", "default_runtime", "recheck")
 
     def __init__(
         self,
@@ -65,6 +66,9 @@ class Auto(Steps, Drafter[AutoState]):
         # per temperature (`temperature_key`): what is learned there, carried across requests
         self.profiles: dict[float, Profile] = {}
         self.seconds: list[float] = []  # per member: moving average of its propose time (the machine's)
+        # per member that starts late: the same of its first run in a generation (its start, and indexing the
+        # context so far): what a probe of it costs while it has not run yet
+        self.first_seconds: list[float] = []
         self.keep: list[float] = []  # per member: moving average of its observe time, paid every step
         self.default_runtime: str | None = None  # the engine's default runtime, once it offered a choice
         self.runtimes: dict[str, RuntimeChoice] = {}  # name -> the runtime, as `timings`
@@ -85,6 +89,7 @@ class Auto(Steps, Drafter[AutoState]):
         self.runtimes, self.recheck = {}, Recheck()
         self.profiles = {}
         self.seconds = [0.0] * len(self.members)
+        self.first_seconds = [0.0] * len(self.members)
         self.keep = [0.0] * len(self.members)
 
     def snapshot_learned(self) -> dict[str, Any]:
@@ -95,6 +100,11 @@ class Auto(Steps, Drafter[AutoState]):
         super().restore_learned({k: v for k, v in snapshot.items() if k != "members"})
         for m, learned in zip(self.members, snapshot["members"], strict=True):
             m.restore_learned(learned)
+
+    def reads_hidden(self, state: AutoState) -> bool:
+        """A member reading hidden states takes part in this generation now (`ReadsOnDemand`): one benched or
+        sitting out never returns within it."""
+        return any(t.active and m.reads.any for m, t in zip(self.members, state.members, strict=True))
 
     def hidden_layers(self) -> tuple[int, ...]:
         layers = {i for m in self.members if m.reads.any for i in m.hidden_layers()}
@@ -175,11 +185,11 @@ class Auto(Steps, Drafter[AutoState]):
             default = self.timings[self.default_runtime]
         acceptance = profile.shared.warm_copy(self.config.warm_weight)
         debug = LOG.isEnabledFor(logging.DEBUG)
-        return AutoState(tracks, acceptance, profile, timing, default, request.batch, debug)
+        return AutoState(tracks, acceptance, profile, timing, default, request.batch, debug, request)
 
     def prefilled(self, state: AutoState, hidden) -> None:
         for m, track in zip(self.members, state.members, strict=True):
-            if track.active:
+            if track.active and track.started:
                 m.prefilled(track.state, hidden)
 
     def release(self, state: AutoState) -> None:

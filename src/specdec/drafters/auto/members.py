@@ -25,7 +25,7 @@ RETRY_GENERATIONS = 8  # a member benched for not paying its keep is tried again
 class MemberTrack:
     """One member within one generation."""
 
-    state: Any  # the member's own per-generation state
+    state: Any  # the member's own per-generation state (None until it started: `started`)
     # moving average of the factor by which running it raised the step's expected tokens per second, over the
     # other members' trees it was run after (1: no help; None: not measured yet)
     lift: float | None
@@ -39,6 +39,9 @@ class MemberTrack:
     streak: int = 0
     ran: int = 0  # steps it ran in
     chosen: int = 0  # steps in which the verified tree held one of its nodes
+    # its `start` ran: members that `starts_late` start at their first run (a probe, or when worth running),
+    # so a generation in which one never runs costs it nothing (no prompt indexed, nothing observed)
+    started: bool = True
 
     def add_lift(self, lift: float) -> None:
         self.lift = lift if self.lift is None else self.lift + GATE_EMA * (lift - self.lift)
@@ -68,10 +71,20 @@ def candidates(config: AutoConfig, draft_model, exclude: type[Drafter]) -> list[
 
 
 def sits_out(member: Drafter, runtime: RuntimeChoice | None) -> bool:
-    """`member` reads hidden states and auto is handed none on `runtime`: auto reads them only where the
-    runtime returns every layer (`Reads.HIDDEN_LAYERS_IF_AVAILABLE`), so such a member cannot draft there.
-    (None: outside an engine, nothing known against it.)"""
-    return member.reads.any and runtime is not None and not Reads.HIDDEN_LAYERS_IF_AVAILABLE.on(runtime)
+    """`member` reads hidden states that `runtime` does not return: an inner layer (eagle's) on a runtime
+    returning the final one only (llama.cpp), so it cannot draft there. The heads on the final hidden state
+    draft on every runtime. (None: outside an engine, nothing known against it.)"""
+    return member.reads.any and runtime is not None and not member.reads.on(runtime)
+
+
+def starts_late(member: Drafter) -> bool:
+    """It can start at its first run within a generation rather than at the generation's start: it drafts from
+    the context its `propose` gets (pld and suffix index the prompt then; a draft model feeds it), so nothing
+    of the steps before is lost. A member reading hidden states needs the prompt's at prefill and the verified
+    ones at every step; one that observes to learn across requests (recycle's table) learns from every
+    verification, run or not."""
+    observes = type(member).observe is not Drafter.observe
+    return not member.reads.any and not (observes and member.learned_attributes)
 
 
 def bind(candidates: list[Drafter], model, runtime: RuntimeChoice) -> tuple[list[Drafter], dict[str, str]]:
@@ -99,11 +112,12 @@ def start(
     pays: Callable[[int, float | None], bool],
 ) -> list[MemberTrack]:
     """Each member's track for a new generation, from the lifts and bench counts of its temperature (`benched`
-    is updated). A member that `pays` its keep starts, and so does one never measured or benched for
-    RETRY_GENERATIONS generations (on trial); one reading hidden states sits out on a runtime without them."""
+    is updated). A member that `pays` its keep takes part, and so does one never measured or benched for
+    RETRY_GENERATIONS generations (on trial); one reading hidden states sits out on a runtime without them.
+    Members that `starts_late` start at their first run (`ensure_started`), the others now."""
     tracks = []
     for i, (m, lift) in enumerate(zip(members, lifts, strict=True)):
-        if sits_out(m, request.runtime):  # this generation's runtime returns no hidden states
+        if sits_out(m, request.runtime):  # this generation's runtime returns no hidden states it reads
             tracks.append(MemberTrack(None, lift, active=False))
             continue
         trial = lift is None or benched[i] >= RETRY_GENERATIONS
@@ -111,17 +125,29 @@ def start(
         benched[i] = 0 if active else benched[i] + 1
         # a member measured before waits for its next probe; a new one (or one on trial) is tried at once
         idle = 1 << 30 if trial else 0
-        tracks.append(MemberTrack(m.start(request) if active else None, lift, idle=idle, active=active))
+        now = active and not starts_late(m)
+        tracks.append(MemberTrack(m.start(request) if now else None, lift, idle=idle, active=active, started=now))
     return tracks
+
+
+def ensure_started(member: Drafter, track: MemberTrack, request: Request | None) -> bool:
+    """Start a member that starts late, at its first run; True when it started now (its first propose then
+    also indexes the whole context, which is timed apart from its usual propose: `Steps._run`)."""
+    if track.started:
+        return False
+    assert request is not None, "a member that starts late starts with its generation's request"
+    track.state, track.started = member.start(request), True
+    return True
 
 
 def bench(member: Drafter, track: MemberTrack) -> None:
     """Out for the rest of the generation: not run, not observing (so not drafting stale), state freed."""
     track.active = False
-    member.release(track.state)
+    if track.started:
+        member.release(track.state)
 
 
 def release(members: list[Drafter], tracks: list[MemberTrack]) -> None:
     for m, track in zip(members, tracks, strict=True):
-        if track.active:
+        if track.active and track.started:
             m.release(track.state)

@@ -15,6 +15,7 @@ from specdec.tree import DraftTree
 
 if TYPE_CHECKING:  # specdec.batch builds on the engine, which builds on the drafters
     from specdec.batch import RowBudget
+    from specdec.drafters.base import Request
 
 
 def temperature_key(params: SamplingParams) -> float:
@@ -77,6 +78,7 @@ class AutoState:
     # the per-step choice goes to the debug log: asked once per generation (a step should touch no more code
     # than it needs: after a forward the interpreter's caches are cold and every call costs microseconds)
     debug: bool = False
+    request: Request | None = None  # what the members that start late start with (`members.ensure_started`)
     step: StepScratch = field(default_factory=StepScratch)
     # counters over the generation
     default_plain: int = 0  # steps whose plan for the default runtime verified the root alone

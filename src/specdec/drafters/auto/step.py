@@ -25,6 +25,7 @@ class Steps:
     clock: Callable[[], float]  # what auto times its members and its steps with
     members: list[Drafter]
     seconds: list[float]  # per member: moving average of its propose time
+    first_seconds: list[float]  # per member that starts late: the same of its first run in a generation
     keep: list[float]  # per member: moving average of its observe time
 
     # -- the gate ------------------------------------------------------------------------------------------
@@ -46,8 +47,11 @@ class Steps:
         """Running member i now costs at most `probe_overhead` of plain decoding's time, spread over the steps
         since it last ran. `plain`: a plain step's seconds, when the caller has them."""
         plain = state.timing.plain_seconds() if plain is None else plain
-        interval = self.seconds[i] / (self.config.probe_overhead * plain)
-        return state.members[i].idle + 1 >= interval
+        track = state.members[i]
+        # a member not started yet pays for its start at its first run (the whole context indexed)
+        seconds = self.seconds[i] if track.started else max(self.seconds[i], self.first_seconds[i])
+        interval = seconds / (self.config.probe_overhead * plain)
+        return track.idle + 1 >= interval
 
     def should_run(self, state: AutoState, i: int, plain: float | None = None) -> bool:
         """The gate of step 1: a probe is due, or running member i is expected to raise the step's tokens per
@@ -119,6 +123,11 @@ class Steps:
                 track.idle += 1
                 continue
             tree, values = self._run(state, i, context, depth)
+            if len(tree) == 1 and track.lift is None and track.ran == 1:
+                # a new member's first run proposed nothing (no match in the context yet; a head before its
+                # first hidden state, which llama.cpp's prefill does not give): no lift from that, it runs again
+                track.idle = 1 << 30
+                continue
             rate = offer.add(i, tree, values, terms)
             # what running it did to this step's tokens per second (a tree with q replaces the others': < 1 when
             # they were better)
@@ -157,12 +166,14 @@ class Steps:
         """Member i proposes; its time and node values are recorded."""
         track, clock = state.members[i], self.clock
         t0 = clock()
+        first = lifecycle.ensure_started(self.members[i], track, state.request)
         tree = self.members[i].propose(track.state, context, depth)
         seconds = clock() - t0
         state.step.drafting += seconds
-        if track.ran or not self.seconds[i]:  # a generation's first call also indexes the prompt: not typical
-            old = self.seconds[i]
-            self.seconds[i] = old + TIME_EMA * (seconds - old) if old else seconds
+        if first:  # its start and the whole context indexed: what its next first run will cost
+            self.first_seconds[i] = _ema(self.first_seconds[i], seconds)
+        elif track.ran or not self.seconds[i]:  # a generation's first call also indexes the prompt: not typical
+            self.seconds[i] = _ema(self.seconds[i], seconds)
         track.tree, track.values, track.cell = tree, [1.0], 2 * i + track.streak
         if len(tree) > 1:
             factor = state.profile.shared.factor
@@ -241,7 +252,7 @@ class Steps:
         acceptance, shared = state.acceptance, state.profile.shared
         t0 = clock()
         for i, track in enumerate(state.members):
-            if track.active:
+            if track.active and track.started:
                 members[i].observe(track.state, scored)
                 t1 = clock()
                 keep[i] += TIME_EMA * (t1 - t0 - keep[i])
@@ -255,3 +266,8 @@ class Steps:
                 track.streak = int(bool(emitted) and any(tree.tokens[c] == emitted[0] for c in first))
                 track.tree = None
                 t0 = clock()
+
+
+def _ema(old: float, new: float) -> float:
+    """A moving average of measured seconds (0: none yet, so the first measurement is taken whole)."""
+    return old + TIME_EMA * (new - old) if old else new
