@@ -383,6 +383,28 @@ def test_suffix_history_is_retrieved_and_bounded(tok):
     assert without.generate(prompt, max_new_tokens=40).stats.target_forwards == first.stats.target_forwards
 
 
+def test_suffix_history_learns_a_resent_prefix_once(tok):
+    """Turns of a chat resend the history: each joins the suffix history with its new part only (and the seam
+    before it), and a resent request adds nothing; what was learned is still drafted from, losslessly."""
+    from specdec.drafters.suffix import SEAM
+
+    m = models()["gemma"]
+    dec = SpecDecoder(m, tok, method="suffix")
+    drafter = dec.drafter
+    first = context = [5, 9, 14, 3, 77, 1] + list(range(100, 160))
+    sizes = []
+    for turn in range(3):
+        out = dec.generate(context, max_new_tokens=24)
+        assert out.token_ids == reference("gemma", tuple(context), 24)
+        sizes.append(len(drafter.history.text))
+        if turn:  # the separator, the seam, this turn's question and answer, and the last answer's unread tail
+            assert sizes[-1] - sizes[-2] <= 1 + SEAM + 7 + 2 * len(out.token_ids) < len(context)
+        context = context + out.token_ids + [turn + 20, 30, 31, 32, 33, 34, 35]  # the next turn's question
+    again = dec.generate(first, max_new_tokens=24)  # a resent request: its context is held whole already
+    assert len(drafter.history.text) == sizes[-1]
+    assert again.stats.mean_accepted_tokens > 3  # the history's continuation is drafted
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Merge
 

@@ -4,7 +4,8 @@ Two online suffix automata: each generation builds one over its own context (its
 drafter keeps one over a bounded history of the earlier generations it served (prompt and output each, so a
 later request that repeats an earlier one, as in multi-turn chat, code edits or SAM-decoding's retrieval, is
 matched; learned across requests on purpose). History documents are separated by unique negative tokens, so
-no match crosses a boundary; a generation's context joins the history when it ends. Appending a token costs
+no match crosses a boundary; a generation's context joins the history when it ends, less the prefix the
+history already holds (a chat's earlier turns, a shared system prompt: learned once). Appending a token costs
 O(1) amortized in both; the context is never rescanned. Per step:
 
 1. The longest suffix of the context that also ends earlier in the context is the state link(last) of the
@@ -33,6 +34,11 @@ from dataclasses import dataclass, field
 import specdec.checks as checks
 from specdec.drafters.base import Drafter, Request, register
 from specdec.tree import DraftTree, Trie
+
+
+# tokens of an already kept prefix that a context's new part repeats when it joins the history (`release`): a
+# match of up to this many tokens running from the known part into the new one is still found
+SEAM = 32
 
 
 @dataclass
@@ -172,18 +178,42 @@ class SuffixLookup(Drafter[SuffixState]):
         return SuffixState()
 
     def release(self, state: SuffixState) -> None:
-        """The generation's context becomes history."""
-        if not state.sam.text or not self.config.history_tokens:
+        """The generation's context becomes history: the part of it the history does not hold yet. A chat's
+        turn resends the history before it, and requests share a system prompt: kept once, not per request
+        (the budget holds more distinct text, and a repeated text does not outweigh the rest in the counts)."""
+        text = state.sam.text
+        if not text or not self.config.history_tokens:
             return
+        known = self._known_prefix(text)
+        if known == len(text):  # all of it is in the history already
+            return
+        # the new part, after the last SEAM tokens of the known prefix: a match running into it still holds
+        doc = text[known - SEAM :] if known >= 2 * SEAM else text
         if self.history.text:
             self._separate()
         start = len(self.history.text)
-        for tok in state.sam.text:
+        for tok in doc:
             self.history.append(tok)
         self.docs.append((start, len(self.history.text)))
         if len(self.history.text) > self.config.history_tokens:
             self._forget()
         self.version += 1
+
+    def _known_prefix(self, text: list[int]) -> int:
+        """How far from its start `text` is held in the history: the first position whose last SEAM tokens (all
+        before it, near the start) occur nowhere in it, by the matching statistics of `_match_history`. A turn
+        held in pieces (its first request, then each later turn's new part after its seam) counts whole."""
+        h, s, length = self.history, 0, 0
+        for i, tok in enumerate(text):
+            while s > 0 and tok not in h.next[s]:
+                s = h.link[s]
+                length = h.length[s]
+            if tok not in h.next[s]:
+                return i
+            s, length = h.next[s][tok], length + 1
+            if length < min(i + 1, SEAM):
+                return i
+        return len(text)
 
     def _forget(self) -> None:
         """Rebuild from the newest documents that fit in half the history budget."""

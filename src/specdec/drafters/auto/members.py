@@ -94,7 +94,7 @@ def bind(candidates: list[Drafter], model, runtime: RuntimeChoice) -> tuple[list
     for m in candidates:
         try:
             if sits_out(m, runtime):
-                raise InputError(f"the {runtime.name} runtime returns no hidden states")
+                raise InputError(f"the {runtime.name} runtime returns no inner layers' hidden states")
             m.bind(model, runtime)
         except InputError as e:
             left_out[m.name] = str(e)
