@@ -171,7 +171,9 @@ def test_hidden_states_are_read_only_while_a_member_reading_them_takes_part(auto
     dec = auto_decoder(model, drafter=Auto(members=heads_members(model)))
     asked = []
     wanted = Decoding.wanted
-    monkeypatch.setattr(Decoding, "wanted", lambda self, layers: asked.append(wanted(self, layers)) or asked[-1])
+    monkeypatch.setattr(
+        Decoding, "wanted", lambda self, layers: asked.append(wanted(self, layers)) or asked[-1]
+    )
     dec.generate(PROMPTS[1], max_new_tokens=8)
     assert asked[0] and asked[1]  # on trial: the prefill and the first forward return the final hidden state
     monkeypatch.setattr(Auto, "pays_its_keep", lambda self, i, lift, timing: self.members[i].name == "suffix")
@@ -479,7 +481,6 @@ def test_auto_samples_the_exact_distribution_whatever_it_chooses():
     distribution), with choices that vary step to step: merged point masses (a head's among them), a sampled
     draft alone, nothing."""
     import test_sampling as ts
-
     from specdec.drafters.hydra import Hydra
 
     target, other = ts.vocab_model(0), ts.vocab_model(1)  # test_sampling's target and other model

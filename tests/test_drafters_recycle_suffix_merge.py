@@ -397,7 +397,8 @@ def test_suffix_history_learns_a_resent_prefix_once(tok):
         out = dec.generate(context, max_new_tokens=24)
         assert out.token_ids == reference("gemma", tuple(context), 24)
         sizes.append(len(drafter.history.text))
-        if turn:  # the separator, the seam, this turn's question and answer, and the last answer's unread tail
+        # the separator, the seam, this turn's question and answer, and the last answer's unread tail
+        if turn:
             assert sizes[-1] - sizes[-2] <= 1 + SEAM + 7 + 2 * len(out.token_ids) < len(context)
         context = context + out.token_ids + [turn + 20, 30, 31, 32, 33, 34, 35]  # the next turn's question
     again = dec.generate(first, max_new_tokens=24)  # a resent request: its context is held whole already

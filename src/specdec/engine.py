@@ -264,7 +264,9 @@ class Decoding:
         # a batch row runs on the batch's runtime (`target.runtime`: native, which returns every layer's states)
         runtime = engine.next_runtime(params) if target is None else target.runtime
         # the hidden states asked for at prefill and at every scoring (`Reads.layers_on`)
-        self.prefill_layers, self.layers = self.drafter.reads.layers_on(runtime, engine.layers, engine.final_layer)
+        self.prefill_layers, self.layers = self.drafter.reads.layers_on(
+            runtime, engine.layers, engine.final_layer
+        )
         self.on_demand = engine.on_demand
         self.stats = Stats(prompt_tokens=len(prompt_ids), runtime=runtime.name)
         self.params = params

@@ -240,7 +240,8 @@ class Medusa(HeadsDrafter[MedusaState]):
         truth = torch.tensor(verdict.tokens[:k])
         self.trials[:k] += 1
         self.hits[:k] += (state.candidates[:k] == truth[:, None]).double()
-        state.candidates = None  # counted: a step in which it did not propose (an `auto` member's) counts nothing
+        # counted: a step in which it did not propose (as an `auto` member) counts nothing
+        state.candidates = None
         return True
 
 

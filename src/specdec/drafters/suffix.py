@@ -35,7 +35,6 @@ import specdec.checks as checks
 from specdec.drafters.base import Drafter, Request, register
 from specdec.tree import DraftTree, Trie
 
-
 # tokens of an already kept prefix that a context's new part repeats when it joins the history (`release`): a
 # match of up to this many tokens running from the known part into the new one is still found
 SEAM = 32

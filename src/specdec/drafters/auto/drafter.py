@@ -41,10 +41,18 @@ class Auto(Steps, Drafter[AutoState]):
     # inner layers when a member reads them (eagle; `hidden_layers` is empty otherwise: free); on a runtime
     # without them (llamacpp) such members are left out
     reads = Reads.HIDDEN_LAYERS_IF_AVAILABLE
-    uses_head = True  # --draft HEAD_DIR: its eagle member drafts with that head
+    uses_head = True  # --draft HEAD_DIR: the member of that head's kind (eagle, hydra, medusa) drafts with it
     # what `start` and `release` carry across requests (`runtimes` is not: it only caches the choices offered,
     # and grows with `timings`, so every restored timing's runtime is in it)
-    learned_attributes = ("timings", "profiles", "seconds", "first_seconds", "keep", "default_runtime", "recheck")
+    learned_attributes = (
+        "timings",
+        "profiles",
+        "seconds",
+        "first_seconds",
+        "keep",
+        "default_runtime",
+        "recheck",
+    )
 
     def __init__(
         self,

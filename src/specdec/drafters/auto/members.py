@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from specdec.drafters.auto.config import AutoConfig, member_options
-from specdec.drafters.base import REGISTRY, Drafter, Reads, Request
+from specdec.drafters.base import REGISTRY, Drafter, Request
 from specdec.errors import InputError
 from specdec.runtime import RuntimeChoice
 from specdec.tree import DraftTree
@@ -126,7 +126,9 @@ def start(
         # a member measured before waits for its next probe; a new one (or one on trial) is tried at once
         idle = 1 << 30 if trial else 0
         now = active and not starts_late(m)
-        tracks.append(MemberTrack(m.start(request) if now else None, lift, idle=idle, active=active, started=now))
+        tracks.append(
+            MemberTrack(m.start(request) if now else None, lift, idle=idle, active=active, started=now)
+        )
     return tracks
 
 
