@@ -172,7 +172,10 @@ class Steps:
         state.step.drafting += seconds
         if first:  # its start and the whole context indexed: what its next first run will cost
             self.first_seconds[i] = _ema(self.first_seconds[i], seconds)
-        elif track.ran or not self.seconds[i]:  # an eager member's first call indexes the prompt: not typical
+        # a generation's first call also indexes the prompt: not typical, but it seeds the average (counting
+        # only later calls, the cheap copy members ran every step under sampling, which drove auto onto
+        # native's forward there, where their trees did not pay: docs/methods.md, auto)
+        if track.ran or not self.seconds[i]:
             self.seconds[i] = _ema(self.seconds[i], seconds)
         track.tree, track.values, track.cell = tree, [1.0], 2 * i + track.streak
         if len(tree) > 1:
